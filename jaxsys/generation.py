@@ -1,0 +1,190 @@
+"""`jaxsys.generate`: batched text generation with a plain jitted prefill + decode loop.
+
+Prompts are right-padded into one batch; each request owns a contiguous run of pages of the paged
+KV cache (page 0 is scratch). Shapes are padded to power-of-two buckets, so a batch of any size and
+prompt length reuses a handful of compiled executables. One host sync per decode step fetches the
+sampled tokens (needed for EOS/stop strings and streaming).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsys.models import decoder
+from jaxsys.models.config import ModelConfig
+from jaxsys.models.kv_cache import AttentionMetadata, KVCache, init_cache
+from jaxsys.models.loading import LoadedModel
+from jaxsys.sampling import SamplingParams, StopMatcher, batch_arrays, sample
+
+PAGE_SIZE = 16
+
+
+class ContextLengthError(ValueError):
+    """A prompt does not fit the model's context window."""
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    prompt: str | None
+    prompt_tokens: list[int]
+    tokens: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return (len(self.tokens) - 1) / self.decode_s if self.decode_s > 0 and len(self.tokens) > 1 else 0.0
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_steps(cfg: ModelConfig):
+    def prefill(params, cache, tokens_BxT, positions_BxT, page_table, kv_lens, last_B, temp, top_k, top_p, seed):
+        meta = AttentionMetadata(page_table, kv_lens)
+        logits, cache = decoder.forward(params, tokens_BxT, cfg=cfg, positions_BxT=positions_BxT,
+                                        cache=cache, meta=meta)
+        last_BxV = jnp.take_along_axis(logits, last_B[:, None, None], axis=1)[:, 0]
+        return sample(last_BxV, temp, top_k, top_p, seed, kv_lens), cache
+
+    def decode(params, cache, tokens_B, positions_B, page_table, kv_lens, temp, top_k, top_p, seed):
+        meta = AttentionMetadata(page_table, kv_lens)
+        logits, cache = decoder.forward(params, tokens_B[:, None], cfg=cfg, positions_BxT=positions_B[:, None],
+                                        cache=cache, meta=meta)
+        return sample(logits[:, 0], temp, top_k, top_p, seed, kv_lens), cache
+
+    return jax.jit(prefill, donate_argnums=1), jax.jit(decode, donate_argnums=1)
+
+
+def _encode_prompts(model: LoadedModel, prompts, chat: bool) -> tuple[list[str | None], list[list[int]]]:
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not prompts:
+        raise ValueError("no prompts given")
+    texts, ids = [], []
+    tok = model.tokenizer
+    for p in prompts:
+        if isinstance(p, str):
+            if tok is None:
+                raise ValueError("this model has no tokenizer; pass token ids instead of text")
+            texts.append(p)
+            ids.append(tok.encode_chat([{"role": "user", "content": p}]) if chat else tok.encode(p))
+        else:
+            texts.append(None)
+            ids.append([int(t) for t in p])
+        if not ids[-1]:
+            raise ValueError("empty prompt")
+        bad = [t for t in ids[-1] if not 0 <= t < model.config.vocab_size]
+        if bad:
+            raise ValueError(f"token ids out of range [0, {model.config.vocab_size}): {bad[:5]}")
+    return texts, ids
+
+
+def generate(model: LoadedModel, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
+             max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             seed: int = 0, stop: Sequence[str] = (), chat: bool = False,
+             on_text: Callable[[int, str], None] | None = None) -> list[GenerationResult]:
+    """Generate continuations for a batch of prompts (text, or lists of token ids).
+
+    chat: wrap each text prompt as a user message in the model's chat template.
+    on_text(i, piece): called with each new piece of text of request i as it is produced.
+    Greedy when temperature == 0; request i samples with seed `seed + i` otherwise.
+    Raises ContextLengthError when a prompt does not fit the context window.
+    """
+    base = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          seed=seed, stop=tuple(stop))
+    cfg = model.config
+    texts, prompt_ids = _encode_prompts(model, prompts, chat)
+    ctx = cfg.max_position_embeddings
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) >= ctx:
+            raise ContextLengthError(f"prompt {i} has {len(ids)} tokens; the model's context is {ctx} tokens "
+                                     f"(at most {ctx - 1} prompt tokens leave room for one new token)")
+    n = len(prompt_ids)
+    params_list = [dataclasses.replace(base, seed=seed + i) for i in range(n)]
+    budget = [min(max_tokens, ctx - len(ids)) for ids in prompt_ids]
+    B = bucket(n)
+    T = bucket(max(len(i) for i in prompt_ids), 16)
+    pages_per_req = bucket(math.ceil((max(len(i) for i in prompt_ids) + max(budget)) / PAGE_SIZE))
+    cache = init_cache(cfg, 1 + B * pages_per_req, PAGE_SIZE)
+    if model.mesh is not None:
+        from jaxsys.models.kv_cache import CACHE_LOGICAL_AXES
+        from jaxsys.sharding import logical_sharding
+
+        s = logical_sharding(CACHE_LOGICAL_AXES, cache.k.shape, model.mesh)
+        cache = KVCache(jax.device_put(cache.k, s), jax.device_put(cache.v, s))
+    page_table = (1 + np.arange(B * pages_per_req, dtype=np.int32)).reshape(B, pages_per_req)
+    tokens = np.zeros((B, T), np.int32)
+    positions = np.full((B, T), -1, np.int32)
+    lens = np.zeros(B, np.int32)
+    for i, ids in enumerate(prompt_ids):
+        tokens[i, :len(ids)] = ids
+        positions[i, :len(ids)] = np.arange(len(ids))
+        lens[i] = len(ids)
+    temp, tk, tp, sd = batch_arrays(params_list, B)
+    prefill, decode = _compiled_steps(cfg)
+
+    t0 = time.perf_counter()
+    nxt, cache = prefill(model.params, cache, tokens, positions, page_table, lens, np.maximum(lens - 1, 0),
+                         temp, tk, tp, sd)
+    nxt = np.asarray(nxt)
+    t_prefill = time.perf_counter() - t0
+
+    eos = set(cfg.eos_token_ids)
+    out_tokens: list[list[int]] = [[] for _ in range(n)]
+    done = [False] * n
+    reasons = ["length"] * n
+    stream = [model.tokenizer.stream_decoder() if model.tokenizer else None for _ in range(n)]
+    stops = [StopMatcher(base.stop) for _ in range(n)]
+    t1 = time.perf_counter()
+    while True:
+        for i in range(n):
+            if done[i]:
+                continue
+            t = int(nxt[i])
+            if t in eos:
+                done[i], reasons[i] = True, "stop"
+                continue
+            out_tokens[i].append(t)
+            if stream[i] is not None:
+                piece, stopped = stops[i].push(stream[i].push(t))
+                if piece and on_text:
+                    on_text(i, piece)
+                if stopped:
+                    done[i], reasons[i] = True, "stop"
+                    continue
+            if len(out_tokens[i]) >= budget[i]:
+                done[i] = True
+        if all(done):
+            break
+        lens = lens + 1
+        cur = np.where(np.arange(B) < n, lens - 1, -1).astype(np.int32)
+        nxt, cache = decode(model.params, cache, nxt.astype(np.int32), cur, page_table, lens, temp, tk, tp, sd)
+        nxt = np.asarray(nxt)
+    t_decode = time.perf_counter() - t1
+
+    results = []
+    for i in range(n):
+        if stream[i] is not None:
+            tail = stops[i].flush() if not stops[i].stopped else ""
+            if tail and on_text:
+                on_text(i, tail)
+            text = stops[i].text
+        else:
+            text = ""
+        results.append(GenerationResult(prompt=texts[i], prompt_tokens=prompt_ids[i], tokens=out_tokens[i],
+                                        text=text, finish_reason=reasons[i], prefill_s=t_prefill,
+                                        decode_s=t_decode))
+    return results

@@ -1,0 +1,64 @@
+"""The paged KV cache shared by `jaxsys.generate` and the serving engine.
+
+Layout (per model):  k, v: [num_layers, num_kv_heads, num_pages, page_size, head_dim]
+A request owns a page table (a row of page ids); token position p of that request lives in page
+`page_table[p // page_size]` at offset `p % page_size`. Page 0 is reserved as a scratch page: padding
+tokens write there and nothing ever reads it, so static-shape batches never need a branch.
+
+The per-layer view `k[layer]` is exactly the `k_pages: [num_kv_heads, total_num_pages, page_size,
+head_dim]` layout the shared-prefix attention kernels take.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxsys.models.config import ModelConfig
+from jaxsys.sharding import axes as ax
+
+SCRATCH_PAGE = 0
+
+
+class KVCache(NamedTuple):
+    k: jax.Array  # [L, Hkv, N, page_size, Dh]
+    v: jax.Array  # [L, Hkv, N, page_size, Dh]
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[2]
+
+
+CACHE_LOGICAL_AXES = (ax.LAYERS, ax.KV_HEADS, ax.CACHE_PAGES, ax.PAGE, ax.HEAD_DIM)
+
+
+class AttentionMetadata(NamedTuple):
+    """Where each request's context lives. Built on the host, padded to static buckets."""
+
+    page_table: jax.Array  # [B, max_pages_per_request] int32
+    kv_lens: jax.Array  # [B] int32, context length after this step's tokens are written
+
+
+def init_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype=None) -> KVCache:
+    shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+    dt = jnp.dtype(dtype or cfg.dtype)
+    return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
+
+
+def cache_bytes(cfg: ModelConfig, num_pages: int, page_size: int, dtype=None) -> int:
+    return 2 * cfg.num_layers * cfg.num_kv_heads * num_pages * page_size * cfg.head_dim * jnp.dtype(
+        dtype or cfg.dtype).itemsize
+
+
+def slot_indices(page_table_BxP: jax.Array, positions_BxT: jax.Array, page_size: int) -> jax.Array:
+    """Flat slot (page * page_size + offset) of each token; negative positions (padding) -> scratch."""
+    pos = jnp.maximum(positions_BxT, 0)
+    page_BxT = jnp.take_along_axis(page_table_BxP, pos // page_size, axis=1)
+    slot_BxT = page_BxT * page_size + pos % page_size
+    return jnp.where(positions_BxT >= 0, slot_BxT, SCRATCH_PAGE * page_size)
