@@ -1,0 +1,408 @@
+"""Shared-prefix decode attention as Pallas kernels (GPU, Triton backend; `interpret=True` on CPU).
+
+Same algorithm as `xla.py`, in three launches:
+
+1. Shared items, grid (W, Hkv): one program per (KV chunk, KV head) loads the chunk's pages
+   ONCE and multiplies them with the stacked queries of every request in its query block
+   ([Qb x G rows, D] padded to a power of two >= 16 for Triton's dot), with an online softmax
+   over `pages_per_compute_block`-page tiles. Writes a partial (output, LSE) per query row.
+2. Private pages, grid (B, S, Hkv): split-KV paged decode ("FlashDecoding") of what each
+   request does not share; one partial per (request, split, KV head). This launch alone is
+   `paged_attention`, the plain fallback.
+3. Merge, grid (B, Hkv): each program folds its request's private partials and the shared
+   partials listed in `merge_rows` by log-sum-exp.
+
+Programs whose pages are all padding run no KV loop and write an empty partial (LSE = -inf),
+so padded buckets cost almost nothing. Triton needs power-of-two tiles: `head_dim`, the
+page size, `BlockSizes.chunk_pages`/`split_pages`/`pages_per_compute_block` are validated.
+
+File order follows jax's ragged_paged_attention: reference import, input validation, kernel
+bodies, public jitted wrappers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from .balancer import SharedPrefixStep
+from .reference import paged_attention_reference, shared_prefix_attention_reference
+from .tuned_block_sizes import BlockSizes
+
+__all__ = [
+    "shared_prefix_attention",
+    "paged_attention",
+    "shared_prefix_attention_reference",
+    "paged_attention_reference",
+    "BlockSizes",
+]
+
+# Finite "minus infinity" for running maxima: exp(MASK - finite) == 0 without inf - inf NaNs.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_MIN_DOT = 16  # Triton's smallest dot tile
+
+
+def _pow2_at_least(n: int, minimum: int) -> int:
+    n = max(n, minimum)
+    return 1 << (n - 1).bit_length()
+
+
+# -- input validation ----------------------------------------------------------------------------
+
+
+def _validate(q, k_pages, v_pages, block_sizes: BlockSizes, interpret: bool):
+    if not isinstance(block_sizes, BlockSizes):
+        raise TypeError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
+    if q.ndim != 3 or k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
+        raise ValueError(f"expected q [B, Hq, D] and k/v_pages [Hkv, NP, ps, D], got q {q.shape}, "
+                         f"k_pages {k_pages.shape}, v_pages {v_pages.shape}")
+    _, hq, d = q.shape
+    hkv, _, ps, dk = k_pages.shape
+    if hq % hkv:
+        raise ValueError(f"num_q_heads {hq} must be a multiple of num_kv_heads {hkv}")
+    if dk != d:
+        raise ValueError(f"head_dim of q ({d}) and k/v ({dk}) differ")
+    if k_pages.dtype != v_pages.dtype:
+        raise ValueError(f"k_pages and v_pages dtypes differ: {k_pages.dtype} vs {v_pages.dtype}")
+    if not interpret:
+        for name, n in (("head_dim", d), ("page_size", ps)):
+            if n & (n - 1):
+                raise ValueError(f"{name}={n} must be a power of two for the Triton kernel")
+        if d < _MIN_DOT:
+            raise ValueError(f"head_dim={d} must be >= {_MIN_DOT} for the Triton kernel")
+        if block_sizes.pages_per_compute_block * ps < _MIN_DOT:
+            raise ValueError(f"pages_per_compute_block * page_size = "
+                             f"{block_sizes.pages_per_compute_block * ps} must be >= {_MIN_DOT} "
+                             f"for the Triton kernel")
+
+
+def _validate_step(q, step: SharedPrefixStep, block_sizes: BlockSizes):
+    b = q.shape[0]
+    w, c = step.item_pages.shape
+    if (step.item_page_lens.shape != (w, c) or step.item_queries.shape[0] != w
+            or step.private_pages.shape[0] != b
+            or step.private_page_lens.shape != step.private_pages.shape
+            or step.merge_rows.shape[0] != b):
+        raise ValueError(f"step shapes do not fit together or with q {q.shape}: "
+                         f"{ {k: getattr(v, 'shape', None) for k, v in step._asdict().items()} }")
+    if c & (c - 1):
+        raise ValueError(f"chunk pages ({c}) must be a power of two")
+    if w and c % min(block_sizes.pages_per_compute_block, c):
+        raise ValueError(f"chunk pages ({c}) must be a multiple of pages_per_compute_block")
+
+
+# -- kernel bodies -------------------------------------------------------------------------------
+
+
+def _attend_pages_kernel(pages_ref, page_lens_ref, q_ref, k_pages_ref, v_pages_ref, o_ref, lse_ref,
+                         *, sm_scale: float, pages_per_compute_block: int):
+    """Attention of one program's query rows over one program's list of pages (one KV head).
+
+    pages_ref, page_lens_ref: i32[n_pages] (valid pages first, then padding with length 0);
+    q_ref: [rows, D]; k/v_pages_ref: [NP, ps, D] (this KV head); o_ref: f32[rows, D];
+    lse_ref: f32[rows].
+    """
+    n_pages = pages_ref.shape[0]
+    rows, d = q_ref.shape
+    ps = k_pages_ref.shape[1]
+    ppcb = pages_per_compute_block
+    block_k = ppcb * ps
+    n_active = jnp.sum((page_lens_ref[...] > 0).astype(jnp.int32))
+    slot = lax.rem(lax.broadcasted_iota(jnp.int32, (block_k,), 0), ps)
+    page_of = lax.div(lax.broadcasted_iota(jnp.int32, (block_k,), 0), ps)
+    q = q_ref[...]
+
+    def body(i, carry):
+        o, m, l = carry
+        start = i * ppcb
+        pages = pages_ref[pl.ds(start, ppcb)]  # [ppcb]
+        tok_len = page_lens_ref[start + page_of]  # [block_k] valid tokens of each token's page
+        valid = slot < tok_len
+        k = k_pages_ref[pages].reshape(block_k, d)
+        v = v_pages_ref[pages].reshape(block_k, d)
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32) * sm_scale  # [rows, block_k]
+        s = jnp.where(valid[None, :], s, _MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.where(valid[None, :], jnp.exp(s - m_new[:, None]), 0.0)
+        l = alpha * l + jnp.sum(p, axis=1)
+        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)  # [rows, D]
+        return alpha[:, None] * o + pv, m_new, l
+
+    o0 = jnp.zeros((rows, d), jnp.float32)
+    m0 = jnp.full((rows,), _MASK_VALUE, jnp.float32)
+    l0 = jnp.zeros((rows,), jnp.float32)
+    n_iter = lax.div(n_active + (ppcb - 1), ppcb)
+    o, m, l = lax.fori_loop(0, n_iter, body, (o0, m0, l0))
+    nonempty = l > 0.0
+    l_safe = jnp.where(nonempty, l, 1.0)
+    o_ref[...] = (o / l_safe[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(nonempty, m + jnp.log(l_safe), -jnp.inf)
+
+
+def _merge_kernel(merge_rows_ref, o_sh_ref, lse_sh_ref, o_pr_ref, lse_pr_ref, out_ref):
+    """LSE-merge one request's partials for one KV head.
+
+    merge_rows_ref: i32[M] (row of o_sh; padding points at an empty partial);
+    o_sh_ref: f32[R, Gm, D], lse_sh_ref: f32[R, Gm]; o_pr_ref: f32[S, Gp, D], lse_pr_ref:
+    f32[S, Gp] (first Gm rows used); out_ref: [Gm, D].
+    """
+    n_split = o_pr_ref.shape[0]
+    n_merge = 0 if merge_rows_ref is None else merge_rows_ref.shape[0]
+    gm, d = out_ref.shape
+
+    def fold(o_part, lse_part, carry):
+        acc, m, den = carry
+        m_new = jnp.maximum(m, lse_part)
+        a = jnp.exp(m - m_new)
+        b = jnp.exp(lse_part - m_new)  # 0 for an empty partial (lse = -inf)
+        return a[:, None] * acc + b[:, None] * o_part, m_new, a * den + b
+
+    def private(s, carry):
+        return fold(o_pr_ref[s, pl.ds(0, gm), :], lse_pr_ref[s, pl.ds(0, gm)], carry)
+
+    def shared(j, carry):
+        row = merge_rows_ref[j]
+        return fold(o_sh_ref[row], lse_sh_ref[row], carry)
+
+    carry = (jnp.zeros((gm, d), jnp.float32), jnp.full((gm,), _MASK_VALUE, jnp.float32),
+             jnp.zeros((gm,), jnp.float32))
+    carry = lax.fori_loop(0, n_split, private, carry)
+    if n_merge:
+        carry = lax.fori_loop(0, n_merge, shared, carry)
+    acc, _, den = carry
+    out_ref[...] = (acc / jnp.where(den > 0, den, 1.0)[:, None]).astype(out_ref.dtype)
+
+
+# -- launches ------------------------------------------------------------------------------------
+
+
+def _padded_private_pages(pp: int, page_size: int, block_sizes: BlockSizes) -> int:
+    """Private pages per request after padding: a multiple of split_pages, or a power of two
+    below it, and at least one 16-token tile (Triton's smallest dot)."""
+    pp = max(pp, block_sizes.pages_per_compute_block, -(-_MIN_DOT // page_size))
+    sp = block_sizes.split_pages
+    return _pow2_at_least(pp, 1) if pp <= sp else sp * -(-pp // sp)
+
+
+def _compiler_params(block_sizes: BlockSizes):
+    return plgpu.CompilerParams(num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages)
+
+
+def _private_partials(q_bhgd, k_pages, v_pages, pages, page_lens, *, block_sizes, sm_scale,
+                      interpret):
+    """q_bhgd: [B, Hkv, Gp, D] -> o f32[B, S, Hkv, Gp, D], lse f32[B, S, Hkv, Gp]."""
+    b, hkv, gp, d = q_bhgd.shape
+    ps = k_pages.shape[2]
+    pp = _padded_private_pages(pages.shape[1], ps, block_sizes)
+    if pp > pages.shape[1]:  # padding pages have length 0: never loaded
+        pad = ((0, 0), (0, pp - pages.shape[1]))
+        pages, page_lens = jnp.pad(pages, pad), jnp.pad(page_lens, pad)
+    sp = min(block_sizes.split_pages, pp)
+    n_split = pp // sp
+    ppcb = min(block_sizes.pages_per_compute_block, sp)
+    kernel = functools.partial(_attend_pages_kernel, sm_scale=sm_scale, pages_per_compute_block=ppcb)
+    return pl.pallas_call(
+        kernel,
+        grid=(b, n_split, hkv),
+        in_specs=[
+            pl.BlockSpec((None, sp), lambda i, s, h: (i, s)),  # pages
+            pl.BlockSpec((None, sp), lambda i, s, h: (i, s)),  # page_lens
+            pl.BlockSpec((None, None, gp, d), lambda i, s, h: (i, h, 0, 0)),  # q
+            pl.BlockSpec((None,) + k_pages.shape[1:], lambda i, s, h: (h, 0, 0, 0)),  # k_pages
+            pl.BlockSpec((None,) + v_pages.shape[1:], lambda i, s, h: (h, 0, 0, 0)),  # v_pages
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, gp, d), lambda i, s, h: (i, s, h, 0, 0)),
+            pl.BlockSpec((None, None, None, gp), lambda i, s, h: (i, s, h, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, n_split, hkv, gp, d), jnp.float32),
+            jax.ShapeDtypeStruct((b, n_split, hkv, gp), jnp.float32),
+        ],
+        compiler_params=_compiler_params(block_sizes),
+        interpret=interpret,
+        name="shared_prefix_private_pages",
+    )(pages, page_lens, q_bhgd, k_pages, v_pages)
+
+
+def _shared_partials(q_bhgd, k_pages, v_pages, step: SharedPrefixStep, *, g, block_sizes,
+                     sm_scale, interpret):
+    """Shared items. Returns o f32[W * Qb + 1, Hkv, Gm, D], lse f32[W * Qb + 1, Hkv, Gm]
+    (Gm = G padded to a power of two; last row = the empty partial)."""
+    b, hkv, _, d = q_bhgd.shape
+    w, c = step.item_pages.shape
+    qb = step.item_queries.shape[1]
+    rows = _pow2_at_least(qb * g, _MIN_DOT)
+    gm = _pow2_at_least(g, 1)
+    q_ext = jnp.concatenate([q_bhgd[:, :, :g], jnp.zeros((1, hkv, g, d), q_bhgd.dtype)], axis=0)
+    q_items = jnp.transpose(q_ext[step.item_queries], (0, 2, 1, 3, 4)).reshape(w, hkv, qb * g, d)
+    q_items = jnp.pad(q_items, ((0, 0), (0, 0), (0, rows - qb * g), (0, 0)))  # [W, Hkv, rows, D]
+    ppcb = min(block_sizes.pages_per_compute_block, c)
+    kernel = functools.partial(_attend_pages_kernel, sm_scale=sm_scale, pages_per_compute_block=ppcb)
+    o, lse = pl.pallas_call(
+        kernel,
+        grid=(w, hkv),
+        in_specs=[
+            pl.BlockSpec((None, c), lambda i, h: (i, 0)),  # item_pages
+            pl.BlockSpec((None, c), lambda i, h: (i, 0)),  # item_page_lens
+            pl.BlockSpec((None, None, rows, d), lambda i, h: (i, h, 0, 0)),  # stacked queries
+            pl.BlockSpec((None,) + k_pages.shape[1:], lambda i, h: (h, 0, 0, 0)),
+            pl.BlockSpec((None,) + v_pages.shape[1:], lambda i, h: (h, 0, 0, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, rows, d), lambda i, h: (i, h, 0, 0)),
+            pl.BlockSpec((None, None, rows), lambda i, h: (i, h, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((w, hkv, rows, d), jnp.float32),
+            jax.ShapeDtypeStruct((w, hkv, rows), jnp.float32),
+        ],
+        compiler_params=_compiler_params(block_sizes),
+        interpret=interpret,
+        name="shared_prefix_items",
+    )(step.item_pages, step.item_page_lens, q_items, k_pages, v_pages)
+    # Rows (slot, g) of item w -> partial row w * Qb + slot, heads padded to Gm.
+    o = jnp.transpose(o[:, :, :qb * g].reshape(w, hkv, qb, g, d), (0, 2, 1, 3, 4))
+    lse = jnp.transpose(lse[:, :, :qb * g].reshape(w, hkv, qb, g), (0, 2, 1, 3))
+    o = jnp.pad(o.reshape(w * qb, hkv, g, d), ((0, 1), (0, 0), (0, gm - g), (0, 0)))
+    lse = jnp.pad(lse.reshape(w * qb, hkv, g), ((0, 1), (0, 0), (0, gm - g)),
+                  constant_values=-jnp.inf)
+    return o, lse
+
+
+def _merge(merge_rows, o_sh, lse_sh, o_pr, lse_pr, *, gm, out_dtype, block_sizes, interpret):
+    """-> [B, Hkv, Gm, D]."""
+    b, n_split, hkv, gp, d = o_pr.shape
+    in_specs = [
+        pl.BlockSpec((None, n_split, None, gp, d), lambda i, h: (i, 0, h, 0, 0)),
+        pl.BlockSpec((None, n_split, None, gp), lambda i, h: (i, 0, h, 0)),
+    ]
+    args = [o_pr, lse_pr]
+    if merge_rows is not None:
+        r = o_sh.shape[0]
+        in_specs = [
+            pl.BlockSpec((None, merge_rows.shape[1]), lambda i, h: (i, 0)),
+            pl.BlockSpec((r, None, gm, d), lambda i, h: (0, h, 0, 0)),
+            pl.BlockSpec((r, None, gm), lambda i, h: (0, h, 0)),
+        ] + in_specs
+        args = [merge_rows, o_sh, lse_sh] + args
+        kernel = _merge_kernel
+    else:
+        kernel = functools.partial(_merge_kernel, None, None, None)
+    return pl.pallas_call(
+        kernel,
+        grid=(b, hkv),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, None, gm, d), lambda i, h: (i, h, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, hkv, gm, d), out_dtype),
+        compiler_params=_compiler_params(block_sizes),
+        interpret=interpret,
+        name="shared_prefix_merge",
+    )(*args)
+
+
+# -- public wrappers -----------------------------------------------------------------------------
+
+
+def _queries(q, k_pages):
+    """q [B, Hq, D] -> ([B, Hkv, Gp, D] in the KV dtype, zero-padded to Gp >= 16 rows; G)."""
+    b, hq, d = q.shape
+    hkv = k_pages.shape[0]
+    g = hq // hkv
+    gp = _pow2_at_least(g, _MIN_DOT)
+    q_bhgd = q.astype(k_pages.dtype).reshape(b, hkv, g, d)
+    return jnp.pad(q_bhgd, ((0, 0), (0, 0), (0, gp - g), (0, 0))), g
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "sm_scale", "interpret"))
+def shared_prefix_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                            step: SharedPrefixStep, *, block_sizes: BlockSizes,
+                            sm_scale: float | None = None, interpret: bool = False) -> jax.Array:
+    """Decode attention over a prefix tree, each shared KV chunk loaded once (Pallas kernels).
+
+    Args:
+      q: [B, num_q_heads, head_dim] the step's query token of each request (B = padded batch,
+        `step.private_pages.shape[0]`); query head h attends KV head h // G, G =
+        num_q_heads // num_kv_heads.
+      k_pages: [num_kv_heads, total_num_pages, page_size, head_dim] one layer's key cache.
+      v_pages: [num_kv_heads, total_num_pages, page_size, head_dim] one layer's value cache.
+      step: `SharedPrefixStep` from `balancer.plan_step` (int32 arrays):
+        item_pages i32[W, C], item_page_lens i32[W, C], item_queries i32[W, Qb],
+        private_pages i32[B, Pp], private_page_lens i32[B, Pp], merge_rows i32[B, M].
+        W = 0 runs plain paged decode.
+      block_sizes: `BlockSizes` (static); uses split_pages, pages_per_compute_block, num_warps,
+        num_stages (C and Qb come from the step's shapes).
+      sm_scale: softmax scale, default 1/sqrt(head_dim).
+      interpret: run the kernels in the Pallas interpreter (CPU tests).
+
+    Returns:
+      [B, num_q_heads, head_dim] in q's dtype; padding requests (no pages) get zeros.
+    """
+    _validate(q, k_pages, v_pages, block_sizes, interpret)
+    _validate_step(q, step, block_sizes)
+    b, hq, d = q.shape
+    hkv = k_pages.shape[0]
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    q_pad, g = _queries(q, k_pages)
+    gm = _pow2_at_least(g, 1)
+    o_pr, lse_pr = _private_partials(q_pad, k_pages, v_pages, step.private_pages,
+                                     step.private_page_lens, block_sizes=block_sizes,
+                                     sm_scale=scale, interpret=interpret)
+    if step.item_pages.shape[0] > 0 and step.merge_rows.shape[1] > 0:
+        o_sh, lse_sh = _shared_partials(q_pad, k_pages, v_pages, step, g=g,
+                                        block_sizes=block_sizes, sm_scale=scale,
+                                        interpret=interpret)
+        out = _merge(step.merge_rows, o_sh, lse_sh, o_pr, lse_pr, gm=gm, out_dtype=q.dtype,
+                     block_sizes=block_sizes, interpret=interpret)
+    else:
+        out = _merge(None, None, None, o_pr, lse_pr, gm=gm, out_dtype=q.dtype,
+                     block_sizes=block_sizes, interpret=interpret)
+    return out[:, :, :g].reshape(b, hq, d)
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "sm_scale", "interpret"))
+def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_indices: jax.Array,
+                    lengths: jax.Array, *, block_sizes: BlockSizes, sm_scale: float | None = None,
+                    interpret: bool = False) -> jax.Array:
+    """Plain split-KV paged decode attention (no sharing), FlashDecoding-style (Pallas kernels).
+
+    Args:
+      q: [B, num_q_heads, head_dim].
+      k_pages: [num_kv_heads, total_num_pages, page_size, head_dim].
+      v_pages: [num_kv_heads, total_num_pages, page_size, head_dim].
+      page_indices: i32[B, pages_per_sequence] physical pages of each request (padded here to
+        a multiple of `block_sizes.split_pages`).
+      lengths: i32[B] tokens of each request (0 for a padding request: zeros out).
+      block_sizes: `BlockSizes` (static); uses split_pages, pages_per_compute_block, num_warps,
+        num_stages.
+      sm_scale: softmax scale, default 1/sqrt(head_dim).
+      interpret: run the kernels in the Pallas interpreter (CPU tests).
+
+    Returns:
+      [B, num_q_heads, head_dim] in q's dtype.
+    """
+    _validate(q, k_pages, v_pages, block_sizes, interpret)
+    b, hq, d = q.shape
+    ps = k_pages.shape[2]
+    pp = page_indices.shape[1]
+    if page_indices.shape[0] != b or lengths.shape != (b,):
+        raise ValueError(f"page_indices {page_indices.shape} / lengths {lengths.shape} do not fit "
+                         f"q {q.shape}")
+    page_lens = jnp.clip(lengths[:, None] - ps * jnp.arange(pp, dtype=jnp.int32)[None, :], 0, ps)
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    q_pad, g = _queries(q, k_pages)
+    o_pr, lse_pr = _private_partials(q_pad, k_pages, v_pages, page_indices.astype(jnp.int32),
+                                     page_lens.astype(jnp.int32), block_sizes=block_sizes,
+                                     sm_scale=scale, interpret=interpret)
+    out = _merge(None, None, None, o_pr, lse_pr, gm=_pow2_at_least(g, 1), out_dtype=q.dtype,
+                 block_sizes=block_sizes, interpret=interpret)
+    return out[:, :, :g].reshape(b, hq, d)

@@ -1,0 +1,181 @@
+"""Tile sizes and the balancer's cost model for shared-prefix decode attention.
+
+Two frozen, validated dataclasses and the tables that pick them:
+
+* `BlockSizes`: how the work is tiled. They change performance only; every path is
+  tested against the reference for several values.
+* `CostModel`: what the balancer (`balancer.py`) believes a work item costs,
+  in units of "one request streaming one KV token on the plain paged path". Its numbers
+  are measured by `benchmarks/attention.py` (section "calibration" of its JSON) and
+  copied here by hand, with the device and date they came from.
+
+This module imports neither jax nor numpy, so the host-side balancer can use it freely.
+
+Table keys are `(platform, num_q_heads_per_kv_head, head_dim, page_size, dtype name)`;
+`platform` is `jax.devices()[0].platform` ("cpu", "gpu", "tpu"). A missing key falls back to
+the platform default, and a missing platform to the CPU default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiling of shared-prefix decode attention.
+
+    Attributes:
+      chunk_pages: KV pages per shared work item. A shared tree node longer than this is split
+        into several KV chunks (each read once for all its queries; partials merged by LSE).
+      query_block: requests per shared work item. A node shared by more requests than this is
+        read once per block of `query_block` requests.
+      split_pages: KV pages per split of the plain (unshared) paged decode, FlashDecoding-style.
+      pages_per_compute_block: pages loaded per inner-loop step of the Pallas kernels
+        (GPU only; the XLA path ignores it). Divides `chunk_pages` and `split_pages`.
+      num_warps, num_stages: Triton launch parameters (GPU only).
+    """
+
+    chunk_pages: int
+    query_block: int
+    split_pages: int
+    pages_per_compute_block: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("chunk_pages", "query_block", "split_pages", "pages_per_compute_block",
+                     "num_warps", "num_stages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"BlockSizes.{name} must be a positive int, got {value!r}")
+        for name in ("chunk_pages", "split_pages", "pages_per_compute_block", "num_warps"):
+            if not _is_pow2(getattr(self, name)):
+                raise ValueError(f"BlockSizes.{name} must be a power of two (Triton tiles), "
+                                 f"got {getattr(self, name)}")
+        for name in ("chunk_pages", "split_pages"):
+            if getattr(self, name) % self.pages_per_compute_block:
+                raise ValueError(f"BlockSizes.pages_per_compute_block={self.pages_per_compute_block}"
+                                 f" must divide {name}={getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """Predicted cost of a decode step, in plain-path request-token units.
+
+    One unit = the time the plain paged path (`paged_attention_xla` / the split-KV kernel)
+    spends on one KV token of one request (all heads). Then
+
+      plain cost of a node   = R * L                      (R requests below it, L tokens)
+      shared cost of a node  = items * (chunk_tokens * shared_token_cost[query_block]
+                                        + item_overhead)
+
+    where `items = ceil(R / query_block) * ceil(pages / chunk_pages)` and `chunk_tokens =
+    chunk_pages * page_size` (padded tokens: a partly filled chunk costs a full one).
+    The balancer shares a node iff its shared cost is below its plain cost, and uses the
+    sharing path for a step iff the summed saving exceeds `step_overhead`.
+
+    So for long nodes the decision threshold is a sharing degree: a node is shared iff
+    R > shared_token_cost[query_block] (when R <= query_block).
+
+    Attributes:
+      shared_token_cost: ((query_block, cost per padded chunk token), ...) measured per block.
+      item_overhead: fixed cost of one work item, in tokens.
+      step_overhead: fixed extra cost of the sharing path for a step (items gather, merge).
+      source: where the numbers came from (device, date, benchmark), or why they are a guess.
+    """
+
+    shared_token_cost: tuple[tuple[int, float], ...]
+    item_overhead: float = 0.0
+    step_overhead: float = 0.0
+    source: str = ""
+
+    def __post_init__(self):
+        if not self.shared_token_cost:
+            raise ValueError("CostModel.shared_token_cost must name at least one query block")
+        for qb, cost in self.shared_token_cost:
+            if qb <= 0 or not cost > 0:
+                raise ValueError(f"CostModel.shared_token_cost entry ({qb}, {cost}) must be positive")
+        if self.item_overhead < 0 or self.step_overhead < 0:
+            raise ValueError("CostModel overheads must be >= 0")
+
+    def token_cost(self, query_block: int) -> float:
+        """Cost per padded chunk token of a work item with `query_block` request slots.
+
+        Linear interpolation between measured blocks (extrapolated linearly past the largest).
+        """
+        pts = sorted(self.shared_token_cost)
+        if len(pts) == 1:
+            qb0, c0 = pts[0]
+            return c0 * max(1.0, query_block / qb0)
+        for (qa, ca), (qb, cb) in zip(pts, pts[1:]):
+            if query_block <= qb or (qb, cb) == pts[-1]:
+                if query_block <= qa:
+                    return ca
+                return ca + (cb - ca) * (query_block - qa) / (qb - qa)
+        raise AssertionError("unreachable")
+
+    def sharing_threshold(self, query_block: int) -> float:
+        """Sharing degree above which a long node is worth sharing (for R <= query_block)."""
+        return self.token_cost(query_block)
+
+
+# -- tables ------------------------------------------------------------------------------------
+
+# CPU entries: measured with `jaxsys bench attention` on a 2-core AMD EPYC (Zen 4) VM,
+# jax 0.10.2, fp32, Hq=32, Hkv=8, head_dim=128, page_size=16 (see
+# benchmarks/results/attention.json, sections "tuning" and "calibration").
+_CPU_DEFAULT_BLOCKS = BlockSizes(chunk_pages=64, query_block=16, split_pages=64)
+_GPU_DEFAULT_BLOCKS = BlockSizes(chunk_pages=16, query_block=4, split_pages=16,
+                                 pages_per_compute_block=4, num_warps=4, num_stages=2)
+
+TUNED_BLOCK_SIZES: dict[str, dict[tuple, BlockSizes]] = {
+    "cpu": {
+        ("cpu", 4, 128, 16, "float32"): _CPU_DEFAULT_BLOCKS,
+    },
+    # untuned: no GPU run yet. Defaults reasoned from the H100: a 256-token chunk per program
+    # gives >= 2 programs per SM on 132 SMs for an 8-KV-head model already at 4k shared tokens;
+    # query_block=4 with G=4 fills the 16 rows Triton's dot needs; 4 pages x 16 tokens = 64-token
+    # inner tiles keep K and V tiles (2 x 64 x 128 x 4 B) in registers/shared memory.
+    "gpu": {},
+}
+
+DEFAULT_BLOCK_SIZES: dict[str, BlockSizes] = {"cpu": _CPU_DEFAULT_BLOCKS, "gpu": _GPU_DEFAULT_BLOCKS}
+
+# CPU: from the benchmark's calibration sweep (see CostModel and benchmarks/attention.py).
+_CPU_COST = CostModel(
+    shared_token_cost=((4, 1.0), (16, 2.0), (32, 4.0)),
+    item_overhead=0.0,
+    step_overhead=0.0,
+    source="placeholder until calibrated",
+)
+# untuned: no GPU run yet. Decode attention on a GPU is bandwidth bound at these block sizes
+# (a 16-row tile of a 64x128 fp32 K tile is ~4 flop/byte, far below the H100's ~20 flop/byte
+# fp32 ridge), so a shared chunk costs about one plain request-token per token whatever the
+# block: sharing pays from R = 2 on. The 1.25 leaves room for the extra merge traffic.
+_GPU_COST = CostModel(
+    shared_token_cost=((4, 1.25), (16, 1.25)),
+    item_overhead=16.0,
+    step_overhead=256.0,
+    source="untuned: no GPU run yet (bandwidth-bound estimate)",
+)
+COST_MODELS: dict[str, CostModel] = {"cpu": _CPU_COST, "gpu": _GPU_COST}
+
+
+def get_block_sizes(platform: str, num_q_heads_per_kv_head: int, head_dim: int, page_size: int,
+                    dtype_name: str) -> BlockSizes:
+    """Tuned `BlockSizes` for a platform and model shape (platform default when untuned)."""
+    table = TUNED_BLOCK_SIZES.get(platform, {})
+    key = (platform, num_q_heads_per_kv_head, head_dim, page_size, dtype_name)
+    if key in table:
+        return table[key]
+    return DEFAULT_BLOCK_SIZES.get(platform, _CPU_DEFAULT_BLOCKS)
+
+
+def get_cost_model(platform: str) -> CostModel:
+    """The balancer's `CostModel` for a platform (CPU's when the platform is unknown)."""
+    return COST_MODELS.get(platform, _CPU_COST)
