@@ -11,7 +11,7 @@ NEG_INF = -1e30
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
-    return weight * (x32 * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+    return jnp.expand_dims(weight, tuple(range(x.ndim - weight.ndim))) * (x32 * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
 def rope(x_BxTxHxD: jax.Array, positions_BxT: jax.Array, inv_freq_K: jax.Array) -> jax.Array:
