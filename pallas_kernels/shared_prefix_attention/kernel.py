@@ -46,6 +46,8 @@ __all__ = [
 # Finite "minus infinity" for running maxima: exp(MASK - finite) == 0 without inf - inf NaNs.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _MIN_DOT = 16  # Triton's smallest dot tile
+# fp32 inputs get IEEE fp32 products (Triton's default for fp32 is TF32); bf16 is unaffected.
+_PRECISION = lax.Precision.HIGHEST
 
 
 def _pow2_at_least(n: int, minimum: int) -> int:
@@ -126,14 +128,14 @@ def _attend_pages_kernel(pages_ref, page_lens_ref, q_ref, k_pages_ref, v_pages_r
         valid = slot < tok_len
         k = k_pages_ref[pages].reshape(block_k, d)
         v = v_pages_ref[pages].reshape(block_k, d)
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=_PRECISION,
                             preferred_element_type=jnp.float32) * sm_scale  # [rows, block_k]
         s = jnp.where(valid[None, :], s, _MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)
         p = jnp.where(valid[None, :], jnp.exp(s - m_new[:, None]), 0.0)
         l = alpha * l + jnp.sum(p, axis=1)
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=_PRECISION,
                              preferred_element_type=jnp.float32)  # [rows, D]
         return alpha[:, None] * o + pv, m_new, l
 

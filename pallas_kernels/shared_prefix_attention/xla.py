@@ -33,6 +33,9 @@ from .balancer import SharedPrefixStep
 
 __all__ = ["shared_prefix_attention_xla", "paged_attention_xla"]
 
+# fp32 means fp32 products on every backend (GPUs default to TF32 for fp32 dots).
+_PRECISION = jax.lax.Precision.HIGHEST
+
 
 def _unit_partial(q, k, v, valid, sm_scale):
     """Partial attention of one work unit, all KV heads at once.
@@ -41,13 +44,15 @@ def _unit_partial(q, k, v, valid, sm_scale):
     Returns (o f32[Hkv, M, D] normalized, lse f32[Hkv, M]); with no valid key, o = 0 and
     lse = -inf.
     """
-    s = jnp.einsum("hmd,htd->hmt", q, k, preferred_element_type=jnp.float32) * sm_scale
+    s = jnp.einsum("hmd,htd->hmt", q, k, precision=_PRECISION,
+                   preferred_element_type=jnp.float32) * sm_scale
     s = jnp.where(valid[None, None, :], s, -jnp.inf)
     m = jnp.max(s, axis=-1)
     m_safe = jnp.where(jnp.isneginf(m), 0.0, m)
     p = jnp.exp(s - m_safe[..., None])
     l = jnp.sum(p, axis=-1)
-    o = jnp.einsum("hmt,htd->hmd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    o = jnp.einsum("hmt,htd->hmd", p.astype(v.dtype), v, precision=_PRECISION,
+                   preferred_element_type=jnp.float32)
     l_safe = jnp.where(l > 0, l, 1.0)
     return o / l_safe[..., None], jnp.where(l > 0, m_safe + jnp.log(l_safe), -jnp.inf)
 

@@ -1,0 +1,491 @@
+"""Shared-prefix decode attention: the XLA path and the Pallas kernels against the float32
+reference over random prefix trees, and the host-side balancer's properties.
+
+The Pallas kernels run in the interpreter on CPU. `make gpu-check` sets
+JAXSYS_PALLAS_COMPILED=1 (and JAX_PLATFORMS=cuda), which compiles them for real: the same
+sweeps then check the Triton kernels, and the `gpu`-marked tests add model-sized shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxsys.pallas_kernels.shared_prefix_attention import (
+    BlockSizes,
+    CostModel,
+    PrefixTree,
+    StepShape,
+    bucket,
+    get_block_sizes,
+    get_cost_model,
+    paged_attention,
+    paged_attention_reference,
+    paged_attention_xla,
+    plain_step,
+    plan_step,
+    shared_prefix_attention,
+    shared_prefix_attention_reference,
+    shared_prefix_attention_xla,
+)
+
+INTERPRET = os.environ.get("JAXSYS_PALLAS_COMPILED", "0") != "1"
+
+# fp32: every path computes in fp32; differences are summation order only.
+FP32_TOL = 1e-5
+# bf16: q, k, v are the same bf16 numbers in every path (the reference upcasts them), and
+# scores, softmax statistics and accumulators are fp32. Two roundings remain: probabilities are
+# rounded to bf16 before the PV product (unit roundoff u = 2**-8 per weight, so the normalized
+# output moves by at most u * max|v|), and the output is rounded to bf16 (u * |o|). Hence
+# |out - ref| <= u * (max|v| + |ref|), checked elementwise, plus FP32_TOL for the fp32 part.
+BF16_U = 2.0**-8
+
+EVERY_FORCE = (None, "share", "plain")
+
+
+def _tol_check(out, ref, v, dtype):
+    out = np.asarray(jnp.asarray(out, jnp.float32))
+    ref = np.asarray(ref)
+    assert out.shape == ref.shape
+    assert np.all(np.isfinite(out))
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(out, ref, atol=FP32_TOL, rtol=FP32_TOL)
+    else:
+        vmax = float(np.max(np.abs(np.asarray(jnp.asarray(v, jnp.float32)))))
+        bound = BF16_U * (vmax + np.abs(ref)) + FP32_TOL
+        err = np.abs(out - ref)
+        assert np.all(err <= bound), f"bf16 error {err.max()} exceeds bound at {np.argmax(err - bound)}"
+
+
+# -- random prefix trees -------------------------------------------------------------------------
+
+
+def make_tree(rng, *, depth, fanout, page_size, node_tokens=(1, 40), suffix_tokens=(1, 20),
+              requests_at_internal=0, spare_pages=5):
+    """A full `fanout`-ary tree of `depth` levels below the root, a private suffix node per
+    leaf (one request each), optionally extra requests that end at internal nodes.
+    Pages are a random permutation of a pool with spare (unused) pages."""
+    parent, lens = [-1], [int(rng.integers(*node_tokens))]
+    frontier = [0]
+    internal = [0]
+    for _ in range(depth):
+        nxt = []
+        for p in frontier:
+            for _ in range(fanout):
+                parent.append(p)
+                lens.append(int(rng.integers(*node_tokens)))
+                nxt.append(len(parent) - 1)
+        frontier = nxt
+        internal += nxt
+    requests = []
+    for leaf in frontier:
+        parent.append(leaf)
+        lens.append(int(rng.integers(*suffix_tokens)))
+        requests.append(len(parent) - 1)
+    for _ in range(requests_at_internal):
+        requests.append(int(rng.choice(internal)))
+    n_pages = [-(-n // page_size) for n in lens]
+    pool = rng.permutation(sum(n_pages) + spare_pages)
+    offsets = np.cumsum([0] + n_pages)
+    pages = tuple(pool[offsets[i]:offsets[i + 1]] for i in range(len(lens)))
+    return PrefixTree(page_size=page_size, node_parent=np.array(parent), node_pages=pages,
+                      node_lens=np.array(lens), request_nodes=np.array(requests)), len(pool)
+
+
+def make_inputs(rng, *, num_requests, total_pages, num_kv_heads, group, head_dim, page_size,
+                dtype):
+    hq = num_kv_heads * group
+    q = rng.standard_normal((num_requests, hq, head_dim)).astype(np.float32)
+    k = rng.standard_normal((num_kv_heads, total_pages, page_size, head_dim)).astype(np.float32)
+    v = rng.uniform(-2, 2, (num_kv_heads, total_pages, page_size, head_dim)).astype(np.float32)
+    return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+
+
+def kernel_block_sizes(page_size):
+    """Kernel-valid tiles for a page size: 16-token compute tiles, chunks/splits of 2 tiles."""
+    ppcb = max(1, 16 // page_size)
+    return BlockSizes(chunk_pages=2 * ppcb, query_block=2, split_pages=2 * ppcb,
+                      pages_per_compute_block=ppcb)
+
+
+ALWAYS_SHARE = CostModel(shared_token_cost=((1, 1e-3),), source="tests: share every node")
+
+
+# Named cases: (depth, fanout, num_kv_heads, group, page_size, dtype, extra)
+CASES = {
+    "fan4_gqa4": dict(depth=1, fanout=4, num_kv_heads=2, group=4, page_size=4),
+    "deep3_fan2_gqa8": dict(depth=3, fanout=2, num_kv_heads=1, group=8, page_size=4),
+    "fan3_mha_page8": dict(depth=2, fanout=3, num_kv_heads=2, group=1, page_size=8),
+    "fan2_gqa3_page16": dict(depth=2, fanout=2, num_kv_heads=2, group=3, page_size=16),
+    "chain_no_sharing": dict(depth=3, fanout=1, num_kv_heads=2, group=4, page_size=4),
+    "single_request": dict(depth=0, fanout=1, num_kv_heads=2, group=2, page_size=4),
+    "internal_requests_padded": dict(depth=2, fanout=2, num_kv_heads=2, group=2, page_size=4,
+                                     requests_at_internal=3, pad_requests=3),
+    "long_nodes_short_suffix": dict(depth=1, fanout=5, num_kv_heads=1, group=4, page_size=4,
+                                    node_tokens=(60, 90), suffix_tokens=(1, 3)),
+}
+BF16_CASES = ("fan4_gqa4", "deep3_fan2_gqa8", "internal_requests_padded")
+
+
+def _setup(name, dtype, seed=0):
+    c = dict(CASES[name])
+    pad = c.pop("pad_requests", 0)
+    kv_heads, group = c.pop("num_kv_heads"), c.pop("group")
+    rng = np.random.default_rng(seed + sum(map(ord, name)))
+    tree, total_pages = make_tree(rng, **c)
+    q, k, v = make_inputs(rng, num_requests=tree.num_requests + pad, total_pages=total_pages,
+                          num_kv_heads=kv_heads, group=group, head_dim=16,
+                          page_size=c["page_size"], dtype=dtype)
+    return tree, q, k, v
+
+
+def _plan(tree, q, force, block_sizes):
+    plan = plan_step(tree, block_sizes=block_sizes, cost_model=ALWAYS_SHARE, force=force,
+                     min_requests=q.shape[0])
+    b = plan.shape.num_requests
+    q = jnp.concatenate([q, jnp.zeros((b - q.shape[0],) + q.shape[1:], q.dtype)]) if b > q.shape[0] else q
+    return plan, q
+
+
+def _reference(tree, q, k, v):
+    return np.asarray(shared_prefix_attention_reference(q, k, v, tree))
+
+
+@pytest.mark.parametrize("force", EVERY_FORCE)
+@pytest.mark.parametrize("name", list(CASES))
+def test_xla_matches_reference(name, force):
+    tree, q, k, v = _setup(name, jnp.float32)
+    bs = kernel_block_sizes(tree.page_size)
+    plan, q = _plan(tree, q, force, bs)
+    if force == "plain" or (force == "share" and name in ("chain_no_sharing", "single_request")):
+        assert not plan.use_sharing
+    out = shared_prefix_attention_xla(q, k, v, plan.step, pages_per_split=bs.split_pages)
+    _tol_check(out, _reference(tree, q, k, v), v, jnp.float32)
+
+
+@pytest.mark.parametrize("name", BF16_CASES)
+def test_xla_matches_reference_bf16(name):
+    tree, q, k, v = _setup(name, jnp.bfloat16)
+    bs = kernel_block_sizes(tree.page_size)
+    plan, q = _plan(tree, q, "share", bs)
+    out = shared_prefix_attention_xla(q, k, v, plan.step, pages_per_split=bs.split_pages)
+    assert out.dtype == jnp.bfloat16
+    _tol_check(out, _reference(tree, q, k, v), v, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("name,force", [(n, "share") for n in CASES] + [("fan4_gqa4", "plain"),
+                                                                         ("internal_requests_padded", "plain")])
+def test_kernel_matches_reference(name, force):
+    tree, q, k, v = _setup(name, jnp.float32)
+    bs = kernel_block_sizes(tree.page_size)
+    plan, q = _plan(tree, q, force, bs)
+    out = shared_prefix_attention(q, k, v, plan.step, block_sizes=bs, interpret=INTERPRET)
+    _tol_check(out, _reference(tree, q, k, v), v, jnp.float32)
+
+
+@pytest.mark.parametrize("name", BF16_CASES[:2])
+def test_kernel_matches_reference_bf16(name):
+    tree, q, k, v = _setup(name, jnp.bfloat16)
+    bs = kernel_block_sizes(tree.page_size)
+    plan, q = _plan(tree, q, "share", bs)
+    out = shared_prefix_attention(q, k, v, plan.step, block_sizes=bs, interpret=INTERPRET)
+    assert out.dtype == jnp.bfloat16
+    _tol_check(out, _reference(tree, q, k, v), v, jnp.bfloat16)
+
+
+def test_padding_requests_get_zeros():
+    tree, q, k, v = _setup("internal_requests_padded", jnp.float32)
+    bs = kernel_block_sizes(tree.page_size)
+    plan, qp = _plan(tree, q, "share", bs)
+    assert plan.shape.num_requests > tree.num_requests
+    for out in (shared_prefix_attention_xla(qp, k, v, plan.step, pages_per_split=bs.split_pages),
+                shared_prefix_attention(qp, k, v, plan.step, block_sizes=bs, interpret=INTERPRET)):
+        np.testing.assert_array_equal(np.asarray(out[tree.num_requests:]), 0.0)
+
+
+# -- plain paged decode (the fallback and the split-KV baseline) ----------------------------------
+
+
+@pytest.mark.parametrize("page_size,group,split", [(4, 4, 2), (16, 1, 4), (8, 3, 1)])
+@pytest.mark.parametrize("path", ["xla", "kernel"])
+def test_paged_attention_matches_reference(page_size, group, split, path):
+    rng = np.random.default_rng(page_size * 7 + group)
+    num_pages, pages_per_seq = 64, 9  # not a multiple of the split: padded inside
+    lengths = np.array([0, 1, page_size, page_size * pages_per_seq, 5 * page_size + 3], np.int32)
+    page_indices = np.stack([rng.permutation(num_pages)[:pages_per_seq] for _ in lengths]).astype(np.int32)
+    q, k, v = make_inputs(rng, num_requests=len(lengths), total_pages=num_pages, num_kv_heads=2,
+                          group=group, head_dim=16, page_size=page_size, dtype=jnp.float32)
+    ppcb = max(1, 16 // page_size)
+    bs = BlockSizes(chunk_pages=ppcb, query_block=1, split_pages=max(split, ppcb),
+                    pages_per_compute_block=ppcb)
+    if path == "xla":
+        out = paged_attention_xla(q, k, v, jnp.asarray(page_indices), jnp.asarray(lengths),
+                                  pages_per_split=split)
+    else:
+        out = paged_attention(q, k, v, jnp.asarray(page_indices), jnp.asarray(lengths),
+                              block_sizes=bs, interpret=INTERPRET)
+    ref = np.asarray(paged_attention_reference(q, k, v, page_indices, lengths))
+    _tol_check(out, ref, v, jnp.float32)
+    np.testing.assert_array_equal(np.asarray(out[0]), 0.0)  # zero-length request
+
+
+def test_plain_step_equals_paged_attention():
+    rng = np.random.default_rng(3)
+    lengths = np.array([3, 17, 0, 8], np.int32)
+    page_indices = rng.permutation(32)[:16].reshape(4, 4).astype(np.int32)
+    q, k, v = make_inputs(rng, num_requests=4, total_pages=32, num_kv_heads=1, group=2,
+                          head_dim=16, page_size=8, dtype=jnp.float32)
+    bs = BlockSizes(chunk_pages=2, query_block=2, split_pages=2, pages_per_compute_block=2)
+    step = plain_step(page_indices, lengths, 8, block_sizes=bs)
+    a = shared_prefix_attention_xla(q, k, v, step, pages_per_split=2)
+    b = paged_attention_xla(q, k, v, jnp.asarray(page_indices), jnp.asarray(lengths), pages_per_split=2)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=FP32_TOL, rtol=FP32_TOL)
+
+
+# -- static shapes: one compiled function per step bucket ---------------------------------------
+
+
+def test_same_bucket_does_not_recompile():
+    bs = kernel_block_sizes(4)
+    shape = StepShape(num_requests=8, num_items=32, private_pages=16, merge_slots=16)
+    outs = []
+    before = None
+    for seed in range(3):
+        rng = np.random.default_rng(100 + seed)
+        tree, _ = make_tree(rng, depth=1 + seed % 2, fanout=2, page_size=4, node_tokens=(1, 20),
+                            spare_pages=5)
+        q, k, v = make_inputs(rng, num_requests=8, total_pages=200, num_kv_heads=1, group=2,
+                              head_dim=16, page_size=4, dtype=jnp.float32)
+        plan = plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE, shape=shape)
+        assert plan.shape == shape
+        outs.append(shared_prefix_attention_xla(q, k, v, plan.step, pages_per_split=bs.split_pages))
+        if before is None:
+            before = shared_prefix_attention_xla._cache_size()
+    assert shared_prefix_attention_xla._cache_size() == before
+
+
+# -- the balancer ---------------------------------------------------------------------------------
+
+
+def _tokens_of_request(tree, r):
+    out = []
+    for n in tree.path(r):
+        for p, fill in zip(tree.node_pages[n], tree.node_page_lens(n)):
+            out += [(int(p), s) for s in range(int(fill))]
+    return sorted(out)
+
+
+def _covered_tokens(plan, r, page_size):
+    s = plan.step
+    qb = s.item_queries.shape[1]
+    out = []
+    for p, fill in zip(s.private_pages[r], s.private_page_lens[r]):
+        out += [(int(p), t) for t in range(int(fill))]
+    for row in s.merge_rows[r]:
+        if row == s.item_pages.shape[0] * qb:
+            continue
+        w, slot = divmod(int(row), qb)
+        assert s.item_queries[w, slot] == r
+        for p, fill in zip(s.item_pages[w], s.item_page_lens[w]):
+            out += [(int(p), t) for t in range(int(fill))]
+    return sorted(out)
+
+
+def check_plan_invariants(tree, plan, block_sizes):
+    s = plan.step
+    w, c = s.item_pages.shape
+    qb = s.item_queries.shape[1]
+    b = s.private_pages.shape[0]
+    assert c == block_sizes.chunk_pages and qb == block_sizes.query_block
+    assert all(x.dtype == np.int32 for x in s)
+    # Every KV token of every request is covered exactly once.
+    for r in range(tree.num_requests):
+        assert _covered_tokens(plan, r, tree.page_size) == _tokens_of_request(tree, r)
+    # Padding requests read nothing.
+    assert np.all(s.private_page_lens[tree.num_requests:] == 0)
+    assert np.all(s.merge_rows[tree.num_requests:] == w * qb)
+    # Chunks are bounded, hold pages of one node, and only requests below that node use them.
+    page_node = {int(p): n for n in range(tree.num_nodes) for p in tree.node_pages[n]}
+    for i in range(w):
+        valid = s.item_page_lens[i] > 0
+        if not valid.any():
+            assert np.all(s.item_queries[i] == b)
+            continue
+        assert np.all(valid[:valid.sum()]), "padding pages only at the end of a chunk"
+        assert valid.sum() <= block_sizes.chunk_pages
+        nodes = {page_node[int(p)] for p in s.item_pages[i][valid]}
+        assert len(nodes) == 1
+        (node,) = nodes
+        assert node in plan.shared_nodes
+        for r in s.item_queries[i]:
+            if r < b:
+                assert node in tree.path(int(r))
+        assert np.all(s.item_page_lens[i][valid] <= tree.page_size)
+    # A shared node is shared by >= 2 requests; the private part never holds a shared node.
+    for n in plan.shared_nodes:
+        assert sum(n in tree.path(r) for r in range(tree.num_requests)) >= 2
+    shared_pages = {int(p) for n in plan.shared_nodes for p in tree.node_pages[n]}
+    for r in range(tree.num_requests):
+        assert not (set(s.private_pages[r][s.private_page_lens[r] > 0].tolist()) & shared_pages)
+    assert plan.use_sharing == bool(plan.shared_nodes) == (w > 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), depth=st.integers(0, 3), fanout=st.integers(1, 4),
+       page_size=st.sampled_from([1, 4, 16]), chunk=st.sampled_from([1, 2, 4]),
+       qblock=st.integers(1, 5), internal=st.integers(0, 2), force=st.sampled_from(EVERY_FORCE))
+def test_plan_covers_every_token_once(seed, depth, fanout, page_size, chunk, qblock, internal, force):
+    rng = np.random.default_rng(seed)
+    tree, _ = make_tree(rng, depth=depth, fanout=fanout, page_size=page_size, node_tokens=(0, 50),
+                        suffix_tokens=(0, 10), requests_at_internal=internal)
+    bs = BlockSizes(chunk_pages=chunk, query_block=qblock, split_pages=2)
+    cost = CostModel(shared_token_cost=((1, float(rng.uniform(0.2, 3))),), item_overhead=1.0)
+    plan = plan_step(tree, block_sizes=bs, cost_model=cost, force=force, min_requests=int(rng.integers(1, 9)))
+    check_plan_invariants(tree, plan, bs)
+
+
+def _star(num_requests, prefix, suffix, page_size=16):
+    pages_prefix = np.arange(-(-prefix // page_size))
+    nxt = pages_prefix.shape[0]
+    node_pages, lens, parent = [pages_prefix], [prefix], [-1]
+    for _ in range(num_requests):
+        n = -(-suffix // page_size)
+        node_pages.append(np.arange(nxt, nxt + n))
+        nxt += n
+        lens.append(suffix)
+        parent.append(0)
+    return PrefixTree(page_size=page_size, node_parent=np.array(parent), node_pages=tuple(node_pages),
+                      node_lens=np.array(lens), request_nodes=np.arange(1, num_requests + 1))
+
+
+def test_fallback_decision():
+    bs = BlockSizes(chunk_pages=64, query_block=16, split_pages=64)
+    cost = CostModel(shared_token_cost=((4, 1.5), (16, 3.0)), item_overhead=8.0, step_overhead=512.0)
+    # Long prefix, many requests: sharing pays.
+    plan = plan_step(_star(16, 8192, 128), block_sizes=bs, cost_model=cost)
+    assert plan.use_sharing and plan.shared_nodes == (0,)
+    assert plan.cost_chosen < plan.cost_plain
+    # Two requests, Qb = 16 padded slots cost 3x a plain token: not worth it (threshold R > 3).
+    plan = plan_step(_star(2, 8192, 128), block_sizes=bs, cost_model=cost)
+    assert not plan.use_sharing and plan.step.item_pages.shape[0] == 0
+    assert plan.cost_chosen == plan.cost_plain
+    # Four requests clear the threshold.
+    assert plan_step(_star(4, 8192, 128), block_sizes=bs, cost_model=cost).use_sharing
+    # A short shared prefix does not pay for the step overhead.
+    assert not plan_step(_star(8, 32, 128), block_sizes=bs, cost_model=cost).use_sharing
+    # No sharing in the tree at all: plain.
+    chain = PrefixTree(page_size=16, node_parent=np.array([-1, 0]), node_pages=(np.arange(4), np.arange(4, 6)),
+                       node_lens=np.array([64, 20]), request_nodes=np.array([1]))
+    assert not plan_step(chain, block_sizes=bs, cost_model=cost).use_sharing
+    assert cost.sharing_threshold(16) == 3.0
+
+
+def test_cost_model_interpolates():
+    cost = CostModel(shared_token_cost=((4, 1.0), (16, 4.0)))
+    assert cost.token_cost(4) == 1.0 and cost.token_cost(16) == 4.0
+    assert cost.token_cost(10) == pytest.approx(2.5)
+    assert cost.token_cost(1) == 1.0
+    assert cost.token_cost(32) == pytest.approx(8.0)
+
+
+def test_from_page_tables_recovers_the_tree():
+    ps = 4
+    tree = _star(3, 10 * ps, 5, page_size=ps)  # page-aligned shared prefix, ragged suffixes
+    tables = [np.concatenate([tree.node_pages[n] for n in tree.path(r)]) for r in range(3)]
+    got = PrefixTree.from_page_tables(tables, tree.request_lengths(), ps)
+    assert sorted(got.node_lens.tolist()) == sorted(tree.node_lens.tolist())
+    assert np.all(got.request_lengths() == tree.request_lengths())
+    root = [n for n in range(got.num_nodes) if got.node_parent[n] < 0]
+    assert len(root) == 1 and got.node_lens[root[0]] == 10 * ps
+    # Identical requests share everything; an empty request is allowed.
+    got = PrefixTree.from_page_tables([[5, 6], [5, 6], []], [7, 7, 0], ps)
+    assert got.request_nodes[0] == got.request_nodes[1]
+    assert got.request_lengths().tolist() == [7, 7, 0]
+
+
+def test_plan_from_page_tables_matches_reference():
+    rng = np.random.default_rng(11)
+    ps = 4
+    shared = rng.permutation(40)
+    tables, lengths = [], []
+    for r in range(5):
+        own = 40 + 10 * r + np.arange(10)
+        split = 3 if r < 2 else 6  # requests 0,1 share 3 pages; 2..4 share 6
+        tables.append(np.concatenate([shared[:split], own]))
+        lengths.append(split * ps + int(rng.integers(1, 30)))
+    tree = PrefixTree.from_page_tables(tables, lengths, ps)
+    bs = kernel_block_sizes(ps)
+    plan = plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE)
+    assert plan.use_sharing and len(plan.shared_nodes) == 2
+    q, k, v = make_inputs(rng, num_requests=plan.shape.num_requests, total_pages=100, num_kv_heads=2,
+                          group=2, head_dim=16, page_size=ps, dtype=jnp.float32)
+    out = shared_prefix_attention_xla(q, k, v, plan.step, pages_per_split=bs.split_pages)
+    table = np.stack([np.pad(t, (0, 16 - len(t))) for t in tables])
+    ref = paged_attention_reference(q[:5], k, v, table, np.array(lengths))
+    _tol_check(out[:5], np.asarray(ref)[:5], v, jnp.float32)
+
+
+def test_shape_forcing_and_validation():
+    tree = _star(3, 64, 8, page_size=16)
+    bs = BlockSizes(chunk_pages=2, query_block=2, split_pages=2)
+    plan = plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE)
+    big = StepShape(num_requests=8, num_items=16, private_pages=8, merge_slots=8)
+    assert plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE, shape=big).shape == big
+    with pytest.raises(ValueError, match="num_items"):
+        plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE,
+                  shape=StepShape(num_requests=4, num_items=1, private_pages=8, merge_slots=8))
+    assert plan.shape.num_items == bucket(plan.shape.num_items)
+    with pytest.raises(ValueError, match="force"):
+        plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE, force="always")
+    with pytest.raises(ValueError, match="power of two"):
+        BlockSizes(chunk_pages=3, query_block=2, split_pages=2)
+    with pytest.raises(ValueError, match="divide"):
+        BlockSizes(chunk_pages=2, query_block=2, split_pages=2, pages_per_compute_block=4)
+    with pytest.raises(ValueError, match="positive"):
+        BlockSizes(chunk_pages=2, query_block=0, split_pages=2)
+    with pytest.raises(ValueError, match="cycle"):
+        PrefixTree(page_size=4, node_parent=np.array([1, 0]), node_pages=(np.arange(1), np.arange(1, 2)),
+                   node_lens=np.array([3, 3]), request_nodes=np.array([0]))
+    with pytest.raises(ValueError, match="pages"):
+        PrefixTree(page_size=4, node_parent=np.array([-1]), node_pages=(np.arange(1),),
+                   node_lens=np.array([9]), request_nodes=np.array([0]))
+
+
+def test_tuned_tables_are_valid():
+    for platform in ("cpu", "gpu", "tpu"):
+        bs = get_block_sizes(platform, 4, 128, 16, "float32")
+        assert isinstance(bs, BlockSizes)
+        cost = get_cost_model(platform)
+        assert cost.sharing_threshold(bs.query_block) > 0
+    assert "untuned" in get_cost_model("gpu").source
+
+
+# -- model-sized shapes, compiled (GPU only) ------------------------------------------------------
+
+
+def _on_gpu():
+    return jax.devices()[0].platform == "gpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_model_shapes_gpu(dtype):
+    if not _on_gpu() or INTERPRET:
+        pytest.skip("needs a GPU and JAXSYS_PALLAS_COMPILED=1 (make gpu-check)")
+    rng = np.random.default_rng(0)
+    ps = 16
+    tree, total_pages = make_tree(rng, depth=2, fanout=4, page_size=ps, node_tokens=(200, 900),
+                                  suffix_tokens=(1, 300))
+    q, k, v = make_inputs(rng, num_requests=tree.num_requests, total_pages=total_pages,
+                          num_kv_heads=8, group=4, head_dim=128, page_size=ps, dtype=dtype)
+    bs = get_block_sizes("gpu", 4, 128, ps, jnp.dtype(dtype).name)
+    for force in EVERY_FORCE:
+        plan = plan_step(tree, block_sizes=bs, cost_model=get_cost_model("gpu"), force=force)
+        out = shared_prefix_attention(q, k, v, plan.step, block_sizes=bs)
+        _tol_check(out, _reference(tree, q, k, v), v, dtype)
