@@ -55,9 +55,8 @@ def _compiled_steps(cfg: ModelConfig):
     def prefill(params, cache, tokens_BxT, positions_BxT, page_table, kv_lens, last_B, temp, top_k, top_p, seed):
         meta = AttentionMetadata(page_table, kv_lens)
         logits, cache = decoder.forward(params, tokens_BxT, cfg=cfg, positions_BxT=positions_BxT,
-                                        cache=cache, meta=meta)
-        last_BxV = jnp.take_along_axis(logits, last_B[:, None, None], axis=1)[:, 0]
-        return sample(last_BxV, temp, top_k, top_p, seed, kv_lens), cache
+                                        cache=cache, meta=meta, logits_index_B=last_B)
+        return sample(logits[:, 0], temp, top_k, top_p, seed, kv_lens), cache
 
     def decode(params, cache, tokens_B, positions_B, page_table, kv_lens, temp, top_k, top_p, seed):
         meta = AttentionMetadata(page_table, kv_lens)
@@ -94,12 +93,13 @@ def _encode_prompts(model: LoadedModel, prompts, chat: bool) -> tuple[list[str |
 
 def generate(model: LoadedModel, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
              max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0, stop: Sequence[str] = (), chat: bool = False,
+             seed: int = 0, stop: Sequence[str] = (), chat: bool = False, ignore_eos: bool = False,
              on_text: Callable[[int, str], None] | None = None) -> list[GenerationResult]:
     """Generate continuations for a batch of prompts (text, or lists of token ids).
 
     chat: wrap each text prompt as a user message in the model's chat template.
     on_text(i, piece): called with each new piece of text of request i as it is produced.
+    ignore_eos: keep generating past EOS until max_tokens (for benchmarks).
     Greedy when temperature == 0; request i samples with seed `seed + i` otherwise.
     Raises ContextLengthError when a prompt does not fit the context window.
     """
@@ -142,7 +142,7 @@ def generate(model: LoadedModel, prompts: str | Sequence[str] | Sequence[Sequenc
     nxt = np.asarray(nxt)
     t_prefill = time.perf_counter() - t0
 
-    eos = set(cfg.eos_token_ids)
+    eos = set() if ignore_eos else set(cfg.eos_token_ids)
     out_tokens: list[list[int]] = [[] for _ in range(n)]
     done = [False] * n
     reasons = ["length"] * n

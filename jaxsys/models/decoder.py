@@ -113,26 +113,52 @@ def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Params:
 
 
 class AttentionFn(Protocol):
-    def __call__(self, q_BxTxHqxDh: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array,
-                 positions_BxT: jax.Array, meta: AttentionMetadata, cfg: ModelConfig) -> jax.Array: ...
+    def __call__(self, q_BxTxHqxDh: jax.Array, k_new_BxTxKxDh: jax.Array, v_new_BxTxKxDh: jax.Array,
+                 cache: KVCache, layer: jax.Array, positions_BxT: jax.Array, meta: AttentionMetadata,
+                 cfg: ModelConfig) -> jax.Array: ...
 
 
-def paged_attention(q_BxTxHqxDh, k_cache, v_cache, layer, positions_BxT, meta, cfg):
-    """Default attention over the paged cache: gather each request's pages, mask, softmax.
+def cached_prefix_lens(positions_BxT: jax.Array, meta: AttentionMetadata) -> jax.Array:
+    """Tokens of each request already in the cache before this step: kv_lens - new valid tokens."""
+    return meta.kv_lens - jnp.sum(positions_BxT >= 0, axis=1, dtype=jnp.int32)
 
-    k_cache/v_cache: [L, Hkv, N, page_size, Dh] (the whole cache; `layer` selects the layer).
+
+def paged_attention(q_BxTxHqxDh, k_new_BxTxKxDh, v_new_BxTxKxDh, cache, layer, positions_BxT, meta, cfg):
+    """Default attention: each request's cached pages (read-only) plus this step's new tokens.
+
+    The cache still holds the context *before* this step; the new K/V are attended directly and
+    written to the cache once, after all layers (`forward`), so the cache is updated in place.
     """
     B, T, Hq, Dh = q_BxTxHqxDh.shape
-    ps = k_cache.shape[3]
-    P = meta.page_table.shape[1]
-    k_KxBxPxSxD = k_cache[layer][:, meta.page_table]
-    v_KxBxPxSxD = v_cache[layer][:, meta.page_table]
-    k_BxSxKxD = jnp.moveaxis(k_KxBxPxSxD.reshape(cfg.num_kv_heads, B, P * ps, Dh), 0, 2)
-    v_BxSxKxD = jnp.moveaxis(v_KxBxPxSxD.reshape(cfg.num_kv_heads, B, P * ps, Dh), 0, 2)
+    K, ps, P = cfg.num_kv_heads, cache.page_size, meta.page_table.shape[1]
+    k_BxPxKxSxD = cache.k[layer, :, meta.page_table]  # advanced indices first: [B, P, K, ps, Dh]
+    v_BxPxKxSxD = cache.v[layer, :, meta.page_table]
+    k_c = jnp.swapaxes(k_BxPxKxSxD, 2, 3).reshape(B, P * ps, K, Dh)
+    v_c = jnp.swapaxes(v_BxPxKxSxD, 2, 3).reshape(B, P * ps, K, Dh)
     k_pos_BxS = jnp.broadcast_to(jnp.arange(P * ps, dtype=jnp.int32)[None, :], (B, P * ps))
-    mask = layers.causal_mask(positions_BxT, k_pos_BxS, k_pos_BxS < meta.kv_lens[:, None], cfg.sliding_window)
-    q = q_BxTxHqxDh.reshape(B, T, cfg.num_kv_heads, cfg.q_per_kv, Dh)
-    return layers.attention_core(q, k_BxSxKxD, v_BxSxKxD, mask).reshape(B, T, Hq, Dh)
+    cached_B = cached_prefix_lens(positions_BxT, meta)
+    mask_c = layers.causal_mask(positions_BxT, k_pos_BxS, k_pos_BxS < cached_B[:, None], cfg.sliding_window)
+    mask_n = layers.causal_mask(positions_BxT, positions_BxT, positions_BxT >= 0, cfg.sliding_window)
+    k = jnp.concatenate([k_c, k_new_BxTxKxDh.astype(k_c.dtype)], axis=1)
+    v = jnp.concatenate([v_c, v_new_BxTxKxDh.astype(v_c.dtype)], axis=1)
+    mask = jnp.concatenate([mask_c, mask_n], axis=2)
+    q = q_BxTxHqxDh.reshape(B, T, K, cfg.q_per_kv, Dh)
+    return layers.attention_core(q, k, v, mask).reshape(B, T, Hq, Dh)
+
+
+def write_cache(cache: KVCache, k_new_LxBxTxKxD: jax.Array, v_new_LxBxTxKxD: jax.Array,
+                slots_BxT: jax.Array) -> KVCache:
+    """Scatter every layer's new K/V into their slots at once (in place when the cache is donated)."""
+    L, K, NP, PS, Dh = cache.k.shape
+    n = slots_BxT.size
+    slots = slots_BxT.reshape(n)
+
+    def put(buf, new):
+        flat = buf.reshape(L, K, NP * PS, Dh)
+        upd = jnp.swapaxes(new.reshape(L, n, K, Dh), 1, 2).astype(buf.dtype)  # [L, K, n, Dh]
+        return flat.at[:, :, slots].set(upd).reshape(buf.shape)
+
+    return KVCache(put(cache.k, k_new_LxBxTxKxD), put(cache.v, v_new_LxBxTxKxD))
 
 
 def moe_ffn(x_BxTxD: jax.Array, p: Params, cfg: ModelConfig) -> jax.Array:
@@ -176,7 +202,7 @@ def forward(params: Params, tokens_BxT: jax.Array, *, cfg: ModelConfig,
             cache: KVCache | None = None, meta: AttentionMetadata | None = None,
             attention: AttentionFn = paged_attention,
             dropout_rate: float = 0.0, dropout_keys_B: jax.Array | None = None,
-            return_hidden: bool = False):
+            logits_index_B: jax.Array | None = None, return_hidden: bool = False):
     """Logits [B, T, V] (float32) and the updated cache.
 
     tokens_BxT: int32 token ids. positions_BxT: position of each token in its sequence (default
@@ -184,6 +210,8 @@ def forward(params: Params, tokens_BxT: jax.Array, *, cfg: ModelConfig,
     tokens themselves (valid_BxT masks padded keys). With a cache, the tokens' K/V are written to the
     pages given by `meta.page_table` and attention covers each request's first `meta.kv_lens` tokens.
     dropout_keys_B: per-example PRNG keys [B] (typed keys) to enable residual dropout (training).
+    logits_index_B: compute logits only at this position of each row ([B, 1, V]; prefill needs
+    just the last prompt token, which saves the vocabulary projection of the others).
     """
     B, T = tokens_BxT.shape
     if positions_BxT is None:
@@ -193,40 +221,26 @@ def forward(params: Params, tokens_BxT: jax.Array, *, cfg: ModelConfig,
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     dtype = jnp.dtype(cfg.dtype)
     x = constrain(params["embed"][tokens_BxT].astype(dtype), (ax.BATCH, ax.SEQ, ax.EMBED))
-
-    if cache is not None:
-        slots_N = slot_indices(meta.page_table, positions_BxT, cache.page_size).reshape(B * T)
-        L, K, NP, PS, Dh = cache.k.shape
-        k_flat, v_flat = cache.k.reshape(L, K, NP * PS, Dh), cache.v.reshape(L, K, NP * PS, Dh)
-        carry0 = (x, k_flat, v_flat)
-    else:
+    if cache is None:
         valid = jnp.ones((B, T), bool) if valid_BxT is None else valid_BxT
         self_mask = layers.causal_mask(positions_BxT, positions_BxT, valid & (positions_BxT >= 0),
                                        cfg.sliding_window)
-        carry0 = (x, None, None)
 
-    def layer_fn(carry, xs):
-        x, k_all, v_all = carry
+    def layer_fn(x, xs):
         p, i = xs
         h = layers.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
         q = jnp.einsum("BTD,DHK->BTHK", h, p["wq"])
         k = jnp.einsum("BTD,DHK->BTHK", h, p["wk"])
         v = jnp.einsum("BTD,DHK->BTHK", h, p["wv"])
         if cfg.attention_bias:
-            q, k, v = q + p["bq"][None, None], k + p["bk"][None, None], v + p["bv"][None, None]
+            q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
         q = constrain(layers.rope(q, positions_BxT, inv_freq), (ax.BATCH, ax.SEQ, ax.Q_HEADS, ax.HEAD_DIM))
         k = constrain(layers.rope(k, positions_BxT, inv_freq), (ax.BATCH, ax.SEQ, ax.KV_HEADS, ax.HEAD_DIM))
-        if k_all is None:
+        if cache is None:
             qg = q.reshape(B, T, cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim)
             o = layers.attention_core(qg, k, v, self_mask).reshape(B, T, cfg.num_heads, cfg.head_dim)
         else:
-            # k_all[i, :, slots] indexes as [N, Hkv, Dh] (advanced indices split by a slice go first)
-            k_new = k.reshape(B * T, cfg.num_kv_heads, cfg.head_dim).astype(k_all.dtype)
-            v_new = v.reshape(B * T, cfg.num_kv_heads, cfg.head_dim).astype(v_all.dtype)
-            k_all = k_all.at[i, :, slots_N].set(k_new)
-            v_all = v_all.at[i, :, slots_N].set(v_new)
-            o = attention(q, k_all.reshape(cache.k.shape), v_all.reshape(cache.v.shape), i,
-                          positions_BxT, meta, cfg).astype(dtype)
+            o = attention(q, k, v, cache, i, positions_BxT, meta, cfg).astype(dtype)
         o = constrain(o, (ax.BATCH, ax.SEQ, ax.Q_HEADS, ax.HEAD_DIM))
         attn_out = jnp.einsum("BTHK,HKD->BTD", o, p["wo"])
         x = x + _dropout(attn_out, dropout_rate, dropout_keys_B, 2 * i)
@@ -237,20 +251,29 @@ def forward(params: Params, tokens_BxT: jax.Array, *, cfg: ModelConfig,
             mlp_out = layers.swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
         x = x + _dropout(mlp_out, dropout_rate, dropout_keys_B, 2 * i + 1)
         x = constrain(x, (ax.BATCH, ax.SEQ, ax.EMBED))
-        return (x, k_all, v_all), None
+        return x, ((k, v) if cache is not None else None)
 
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, k_all, v_all), _ = jax.lax.scan(layer_fn, carry0, (params["layers"], layer_ids))
+    x, new_kv = jax.lax.scan(layer_fn, x, (params["layers"], layer_ids))
+    new_cache = None
+    if cache is not None:
+        slots = slot_indices(meta.page_table, positions_BxT, cache.page_size)
+        new_cache = write_cache(cache, new_kv[0], new_kv[1], slots)
     x = layers.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    if cfg.tie_word_embeddings:
-        logits = jnp.einsum("BTD,VD->BTV", x, params["embed"], preferred_element_type=jnp.float32)
-    else:
-        logits = jnp.einsum("BTD,DV->BTV", x, params["lm_head"], preferred_element_type=jnp.float32)
-    logits = constrain(logits, (ax.BATCH, ax.SEQ, ax.VOCAB))
-    new_cache = None if cache is None else KVCache(k_all.reshape(cache.k.shape), v_all.reshape(cache.v.shape))
+    if logits_index_B is not None:
+        x = jnp.take_along_axis(x, logits_index_B[:, None, None], axis=1)
+    logits = lm_head(params, x, cfg)
     if return_hidden:
         return logits, new_cache, x
     return logits, new_cache
+
+
+def lm_head(params: Params, x_BxTxD: jax.Array, cfg: ModelConfig) -> jax.Array:
+    if cfg.tie_word_embeddings:
+        logits = jnp.einsum("BTD,VD->BTV", x_BxTxD, params["embed"], preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("BTD,DV->BTV", x_BxTxD, params["lm_head"], preferred_element_type=jnp.float32)
+    return constrain(logits, (ax.BATCH, ax.SEQ, ax.VOCAB))
 
 
 def abstract_params(cfg: ModelConfig) -> Params:
