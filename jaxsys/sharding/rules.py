@@ -118,7 +118,7 @@ def logical_sharding(logical: LogicalAxes, shape: Sequence[int] | None, mesh: Me
 def tree_shardings(logical_tree: Any, shapes_tree: Any, mesh: Mesh) -> Any:
     """NamedShardings for a pytree given a matching tree of logical axes and of shapes/arrays."""
     return jax.tree.map(
-        lambda names, x: logical_sharding(names, np.shape(x) if not hasattr(x, "shape") else x.shape, mesh),
+        lambda names, x: logical_sharding(names, tuple(x) if isinstance(x, tuple) else np.shape(x), mesh),
         logical_tree, shapes_tree, is_leaf=lambda t: isinstance(t, tuple))
 
 
