@@ -50,20 +50,35 @@ def bucket(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
-@functools.lru_cache(maxsize=16)
-def _compiled_steps(cfg: ModelConfig):
+def make_step_fns(cfg: ModelConfig, decode_attention: decoder.AttentionFn = decoder.paged_attention):
+    """The pure prefill and decode steps (jit them with the shardings and donation you need).
+
+    prefill(params, cache, tokens_BxT, positions_BxT, page_table_BxP, kv_lens_B, last_B,
+            temperature_B, top_k_B, top_p_B, seed_B) -> (next_token_B, cache)
+    decode(params, cache, tokens_B, positions_B, page_table_BxP, kv_lens_B,
+           temperature_B, top_k_B, top_p_B, seed_B, shared=None) -> (next_token_B, cache)
+    Prefill runs any chunk of a prompt (the cache holds what came before); a padded token has
+    position -1. The random stream of request b is keyed by (seed_b, its token position).
+    """
+
     def prefill(params, cache, tokens_BxT, positions_BxT, page_table, kv_lens, last_B, temp, top_k, top_p, seed):
         meta = AttentionMetadata(page_table, kv_lens)
         logits, cache = decoder.forward(params, tokens_BxT, cfg=cfg, positions_BxT=positions_BxT,
                                         cache=cache, meta=meta, logits_index_B=last_B)
         return sample(logits[:, 0], temp, top_k, top_p, seed, kv_lens), cache
 
-    def decode(params, cache, tokens_B, positions_B, page_table, kv_lens, temp, top_k, top_p, seed):
-        meta = AttentionMetadata(page_table, kv_lens)
+    def decode(params, cache, tokens_B, positions_B, page_table, kv_lens, temp, top_k, top_p, seed, shared=None):
+        meta = AttentionMetadata(page_table, kv_lens, shared)
         logits, cache = decoder.forward(params, tokens_B[:, None], cfg=cfg, positions_BxT=positions_B[:, None],
-                                        cache=cache, meta=meta)
+                                        cache=cache, meta=meta, attention=decode_attention)
         return sample(logits[:, 0], temp, top_k, top_p, seed, kv_lens), cache
 
+    return prefill, decode
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_steps(cfg: ModelConfig):
+    prefill, decode = make_step_fns(cfg)
     return jax.jit(prefill, donate_argnums=1), jax.jit(decode, donate_argnums=1)
 
 

@@ -11,7 +11,7 @@ head_dim]` layout the shared-prefix attention kernels take.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,8 @@ class AttentionMetadata(NamedTuple):
 
     page_table: jax.Array  # [B, max_pages_per_request] int32
     kv_lens: jax.Array  # [B] int32, context length after this step's tokens are written
+    # optional attention-specific step description (e.g. the shared-prefix decode plan); a pytree
+    shared: Any = None
 
 
 def init_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype=None) -> KVCache:
