@@ -233,7 +233,7 @@ def forward(params: Params, tokens_BxT: jax.Array, *, cfg: ModelConfig,
         k = jnp.einsum("BTD,DHK->BTHK", h, p["wk"])
         v = jnp.einsum("BTD,DHK->BTHK", h, p["wv"])
         if cfg.attention_bias:
-            q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+            q, k, v = q + p["bq"][None, None], k + p["bk"][None, None], v + p["bv"][None, None]
         q = constrain(layers.rope(q, positions_BxT, inv_freq), (ax.BATCH, ax.SEQ, ax.Q_HEADS, ax.HEAD_DIM))
         k = constrain(layers.rope(k, positions_BxT, inv_freq), (ax.BATCH, ax.SEQ, ax.KV_HEADS, ax.HEAD_DIM))
         if cache is None:
