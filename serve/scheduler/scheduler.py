@@ -28,6 +28,7 @@ Shapes are padded to power-of-two buckets; the engine compiles each bucket once.
 from __future__ import annotations
 
 import collections
+import logging
 import math
 import random
 import threading
@@ -44,6 +45,9 @@ from jaxsys.serve.scheduler.radix import EvictionPolicy, RadixCache
 from jaxsys.serve.scheduler.request import Request, RequestOutput, State
 
 
+logger = logging.getLogger("jaxsys.serve")
+
+
 class RequestError(ValueError):
     """A request that cannot be served (e.g. longer than the context)."""
 
@@ -53,11 +57,17 @@ class SchedulerStats:
         self.generated_tokens = 0
         self.prompt_tokens = 0
         self.finished = 0
-        self.ttft: list[float] = []
-        self.tpot: list[float] = []
         self.decode_steps = 0
         self.prefill_steps = 0
         self.shared_steps = 0
+        self.ttft: collections.deque[float] = collections.deque(maxlen=100_000)
+        self.tpot: collections.deque[float] = collections.deque(maxlen=1_000_000)
+        self.observers: list[Callable[[str, float], None]] = []  # ("ttft" | "tpot", seconds)
+
+    def observe(self, kind: str, seconds: float) -> None:
+        (self.ttft if kind == "ttft" else self.tpot).append(seconds)
+        for fn in self.observers:
+            fn(kind, seconds)
 
 
 class Scheduler:
@@ -147,6 +157,7 @@ class Scheduler:
             try:
                 self.step()
             except BaseException as e:  # noqa: BLE001 - fail every request loudly, keep the thread alive
+                logger.exception("scheduler step failed; failing the requests in flight")
                 self.error = e
                 self._fail_all(f"internal error: {type(e).__name__}: {e}")
 
@@ -263,7 +274,7 @@ class Scheduler:
             r.pending_node = None
             r.state = State.RUNNING
             r.first_token_time = now
-            self.stats.ttft.append(now - r.arrival)
+            self.stats.observe("ttft", now - r.arrival)
             self.running.append(r)
             self._accept_token(r, int(nxt[i]), now)
 
@@ -328,7 +339,7 @@ class Scheduler:
     def _accept_token(self, r: Request, token: int, now: float) -> None:
         if r.last_token_time is not None:
             r.token_intervals.append(now - r.last_token_time)
-            self.stats.tpot.append(now - r.last_token_time)
+            self.stats.observe("tpot", now - r.last_token_time)
         r.last_token_time = now
         if token in self.eos:
             self._finish(r, "stop")
