@@ -1,0 +1,344 @@
+"""Typed training configuration: a YAML file validated by pydantic, plus `key=value` overrides.
+
+    cfg = load_config("tiny", ["optim.lr=1e-3", "elastic.fail=3@20"])
+
+A config is a base YAML (a path, or the name of a file in `jaxsys.configs/train/`) with dotted
+`key=value` overrides on top (values are parsed as YAML scalars). Unknown keys are errors that
+name the valid keys; nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from jaxsys.models.config import ConfigError, ModelConfig, RopeScaling
+
+
+class TrainConfigError(ValueError):
+    """A training configuration that cannot run; the message says which key and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DataConfig(_Section):
+    """Where samples come from. Sample `i` of the run is a pure function of (seed, i)."""
+
+    source: Literal["synthetic", "tokens", "text"] = "synthetic"
+    paths: tuple[str, ...] = ()
+    tokenizer: str = "bytes"
+    """For `text`: `bytes` (UTF-8 bytes, ids 0-255, eos 256) or a folder with an HF tokenizer.json."""
+    token_dtype: Literal["uint16", "uint32", "int32"] = "uint16"
+    """dtype of raw `.bin` token files (`.npy` files carry their own)."""
+    seq_len: int = Field(32, gt=0)
+    global_batch: int = Field(32, gt=0)
+    micro_batches: int = Field(16, gt=0)
+    """The global batch is split into this many fixed micro-batches of consecutive examples; in
+    elastic mode they are the unit of work spread over the devices and reduced in a fixed order."""
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.global_batch % self.micro_batches:
+            raise ValueError(f"data.global_batch ({self.global_batch}) must be a multiple of "
+                             f"data.micro_batches ({self.micro_batches})")
+        if self.source != "synthetic" and not self.paths:
+            raise ValueError(f"data.source={self.source!r} needs data.paths (files or globs)")
+        return self
+
+    @property
+    def micro_size(self) -> int:
+        return self.global_batch // self.micro_batches
+
+
+class OptimConfig(_Section):
+    """optax AdamW (decoupled weight decay on matrices, not on norms/biases), warmup + schedule,
+    gradient clipping by global norm."""
+
+    lr: float = Field(3e-3, gt=0)
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    decay_steps: int | None = Field(None, gt=0)
+    """Length of the decay after warmup (default: the run's steps minus warmup)."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    b1: float = Field(0.9, ge=0, lt=1)
+    b2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    clip_norm: float | None = Field(1.0, gt=0)
+
+
+class MeshSection(_Section):
+    """Mesh axis sizes for the GSPMD trainer; -1 takes the remaining devices."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    @field_validator("data", "fsdp", "tensor")
+    @classmethod
+    def _pos(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError("mesh axis sizes are positive or -1")
+        return v
+
+
+class CheckpointConfig(_Section):
+    """Orbax checkpoints: async save, keep-N, atomic commit; restorable onto any mesh."""
+
+    dir: str | None = None
+    every: int = Field(0, ge=0)
+    """Save every N steps (0: only at the end of the run, when `dir` is set)."""
+    keep: int = Field(3, gt=0)
+    async_save: bool = True
+    resume: bool = False
+    """Start from the latest committed checkpoint in `dir` when there is one."""
+
+
+class ElasticConfig(_Section):
+    """Elastic training (see `jaxsys.train.elastic`)."""
+
+    enabled: bool = False
+    fail: tuple[str, ...] = ()
+    """Membership events `DEV@STEP`: device DEV (index into the run's device list) is lost during
+    step STEP; the step is re-run on the survivors."""
+    join: tuple[str, ...] = ()
+    """`DEV@STEP`: device DEV (back) in service from step STEP on."""
+    policy: Literal["consistent", "torchft"] = "consistent"
+    """consistent: same global batch, canonical reduction, bitwise-identical run. torchft: the
+    negative control - survivors average their own gradients and the lost device's examples
+    are dropped (what TorchFT-style fault tolerance does)."""
+    snapshot: bool = True
+    """Keep a per-step in-memory snapshot (the pre-step state plus a replica of shard k on device
+    k+1); recovery then loses no step and reads no disk."""
+    replica_memory: Literal["auto", "device", "pinned_host"] = "auto"
+    """Where replicas live: `auto` picks pinned_host memory when the backend has it."""
+    verify_every: int = Field(1, ge=0)
+    """Verify the snapshot checksums every N steps (0: only before a recovery)."""
+    precompile: Literal["single_loss", "scheduled", "none"] = "single_loss"
+    """Which device sets get executables compiled in the background: every set with one device
+    lost (plus every rejoin), only the sets the event schedule reaches, or none."""
+    membership: Literal["schedule", "distributed"] = "schedule"
+    """`schedule`: events from fail/join; `distributed`: jax.distributed live-device checks."""
+    chunk_size: int = Field(1024, gt=0)
+    """Chunk length of the canonical (layout-independent) gradient-norm reduction; a power of two."""
+
+    @field_validator("fail", "join", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        if v is None:
+            return ()
+        if isinstance(v, (int, float)):
+            raise ValueError(f"expected DEV@STEP (e.g. 3@20), got {v!r}")
+        if isinstance(v, str):
+            v = [v]
+        out = []
+        for item in v:
+            out += [p.strip() for p in str(item).split(",") if p.strip()]
+        from jaxsys.train.elastic.events import parse_event
+
+        for item in out:
+            parse_event(item, "fail")  # format check; device ranges are checked against the run
+        return tuple(out)
+
+    @field_validator("chunk_size")
+    @classmethod
+    def _pow2(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"chunk_size must be a power of two, got {v}")
+        return v
+
+
+class TrainConfig(_Section):
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    mesh: MeshSection = MeshSection()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    elastic: ElasticConfig = ElasticConfig()
+    steps: int = Field(100, gt=0)
+    seed: int = 0
+    """Root of parameter init and dropout keys."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    devices: int | None = Field(None, gt=0)
+    """How many devices to use (the first N of jax.devices(); default all)."""
+    metrics_out: str | None = None
+    progress: bool = True
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model(cls, v: Any) -> ModelConfig:
+        if isinstance(v, ModelConfig):
+            return v
+        if not isinstance(v, dict):
+            raise ValueError("model must be a mapping of ModelConfig fields")
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(v) - known)
+        if unknown:
+            raise ValueError(f"unknown model keys {unknown}; known: {sorted(known)}")
+        d = dict(v)
+        if isinstance(d.get("rope_scaling"), dict):
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        if "eos_token_ids" in d:
+            d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        try:
+            return ModelConfig(**d)
+        except (ConfigError, TypeError) as e:
+            raise ValueError(str(e)) from None
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.data.source == "synthetic" and self.model.vocab_size < 4:
+            raise ValueError("the synthetic source needs vocab_size >= 4")
+        if self.checkpoint.every and not self.checkpoint.dir:
+            raise ValueError("checkpoint.every needs checkpoint.dir")
+        if self.elastic.enabled and (self.mesh.tensor != 1):
+            raise ValueError(
+                "elastic mode keeps every micro-batch's compute on one device (a tensor-parallel "
+                "split of a contraction changes the floating-point summation order with the device "
+                "count); set mesh.tensor=1")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.model_dump(exclude={"model"})
+        m = dataclasses.asdict(self.model)
+        m["eos_token_ids"] = list(self.model.eos_token_ids)
+        d["model"] = m
+        return d
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A validated copy with dotted keys changed: `cfg.replace(**{"optim.lr": 1e-3})`."""
+        d = self.to_dict()
+        for key, value in changes.items():
+            _set_dotted(d, key, value)
+        return config_from_dict(d)
+
+
+# ------------------------------------------------------------------------------------- loading
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A path to a YAML file, or the name of a packaged config (`tiny` -> configs/train/tiny.yaml)."""
+    p = Path(name_or_path).expanduser()
+    if p.is_file():
+        return p
+    name = str(name_or_path)
+    if not name.endswith((".yaml", ".yml")) and "/" not in name:
+        res = importlib.resources.files("jaxsys.configs").joinpath("train", f"{name}.yaml")
+        if res.is_file():
+            return Path(str(res))
+    known = sorted(p.name.removesuffix(".yaml") for p in
+                   importlib.resources.files("jaxsys.configs").joinpath("train").iterdir()
+                   if p.name.endswith(".yaml"))
+    raise TrainConfigError(f"no config file {name_or_path!r}; packaged configs: {', '.join(known)}")
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise TrainConfigError(f"cannot set {key!r}: {p!r} is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def _parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise TrainConfigError(f"override {item!r} is not key=value (e.g. optim.lr=1e-3)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def _format_validation_error(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            section = loc.rsplit(".", 1)[0] if "." in loc else ""
+            model = TrainConfig
+            for part in section.split(".") if section else []:
+                field = model.model_fields.get(part)
+                model = field.annotation if field is not None else None
+                if model is None or not isinstance(model, type) or not issubclass(model, BaseModel):
+                    break
+            known = sorted(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+            lines.append(f"unknown config key {loc!r}" + (f" (known: {', '.join(known)})" if known else ""))
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(lines)
+
+
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(d)
+    except ValidationError as e:
+        raise TrainConfigError(_format_validation_error(e)) from None
+
+
+def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a YAML config and apply `key=value` overrides; raises TrainConfigError on bad input."""
+    path = resolve_config_path(name_or_path)
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise TrainConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise TrainConfigError(f"{path}: a config is a mapping of sections")
+    for key, value in _parse_overrides(overrides):
+        _set_dotted(d, key, value)
+    return config_from_dict(d)
+
+
+def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
+    d = cfg.to_dict()
+    for key, value in _parse_overrides(overrides):
+        _set_dotted(d, key, value)
+    return config_from_dict(d)
+
+
+def lr_schedule(optim: OptimConfig, total_steps: int):
+    """The optax schedule of `optim` for a run of `total_steps` steps."""
+    import optax
+
+    decay = optim.decay_steps or max(total_steps - optim.warmup_steps, 1)
+    end = optim.lr * optim.min_lr_ratio
+    if optim.schedule == "constant":
+        main = optax.constant_schedule(optim.lr)
+    elif optim.schedule == "cosine":
+        main = optax.cosine_decay_schedule(optim.lr, decay, alpha=optim.min_lr_ratio)
+    else:
+        main = optax.linear_schedule(optim.lr, end, decay)
+    if optim.warmup_steps == 0:
+        return main
+    warm = optax.linear_schedule(0.0, optim.lr, optim.warmup_steps)
+    return optax.join_schedules([warm, main], [optim.warmup_steps])
+
+
+def tokens_per_step(cfg: TrainConfig) -> int:
+    return cfg.data.global_batch * cfg.data.seq_len
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+__all__ = ["CheckpointConfig", "DataConfig", "ElasticConfig", "MeshSection", "OptimConfig", "TrainConfig",
+           "TrainConfigError", "apply_overrides", "config_from_dict", "load_config", "lr_schedule",
+           "resolve_config_path", "tokens_per_step", "ceil_div"]
