@@ -1,5 +1,5 @@
 """Shared-prefix decode attention: the XLA path and the Pallas kernels against the float32
-reference over random prefix trees, and the host-side balancer's properties.
+reference over random prefix trees (the balancer's own properties: test_shared_prefix_balancer.py).
 
 The Pallas kernels run in the interpreter on CPU. `make gpu-check` sets
 JAXSYS_PALLAS_COMPILED=1 (and JAX_PLATFORMS=cuda), which compiles them for real: the same
@@ -14,15 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from jaxsys.pallas_kernels.shared_prefix_attention import (
     BlockSizes,
     CostModel,
     PrefixTree,
     StepShape,
-    bucket,
     get_block_sizes,
     get_cost_model,
     paged_attention,
@@ -268,202 +265,6 @@ def test_same_bucket_does_not_recompile():
         if before is None:
             before = shared_prefix_attention_xla._cache_size()
     assert shared_prefix_attention_xla._cache_size() == before
-
-
-# -- the balancer ---------------------------------------------------------------------------------
-
-
-def _tokens_of_request(tree, r):
-    out = []
-    for n in tree.path(r):
-        for p, fill in zip(tree.node_pages[n], tree.node_page_lens(n)):
-            out += [(int(p), s) for s in range(int(fill))]
-    return sorted(out)
-
-
-def _covered_tokens(plan, r, page_size):
-    s = plan.step
-    qb = s.item_queries.shape[1]
-    out = []
-    for p, fill in zip(s.private_pages[r], s.private_page_lens[r]):
-        out += [(int(p), t) for t in range(int(fill))]
-    for row in s.merge_rows[r]:
-        if row == s.item_pages.shape[0] * qb:
-            continue
-        w, slot = divmod(int(row), qb)
-        assert s.item_queries[w, slot] == r
-        for p, fill in zip(s.item_pages[w], s.item_page_lens[w]):
-            out += [(int(p), t) for t in range(int(fill))]
-    return sorted(out)
-
-
-def check_plan_invariants(tree, plan, block_sizes):
-    s = plan.step
-    w, c = s.item_pages.shape
-    qb = s.item_queries.shape[1]
-    b = s.private_pages.shape[0]
-    assert c == block_sizes.chunk_pages and qb == block_sizes.query_block
-    assert all(x.dtype == np.int32 for x in s)
-    # Every KV token of every request is covered exactly once.
-    for r in range(tree.num_requests):
-        assert _covered_tokens(plan, r, tree.page_size) == _tokens_of_request(tree, r)
-    # Padding requests read nothing.
-    assert np.all(s.private_page_lens[tree.num_requests:] == 0)
-    assert np.all(s.merge_rows[tree.num_requests:] == w * qb)
-    # Chunks are bounded, hold pages of one node, and only requests below that node use them.
-    page_node = {int(p): n for n in range(tree.num_nodes) for p in tree.node_pages[n]}
-    for i in range(w):
-        valid = s.item_page_lens[i] > 0
-        if not valid.any():
-            assert np.all(s.item_queries[i] == b)
-            continue
-        assert np.all(valid[:valid.sum()]), "padding pages only at the end of a chunk"
-        assert valid.sum() <= block_sizes.chunk_pages
-        nodes = {page_node[int(p)] for p in s.item_pages[i][valid]}
-        assert len(nodes) == 1
-        (node,) = nodes
-        assert node in plan.shared_nodes
-        for r in s.item_queries[i]:
-            if r < b:
-                assert node in tree.path(int(r))
-        assert np.all(s.item_page_lens[i][valid] <= tree.page_size)
-    # A shared node is shared by >= 2 requests; the private part never holds a shared node.
-    for n in plan.shared_nodes:
-        assert sum(n in tree.path(r) for r in range(tree.num_requests)) >= 2
-    shared_pages = {int(p) for n in plan.shared_nodes for p in tree.node_pages[n]}
-    for r in range(tree.num_requests):
-        assert not (set(s.private_pages[r][s.private_page_lens[r] > 0].tolist()) & shared_pages)
-    assert plan.use_sharing == bool(plan.shared_nodes) == (w > 0)
-
-
-@settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 10_000), depth=st.integers(0, 3), fanout=st.integers(1, 4),
-       page_size=st.sampled_from([1, 4, 16]), chunk=st.sampled_from([1, 2, 4]),
-       qblock=st.integers(1, 5), internal=st.integers(0, 2), force=st.sampled_from(EVERY_FORCE))
-def test_plan_covers_every_token_once(seed, depth, fanout, page_size, chunk, qblock, internal, force):
-    rng = np.random.default_rng(seed)
-    tree, _ = make_tree(rng, depth=depth, fanout=fanout, page_size=page_size, node_tokens=(0, 50),
-                        suffix_tokens=(0, 10), requests_at_internal=internal)
-    bs = BlockSizes(chunk_pages=chunk, query_block=qblock, split_pages=2)
-    cost = CostModel(shared_token_cost=((1, float(rng.uniform(0.2, 3))),), item_overhead=1.0)
-    plan = plan_step(tree, block_sizes=bs, cost_model=cost, force=force, min_requests=int(rng.integers(1, 9)))
-    check_plan_invariants(tree, plan, bs)
-
-
-def _star(num_requests, prefix, suffix, page_size=16):
-    pages_prefix = np.arange(-(-prefix // page_size))
-    nxt = pages_prefix.shape[0]
-    node_pages, lens, parent = [pages_prefix], [prefix], [-1]
-    for _ in range(num_requests):
-        n = -(-suffix // page_size)
-        node_pages.append(np.arange(nxt, nxt + n))
-        nxt += n
-        lens.append(suffix)
-        parent.append(0)
-    return PrefixTree(page_size=page_size, node_parent=np.array(parent), node_pages=tuple(node_pages),
-                      node_lens=np.array(lens), request_nodes=np.arange(1, num_requests + 1))
-
-
-def test_fallback_decision():
-    bs = BlockSizes(chunk_pages=64, query_block=16, split_pages=64)
-    cost = CostModel(shared_token_cost=((4, 1.5), (16, 3.0)), item_overhead=8.0, step_overhead=512.0)
-    # Long prefix, many requests: sharing pays.
-    plan = plan_step(_star(16, 8192, 128), block_sizes=bs, cost_model=cost)
-    assert plan.use_sharing and plan.shared_nodes == (0,)
-    assert plan.cost_chosen < plan.cost_plain
-    # Two requests, Qb = 16 padded slots cost 3x a plain token: not worth it (threshold R > 3).
-    plan = plan_step(_star(2, 8192, 128), block_sizes=bs, cost_model=cost)
-    assert not plan.use_sharing and plan.step.item_pages.shape[0] == 0
-    assert plan.cost_chosen == plan.cost_plain
-    # Four requests clear the threshold.
-    assert plan_step(_star(4, 8192, 128), block_sizes=bs, cost_model=cost).use_sharing
-    # A short shared prefix does not pay for the step overhead.
-    assert not plan_step(_star(8, 32, 128), block_sizes=bs, cost_model=cost).use_sharing
-    # No sharing in the tree at all: plain.
-    chain = PrefixTree(page_size=16, node_parent=np.array([-1, 0]), node_pages=(np.arange(4), np.arange(4, 6)),
-                       node_lens=np.array([64, 20]), request_nodes=np.array([1]))
-    assert not plan_step(chain, block_sizes=bs, cost_model=cost).use_sharing
-    assert cost.sharing_threshold(16) == 3.0
-
-
-def test_cost_model_interpolates():
-    cost = CostModel(shared_token_cost=((4, 1.0), (16, 4.0)))
-    assert cost.token_cost(4) == 1.0 and cost.token_cost(16) == 4.0
-    assert cost.token_cost(10) == pytest.approx(2.5)
-    assert cost.token_cost(1) == 1.0
-    assert cost.token_cost(32) == pytest.approx(8.0)
-
-
-def test_from_page_tables_recovers_the_tree():
-    ps = 4
-    tree = _star(3, 10 * ps, 5, page_size=ps)  # page-aligned shared prefix, ragged suffixes
-    tables = [np.concatenate([tree.node_pages[n] for n in tree.path(r)]) for r in range(3)]
-    got = PrefixTree.from_page_tables(tables, tree.request_lengths(), ps)
-    assert sorted(got.node_lens.tolist()) == sorted(tree.node_lens.tolist())
-    assert np.all(got.request_lengths() == tree.request_lengths())
-    root = [n for n in range(got.num_nodes) if got.node_parent[n] < 0]
-    assert len(root) == 1 and got.node_lens[root[0]] == 10 * ps
-    # Identical requests share everything; an empty request is allowed.
-    got = PrefixTree.from_page_tables([[5, 6], [5, 6], []], [7, 7, 0], ps)
-    assert got.request_nodes[0] == got.request_nodes[1]
-    assert got.request_lengths().tolist() == [7, 7, 0]
-
-
-def test_plan_from_page_tables_matches_reference():
-    rng = np.random.default_rng(11)
-    ps = 4
-    shared = rng.permutation(40)
-    tables, lengths = [], []
-    for r in range(5):
-        own = 40 + 10 * r + np.arange(10)
-        split = 3 if r < 2 else 6  # requests 0,1 share 3 pages; 2..4 share 6
-        tables.append(np.concatenate([shared[:split], own]))
-        lengths.append(split * ps + int(rng.integers(1, 30)))
-    tree = PrefixTree.from_page_tables(tables, lengths, ps)
-    bs = kernel_block_sizes(ps)
-    plan = plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE)
-    assert plan.use_sharing and len(plan.shared_nodes) == 2
-    q, k, v = make_inputs(rng, num_requests=plan.shape.num_requests, total_pages=100, num_kv_heads=2,
-                          group=2, head_dim=16, page_size=ps, dtype=jnp.float32)
-    out = shared_prefix_attention_xla(q, k, v, plan.step, pages_per_split=bs.split_pages)
-    table = np.stack([np.pad(t, (0, 16 - len(t))) for t in tables])
-    ref = paged_attention_reference(q[:5], k, v, table, np.array(lengths))
-    _tol_check(out[:5], np.asarray(ref)[:5], v, jnp.float32)
-
-
-def test_shape_forcing_and_validation():
-    tree = _star(3, 64, 8, page_size=16)
-    bs = BlockSizes(chunk_pages=2, query_block=2, split_pages=2)
-    plan = plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE)
-    big = StepShape(num_requests=8, num_items=16, private_pages=8, merge_slots=8)
-    assert plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE, shape=big).shape == big
-    with pytest.raises(ValueError, match="num_items"):
-        plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE,
-                  shape=StepShape(num_requests=4, num_items=1, private_pages=8, merge_slots=8))
-    assert plan.shape.num_items == bucket(plan.shape.num_items)
-    with pytest.raises(ValueError, match="force"):
-        plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE, force="always")
-    with pytest.raises(ValueError, match="power of two"):
-        BlockSizes(chunk_pages=3, query_block=2, split_pages=2)
-    with pytest.raises(ValueError, match="divide"):
-        BlockSizes(chunk_pages=2, query_block=2, split_pages=2, pages_per_compute_block=4)
-    with pytest.raises(ValueError, match="positive"):
-        BlockSizes(chunk_pages=2, query_block=0, split_pages=2)
-    with pytest.raises(ValueError, match="cycle"):
-        PrefixTree(page_size=4, node_parent=np.array([1, 0]), node_pages=(np.arange(1), np.arange(1, 2)),
-                   node_lens=np.array([3, 3]), request_nodes=np.array([0]))
-    with pytest.raises(ValueError, match="pages"):
-        PrefixTree(page_size=4, node_parent=np.array([-1]), node_pages=(np.arange(1),),
-                   node_lens=np.array([9]), request_nodes=np.array([0]))
-
-
-def test_tuned_tables_are_valid():
-    for platform in ("cpu", "gpu", "tpu"):
-        bs = get_block_sizes(platform, 4, 128, 16, "float32")
-        assert isinstance(bs, BlockSizes)
-        cost = get_cost_model(platform)
-        assert cost.sharing_threshold(bs.query_block) > 0
-    assert "untuned" in get_cost_model("gpu").source
 
 
 # -- model-sized shapes, compiled (GPU only) ------------------------------------------------------

@@ -354,14 +354,15 @@ def plan_step(tree: PrefixTree, *, block_sizes: BlockSizes, cost_model: CostMode
             if below[n] >= 2 and tree.node_lens[n] > 0:
                 reqs_below.setdefault(n, []).append(r)
 
-    kappa = cost_model.token_cost(qb)
     cost_plain = float(sum(int(tree.node_lens[n]) for path in paths for n in path))
     shared: list[int] = []
     saving = 0.0
     cost_shared_nodes = 0.0
     for n, rs in reqs_below.items():
-        n_items = -(-len(rs) // qb) * -(-tree.node_pages[n].shape[0] // cp)
-        c_sh = n_items * (cp * ps * kappa + cost_model.item_overhead)
+        n_chunks = -(-tree.node_pages[n].shape[0] // cp)
+        blocks = [min(qb, len(rs) - q0) for q0 in range(0, len(rs), qb)]
+        c_sh = n_chunks * sum(cp * ps * cost_model.token_cost(blk) + cost_model.item_overhead
+                              for blk in blocks)
         c_pl = float(len(rs) * int(tree.node_lens[n]))
         if force == "share" or (force is None and c_sh < c_pl):
             shared.append(n)

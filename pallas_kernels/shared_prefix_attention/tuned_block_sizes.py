@@ -71,21 +71,23 @@ class CostModel:
     spends on one KV token of one request (all heads). Then
 
       plain cost of a node   = R * L                      (R requests below it, L tokens)
-      shared cost of a node  = items * (chunk_tokens * shared_token_cost[query_block]
-                                        + item_overhead)
+      shared cost of a node  = sum over its work items of
+                               chunk_tokens * token_cost(requests in the item) + item_overhead
 
-    where `items = ceil(R / query_block) * ceil(pages / chunk_pages)` and `chunk_tokens =
-    chunk_pages * page_size` (padded tokens: a partly filled chunk costs a full one).
-    The balancer shares a node iff its shared cost is below its plain cost, and uses the
+    where `chunk_tokens = chunk_pages * page_size` (padded: a partly filled chunk costs a full
+    one). The balancer shares a node iff its shared cost is below its plain cost, and uses the
     sharing path for a step iff the summed saving exceeds `step_overhead`.
 
-    So for long nodes the decision threshold is a sharing degree: a node is shared iff
-    R > shared_token_cost[query_block] (when R <= query_block).
+    So for a long node with R <= query_block requests the decision threshold is a sharing
+    degree: the node is shared iff R > token_cost(R).
 
     Attributes:
-      shared_token_cost: ((query_block, cost per padded chunk token), ...) measured per block.
+      shared_token_cost: ((requests in an item, cost per padded chunk token), ...), measured.
+        `token_cost(n)` is the entry of the smallest measured size >= n (the XLA path runs an
+        item with n requests as a product of that many rows, rounded up to a power of two),
+        extrapolated linearly past the largest.
       item_overhead: fixed cost of one work item, in tokens.
-      step_overhead: fixed extra cost of the sharing path for a step (items gather, merge).
+      step_overhead: fixed extra cost of the sharing path for a step (items loop, merge).
       source: where the numbers came from (device, date, benchmark), or why they are a guess.
     """
 
@@ -96,32 +98,29 @@ class CostModel:
 
     def __post_init__(self):
         if not self.shared_token_cost:
-            raise ValueError("CostModel.shared_token_cost must name at least one query block")
-        for qb, cost in self.shared_token_cost:
-            if qb <= 0 or not cost > 0:
-                raise ValueError(f"CostModel.shared_token_cost entry ({qb}, {cost}) must be positive")
+            raise ValueError("CostModel.shared_token_cost must name at least one block size")
+        for n, cost in self.shared_token_cost:
+            if n <= 0 or not cost > 0:
+                raise ValueError(f"CostModel.shared_token_cost entry ({n}, {cost}) must be positive")
         if self.item_overhead < 0 or self.step_overhead < 0:
             raise ValueError("CostModel overheads must be >= 0")
 
-    def token_cost(self, query_block: int) -> float:
-        """Cost per padded chunk token of a work item with `query_block` request slots.
-
-        Linear interpolation between measured blocks (extrapolated linearly past the largest).
-        """
+    def token_cost(self, requests: int) -> float:
+        """Cost per padded chunk token of a work item holding `requests` requests."""
         pts = sorted(self.shared_token_cost)
-        if len(pts) == 1:
-            qb0, c0 = pts[0]
-            return c0 * max(1.0, query_block / qb0)
-        for (qa, ca), (qb, cb) in zip(pts, pts[1:]):
-            if query_block <= qb or (qb, cb) == pts[-1]:
-                if query_block <= qa:
-                    return ca
-                return ca + (cb - ca) * (query_block - qa) / (qb - qa)
-        raise AssertionError("unreachable")
+        for n, cost in pts:
+            if requests <= n:
+                return cost
+        n, cost = pts[-1]
+        return cost * requests / n
 
-    def sharing_threshold(self, query_block: int) -> float:
-        """Sharing degree above which a long node is worth sharing (for R <= query_block)."""
-        return self.token_cost(query_block)
+    def sharing_threshold(self, max_requests: int = 64) -> int | None:
+        """Smallest sharing degree R (<= max_requests) at which a long node is worth sharing
+        when its R requests fit one item, or None."""
+        for r in range(2, max_requests + 1):
+            if self.token_cost(r) < r:
+                return r
+        return None
 
 
 # -- tables ------------------------------------------------------------------------------------

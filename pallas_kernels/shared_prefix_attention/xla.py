@@ -113,21 +113,41 @@ def _private_partials(q_bhgd, k_pages, v_pages, pages, page_lens, pages_per_spli
     return o.reshape(b, n_split, hkv, g, d), lse.reshape(b, n_split, hkv, g)
 
 
+def _block_sizes_up_to(qb: int) -> tuple[int, ...]:
+    """Powers of two below `qb`, then `qb`: the row counts an item's product may use."""
+    sizes = [1 << i for i in range(max(qb - 1, 0).bit_length()) if (1 << i) < qb]
+    return tuple(sizes) + (qb,)
+
+
 def _shared_partials(q_bhgd, k_pages, v_pages, step: SharedPrefixStep, sm_scale):
     """Partials of the shared work items: each item's KV chunk is read once for its Qb requests.
 
-    Returns o f32[W * Qb + 1, Hkv, G, D], lse f32[W * Qb + 1, Hkv, G]; the last row is the
-    empty partial that `merge_rows` padding points at.
+    An item's product uses only as many query rows as it has requests (rounded up to a power
+    of two, picked per item with `lax.switch`), so a node shared by 2 requests does not pay
+    for Qb. Returns o f32[W * Qb + 1, Hkv, G, D], lse f32[W * Qb + 1, Hkv, G]; the last row
+    is the empty partial that `merge_rows` padding points at.
     """
     b, hkv, g, d = q_bhgd.shape
     w = step.item_pages.shape[0]
     qb = step.item_queries.shape[1]
+    sizes = _block_sizes_up_to(qb)
     q_ext = jnp.concatenate([q_bhgd, jnp.zeros((1, hkv, g, d), q_bhgd.dtype)], axis=0)
 
     def item(args):
         pg, ln, qs = args
-        q = jnp.transpose(q_ext[qs], (1, 0, 2, 3)).reshape(hkv, qb * g, d)  # [Hkv, Qb*G, D]
-        return _paged_unit(q, k_pages, v_pages, pg, ln, sm_scale)
+        n_real = jnp.sum((qs < b).astype(jnp.int32))
+        which = jnp.sum((jnp.asarray(sizes[:-1], jnp.int32) < n_real).astype(jnp.int32))
+
+        def branch(size):
+            def run(_):
+                q = jnp.transpose(q_ext[qs[:size]], (1, 0, 2, 3)).reshape(hkv, size * g, d)
+                o, lse = _paged_unit(q, k_pages, v_pages, pg, ln, sm_scale)  # [Hkv, size*G, ...]
+                pad = (qb - size) * g
+                return (jnp.pad(o, ((0, 0), (0, pad), (0, 0))),
+                        jnp.pad(lse, ((0, 0), (0, pad)), constant_values=-jnp.inf))
+            return run
+
+        return jax.lax.switch(which, [branch(s) for s in sizes], None)
 
     o, lse = jax.lax.map(item, (step.item_pages, step.item_page_lens, step.item_queries))
     o = jnp.transpose(o.reshape(w, hkv, qb, g, d), (0, 2, 1, 3, 4)).reshape(w * qb, hkv, g, d)

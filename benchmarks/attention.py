@@ -1,0 +1,642 @@
+"""Shared-prefix decode attention: ours vs naive (duplicated KV) vs split-KV paged decode, per prefix-tree config.
+
+Every variant runs in the same process on the same inputs, jitted and warmed up; repeats are
+timed round-robin across the variants of a configuration (so load from other processes on a
+shared machine hits all of them alike), each with block_until_ready, and the record keeps the
+median. Variants:
+
+  naive    decode over per-request duplicated contiguous KV ([B, Hkv, L, D] per request)
+  splitkv  FlashDecoding-style split-KV paged decode: streams the shared pages once per request
+  ours     shared-prefix attention: each shared KV chunk read once for all requests below it,
+           partials merged by LSE; the balancer falls back to splitkv when sharing does not pay
+  jax_decode_attention  (GPU only) jax.experimental.pallas.ops.gpu.decode_attention.gqa on
+           contiguous KV, another baseline; GPU records also report achieved bandwidth.
+
+On CPU "ours"/"splitkv" are the XLA paths; on a GPU they are the Pallas (Triton) kernels.
+Configurations (Hq=32, Hkv=8, head_dim=128, fp32, page_size=16; P shared prefix, S suffix,
+B requests): C1 B=32 P=8192 S=128; C2 B=8 P=16384 S=512/2048/8192; C3 B=4/16/64 P=S=2048;
+C4 binary trees of depth 2/4/6 with 1024 tokens per node, and 16 chains of 7 nodes (no
+sharing); C5 B=16 P=16384 S=512. byte_ratio = sum_i(P + S_i) / (P + sum_i S_i).
+
+Two more sections back the tuned tables in pallas_kernels/shared_prefix_attention/
+tuned_block_sizes.py: "tuning" (split and chunk sizes) and "calibration" (the balancer's cost
+model: a least-squares fit of step time against plain tokens and shared chunk tokens, from which
+the sharing threshold is derived; see `calibrate`).
+
+Writes benchmarks/results/attention.json and attention.png (--quick: attention_quick.*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+HQ, HKV, HEAD_DIM, PAGE = 32, 8, 128, 16
+GIB = 2.0**30
+
+# HBM peak bandwidth (bytes/s) by device kind substring, for the GPU records.
+PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12,
+                  "L40S": 0.864e12, "L4": 0.3e12}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str  # C1, C2, ...
+    label: str
+    kind: str  # "star" | "binary" | "chains"
+    B: int = 0
+    P: int = 0
+    S: int = 0
+    depth: int = 0
+    node_tokens: int = 1024
+    vs_naive: float | None = None  # target: None -> 0.5 * byte_ratio
+    vs_splitkv: float | None = None
+
+
+def configs(quick: bool) -> list[Config]:
+    if quick:  # smoke run: same shapes of tree, 1/8 of the tokens
+        return [
+            Config("C1", "C1 B=8 P=1024 S=16", "star", B=8, P=1024, S=16, vs_naive=5.0, vs_splitkv=1.5),
+            Config("C3", "C3 B=4 P=S=256", "star", B=4, P=256, S=256, vs_splitkv=0.9),
+            Config("C4", "C4 binary depth 2", "binary", depth=2, node_tokens=128),
+            Config("C4", "C4 chain", "chains", B=4, depth=2, node_tokens=128, vs_splitkv=0.9),
+        ]
+    return [
+        Config("C1", "C1 B=32 P=8192 S=128", "star", B=32, P=8192, S=128, vs_naive=5.0, vs_splitkv=1.5),
+        Config("C2", "C2 B=8 P=16384 S=512", "star", B=8, P=16384, S=512, vs_splitkv=1.5),
+        Config("C2", "C2 B=8 P=16384 S=2048", "star", B=8, P=16384, S=2048),
+        Config("C2", "C2 B=8 P=16384 S=8192", "star", B=8, P=16384, S=8192),
+        Config("C3", "C3 B=4 P=S=2048", "star", B=4, P=2048, S=2048, vs_splitkv=0.9),
+        Config("C3", "C3 B=16 P=S=2048", "star", B=16, P=2048, S=2048),
+        Config("C3", "C3 B=64 P=S=2048", "star", B=64, P=2048, S=2048),
+        Config("C4", "C4 binary depth 2", "binary", depth=2),
+        Config("C4", "C4 binary depth 4", "binary", depth=4),
+        Config("C4", "C4 binary depth 6", "binary", depth=6),
+        Config("C4", "C4 chain (16 x 7 nodes, no sharing)", "chains", B=16, depth=6, vs_splitkv=0.9),
+        Config("C5", "C5 B=16 P=16384 S=512", "star", B=16, P=16384, S=512, vs_naive=5.0, vs_splitkv=1.5),
+    ]
+
+
+# -- trees -----------------------------------------------------------------------------------------
+
+
+def build_tree(cfg: Config, rng):
+    """(PrefixTree, total pages). Pages are a random permutation of the pool (a used cache)."""
+    import numpy as np
+
+    from jaxsys.pallas_kernels.shared_prefix_attention import PrefixTree
+
+    parent, lens, requests = [], [], []
+    if cfg.kind == "star":
+        parent.append(-1)
+        lens.append(cfg.P)
+        for _ in range(cfg.B):
+            parent.append(0)
+            lens.append(cfg.S)
+            requests.append(len(parent) - 1)
+    elif cfg.kind == "binary":
+        parent.append(-1)
+        lens.append(cfg.node_tokens)
+        frontier = [0]
+        for _ in range(cfg.depth):
+            nxt = []
+            for p in frontier:
+                for _ in range(2):
+                    parent.append(p)
+                    lens.append(cfg.node_tokens)
+                    nxt.append(len(parent) - 1)
+            frontier = nxt
+        requests = frontier
+    elif cfg.kind == "chains":
+        for _ in range(cfg.B):
+            prev = -1
+            for _ in range(cfg.depth + 1):
+                parent.append(prev)
+                lens.append(cfg.node_tokens)
+                prev = len(parent) - 1
+            requests.append(prev)
+    else:
+        raise ValueError(cfg.kind)
+    n_pages = [-(-n // PAGE) for n in lens]
+    pool = rng.permutation(sum(n_pages)).astype(np.int32)
+    off = np.cumsum([0] + n_pages)
+    tree = PrefixTree(page_size=PAGE, node_parent=np.array(parent),
+                      node_pages=tuple(pool[off[i]:off[i + 1]] for i in range(len(lens))),
+                      node_lens=np.array(lens), request_nodes=np.array(requests))
+    return tree, int(pool.shape[0])
+
+
+def byte_ratio(tree) -> float:
+    used = {n for r in range(tree.num_requests) for n in tree.path(r)}
+    return float(tree.request_lengths().sum()) / float(sum(int(tree.node_lens[n]) for n in used))
+
+
+def page_tables(tree):
+    """Classic per-request page tables (the nodes here are page aligned) and lengths."""
+    import numpy as np
+
+    from jaxsys.pallas_kernels.shared_prefix_attention import bucket
+
+    tables = [np.concatenate([tree.node_pages[n] for n in tree.path(r)]) for r in range(tree.num_requests)]
+    width = bucket(max(t.shape[0] for t in tables))
+    out = np.zeros((len(tables), width), np.int32)
+    for r, t in enumerate(tables):
+        out[r, :t.shape[0]] = t
+    return out, tree.request_lengths()
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def mem_available() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def time_round_robin(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """fns: name -> zero-arg callable returning jax arrays. Rotates the order every repeat."""
+    import jax
+
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            jax.block_until_ready(fns[n]())
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs):
+    s = sorted(xs)
+    m = len(s) // 2
+    return s[m] if len(s) % 2 else 0.5 * (s[m - 1] + s[m])
+
+
+def naive_decode(q, k, v, lengths, *, sm_scale):
+    """Plain jnp decode attention over contiguous per-request KV.
+
+    q: [B, Hq, D]; k, v: [B, Hkv, L, D]; lengths: i32[B]."""
+    import jax
+    import jax.numpy as jnp
+
+    b, hq, d = q.shape
+    hkv, length = k.shape[1], k.shape[2]
+    qq = q.reshape(b, hkv, hq // hkv, d)
+    s = jnp.einsum("bhgd,bhld->bhgl", qq, k, precision=jax.lax.Precision.HIGHEST) * sm_scale
+    mask = jnp.arange(length)[None, :] < lengths[:, None]
+    s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bhgl,bhld->bhgd", p, v, precision=jax.lax.Precision.HIGHEST)
+    return o.reshape(b, hq, d)
+
+
+class Runner:
+    """Builds inputs and the jitted variants for one platform."""
+
+    def __init__(self, gpu: bool):
+        import jax
+        import jax.numpy as jnp
+
+        from jaxsys.pallas_kernels import shared_prefix_attention as spa
+
+        self.jax, self.jnp, self.spa = jax, jnp, spa
+        self.gpu = gpu
+        plat = "gpu" if gpu else "cpu"
+        self.block_sizes = spa.get_block_sizes(plat, HQ // HKV, HEAD_DIM, PAGE, "float32")
+        self.cost_model = spa.get_cost_model(plat)
+        self.scale = 1.0 / math.sqrt(HEAD_DIM)
+        bs = self.block_sizes
+        if gpu:
+            self.ours = jax.jit(lambda q, k, v, s: spa.shared_prefix_attention(q, k, v, s, block_sizes=bs))
+            self.splitkv = jax.jit(lambda q, k, v, pt, ln: spa.paged_attention(q, k, v, pt, ln, block_sizes=bs))
+        else:
+            self.ours = jax.jit(lambda q, k, v, s: spa.shared_prefix_attention_xla(
+                q, k, v, s, pages_per_split=bs.split_pages))
+            self.splitkv = jax.jit(lambda q, k, v, pt, ln: spa.paged_attention_xla(
+                q, k, v, pt, ln, pages_per_split=bs.split_pages))
+        self.naive = jax.jit(lambda q, k, v, ln: naive_decode(q, k, v, ln, sm_scale=self.scale))
+
+    def pools(self, total_pages, seed):
+        jax, jnp = self.jax, self.jnp
+        kk, kv = jax.random.split(jax.random.PRNGKey(seed))
+        shape = (HKV, total_pages, PAGE, HEAD_DIM)
+        return jax.random.normal(kk, shape, jnp.float32), jax.random.normal(kv, shape, jnp.float32)
+
+    def queries(self, b, seed):
+        return self.jax.random.normal(self.jax.random.PRNGKey(seed + 7), (b, HQ, HEAD_DIM), self.jnp.float32)
+
+    def contiguous(self, pages, table, length):
+        """[B, Hkv, L, D] per-request copy of the paged KV (built outside any timing)."""
+        jnp = self.jnp
+        n = -(-length // PAGE)
+        out = jnp.transpose(pages[:, table[:, :n]], (1, 0, 2, 3, 4)).reshape(table.shape[0], HKV, n * PAGE, HEAD_DIM)
+        return self.jax.block_until_ready(out)
+
+
+def plan_info(plan) -> dict:
+    return {"use_sharing": plan.use_sharing, "shared_nodes": len(plan.shared_nodes),
+            "step_shape": dataclasses.asdict(plan.shape), "kv_tokens_read": plan.kv_tokens_read,
+            "predicted_cost_plain": plan.cost_plain, "predicted_cost_chosen": plan.cost_chosen}
+
+
+# -- the configurations -----------------------------------------------------------------------------
+
+
+def run_config(runner: Runner, cfg: Config, repeats: int, seed: int) -> list[dict]:
+    import numpy as np
+
+    jax, jnp, spa = runner.jax, runner.jnp, runner.spa
+    rng = np.random.default_rng(seed)
+    tree, total_pages = build_tree(cfg, rng)
+    ratio = byte_ratio(tree)
+    b = tree.num_requests
+    k_pages, v_pages = runner.pools(total_pages, seed)
+    plan = spa.plan_step(tree, block_sizes=runner.block_sizes, cost_model=runner.cost_model)
+    bp = plan.shape.num_requests
+    q = runner.queries(bp, seed)
+    step = jax.device_put(plan.step)
+    table, lengths = page_tables(tree)
+    table_p = np.zeros((bp, table.shape[1]), np.int32)
+    table_p[:b] = table
+    lengths_p = np.zeros((bp,), np.int32)
+    lengths_p[:b] = lengths
+    table_j, lengths_j = jnp.asarray(table_p), jnp.asarray(lengths_p)
+    fns = {
+        "ours": lambda: runner.ours(q, k_pages, v_pages, step),
+        "splitkv": lambda: runner.splitkv(q, k_pages, v_pages, table_j, lengths_j),
+    }
+    itemsize = 4
+    kv_bytes_naive = 2.0 * b * int(lengths.max()) * HKV * HEAD_DIM * itemsize
+    avail = mem_available()
+    notes = {}
+    k_c = v_c = None
+    naive_fits = runner.gpu or avail is None or 2.0 * kv_bytes_naive + 2 * GIB < avail
+    if naive_fits:
+        k_c = runner.contiguous(k_pages, table_p, int(lengths.max()))
+        v_c = runner.contiguous(v_pages, table_p, int(lengths.max()))
+        fns["naive"] = lambda: runner.naive(q, k_c, v_c, lengths_j)
+        if runner.gpu:
+            fns["jax_decode_attention"] = jax_decode_attention_fn(runner, q, k_c, v_c, lengths_j)
+    else:
+        notes["naive"] = (f"skipped: duplicated KV needs {kv_bytes_naive / GIB:.1f} GiB (x2 with "
+                          f"temporaries), {avail / GIB:.1f} GiB available")
+    # Warm up (compile) and check every variant against ours.
+    outs = {n: np.asarray(jax.block_until_ready(f()))[:b] for n, f in fns.items()}
+    max_diff = {n: float(np.max(np.abs(o - outs["ours"]))) for n, o in outs.items()}
+    times = time_round_robin(fns, repeats)
+    med = {n: median(t) for n, t in times.items()}
+    bytes_read = {
+        "ours": 2.0 * plan.kv_tokens_read * HKV * HEAD_DIM * itemsize,
+        "splitkv": 2.0 * float(lengths.sum()) * HKV * HEAD_DIM * itemsize,
+        "naive": 2.0 * float(lengths.sum()) * HKV * HEAD_DIM * itemsize,
+        "jax_decode_attention": 2.0 * float(lengths.sum()) * HKV * HEAD_DIM * itemsize,
+    }
+    records = []
+    for n in list(fns) + [n for n in notes if n not in fns]:
+        rec = {"config": cfg.name, "label": cfg.label, "variant": n, "byte_ratio": round(ratio, 4),
+               "params": {k: v for k, v in dataclasses.asdict(cfg).items()
+                          if k not in ("vs_naive", "vs_splitkv", "name", "label") and v},
+               "num_requests": b}
+        if n in notes:
+            rec.update(median_s=None, speedup_vs_naive=None, speedup_vs_splitkv=None, note=notes[n])
+            records.append(rec)
+            continue
+        rec["median_s"] = med[n]
+        rec["min_s"] = min(times[n])
+        rec["times_s"] = [round(t, 6) for t in times[n]]
+        rec["speedup_vs_naive"] = med["naive"] / med[n] if "naive" in med else None
+        rec["speedup_vs_splitkv"] = med["splitkv"] / med[n]
+        rec["max_abs_diff_vs_ours"] = max_diff[n]
+        if runner.gpu:
+            rec["bytes_read"] = bytes_read[n]
+            rec["achieved_bandwidth_Bps"] = bytes_read[n] / med[n]
+            peak = peak_bandwidth()
+            rec["fraction_of_peak_bandwidth"] = None if peak is None else bytes_read[n] / med[n] / peak
+        if n == "ours":
+            rec["plan"] = plan_info(plan)
+            t_naive = cfg.vs_naive if cfg.vs_naive is not None else 0.5 * ratio
+            rec["targets"] = {"speedup_vs_naive": round(t_naive, 3), "speedup_vs_splitkv": cfg.vs_splitkv}
+            rec["meets_targets"] = {
+                "vs_naive": None if rec["speedup_vs_naive"] is None else bool(rec["speedup_vs_naive"] >= t_naive),
+                "vs_splitkv": None if cfg.vs_splitkv is None else bool(rec["speedup_vs_splitkv"] >= cfg.vs_splitkv),
+            }
+        records.append(rec)
+    del k_c, v_c
+    return records
+
+
+def peak_bandwidth() -> float | None:
+    import jax
+
+    kind = jax.devices()[0].device_kind
+    for key, bw in PEAK_BANDWIDTH.items():  # most specific first
+        if key in kind:
+            return bw
+    return None
+
+
+def jax_decode_attention_fn(runner: Runner, q, k_c, v_c, lengths):
+    """JAX's own Pallas GPU decode attention on the same (contiguous) KV, as a baseline."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental.pallas.ops.gpu import decode_attention
+
+    k_splits, block_k = 16, 128
+    length = k_c.shape[2]
+    padded = -(-length // (k_splits * block_k)) * (k_splits * block_k)
+    pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
+    k_bl = jnp.pad(jnp.transpose(k_c, (0, 2, 1, 3)), pad)  # [B, L, Hkv, D]
+    v_bl = jnp.pad(jnp.transpose(v_c, (0, 2, 1, 3)), pad)
+    fn = jax.jit(lambda q, k, v, ln: decode_attention.gqa(q, k, v, kv_seq_len=ln, k_splits=k_splits,
+                                                            block_k=block_k, sm_scale=runner.scale))
+    return lambda: fn(q, k_bl, v_bl, lengths)
+
+
+# -- tuning and calibration -------------------------------------------------------------------------
+
+
+def tune(runner: Runner, repeats: int, seed: int) -> dict:
+    """Sweeps split_pages (plain path) and chunk_pages x query_block (shared path)."""
+    import numpy as np
+
+    jax, spa = runner.jax, runner.spa
+    out = {"split_pages": [], "chunk_pages_x_query_block": []}
+    rng = np.random.default_rng(seed)
+    cfg = Config("tune", "plain B=8 L=8192", "chains", B=8, depth=0, node_tokens=8192)
+    tree, total = build_tree(cfg, rng)
+    k_pages, v_pages = runner.pools(total, seed)
+    q = runner.queries(8, seed)
+    fns = {}
+    for sp in (8, 16, 32, 64, 128):
+        bs = dataclasses.replace(runner.block_sizes, split_pages=sp,
+                                 pages_per_compute_block=min(runner.block_sizes.pages_per_compute_block, sp),
+                                 chunk_pages=max(runner.block_sizes.chunk_pages, sp))
+        step = jax.device_put(spa.plan_step(tree, block_sizes=bs, cost_model=runner.cost_model, force="plain").step)
+        fns[sp] = _ours_fn(runner, bs, q, k_pages, v_pages, step)
+    times = time_round_robin(fns, repeats)
+    out["split_pages"] = [{"split_pages": sp, "config": cfg.label, "median_s": median(t)} for sp, t in times.items()]
+
+    cfg = Config("tune", "star B=32 P=8192 S=128", "star", B=32, P=8192, S=128)
+    tree, total = build_tree(cfg, rng)
+    k_pages, v_pages = runner.pools(total, seed + 1)
+    q = runner.queries(32, seed)
+    fns = {}
+    for cp in (16, 32, 64, 128):
+        for qb in (8, 16, 32):
+            bs = dataclasses.replace(runner.block_sizes, chunk_pages=cp, query_block=qb)
+            plan = spa.plan_step(tree, block_sizes=bs, cost_model=runner.cost_model, force="share")
+            fns[(cp, qb)] = _ours_fn(runner, bs, q, k_pages, v_pages, jax.device_put(plan.step))
+    times = time_round_robin(fns, repeats)
+    out["chunk_pages_x_query_block"] = [{"chunk_pages": cp, "query_block": qb, "config": cfg.label,
+                                         "median_s": median(t)} for (cp, qb), t in times.items()]
+    return out
+
+
+def _ours_fn(runner: Runner, bs, q, k_pages, v_pages, step):
+    jax, spa = runner.jax, runner.spa
+    if runner.gpu:
+        f = jax.jit(lambda q, k, v, s: spa.shared_prefix_attention(q, k, v, s, block_sizes=bs))
+    else:
+        f = jax.jit(lambda q, k, v, s: spa.shared_prefix_attention_xla(q, k, v, s, pages_per_split=bs.split_pages))
+    jax.block_until_ready(f(q, k_pages, v_pages, step))
+    return lambda: f(q, k_pages, v_pages, step)
+
+
+def calibrate(runner: Runner, repeats: int, seed: int, quick: bool) -> dict:
+    """Measures the balancer's cost model and derives the sharing threshold.
+
+    How: time the step in two families, all with the tuned block sizes,
+      plain   B=8 unshared requests of L tokens (L = 1024, 4096, 8192): t = c0 + tau * tokens
+      shared  one node of P tokens (P = 1024, 8192) shared by s requests (s = 2, 4, ... Qb),
+              each with a 64-token private suffix, sharing forced:
+              t = c0 + tau * (private tokens) + tau * step_overhead + tau * kappa_s * chunk_tokens
+    (chunk_tokens = padded tokens of the node's work items), then fit c0, tau, tau*step_overhead
+    and tau*kappa_s jointly by least squares. kappa_s = cost of one shared chunk token for an
+    item of s requests, in plain request-token units: exactly `CostModel.shared_token_cost`.
+    A node of R <= Qb requests pays when kappa(R) < R, so the threshold is the smallest such R
+    (`CostModel.sharing_threshold`); `step_overhead` is the fixed price of the sharing path.
+    """
+    import numpy as np
+
+    jax, spa = runner.jax, runner.spa
+    bs = runner.block_sizes
+    rng = np.random.default_rng(seed)
+    scale = 8 if quick else 1
+    sizes = [s for s in (2, 4, 8, 16, 32, 64) if s <= bs.query_block]
+    points, fns = [], {}
+    for length in (1024 // scale, 4096 // scale, 8192 // scale):
+        cfg = Config("cal", f"plain 8 x {length}", "chains", B=8, depth=0, node_tokens=length)
+        tree, total = build_tree(cfg, rng)
+        k_pages, v_pages = runner.pools(total, seed)
+        plan = spa.plan_step(tree, block_sizes=bs, cost_model=runner.cost_model, force="plain")
+        key = ("plain", length)
+        fns[key] = _ours_fn(runner, bs, runner.queries(plan.shape.num_requests, seed), k_pages, v_pages,
+                            jax.device_put(plan.step))
+        points.append({"key": key, "plain_tokens": 8 * length, "shared": 0, "chunk_tokens": {}})
+    for s in sizes:
+        for length in (1024 // scale, 8192 // scale):
+            cfg = Config("cal", f"shared {s} x {length}", "star", B=s, P=length, S=64 // min(scale, 4))
+            tree, total = build_tree(cfg, rng)
+            k_pages, v_pages = runner.pools(total, seed)
+            plan = spa.plan_step(tree, block_sizes=bs, cost_model=runner.cost_model, force="share")
+            st = plan.step
+            chunk_tokens = int((st.item_page_lens.sum(axis=1) > 0).sum()) * bs.chunk_pages * PAGE
+            key = ("shared", s, length)
+            fns[key] = _ours_fn(runner, bs, runner.queries(plan.shape.num_requests, seed), k_pages,
+                                v_pages, jax.device_put(st))
+            points.append({"key": key, "plain_tokens": int(st.private_page_lens.sum()), "shared": 1,
+                           "chunk_tokens": {s: chunk_tokens}})
+    times = time_round_robin(fns, repeats)
+    cols = ["c0", "tau", "tau_step"] + [f"tau_kappa_{s}" for s in sizes]
+    a = np.zeros((len(points), len(cols)))
+    y = np.zeros(len(points))
+    for i, p in enumerate(points):
+        a[i, 0] = 1.0
+        a[i, 1] = p["plain_tokens"]
+        a[i, 2] = p["shared"]
+        for s, ct in p["chunk_tokens"].items():
+            a[i, 3 + sizes.index(s)] = ct
+        y[i] = median(times[p["key"]])
+    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    tau = float(coef[1])
+    kappa = {s: float(coef[3 + i]) / tau for i, s in enumerate(sizes)}
+    # kappa must be monotone in s (a bigger item is never cheaper); enforce after the fit.
+    run = 0.0
+    for s in sizes:
+        run = max(run, kappa[s])
+        kappa[s] = run
+    step_overhead = max(0.0, float(coef[2]) / tau)
+    fitted = spa.CostModel(shared_token_cost=tuple((s, round(max(kappa[s], 1e-3), 3)) for s in sizes),
+                           step_overhead=round(step_overhead, 1))
+    return {
+        "how": calibrate.__doc__.strip(),
+        "block_sizes": dataclasses.asdict(bs),
+        "points": [{"key": list(map(str, p["key"])), "plain_tokens": p["plain_tokens"],
+                    "chunk_tokens": {str(k): v for k, v in p["chunk_tokens"].items()},
+                    "median_s": median(times[p["key"]]),
+                    "fit_s": float(a[i] @ coef)} for i, p in enumerate(points)],
+        "fit": {"c0_s": float(coef[0]), "tau_s_per_request_token": tau,
+                "step_overhead_tokens": step_overhead, "kappa": {str(s): kappa[s] for s in sizes}},
+        "derived_cost_model": {"shared_token_cost": [[s, c] for s, c in fitted.shared_token_cost],
+                               "step_overhead": fitted.step_overhead},
+        "derived_sharing_threshold": fitted.sharing_threshold(),
+        "tuned_cost_model_in_use": {"shared_token_cost": [list(x) for x in runner.cost_model.shared_token_cost],
+                                    "step_overhead": runner.cost_model.step_overhead,
+                                    "source": runner.cost_model.source,
+                                    "sharing_threshold": runner.cost_model.sharing_threshold()},
+    }
+
+
+# -- plot -------------------------------------------------------------------------------------------
+
+
+def plot(records: list[dict], path: Path, title: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:  # the GPU image may not have it; the JSON is the result
+        print(f"matplotlib is not installed: no plot at {path}")
+        return
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = []
+    for r in records:
+        if r["label"] not in labels:
+            labels.append(r["label"])
+    by = {(r["label"], r["variant"]): r for r in records}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 0.55 * len(labels) + 2.5), sharey=True)
+    ys = list(range(len(labels)))
+    for ax, key, variants, ttl in (
+        (ax1, "speedup_vs_naive", ("ours", "splitkv", "jax_decode_attention"), "speedup vs naive (duplicated KV)"),
+        (ax2, "speedup_vs_splitkv", ("ours", "jax_decode_attention"), "speedup vs split-KV paged decode"),
+    ):
+        present = [v for v in variants if any((lab, v) in by for lab in labels)]
+        h = 0.8 / max(1, len(present))
+        for j, v in enumerate(present):
+            vals = [(by.get((lab, v)) or {}).get(key) or 0.0 for lab in labels]
+            ax.barh([y + (j - (len(present) - 1) / 2) * h for y in ys], vals, height=h, label=v)
+        for y, lab in enumerate(labels):
+            ours = by.get((lab, "ours"))
+            if not ours:
+                continue
+            tgt = ours["targets"]["speedup_vs_naive" if key == "speedup_vs_naive" else "speedup_vs_splitkv"]
+            if tgt:
+                ax.plot([tgt, tgt], [y - 0.45, y + 0.45], color="k", lw=2)
+            if key == "speedup_vs_naive":
+                ax.plot([ours["byte_ratio"]], [y], marker="d", color="gray", ls="none",
+                        label="byte ratio" if y == 0 else None)
+        ax.axvline(1.0, color="gray", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ax.set_title(ttl + "  (| = target)")
+        ax.legend(loc="lower right", fontsize=8)
+    ax1.set_yticks(ys, labels)
+    ax1.invert_yaxis()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- main -------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog=sys.argv[0], description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    ap.add_argument("--quick", action="store_true", help="smoke run: small configs, 2 repeats, no tuning")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 7; quick 2)")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/attention.json, "
+                    "quick: attention_quick.json); the PNG goes next to it")
+    ap.add_argument("--gpu", action="store_true", help="GPU mode (automatic when jax's platform is gpu): "
+                    "Pallas kernels + jax decode_attention baseline + bandwidth")
+    ap.add_argument("--only", default=None, help="comma-separated config names to run (e.g. C1,C5)")
+    ap.add_argument("--skip-tune", action="store_true", help="skip the block-size sweep")
+    ap.add_argument("--skip-calibration", action="store_true", help="skip the cost-model calibration")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    import jax
+
+    from jaxsys.cli import enable_compilation_cache
+
+    enable_compilation_cache()
+    dev = jax.devices()[0]
+    gpu = args.gpu or dev.platform == "gpu"
+    if args.gpu and dev.platform != "gpu":
+        print(f"--gpu needs a GPU; jax's platform is {dev.platform}", file=sys.stderr)
+        return 2
+    repeats = args.repeats or (2 if args.quick else 7)
+    stem = "attention" + ("_gpu" if gpu else "") + ("_quick" if args.quick else "")
+    out = Path(args.out) if args.out else RESULTS / f"{stem}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runner = Runner(gpu)
+    header = {
+        "benchmark": "attention",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": {"device_kind": dev.device_kind, "platform": dev.platform, "cpu_count": os.cpu_count(),
+                   "machine": platform.machine(), "peak_bandwidth_Bps": peak_bandwidth() if gpu else None},
+        "jax_version": jax.__version__, "python": platform.python_version(),
+        "quick": args.quick, "repeats": repeats, "statistic": "median of round-robin repeats",
+        "shape": {"Hq": HQ, "Hkv": HKV, "head_dim": HEAD_DIM, "page_size": PAGE, "dtype": "float32"},
+        "paths": {"ours": "Pallas kernel" if gpu else "XLA (shared_prefix_attention_xla)",
+                  "splitkv": "Pallas kernel" if gpu else "XLA (paged_attention_xla)"},
+        "block_sizes": dataclasses.asdict(runner.block_sizes),
+        "cost_model": {"shared_token_cost": [list(x) for x in runner.cost_model.shared_token_cost],
+                       "item_overhead": runner.cost_model.item_overhead,
+                       "step_overhead": runner.cost_model.step_overhead,
+                       "source": runner.cost_model.source},
+        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    records: list[dict] = []
+    wanted = None if not args.only else set(args.only.split(","))
+    for i, cfg in enumerate(configs(args.quick)):
+        if wanted and cfg.name not in wanted:
+            continue
+        t0 = time.perf_counter()
+        recs = run_config(runner, cfg, repeats, args.seed + i)
+        records += recs
+        ours = next(r for r in recs if r["variant"] == "ours")
+        fmt = lambda x: "  n/a" if x is None else f"{x:5.2f}"  # noqa: E731
+        print(f"{cfg.label:40s} ours {ours['median_s'] * 1e3:8.1f} ms  vs naive {fmt(ours['speedup_vs_naive'])}x "
+              f"(target {ours['targets']['speedup_vs_naive']:.2f})  vs splitkv {fmt(ours['speedup_vs_splitkv'])}x "
+              f"(target {ours['targets']['speedup_vs_splitkv'] or '-'})  sharing={ours['plan']['use_sharing']}  "
+              f"[{time.perf_counter() - t0:.0f}s]", flush=True)
+    doc = dict(header, records=records)
+    if not args.quick and not args.skip_tune:
+        doc["tuning"] = tune(runner, max(3, repeats // 2), args.seed)
+        print("tuning:", json.dumps(doc["tuning"]), flush=True)
+    if not args.skip_calibration:
+        doc["calibration"] = calibrate(runner, repeats, args.seed, args.quick)
+        cal = doc["calibration"]
+        print("calibration: kappa", cal["fit"]["kappa"], "step_overhead", round(cal["fit"]["step_overhead_tokens"], 1),
+              "-> sharing threshold R* =", cal["derived_sharing_threshold"], flush=True)
+    doc["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    png = out.with_suffix(".png")
+    plot(records, png, f"shared-prefix decode attention on {dev.device_kind} ({dev.platform}, "
+                       f"{os.cpu_count()} cpus), jax {jax.__version__}, fp32, medians of {repeats}")
+    print(f"wrote {out} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
