@@ -1,37 +1,44 @@
 """Relations that the three models pass messages along, as one typed, weighted edge list.
 
-Every model here is the same message-passing network over a list of directed, typed relations
+Every model here is the same message-passing network over directed, typed relations
 `(sender, receiver, type, weight)`; what differs is which relations the host builds:
 
 * GIN: type 0 = the graph's edges.
 * KP-GNN: type k-1 = node pairs at shortest-path distance k (k = 1..K), plus per-node
-  peripheral-subgraph features (number of edges among the nodes at distance k).
+  peripheral-subgraph features (for each k, the number of edges whose two ends are both at
+  distance k from the node).
 * CSGNN: type 0 = the graph's edges; then one type per cyclic distance d = 0..D between two nodes
   on a shared chordless cycle (optionally one type per (cycle length, d)); optionally the same
-  relations computed on the complement graph; per-node flags "lies on a chordless cycle of
+  relations on the complement graph; optionally per-node flags "lies on a chordless cycle of
   length l".
 
 A pair that shares several chordless cycles at the same distance is one relation whose weight is
-the number of such cycles (sum aggregation over weighted relations equals sum aggregation over
-the repeated pairs, with O(n^2) relations at most). The self relation d = 0 has weight = the
-number of chordless cycles through the node.
+the number of such cycles: sum aggregation over weighted relations equals sum aggregation over
+the repeated pairs, with at most N^2 relations per type. The self relation d = 0 has weight = the
+number of chordless cycles through the node. Relations are built for blocks of graphs at once
+(node ids offset into one index space) and split per graph afterwards.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from jaxsys.gnn._cycles import chordless_cycles
+from jaxsys.gnn._cycles import chordless_cycles_batch
+
+if TYPE_CHECKING:
+    from jaxsys.gnn._config import StructureConfig
+    from jaxsys.gnn._graph import Graph
 
 __all__ = [
     "Relations",
-    "cycle_pair_relations",
-    "csgnn_relations",
-    "gin_relations",
-    "kpgnn_relations",
+    "build_relations",
+    "cycle_type_table",
+    "num_relation_types",
+    "num_structure_features",
     "shortest_path_distances",
 ]
 
@@ -41,13 +48,12 @@ class Relations:
     """Typed, weighted relations of one graph plus extra per-node features.
 
     Attributes:
-      senders, receivers: int32 [R] node ids.
+      senders, receivers: int32 [R] node ids, sorted by receiver.
       types: int32 [R] relation type in `0..num_types-1`.
-      weights: float32 [R] multiplicity (number of cycles / 1 for plain edges).
-      node_features: float32 [N, F_extra] extra node features (F_extra may be 0).
-      num_types: number of relation types the builder can emit (fixed per spec, so every graph
-        of a dataset shares it).
-      num_cycles: number of chordless cycles used (graph + complement), for reporting.
+      weights: float32 [R] multiplicity (number of shared cycles; 1 for edges and hops).
+      node_features: float32 [N, F_extra] structural node features (F_extra may be 0).
+      num_types: number of relation types of the spec (the same for every graph).
+      num_cycles: chordless cycles used (graph + complement), for reporting.
     """
 
     senders: np.ndarray
@@ -63,75 +69,9 @@ class Relations:
         return int(self.senders.shape[0])
 
 
-def _directed(edges_Ex2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if edges_Ex2.size == 0:
-        e = np.zeros((0,), np.int64)
-        return e, e
-    s = np.concatenate([edges_Ex2[:, 0], edges_Ex2[:, 1]])
-    r = np.concatenate([edges_Ex2[:, 1], edges_Ex2[:, 0]])
-    return s, r
-
-
-def _merge(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], num_nodes: int,
-           num_types: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Concatenate (s, r, t, w) parts and merge duplicates (u, v, t) by summing their weights."""
-    if not parts:
-        z = np.zeros((0,), np.int32)
-        return z, z, z, np.zeros((0,), np.float32)
-    s = np.concatenate([p[0] for p in parts]).astype(np.int64)
-    r = np.concatenate([p[1] for p in parts]).astype(np.int64)
-    t = np.concatenate([p[2] for p in parts]).astype(np.int64)
-    w = np.concatenate([p[3] for p in parts]).astype(np.float64)
-    key = (r * num_nodes + s) * num_types + t  # sorted by receiver, then sender, then type
-    uniq, inv = np.unique(key, return_inverse=True)
-    wsum = np.zeros(uniq.shape[0], np.float64)
-    np.add.at(wsum, inv.reshape(-1), w)
-    t_u = uniq % num_types
-    rs = uniq // num_types
-    s_u = rs % num_nodes
-    r_u = rs // num_nodes
-    return (s_u.astype(np.int32), r_u.astype(np.int32), t_u.astype(np.int32),
-            wsum.astype(np.float32))
-
-
-def cycle_pair_relations(
-    cycles: list[tuple[int, ...]],
-    *,
-    max_distance: int,
-    type_offset: int,
-    length_bound: int,
-    typed_by_length: bool,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Ordered pairs (u, v) on a shared chordless cycle at cyclic distance d <= max_distance.
-
-    Type = `type_offset + d`, or `type_offset + index(length, d)` when `typed_by_length`
-    (see `cycle_type_table`). Returns unmerged (senders, receivers, types, weights).
-    """
-    table = cycle_type_table(length_bound, max_distance, typed_by_length)
-    by_len: dict[int, list[tuple[int, ...]]] = {}
-    for c in cycles:
-        by_len.setdefault(len(c), []).append(c)
-    ss, rr, tt = [], [], []
-    for length, group in by_len.items():
-        c_MxL = np.asarray(group, np.int64)
-        for off in range(length):
-            d = min(off, length - off)
-            if d > max_distance:
-                continue
-            typ = type_offset + table[(length, d)]
-            ss.append(c_MxL.reshape(-1))
-            rr.append(np.roll(c_MxL, -off, axis=1).reshape(-1))
-            tt.append(np.full(c_MxL.size, typ, np.int64))
-    if not ss:
-        z = np.zeros((0,), np.int64)
-        return z, z, z, np.zeros((0,), np.float64)
-    s = np.concatenate(ss)
-    return s, np.concatenate(rr), np.concatenate(tt), np.ones(s.shape[0], np.float64)
-
-
 def cycle_type_table(length_bound: int, max_distance: int, typed_by_length: bool
                      ) -> dict[tuple[int, int], int]:
-    """(cycle length, cyclic distance) -> relation type index (relative)."""
+    """(cycle length, cyclic distance) -> relation type index (relative to the cycle block)."""
     table: dict[tuple[int, int], int] = {}
     idx = 0
     for length in range(3, length_bound + 1):
@@ -144,12 +84,110 @@ def cycle_type_table(length_bound: int, max_distance: int, typed_by_length: bool
     return table
 
 
-def num_cycle_types(length_bound: int, max_distance: int, typed_by_length: bool) -> int:
-    table = cycle_type_table(length_bound, max_distance, typed_by_length)
+def _n_types(table: dict) -> int:
     return max(table.values()) + 1 if table else 0
 
 
+def _tables(cfg: StructureConfig) -> tuple[dict, dict]:
+    dmax = cfg.length_bound // 2 if cfg.max_distance is None else cfg.max_distance
+    main = cycle_type_table(cfg.length_bound, dmax, cfg.typed_by_length)
+    comp: dict = {}
+    if cfg.complement:
+        cb = cfg.complement_length_bound
+        comp = cycle_type_table(cb, min(dmax, cb // 2), cfg.typed_by_length)
+    return main, comp
+
+
+def num_relation_types(cfg: StructureConfig) -> int:
+    """Number of relation types the spec emits."""
+    if cfg.kind == "gin":
+        return 1
+    if cfg.kind == "kpgnn":
+        return cfg.hops
+    main, comp = _tables(cfg)
+    return 1 + _n_types(main) + _n_types(comp)
+
+
+def num_structure_features(cfg: StructureConfig) -> int:
+    """Number of extra per-node features the spec adds."""
+    if cfg.kind == "kpgnn":
+        return cfg.hops if cfg.peripheral else 0
+    if cfg.kind == "csgnn":
+        return len(cfg.flag_lengths)
+    return 0
+
+
+class _Accumulator:
+    """Merges (graph, sender, receiver, type) relations of a block by summing weights.
+
+    Small key spaces (graphs x n_max^2 x types <= 2^26) are counted with dense bincounts, one per
+    call; larger ones are collected and merged with one sort at the end.
+    """
+
+    def __init__(self, sizes: np.ndarray, num_types: int):
+        self.sizes = sizes
+        self.num_types = num_types
+        self.n_max = int(sizes.max()) if sizes.size else 0
+        self.dense_size = sizes.shape[0] * self.n_max * self.n_max * num_types
+        self.dense = 0 < self.dense_size <= (1 << 26)
+        self.acc = np.zeros(self.dense_size if self.dense else 0, np.float64)
+        self.parts: list[tuple[np.ndarray, ...]] = []
+
+    def _key(self, g, s, r, t):
+        return ((g * self.n_max + r) * self.n_max + s) * self.num_types + t
+
+    def add(self, g, s, r, t, w=None) -> None:
+        """Relations s -> r of type t in graph g (local node ids), weight w (default 1)."""
+        if not np.size(s):
+            return
+        key = self._key(g, s, r, t).reshape(-1)
+        if self.dense:
+            w_flat = None if w is None else np.broadcast_to(w, np.shape(s)).reshape(-1)
+            self.acc += np.bincount(key, weights=w_flat, minlength=self.dense_size)
+        else:
+            w_flat = np.ones(key.shape[0]) if w is None else np.broadcast_to(
+                w, np.shape(s)).reshape(-1).astype(np.float64)
+            self.parts.append((key, w_flat))
+
+    def result(self) -> tuple[np.ndarray, ...]:
+        """Unique relations sorted by (graph, receiver, sender, type): g, s, r, t, weight."""
+        if self.dense:
+            key = np.flatnonzero(self.acc)
+            w = self.acc[key]
+        elif self.parts:
+            allk = np.concatenate([p[0] for p in self.parts])
+            key, inv = np.unique(allk, return_inverse=True)
+            w = np.bincount(inv.reshape(-1), weights=np.concatenate([p[1] for p in self.parts]),
+                            minlength=key.shape[0])
+        else:
+            key, w = np.zeros((0,), np.int64), np.zeros((0,), np.float64)
+        t = key % self.num_types
+        rest = key // self.num_types
+        s, rest = rest % self.n_max, rest // self.n_max
+        r, g = rest % self.n_max, rest // self.n_max
+        return g, s, r, t, w
+
+
+def _add_cycle_pairs(acc: _Accumulator, g_of: np.ndarray, cycles: list[dict[int, np.ndarray]],
+                     table: dict, type_offset: int) -> None:
+    """Ordered pairs on each chordless cycle at each cyclic distance in `table`."""
+    lengths = sorted({length for c in cycles for length in c})
+    for length in lengths:
+        blocks = [(gi, c[length]) for gi, c in zip(g_of, cycles) if length in c]
+        cyc_MxL = np.concatenate([b[1] for b in blocks]).astype(np.int64)
+        g_M = np.concatenate([np.full(b[1].shape[0], b[0], np.int64) for b in blocks])
+        ii, jj = np.meshgrid(np.arange(length), np.arange(length), indexing="ij")
+        dd = np.minimum(np.abs(ii - jj), length - np.abs(ii - jj))
+        typ = np.asarray([[table.get((length, int(d)), -1) for d in row] for row in dd])
+        keep = typ >= 0
+        if not keep.any():
+            continue
+        i_P, j_P, t_P = ii[keep], jj[keep], typ[keep] + type_offset
+        acc.add(g_M.reshape(-1, 1), cyc_MxL[:, i_P], cyc_MxL[:, j_P], t_P.reshape(1, -1))
+
+
 def complement_edges(num_nodes: int, edges_Ex2: np.ndarray) -> np.ndarray:
+    """Edges (u < v) of the complement graph."""
     a = np.zeros((num_nodes, num_nodes), bool)
     if edges_Ex2.size:
         a[edges_Ex2[:, 0], edges_Ex2[:, 1]] = True
@@ -159,101 +197,91 @@ def complement_edges(num_nodes: int, edges_Ex2: np.ndarray) -> np.ndarray:
     return np.stack([iu[keep], ju[keep]], axis=1)
 
 
-def gin_relations(num_nodes: int, edges_Ex2: np.ndarray) -> Relations:
-    s, r = _directed(edges_Ex2)
-    return Relations(
-        senders=s.astype(np.int32), receivers=r.astype(np.int32),
-        types=np.zeros(s.shape, np.int32), weights=np.ones(s.shape, np.float32),
-        node_features=np.zeros((num_nodes, 0), np.float32), num_types=1)
-
-
-def csgnn_relations(
-    num_nodes: int,
-    edges_Ex2: np.ndarray,
-    *,
-    length_bound: int,
-    max_distance: int | None = None,
-    typed_by_length: bool = False,
-    complement: bool = False,
-    complement_length_bound: int | None = None,
-    flag_lengths: tuple[int, ...] = (),
-    max_cycles: int | None = 100_000,
-    on_exceed: str = "error",
-) -> Relations:
-    """CSGNN relations of one simple graph (see the module docstring)."""
-    dmax = length_bound // 2 if max_distance is None else max_distance
-    n_cyc = num_cycle_types(length_bound, dmax, typed_by_length)
-    cb = length_bound if complement_length_bound is None else complement_length_bound
-    n_cyc2 = num_cycle_types(cb, min(dmax, cb // 2), typed_by_length) if complement else 0
-    num_types = 1 + n_cyc + n_cyc2
-    s, r = _directed(edges_Ex2)
-    parts = [(s, r, np.zeros(s.shape, np.int64), np.ones(s.shape, np.float64))]
-    cycles = chordless_cycles(num_nodes, edges_Ex2, length_bound=length_bound,
-                              max_cycles=max_cycles, on_exceed=on_exceed)
-    parts.append(cycle_pair_relations(cycles, max_distance=dmax, type_offset=1,
-                                      length_bound=length_bound, typed_by_length=typed_by_length))
-    n_total = len(cycles)
-    if complement:
-        comp = complement_edges(num_nodes, edges_Ex2)
-        cyc2 = chordless_cycles(num_nodes, comp, length_bound=cb, max_cycles=max_cycles,
-                                on_exceed=on_exceed)
-        parts.append(cycle_pair_relations(cyc2, max_distance=min(dmax, cb // 2),
-                                          type_offset=1 + n_cyc, length_bound=cb,
-                                          typed_by_length=typed_by_length))
-        n_total += len(cyc2)
-    flags = np.zeros((num_nodes, len(flag_lengths)), np.float32)
-    if flag_lengths:
-        col = {length: i for i, length in enumerate(flag_lengths)}
-        for c in cycles:
-            j = col.get(len(c))
-            if j is not None:
-                flags[list(c), j] = 1.0
-    s, r, t, w = _merge(parts, num_nodes, num_types)
-    return Relations(senders=s, receivers=r, types=t, weights=w, node_features=flags,
-                     num_types=num_types, num_cycles=n_total)
-
-
 def shortest_path_distances(num_nodes: int, edges_Ex2: np.ndarray, max_hops: int) -> np.ndarray:
-    """[N, N] int32 BFS distances, -1 where farther than `max_hops` or unreachable."""
-    nbrs: list[list[int]] = [[] for _ in range(num_nodes)]
-    for u, v in edges_Ex2.tolist():
-        nbrs[u].append(v)
-        nbrs[v].append(u)
+    """[N, N] int32 hop distances, -1 where farther than `max_hops` or unreachable."""
+    a = np.zeros((num_nodes, num_nodes), np.float32)
+    if edges_Ex2.size:
+        a[edges_Ex2[:, 0], edges_Ex2[:, 1]] = 1.0
+        a[edges_Ex2[:, 1], edges_Ex2[:, 0]] = 1.0
     dist = np.full((num_nodes, num_nodes), -1, np.int32)
-    for src in range(num_nodes):
-        dist[src, src] = 0
-        q = deque([src])
-        while q:
-            u = q.popleft()
-            du = dist[src, u]
-            if du == max_hops:
-                continue
-            for v in nbrs[u]:
-                if dist[src, v] < 0:
-                    dist[src, v] = du + 1
-                    q.append(v)
+    np.fill_diagonal(dist, 0)
+    frontier = np.eye(num_nodes, dtype=np.float32)
+    for k in range(1, max_hops + 1):
+        nxt = (frontier @ a > 0) & (dist < 0)
+        if not nxt.any():
+            break
+        dist[nxt] = k
+        frontier = nxt.astype(np.float32)
     return dist
 
 
-def kpgnn_relations(num_nodes: int, edges_Ex2: np.ndarray, *, hops: int,
-                    peripheral: bool = True) -> Relations:
-    """KP-GNN relations: type k-1 joins nodes at shortest-path distance k (1 <= k <= hops).
+def build_relations(graphs: Sequence[Graph], cfg: StructureConfig) -> list[Relations]:
+    """Relations of a block of graphs under one structure spec (see the module docstring)."""
+    sizes = np.asarray([g.num_nodes for g in graphs], np.int64)
+    num_types = num_relation_types(cfg)
+    acc = _Accumulator(sizes, num_types)
+    feats: list[np.ndarray] = []
+    cycle_counts = np.zeros(len(graphs), np.int64)
+    g_ids = np.arange(len(graphs))
 
-    With `peripheral`, node v also gets, for each k, the number of graph edges whose both ends
-    are at distance exactly k from v (KP-GNN's peripheral-subgraph edge count).
-    """
-    dist = shortest_path_distances(num_nodes, edges_Ex2, hops)
-    r, s = np.nonzero(dist > 0)
-    t = dist[r, s].astype(np.int64) - 1
-    feats = np.zeros((num_nodes, hops if peripheral else 0), np.float32)
-    if peripheral and edges_Ex2.size:
-        du = dist[:, edges_Ex2[:, 0]]  # [N, E] distance from v to each edge's ends
-        dv = dist[:, edges_Ex2[:, 1]]
-        same = (du == dv) & (du > 0)
-        for k in range(1, hops + 1):
-            feats[:, k - 1] = np.sum(same & (du == k), axis=1)
-    order = np.lexsort((t, s, r))
-    return Relations(
-        senders=s[order].astype(np.int32), receivers=r[order].astype(np.int32),
-        types=t[order].astype(np.int32), weights=np.ones(s.shape, np.float32),
-        node_features=feats, num_types=hops)
+    def add_edges(type_id: int) -> None:
+        es = [g.edges.astype(np.int64) for g in graphs]
+        counts = np.asarray([e.shape[0] for e in es])
+        if counts.sum() == 0:
+            return
+        e = np.concatenate(es)
+        gi = np.repeat(g_ids, counts)
+        acc.add(gi, e[:, 0], e[:, 1], type_id)
+        acc.add(gi, e[:, 1], e[:, 0], type_id)
+
+    if cfg.kind == "gin":
+        add_edges(0)
+        feats = [np.zeros((g.num_nodes, 0), np.float32) for g in graphs]
+    elif cfg.kind == "kpgnn":
+        hop_parts = []
+        for gi, g in enumerate(graphs):
+            dist = shortest_path_distances(g.num_nodes, g.edges, cfg.hops)
+            r, s = np.nonzero(dist > 0)
+            hop_parts.append((np.full(r.shape[0], gi), s, r, dist[r, s].astype(np.int64) - 1))
+            f = np.zeros((g.num_nodes, cfg.hops if cfg.peripheral else 0), np.float32)
+            if cfg.peripheral and g.edges.size:
+                du = dist[:, g.edges[:, 0]]  # [N, E]: distance from each node to each edge's ends
+                dv = dist[:, g.edges[:, 1]]
+                for k in range(1, cfg.hops + 1):
+                    f[:, k - 1] = np.sum((du == k) & (dv == k), axis=1)
+            feats.append(f)
+        acc.add(*(np.concatenate([p[i] for p in hop_parts]) for i in range(4)))
+    elif cfg.kind == "csgnn":
+        main, comp = _tables(cfg)
+        add_edges(0)
+        cyc = chordless_cycles_batch([(g.num_nodes, g.edges) for g in graphs],
+                                     length_bound=cfg.length_bound, max_cycles=cfg.max_cycles,
+                                     on_exceed=cfg.on_exceed)
+        _add_cycle_pairs(acc, g_ids, cyc, main, 1)
+        cycle_counts += [sum(a.shape[0] for a in c.values()) for c in cyc]
+        if cfg.complement:
+            cyc2 = chordless_cycles_batch(
+                [(g.num_nodes, complement_edges(g.num_nodes, g.edges)) for g in graphs],
+                length_bound=cfg.complement_length_bound, max_cycles=cfg.max_cycles,
+                on_exceed=cfg.on_exceed)
+            _add_cycle_pairs(acc, g_ids, cyc2, comp, 1 + _n_types(main))
+            cycle_counts += [sum(a.shape[0] for a in c.values()) for c in cyc2]
+        col = {length: j for j, length in enumerate(cfg.flag_lengths)}
+        for g, c in zip(graphs, cyc):
+            f = np.zeros((g.num_nodes, len(col)), np.float32)
+            for length, c_MxL in c.items():
+                j = col.get(length)
+                if j is not None:
+                    f[c_MxL.reshape(-1), j] = 1.0
+            feats.append(f)
+    else:
+        raise ValueError(f"unknown structure kind {cfg.kind!r}")
+    g, s, r, t, w = acc.result()
+    cut = np.searchsorted(g, np.arange(len(graphs) + 1))
+    return [Relations(senders=s[cut[i]:cut[i + 1]].astype(np.int32),
+                      receivers=r[cut[i]:cut[i + 1]].astype(np.int32),
+                      types=t[cut[i]:cut[i + 1]].astype(np.int32),
+                      weights=w[cut[i]:cut[i + 1]].astype(np.float32),
+                      node_features=feats[i], num_types=num_types,
+                      num_cycles=int(cycle_counts[i]))
+            for i in range(len(graphs))]

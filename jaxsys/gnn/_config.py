@@ -1,0 +1,153 @@
+"""Typed configuration for graph experiments: YAML files validated by pydantic, `key=value` overrides.
+
+A config has four sections (every field has a default, so a YAML file names only what differs):
+
+```yaml
+data:      {name: csl, seed: 0}
+structure: {kind: csgnn, length_bound: 10}
+model:     {width: 64, depth: 4}
+train:     {epochs: 200, folds: 5, lr: 1.0e-3}
+```
+
+Overrides use dotted keys and YAML values: `structure.kind=gin train.epochs=50`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "DataConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "StructureConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "load_config",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    name: str = Field(description="dataset: csl, exp, cexp, counting, mutag, proteins, "
+                                  "micro_zinc, sr25, brec_{basic,regular,str,extension}")
+    seed: int = Field(0, description="seed of generated datasets (CSL relabellings, counting)")
+    self_loops: Literal["error", "drop"] = "error"
+    multi_edges: Literal["error", "merge"] = "error"
+
+
+class StructureConfig(_Strict):
+    """Which relations the host builds (see `jaxsys.gnn.build_relations`)."""
+
+    kind: Literal["csgnn", "kpgnn", "gin"] = "csgnn"
+    # CSGNN
+    length_bound: int = Field(10, ge=3, description="longest chordless cycle used")
+    max_distance: int | None = Field(None, ge=0, description="largest cyclic distance "
+                                     "(default: length_bound // 2)")
+    typed_by_length: bool = Field(False, description="one relation type per (length, distance)")
+    complement: bool = Field(False, description="add relations from the complement graph")
+    complement_length_bound: int = Field(6, ge=3)
+    flag_lengths: tuple[int, ...] = Field((), description="per-node flags: on a chordless "
+                                          "cycle of each of these lengths")
+    max_cycles: int | None = Field(200_000, ge=1, description="per-graph cap on chordless cycles")
+    on_exceed: Literal["error", "warn"] = "error"
+    # KP-GNN
+    hops: int = Field(3, ge=1, description="K of KP-GNN")
+    peripheral: bool = Field(True, description="KP-GNN peripheral edge counts per hop")
+
+    @model_validator(mode="after")
+    def _check(self) -> StructureConfig:
+        if any(length < 3 or length > self.length_bound for length in self.flag_lengths):
+            raise ValueError(f"flag_lengths {self.flag_lengths} must lie in 3..length_bound "
+                             f"({self.length_bound})")
+        return self
+
+    def cache_key(self) -> dict[str, Any]:
+        """Fields that change the relations of this kind (others do not invalidate the cache)."""
+        if self.kind == "gin":
+            return {"kind": "gin"}
+        if self.kind == "kpgnn":
+            return {"kind": "kpgnn", "hops": self.hops, "peripheral": self.peripheral}
+        return self.model_dump(exclude={"hops", "peripheral"})
+
+
+class ModelConfig(_Strict):
+    width: int = Field(64, ge=1)
+    depth: int = Field(4, ge=1, description="message-passing layers")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    norm: Literal["batch", "none"] = "batch"
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_decay_every: int = Field(50, ge=1, description="halve the learning rate every N epochs")
+    patience: int = Field(50, ge=1, description="early stopping: epochs without a better "
+                                                "validation score")
+    folds: int = Field(0, ge=0, description="k-fold cross-validation (0: one random split)")
+    max_folds: int | None = Field(None, ge=1, description="run only the first N folds")
+    split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/val/test "
+                                              "fractions when folds = 0")
+    seed: int = 0
+    loss: Literal["auto", "cross_entropy", "l1", "mse"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.folds == 1 or (self.folds and self.folds < 3):
+            raise ValueError("folds must be 0 (one split) or >= 3 (test fold, validation fold, "
+                             "training folds)")
+        if abs(sum(self.split) - 1.0) > 1e-6 or min(self.split) <= 0:
+            raise ValueError(f"split fractions must be positive and sum to 1, got {self.split}")
+        return self
+
+
+class ExperimentConfig(_Strict):
+    data: DataConfig
+    structure: StructureConfig = StructureConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    output: str | None = Field(None, description="metrics JSON path (default: print only)")
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted!r}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `key=value` overrides (dotted keys, YAML-parsed values) to a raw config dict."""
+    out = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value "
+                             "(e.g. structure.kind=gin)")
+        key, val = item.split("=", 1)
+        _set(out, key.strip(), yaml.safe_load(val))
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a YAML config (or start empty), apply overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {p} not found")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{p}: a config is a mapping with sections data/structure/model/train")
+    return ExperimentConfig.model_validate(apply_overrides(raw, list(overrides)))
