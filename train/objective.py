@@ -37,12 +37,9 @@ def lm_loss_sum(params_f32: Any, tokens_BxT1: jax.Array, keys_B: jax.Array | Non
     inputs_BxT = tokens_BxT1[:, :-1]
     targets_BxT = tokens_BxT1[:, 1:]
     params = cast_params(params_f32, cfg)
-    # The decoder broadcasts norm weights against activations without explicit ranks; allow that
-    # inside the model only (our own code below stays rank-explicit under strict mode).
-    with jax.numpy_rank_promotion("allow"):
-        logits_BxTxV, _ = decoder.forward(
-            params, jnp.maximum(inputs_BxT, 0), cfg=cfg, dropout_rate=dropout,
-            dropout_keys_B=keys_B if dropout > 0 else None)
+    logits_BxTxV, _ = decoder.forward(
+        params, jnp.maximum(inputs_BxT, 0), cfg=cfg, dropout_rate=dropout,
+        dropout_keys_B=keys_B if dropout > 0 else None)
     lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
     tgt_BxT = jnp.take_along_axis(logits_BxTxV, jnp.maximum(targets_BxT, 0)[:, :, None], axis=-1)[:, :, 0]
     nll_BxT = jnp.where(targets_BxT >= 0, lse_BxT - tgt_BxT, 0.0)

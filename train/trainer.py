@@ -35,9 +35,9 @@ from jaxsys.sharding import MeshConfig, activate, logical_sharding, make_mesh, t
 from jaxsys.sharding import axes as ax
 from jaxsys.train import objective
 from jaxsys.train.checkpoint import CheckpointManager
-from jaxsys.train.config import TrainConfig, TrainConfigError, lr_schedule
+from jaxsys.train.config import TrainConfig, TrainConfigError
 from jaxsys.train.data import batch_for_step, make_source
-from jaxsys.train.optim import clip_by_norm, make_optimizer, opt_state_from, opt_state_parts
+from jaxsys.train.optim import clip_by_norm, lr_table, make_optimizer, opt_state_from, opt_state_parts
 
 
 @dataclasses.dataclass
@@ -138,7 +138,15 @@ class Trainer:
                                        async_save=cfg.checkpoint.async_save)
                      if cfg.checkpoint.dir else None)
         self.step = 0
+        self._count = 0
         self._state: Any = None
+        self._lr_table: np.ndarray | None = None
+
+    def lr(self, count: int) -> np.float32:
+        """The learning rate of the update number `count` (host table of the optax schedule)."""
+        if self._lr_table is None or count >= len(self._lr_table):
+            self._lr_table = lr_table(self.cfg.optim, self.cfg.steps, max(self.cfg.steps, count + 1))
+        return self._lr_table[count]
 
     # ------------------------------------------------------------------ subclass hooks
     def _setup_mesh(self) -> None:
@@ -158,12 +166,10 @@ class Trainer:
 
     def _build_step(self) -> Callable:
         cfg = self.cfg
-        tx = make_optimizer(cfg.optim, cfg.steps)
-        schedule = lr_schedule(cfg.optim, cfg.steps)
         mask = decay_mask_tree(cfg)
         mesh = self.mesh
 
-        def step_fn(state, tokens_BxT1, example_ids_B, step, n_valid):
+        def step_fn(state, tokens_BxT1, example_ids_B, step, n_valid, lr):
             root = jax.random.key(cfg.seed)
             keys_B = objective.example_keys(root, step, example_ids_B)
             with activate(mesh):
@@ -176,15 +182,14 @@ class Trainer:
             params = state["params"]
             decay_in = jax.tree.map(lambda p, m: p if m else jnp.zeros_like(p), params, mask)
             opt = opt_state_from(state["count"], state["mu"], state["nu"])
-            upd, new_opt = tx.update(grads, opt, decay_in)
+            upd, new_opt = make_optimizer(cfg.optim, lr).update(grads, opt, decay_in)
             count, mu, nu = opt_state_parts(new_opt)
             new = {"params": optax.apply_updates(params, upd), "mu": mu, "nu": nu, "count": count}
-            metrics = {"loss": loss_sum / n_valid, "grad_norm": g_norm,
-                       "lr": schedule(state["count"]).astype(jnp.float32)}
+            metrics = {"loss": loss_sum / n_valid, "grad_norm": g_norm}
             return new, metrics
 
         return jax.jit(step_fn,
-                       in_shardings=(self._state_sh, self._batch_sh, self._ex_sh, self._rep, self._rep),
+                       in_shardings=(self._state_sh, self._batch_sh, self._ex_sh, self._rep, self._rep, self._rep),
                        out_shardings=(self._state_sh, self._rep), donate_argnums=(0,))
 
     def _init_state(self) -> Any:
@@ -200,6 +205,7 @@ class Trainer:
 
     def _load_tree(self, tree: dict[str, Any]) -> None:
         self._state = jax.device_put(tree, self._state_sh)
+        self._count = int(jax.device_get(tree["count"]))
 
     def abstract_state(self) -> dict[str, Any]:
         shapes = decoder.param_shapes(self.cfg.model)
@@ -261,6 +267,7 @@ class Trainer:
                 jax.ShapeDtypeStruct((B, T + 1), jnp.int32, sharding=self._batch_sh),
                 jax.ShapeDtypeStruct((B,), jnp.int32, sharding=self._ex_sh),
                 jax.ShapeDtypeStruct((), jnp.int32, sharding=self._rep),
+                jax.ShapeDtypeStruct((), jnp.float32, sharding=self._rep),
                 jax.ShapeDtypeStruct((), jnp.float32, sharding=self._rep))
         self._compiled = self._step_fn.lower(*args).compile()
         return self._compiled
@@ -282,10 +289,12 @@ class Trainer:
             for s in range(start, end):
                 tokens, ex, n_valid = self._host_batch(s)
                 t0 = time.perf_counter()
-                self._state, metrics = self._compiled(self._state, tokens, ex, np.int32(s), n_valid)
+                lr = self.lr(self._count)
+                self._state, metrics = self._compiled(self._state, tokens, ex, np.int32(s), n_valid, lr)
+                self._count += 1
                 if pending is not None:
                     records.append(self._finish(pending, writer, bar))
-                pending = (s, metrics, t0)
+                pending = (s, metrics, t0, lr)
                 self.step = s + 1
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save(self.step)
@@ -305,9 +314,9 @@ class Trainer:
         return TrainResult(records, [], start, end)
 
     def _finish(self, pending, writer: MetricsWriter, bar) -> StepRecord:
-        s, metrics, t0 = pending
+        s, metrics, t0, lr = pending
         m = jax.device_get(metrics)
-        rec = StepRecord(step=s, loss=float(m["loss"]), grad_norm=float(m["grad_norm"]), lr=float(m["lr"]),
+        rec = StepRecord(step=s, loss=float(m["loss"]), grad_norm=float(m["grad_norm"]), lr=float(lr),
                          num_devices=len(self.devices), step_time_s=time.perf_counter() - t0)
         writer.write(rec.to_json())
         bar.update(1)

@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxsys.models.config import ModelConfig
 from jaxsys.train import objective
-from jaxsys.train.config import OptimConfig, lr_schedule
+from jaxsys.train.config import OptimConfig
 from jaxsys.train.elastic.layout import FlatSpec, ceil_div
 from jaxsys.train.optim import clip_by_norm, make_optimizer, opt_state_from
 
@@ -166,7 +166,6 @@ class StepSpec:
     model: ModelConfig
     flat: FlatSpec
     optim: OptimConfig
-    total_steps: int
     num_devices: int
     slots: int
     num_micro: int
@@ -201,21 +200,19 @@ def make_step(spec: StepSpec, mesh: Mesh):
     """The jitted step for `mesh`:
 
     step(flat_3xNS, count, tokens_NxKxbxT1, example_ids_NxKxb, step, micro_idx_M, micro_active_M,
-         n_valid) -> (flat_3xNS, count, metrics)
+         n_valid, lr) -> (flat_3xNS, count, metrics)
 
     flat rows are (params, adam mu, adam nu) of the flat vector; metrics are replicated scalars:
-    loss, grad_norm, lr and param_checksum [2] (uint32, layout-independent).
+    loss, grad_norm and param_checksum [2] (uint32, layout-independent).
     """
     N, K, M = spec.num_devices, spec.slots, spec.num_micro
     P, S = spec.num_params, spec.shard
     flat = spec.flat
-    tx = make_optimizer(spec.optim, spec.total_steps)
-    schedule = lr_schedule(spec.optim, spec.total_steps)
     norm_plan = NormPlan.make(P, N, S, spec.chunk)
     loss_fn = jax.value_and_grad(
         lambda p, tok, keys: objective.lm_loss_sum(p, tok, keys, cfg=spec.model, dropout=spec.dropout))
 
-    def body(flat_3xS, count, tok_1xKxbxT1, ex_1xKxb, step, micro_idx_M, micro_active_M, n_valid):
+    def body(flat_3xS, count, tok_1xKxbxT1, ex_1xKxb, step, micro_idx_M, micro_active_M, n_valid, lr):
         params_S, mu_S, nu_S = flat_3xS[0], flat_3xS[1], flat_3xS[2]
         full_P = jax.lax.all_gather(params_S, AXIS, tiled=True)[:P]
         ptree = flat.unflatten(full_P)
@@ -239,6 +236,7 @@ def make_step(spec: StepSpec, mesh: Mesh):
         g_S = clip_by_norm(g_S, g_norm, spec.optim.clip_norm)
         mask_S = decay_mask_shard(flat, S)
         state = opt_state_from(count, mu_S, nu_S)
+        tx = make_optimizer(spec.optim, lr)
         upd_S, new_state = tx.update(g_S, state, params_S * mask_S)
         new_params_S = optax.apply_updates(params_S, upd_S)
         adam = new_state[0]
@@ -246,22 +244,21 @@ def make_step(spec: StepSpec, mesh: Mesh):
         # layout-independent checksum of the new parameters (global positions < P only)
         pos = (jax.lax.axis_index(AXIS) * S + jnp.arange(S, dtype=jnp.int32))
         ck = jax.lax.psum(checksum(as_bits(new_params_S), pos.astype(jnp.uint32), pos < P), AXIS)
-        metrics = {"loss": loss, "grad_norm": g_norm, "lr": schedule(count).astype(jnp.float32),
-                   "param_checksum": ck}
+        metrics = {"loss": loss, "grad_norm": g_norm, "param_checksum": ck}
         return new_flat, adam.count, metrics
 
     rep = PartitionSpec()
     sharded = PartitionSpec(AXIS)
     fn = jax.shard_map(
         body, mesh=mesh,
-        in_specs=(PartitionSpec(None, AXIS), rep, sharded, sharded, rep, rep, rep, rep),
+        in_specs=(PartitionSpec(None, AXIS), rep, sharded, sharded, rep, rep, rep, rep, rep),
         out_specs=(PartitionSpec(None, AXIS), rep, rep), check_vma=False)
     s_state = state_sharding(mesh)
     s_rep = NamedSharding(mesh, rep)
     s_batch = NamedSharding(mesh, sharded)
     return jax.jit(
         fn,
-        in_shardings=(s_state, s_rep, s_batch, s_batch, s_rep, s_rep, s_rep, s_rep),
+        in_shardings=(s_state, s_rep, s_batch, s_batch, s_rep, s_rep, s_rep, s_rep, s_rep),
         out_shardings=(s_state, s_rep, s_rep),
         donate_argnums=(0,) if spec.donate else ())
 
@@ -278,6 +275,7 @@ def abstract_step_args(spec: StepSpec, mesh: Mesh) -> tuple:
             sd((), jnp.int32, sharding=s_rep),
             sd((M,), jnp.int32, sharding=s_rep),
             sd((M,), jnp.bool_, sharding=s_rep),
+            sd((), jnp.float32, sharding=s_rep),
             sd((), jnp.float32, sharding=s_rep))
 
 

@@ -177,6 +177,11 @@ class ExecutableCache:
     def has(self, name: str, key: Hashable, devices: Sequence[jax.Device]) -> bool:
         return self._lookup(name, key, tuple(devices)) is not None
 
+    def has_size(self, name: str, key: Hashable, num_devices: int) -> bool:
+        """Whether some device set of this size has the program (so others can be retargeted)."""
+        with self._lock:
+            return (name, key, num_devices) in self._by_size
+
     def clear(self) -> None:
         """Forget every executable (benchmarks use this to measure cold compiles)."""
         self.wait()

@@ -51,6 +51,7 @@ from jaxsys.train.elastic.snapshot import (Snapshot, build_snapshot_program, bui
                                            inject_bit_flip, per_device, repair, resolve_replica_memory,
                                            take_snapshot, verify)
 from jaxsys.train.elastic.transfer import execute_plan, precompile_plan
+from jaxsys.train.optim import compiled_optim
 from jaxsys.train.trainer import (MetricsWriter, StepRecord, Trainer, TrainResult, _progress,
                                   init_params_f32)
 
@@ -162,7 +163,7 @@ class ElasticTrainer(Trainer):
     def _spec(self, plan: MicroBatchPlan) -> canonical.StepSpec:
         cfg = self.cfg
         return canonical.StepSpec(
-            model=cfg.model, flat=self.flat_spec, optim=cfg.optim, total_steps=cfg.steps,
+            model=cfg.model, flat=self.flat_spec, optim=compiled_optim(cfg.optim),
             num_devices=plan.num_devices, slots=plan.slots, num_micro=cfg.data.micro_batches,
             micro_size=cfg.data.micro_size, seq_len=cfg.data.seq_len, dropout=cfg.dropout,
             seed=cfg.seed, chunk=cfg.elastic.chunk_size, donate=not cfg.elastic.snapshot)
@@ -202,31 +203,45 @@ class ElasticTrainer(Trainer):
         return [(s, lost) for s, lost in out if s != cur]
 
     def _precompile(self) -> None:
-        """Compile (or retarget) the programs of the likely next device sets in the background."""
+        """Compile (or retarget) the programs of the likely next device sets in the background:
+        first everything cheap (small programs, retargets of step executables already compiled
+        for that size), then the step for sizes not compiled yet."""
         if self.cfg.elastic.precompile == "none":
             return
         likely = self._likely_sets()
         old_layout = self._layout(self.active)
         by_id = {d.id: d for d in self.devices}
 
+        def small(act, lost):
+            self._layout_programs(act)
+            new_ids = [self.devices[i].id for i in act]
+            lost_ids = [self.devices[i].id for i in lost]
+            if self.cfg.elastic.snapshot and lost:
+                holders = [by_id[d] for d in old_layout.device_ids if d not in lost_ids]
+                for key, builder in (build_verify_program(len(holders), old_layout.shard_size, "device"),
+                                     build_verify_program(len(holders), old_layout.shard_size, self.memory)):
+                    self.cache.get(key[0], key[1], holders, builder)
+            try:
+                plan = plan_transfers(old_layout, new_ids, lost_ids, use_replicas=bool(lost))
+            except UnrecoverableError:
+                return
+            precompile_plan(self.cache, plan, self.memory, by_id)
+
         def job():
+            later = []
             for act, lost in likely:
+                small(act, lost)
+                if self._has_step_size(act):
+                    self._step_exe(act)
+                else:
+                    later.append(act)
+            for act in later:
                 self._step_exe(act)
-                self._layout_programs(act)
-                new_ids = [self.devices[i].id for i in act]
-                lost_ids = [self.devices[i].id for i in lost]
-                if self.cfg.elastic.snapshot and lost:
-                    holders = [by_id[d] for d in old_layout.device_ids if d not in lost_ids]
-                    for key, builder in (build_verify_program(len(holders), old_layout.shard_size, "device"),
-                                         build_verify_program(len(holders), old_layout.shard_size, self.memory)):
-                        self.cache.get(key[0], key[1], holders, builder)
-                try:
-                    plan = plan_transfers(old_layout, new_ids, lost_ids)
-                except UnrecoverableError:
-                    continue
-                precompile_plan(self.cache, plan, self.memory, by_id)
 
         self.cache.background(job)
+
+    def _has_step_size(self, act: Sequence[int]) -> bool:
+        return self.cache.has_size("elastic_step", self._spec(self._plan(act)), len(act))
 
     # ------------------------------------------------------------------ state
     def _setup_mesh(self) -> None:
@@ -507,8 +522,9 @@ class ElasticTrainer(Trainer):
                             if f.copy == "primary":
                                 self._flat = snap.primary
                             self._record_event(s, {"event": "bitflip_injected", "copy": f.copy, "shard": f.shard})
+                lr = self.lr(self._count)
                 new_flat, _, metrics = exe(self._flat, np.int32(self._count), tok, ex, np.int32(s),
-                                           idx, act, n_valid)
+                                           idx, act, n_valid, lr)
                 # boundary s+1: did step s survive?
                 fails = []
                 if s not in self._done_fail_checks:
@@ -543,7 +559,7 @@ class ElasticTrainer(Trainer):
                     self._pending_recovery = None
                 ck = m["param_checksum"]
                 rec = StepRecord(step=s, loss=float(m["loss"]), grad_norm=float(m["grad_norm"]),
-                                 lr=float(m["lr"]), num_devices=len(self.active), step_time_s=step_time,
+                                 lr=float(lr), num_devices=len(self.active), step_time_s=step_time,
                                  param_checksum=f"{int(ck[0]):08x}{int(ck[1]):08x}",
                                  events=self._step_events)
                 self._step_events = []
