@@ -9,7 +9,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-MAX_STOP_STRINGS = 8
+MAX_STOP_STRINGS = 4  # as the OpenAI API
 
 
 @dataclasses.dataclass(frozen=True)

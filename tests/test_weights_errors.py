@@ -111,12 +111,8 @@ def test_layer_out_of_range_is_named(broken_folder):
 @pytest.mark.parametrize("name,bad_shape,want_shape", [
     ("model.norm.weight", (31,), (32,)),
     ("model.embed_tokens.weight", (95, 32), (96, 32)),
-    pytest.param("model.layers.0.mlp.gate_proj.weight", (40, 32), (48, 32), marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError, reason="bug: weights._hf_tensor checks the shape after transposing, so the message "
-                            "reports the file's (40, 32) as (32, 40)")),
-    pytest.param("model.layers.0.self_attn.q_proj.weight", (16, 32), (32, 32), marks=pytest.mark.xfail(
-        strict=True, raises=ValueError, reason="bug: weights._hf_tensor reshapes q/k/v/o before any shape check, so a wrong "
-                            "shape raises numpy's bare 'cannot reshape array' without the tensor name")),
+    ("model.layers.0.mlp.gate_proj.weight", (40, 32), (48, 32)),
+    ("model.layers.0.self_attn.q_proj.weight", (16, 32), (32, 32)),
 ])
 def test_wrong_shape_names_tensor_and_both_shapes(broken_folder, name, bad_shape, want_shape):
     folder = broken_folder(lambda t: t.update({name: np.zeros(bad_shape, np.float32)}))

@@ -104,27 +104,35 @@ def _hf_tensor(asm: _Assembler, name: str, w: np.ndarray) -> bool:
         return False
     i, rest = int(m.group(1)), m.group(2)
     heads = {"q": Hq, "k": Hkv, "v": Hkv}
+    lay = asm.shapes["layers"]
+
+    def t(key):  # a [out, in] linear stored transposed
+        return lambda: tuple(reversed(lay[key][1:]))
+
+    # HF name -> (our key, transform, the shape the file must have)
     simple = {
-        "input_layernorm.weight": ("attn_norm", lambda x: x),
-        "post_attention_layernorm.weight": ("mlp_norm", lambda x: x),
-        "self_attn.o_proj.weight": ("wo", lambda x: x.T.reshape(Hq, Dh, D)),
-        "mlp.gate_proj.weight": ("w_gate", lambda x: x.T),
-        "mlp.up_proj.weight": ("w_up", lambda x: x.T),
-        "mlp.down_proj.weight": ("w_down", lambda x: x.T),
-        "block_sparse_moe.gate.weight": ("router", lambda x: x.T),
-        "mlp.gate.weight": ("router", lambda x: x.T),
-        "mlp.shared_expert.gate_proj.weight": ("ws_gate", lambda x: x.T),
-        "mlp.shared_expert.up_proj.weight": ("ws_up", lambda x: x.T),
-        "mlp.shared_expert.down_proj.weight": ("ws_down", lambda x: x.T),
-        "mlp.shared_expert_gate.weight": ("ws_router", lambda x: x.reshape(-1)),
+        "input_layernorm.weight": ("attn_norm", lambda x: x, lambda: (D,)),
+        "post_attention_layernorm.weight": ("mlp_norm", lambda x: x, lambda: (D,)),
+        "self_attn.o_proj.weight": ("wo", lambda x: x.T.reshape(Hq, Dh, D), lambda: (D, Hq * Dh)),
+        "mlp.gate_proj.weight": ("w_gate", lambda x: x.T, t("w_gate")),
+        "mlp.up_proj.weight": ("w_up", lambda x: x.T, t("w_up")),
+        "mlp.down_proj.weight": ("w_down", lambda x: x.T, t("w_down")),
+        "block_sparse_moe.gate.weight": ("router", lambda x: x.T, t("router")),
+        "mlp.gate.weight": ("router", lambda x: x.T, t("router")),
+        "mlp.shared_expert.gate_proj.weight": ("ws_gate", lambda x: x.T, t("ws_gate")),
+        "mlp.shared_expert.up_proj.weight": ("ws_up", lambda x: x.T, t("ws_up")),
+        "mlp.shared_expert.down_proj.weight": ("ws_down", lambda x: x.T, t("ws_down")),
+        "mlp.shared_expert_gate.weight": ("ws_router", lambda x: x.reshape(-1), lambda: (1, D)),
     }
     for p in "qkv":
-        simple[f"self_attn.{p}_proj.weight"] = (f"w{p}", lambda x, n=heads[p]: x.T.reshape(D, n, Dh))
-        simple[f"self_attn.{p}_proj.bias"] = (f"b{p}", lambda x, n=heads[p]: x.reshape(n, Dh))
+        n = heads[p]
+        simple[f"self_attn.{p}_proj.weight"] = (f"w{p}", lambda x, n=n: x.T.reshape(D, n, Dh), lambda n=n: (n * Dh, D))
+        simple[f"self_attn.{p}_proj.bias"] = (f"b{p}", lambda x, n=n: x.reshape(n, Dh), lambda n=n: (n * Dh,))
     if rest in simple:
-        key, fn = simple[rest]
-        if cfg.is_moe and key in ("router",) and "router" not in asm.shapes["layers"]:
+        key, fn, file_shape = simple[rest]
+        if key not in lay:
             return False
+        _check_shape(name, w.shape, file_shape())
         asm.layer(key, i, fn(w), name)
         return True
     # per-expert tensors: Mixtral w1/w2/w3, Qwen2-MoE gate/up/down
@@ -133,6 +141,9 @@ def _hf_tensor(asm: _Assembler, name: str, w: np.ndarray) -> bool:
         e, kind = int(m2.group(1)), m2.group(2)
         key = {"w1": "we_gate", "gate_proj": "we_gate", "w3": "we_up", "up_proj": "we_up",
                "w2": "we_down", "down_proj": "we_down"}[kind]
+        if key not in asm.shapes["layers"]:
+            return False
+        _check_shape(name, w.shape, tuple(reversed(asm.shapes["layers"][key][2:])))
         asm.layer(key, i, w.T, name, expert=e)
         return True
     # fused experts (transformers 5 layout): gate_up_proj [E, 2F, D], down_proj [E, D, F]
