@@ -177,7 +177,7 @@ class Trainer:
                     lambda p: objective.lm_loss_sum(p, tokens_BxT1, keys_B, cfg=cfg.model,
                                                     dropout=cfg.dropout))(state["params"])
             grads = jax.tree.map(lambda g: g / n_valid, grads)
-            g_norm = optax.global_norm(grads)
+            g_norm = optax.tree.norm(grads)
             grads = clip_by_norm(grads, g_norm, cfg.optim.clip_norm)
             params = state["params"]
             decay_in = jax.tree.map(lambda p, m: p if m else jnp.zeros_like(p), params, mask)
