@@ -128,7 +128,7 @@ class CostModel:
 # CPU entries: measured with `jaxsys bench attention` on a 2-core AMD EPYC (Zen 4) VM,
 # jax 0.10.2, fp32, Hq=32, Hkv=8, head_dim=128, page_size=16 (see
 # benchmarks/results/attention.json, sections "tuning" and "calibration").
-_CPU_DEFAULT_BLOCKS = BlockSizes(chunk_pages=64, query_block=16, split_pages=64)
+_CPU_DEFAULT_BLOCKS = BlockSizes(chunk_pages=64, query_block=32, split_pages=16)
 _GPU_DEFAULT_BLOCKS = BlockSizes(chunk_pages=16, query_block=4, split_pages=16,
                                  pages_per_compute_block=4, num_warps=4, num_stages=2)
 
@@ -145,12 +145,15 @@ TUNED_BLOCK_SIZES: dict[str, dict[tuple, BlockSizes]] = {
 
 DEFAULT_BLOCK_SIZES: dict[str, BlockSizes] = {"cpu": _CPU_DEFAULT_BLOCKS, "gpu": _GPU_DEFAULT_BLOCKS}
 
-# CPU: from the benchmark's calibration sweep (see CostModel and benchmarks/attention.py).
+# CPU: the benchmark's calibration (benchmarks/attention.py `calibrate`, JSON section
+# "calibration"): the same star trees timed plain and shared, kappa(s) = (seconds per shared
+# chunk token) / (seconds per plain request-token). A long node is shared from R = 2 on.
 _CPU_COST = CostModel(
-    shared_token_cost=((4, 1.0), (16, 2.0), (32, 4.0)),
+    shared_token_cost=((2, 1.334), (4, 1.609), (8, 2.289), (16, 3.505), (32, 6.391)),
     item_overhead=0.0,
     step_overhead=0.0,
-    source="placeholder until calibrated",
+    source="cpu: 2-core AMD EPYC (Zen 4) VM, jax 0.10.2, fp32 Hq=32 Hkv=8 D=128 page 16, "
+           "chunk 64 x 32 requests; jaxsys bench attention calibration, 2026-11-26",
 )
 # untuned: no GPU run yet. Decode attention on a GPU is bandwidth bound at these block sizes
 # (a 16-row tile of a 64x128 fp32 K tile is ~4 flop/byte, far below the H100's ~20 flop/byte
