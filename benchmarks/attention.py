@@ -228,9 +228,9 @@ class Runner:
             self.splitkv = jax.jit(lambda q, k, v, pt, ln: spa.paged_attention(q, k, v, pt, ln, block_sizes=bs))
         else:
             self.ours = jax.jit(lambda q, k, v, s: spa.shared_prefix_attention_xla(
-                q, k, v, s, pages_per_split=bs.split_pages))
+                q, k, v, s, block_sizes=bs))
             self.splitkv = jax.jit(lambda q, k, v, pt, ln: spa.paged_attention_xla(
-                q, k, v, pt, ln, pages_per_split=bs.split_pages))
+                q, k, v, pt, ln, block_sizes=bs))
         self.naive = jax.jit(lambda q, k, v, ln: naive_decode(q, k, v, ln, sm_scale=self.scale))
 
     def pools(self, total_pages, seed):
@@ -414,7 +414,7 @@ def _ours_fn(runner: Runner, bs, q, k_pages, v_pages, step):
     if runner.gpu:
         f = jax.jit(lambda q, k, v, s: spa.shared_prefix_attention(q, k, v, s, block_sizes=bs))
     else:
-        f = jax.jit(lambda q, k, v, s: spa.shared_prefix_attention_xla(q, k, v, s, pages_per_split=bs.split_pages))
+        f = jax.jit(lambda q, k, v, s: spa.shared_prefix_attention_xla(q, k, v, s, block_sizes=bs))
     jax.block_until_ready(f(q, k_pages, v_pages, step))
     return lambda: f(q, k_pages, v_pages, step)
 

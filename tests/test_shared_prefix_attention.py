@@ -162,7 +162,7 @@ def test_xla_matches_reference(name, force):
     plan, q = _plan(tree, q, force, bs)
     if force == "plain" or (force == "share" and name in ("chain_no_sharing", "single_request")):
         assert not plan.use_sharing
-    out = shared_prefix_attention_xla(q, k, v, plan.step, pages_per_split=bs.split_pages)
+    out = shared_prefix_attention_xla(q, k, v, plan.step, block_sizes=bs)
     _tol_check(out, _reference(tree, q, k, v), v, jnp.float32)
 
 
@@ -171,7 +171,7 @@ def test_xla_matches_reference_bf16(name):
     tree, q, k, v = _setup(name, jnp.bfloat16)
     bs = kernel_block_sizes(tree.page_size)
     plan, q = _plan(tree, q, "share", bs)
-    out = shared_prefix_attention_xla(q, k, v, plan.step, pages_per_split=bs.split_pages)
+    out = shared_prefix_attention_xla(q, k, v, plan.step, block_sizes=bs)
     assert out.dtype == jnp.bfloat16
     _tol_check(out, _reference(tree, q, k, v), v, jnp.bfloat16)
 
@@ -201,7 +201,7 @@ def test_padding_requests_get_zeros():
     bs = kernel_block_sizes(tree.page_size)
     plan, qp = _plan(tree, q, "share", bs)
     assert plan.shape.num_requests > tree.num_requests
-    for out in (shared_prefix_attention_xla(qp, k, v, plan.step, pages_per_split=bs.split_pages),
+    for out in (shared_prefix_attention_xla(qp, k, v, plan.step, block_sizes=bs),
                 shared_prefix_attention(qp, k, v, plan.step, block_sizes=bs, interpret=INTERPRET)):
         np.testing.assert_array_equal(np.asarray(out[tree.num_requests:]), 0.0)
 
@@ -223,7 +223,7 @@ def test_paged_attention_matches_reference(page_size, group, split, path):
                     pages_per_compute_block=ppcb)
     if path == "xla":
         out = paged_attention_xla(q, k, v, jnp.asarray(page_indices), jnp.asarray(lengths),
-                                  pages_per_split=split)
+                                  block_sizes=BlockSizes(chunk_pages=1, query_block=1, split_pages=split))
     else:
         out = paged_attention(q, k, v, jnp.asarray(page_indices), jnp.asarray(lengths),
                               block_sizes=bs, interpret=INTERPRET)
@@ -240,8 +240,8 @@ def test_plain_step_equals_paged_attention():
                           head_dim=16, page_size=8, dtype=jnp.float32)
     bs = BlockSizes(chunk_pages=2, query_block=2, split_pages=2, pages_per_compute_block=2)
     step = plain_step(page_indices, lengths, 8, block_sizes=bs)
-    a = shared_prefix_attention_xla(q, k, v, step, pages_per_split=2)
-    b = paged_attention_xla(q, k, v, jnp.asarray(page_indices), jnp.asarray(lengths), pages_per_split=2)
+    a = shared_prefix_attention_xla(q, k, v, step, block_sizes=bs)
+    b = paged_attention_xla(q, k, v, jnp.asarray(page_indices), jnp.asarray(lengths), block_sizes=bs)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=FP32_TOL, rtol=FP32_TOL)
 
 
@@ -261,7 +261,7 @@ def test_same_bucket_does_not_recompile():
                               head_dim=16, page_size=4, dtype=jnp.float32)
         plan = plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE, shape=shape)
         assert plan.shape == shape
-        outs.append(shared_prefix_attention_xla(q, k, v, plan.step, pages_per_split=bs.split_pages))
+        outs.append(shared_prefix_attention_xla(q, k, v, plan.step, block_sizes=bs))
         if before is None:
             before = shared_prefix_attention_xla._cache_size()
     assert shared_prefix_attention_xla._cache_size() == before

@@ -171,6 +171,46 @@ def test_from_page_tables_recovers_the_tree():
     assert got.request_lengths().tolist() == [7, 7, 0]
 
 
+def _shared_tokens(tree, a, b):
+    common = set(tree.path(a)) & set(tree.path(b))
+    return sum(int(tree.node_lens[n]) for n in common)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), depth=st.integers(0, 3), fanout=st.integers(1, 4),
+       page_size=st.sampled_from([1, 4, 16]), internal=st.integers(0, 2))
+def test_from_page_tables_property(seed, depth, fanout, page_size, internal):
+    """For page-aligned trees (a paged radix cache shares whole pages), the inferred tree gives
+    every request the same tokens and every pair of requests the same shared prefix."""
+    rng = np.random.default_rng(seed)
+    tree, _ = make_tree(rng, depth=depth, fanout=fanout, page_size=page_size, node_tokens=(1, 9),
+                        suffix_tokens=(0, 30), requests_at_internal=internal)
+    # Make inner nodes page aligned (whole pages), keeping each node's first pages.
+    lens = tree.node_lens.copy()
+    is_leaf_node = np.ones(tree.num_nodes, bool)
+    is_leaf_node[tree.node_parent[tree.node_parent >= 0]] = False
+    for n in range(tree.num_nodes):
+        if not is_leaf_node[n]:
+            lens[n] = tree.node_pages[n].shape[0] * page_size
+    tree = PrefixTree(page_size=page_size, node_parent=tree.node_parent, node_pages=tree.node_pages,
+                      node_lens=lens, request_nodes=tree.request_nodes)
+    tables = [np.concatenate([tree.node_pages[n] for n in tree.path(r)] + [np.zeros(0, np.int32)])
+              for r in range(tree.num_requests)]
+    got = PrefixTree.from_page_tables(tables, tree.request_lengths(), page_size)
+    assert np.all(got.request_lengths() == tree.request_lengths())
+    for r in range(tree.num_requests):
+        assert _tokens_of_request(got, r) == _tokens_of_request(tree, r)
+        for r2 in range(r + 1, tree.num_requests):
+            assert _shared_tokens(got, r, r2) == _shared_tokens(tree, r, r2)
+    padded = np.zeros((len(tables), max([len(t) for t in tables] + [1]) + 2), np.int32)
+    for r, t in enumerate(tables):
+        padded[r, :len(t)] = t
+    again = PrefixTree.from_page_tables(padded, tree.request_lengths(), page_size)
+    assert again.num_nodes == got.num_nodes
+    bs = BlockSizes(chunk_pages=2, query_block=2, split_pages=2)
+    check_plan_invariants(got, plan_step(got, block_sizes=bs, cost_model=ALWAYS_SHARE), bs)
+
+
 def test_plan_from_page_tables_matches_reference():
     rng = np.random.default_rng(11)
     ps = 4
@@ -187,7 +227,7 @@ def test_plan_from_page_tables_matches_reference():
     assert plan.use_sharing and len(plan.shared_nodes) == 2
     q, k, v = make_inputs(rng, num_requests=plan.shape.num_requests, total_pages=100, num_kv_heads=2,
                           group=2, head_dim=16, page_size=ps, dtype=jnp.float32)
-    out = shared_prefix_attention_xla(q, k, v, plan.step, pages_per_split=bs.split_pages)
+    out = shared_prefix_attention_xla(q, k, v, plan.step, block_sizes=bs)
     table = np.stack([np.pad(t, (0, 16 - len(t))) for t in tables])
     ref = paged_attention_reference(q[:5], k, v, table, np.array(lengths))
     _tol_check(out[:5], np.asarray(ref)[:5], v, jnp.float32)

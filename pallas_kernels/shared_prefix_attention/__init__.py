@@ -1,24 +1,40 @@
 """Shared-prefix decode attention (FlashForge / CoDec, arXiv 2505.17694).
 
-Decode requests that share a prefix share KV: this op reads each shared KV chunk once for all
-requests below it in the prefix tree, computes partial (output, log-sum-exp) per chunk and
-merges partials by LSE, instead of streaming the shared KV once per request. Compare
-FlashInfer's cascade attention and Hydragen.
+Decode requests that share a prefix share KV. This op reads each shared KV chunk once for all
+requests below it in the prefix tree (one matrix product of the chunk against their stacked
+queries), computes partial (output, log-sum-exp) results per chunk, and merges partials by LSE,
+instead of streaming the shared KV once per request. Compare FlashInfer's cascade attention
+and Hydragen, which do this for one shared level; here the tree has any depth.
 
-Per decode step, on the host (numpy, O(batch)):
+Engine integration, once per decode step:
 
-    tree = PrefixTree(page_size=..., node_parent=..., node_pages=..., node_lens=...,
-                      request_nodes=...)          # or PrefixTree.from_page_tables(...)
-    plan = plan_step(tree, block_sizes=get_block_sizes(...), cost_model=get_cost_model(...))
+    # Host (numpy, no jax): the batch's prefix tree, straight from the radix cache ...
+    tree = PrefixTree(page_size=16,
+                      node_parent=parents,        # i32[N], -1 for roots
+                      node_pages=pages_per_node,  # N int arrays of physical page ids
+                      node_lens=tokens_per_node,  # i32[N]
+                      request_nodes=leaf_of_each_request)  # i32[B], row r of q = request r
+    # ... or inferred from plain page tables (equal physical pages = shared KV), O(B * P):
+    tree = PrefixTree.from_page_tables(page_tables, lengths, page_size=16)
 
-and on the device, inside the engine's jitted decode step (one layer's paged cache
-k_pages/v_pages: [num_kv_heads, total_num_pages, page_size, head_dim]):
+    platform = jax.devices()[0].platform
+    bs = get_block_sizes(platform, num_q_heads // num_kv_heads, head_dim, 16, "bfloat16")
+    plan = plan_step(tree, block_sizes=bs, cost_model=get_cost_model(platform),
+                     shape=bucket_shape)  # optional: the engine's precompiled StepShape
+    step = plan.step  # SharedPrefixStep: six int32 arrays, static shapes
 
-    out = shared_prefix_attention_xla(q, k_pages, v_pages, plan.step, pages_per_split=...)  # CPU
-    out = shared_prefix_attention(q, k_pages, v_pages, plan.step, block_sizes=...)        # GPU
+    # Device, inside the jitted decode step, for each layer's paged cache
+    # k_pages / v_pages: [num_kv_heads, total_num_pages, page_size, head_dim]:
+    out = shared_prefix_attention_xla(q, k_pages, v_pages, step, block_sizes=bs)  # CPU / any
+    out = shared_prefix_attention(q, k_pages, v_pages, step, block_sizes=bs)      # GPU (Pallas)
+    # q: [B, num_q_heads, head_dim] -> out: [B, num_q_heads, head_dim]; B = plan.shape.num_requests
 
-`paged_attention_xla` / `paged_attention` are the plain split-KV paged decode (the fallback the
-balancer picks when sharing does not pay), and the `*_reference` functions are the truth.
+The step is the same for every layer, so it is built once and closed over by the layer scan.
+Its shapes (`StepShape`) are bucketed to powers of two, so steady-state serving reuses a few
+compiled functions; pass `shape=` to pin them. When sharing does not pay (the cost model,
+measured by `benchmarks/attention.py`, says so) the step has no work items and both functions
+run plain split-KV paged decode, also available on its own as `paged_attention_xla` /
+`paged_attention` (classic page tables + lengths). The `*_reference` functions are the truth.
 """
 
 from .balancer import PrefixTree as PrefixTree

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from .balancer import SharedPrefixStep
+from .tuned_block_sizes import BlockSizes
 
 __all__ = ["shared_prefix_attention_xla", "paged_attention_xla"]
 
@@ -157,7 +158,9 @@ def _shared_partials(q_bhgd, k_pages, v_pages, step: SharedPrefixStep, sm_scale)
     return o, lse
 
 
-def _check(q, k_pages, v_pages, step: SharedPrefixStep, pages_per_split):
+def _check(q, k_pages, v_pages, step: SharedPrefixStep, block_sizes):
+    if not isinstance(block_sizes, BlockSizes):
+        raise TypeError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
     if q.ndim != 3 or k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
         raise ValueError(f"expected q [B, Hq, D] and k/v_pages [Hkv, NP, ps, D], got q {q.shape}, "
                          f"k_pages {k_pages.shape}, v_pages {v_pages.shape}")
@@ -176,9 +179,9 @@ def _check(q, k_pages, v_pages, step: SharedPrefixStep, pages_per_split):
                          f"{ {k: getattr(v, 'shape', None) for k, v in step._asdict().items()} }")
 
 
-@functools.partial(jax.jit, static_argnames=("pages_per_split", "sm_scale"))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "sm_scale"))
 def shared_prefix_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-                                step: SharedPrefixStep, *, pages_per_split: int,
+                                step: SharedPrefixStep, *, block_sizes: BlockSizes,
                                 sm_scale: float | None = None) -> jax.Array:
     """Decode attention over a prefix tree, reading each shared KV chunk once (XLA path).
 
@@ -192,20 +195,21 @@ def shared_prefix_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.A
         item_pages i32[W, C], item_page_lens i32[W, C], item_queries i32[W, Qb],
         private_pages i32[B, Pp], private_page_lens i32[B, Pp], merge_rows i32[B, M].
         W = 0 runs plain paged decode.
-      pages_per_split: pages per split of the private (plain) part (the last split is padded).
+      block_sizes: `BlockSizes` (static); uses split_pages (pages per split of the private,
+        plain part; the last split is padded). C and Qb come from the step's shapes.
       sm_scale: softmax scale, default 1/sqrt(head_dim).
 
     Returns:
       [B, num_q_heads, head_dim] in q's dtype; padding requests (no pages) get zeros.
     """
-    _check(q, k_pages, v_pages, step, pages_per_split)
+    _check(q, k_pages, v_pages, step, block_sizes)
     b, hq, d = q.shape
     hkv = k_pages.shape[0]
     g = hq // hkv
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
     q_bhgd = q.astype(k_pages.dtype).reshape(b, hkv, g, d)
     o, lse = _private_partials(q_bhgd, k_pages, v_pages, step.private_pages,
-                               step.private_page_lens, pages_per_split, scale)
+                               step.private_page_lens, block_sizes.split_pages, scale)
     if step.item_pages.shape[0] > 0 and step.merge_rows.shape[1] > 0:
         o_sh, lse_sh = _shared_partials(q_bhgd, k_pages, v_pages, step, scale)
         o = jnp.concatenate([o, o_sh[step.merge_rows]], axis=1)  # [B, S + M, Hkv, G, D]
@@ -213,9 +217,9 @@ def shared_prefix_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.A
     return _merge_partials(o, lse, axis=1).reshape(b, hq, d).astype(q.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("pages_per_split", "sm_scale"))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "sm_scale"))
 def paged_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-                        page_indices: jax.Array, lengths: jax.Array, *, pages_per_split: int,
+                        page_indices: jax.Array, lengths: jax.Array, *, block_sizes: BlockSizes,
                         sm_scale: float | None = None) -> jax.Array:
     """Plain split-KV paged decode attention (no sharing), FlashDecoding-style (XLA path).
 
@@ -225,12 +229,15 @@ def paged_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
       v_pages: [num_kv_heads, total_num_pages, page_size, head_dim].
       page_indices: i32[B, pages_per_sequence] physical pages of each request.
       lengths: i32[B] tokens of each request (0 for a padding request: zeros out).
-      pages_per_split: pages per KV split; each split gives one (output, LSE) partial.
+      block_sizes: `BlockSizes` (static); uses split_pages, the pages per KV split (each split
+        gives one (output, LSE) partial).
       sm_scale: softmax scale, default 1/sqrt(head_dim).
 
     Returns:
       [B, num_q_heads, head_dim] in q's dtype.
     """
+    if not isinstance(block_sizes, BlockSizes):
+        raise TypeError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
     b, hq, d = q.shape
     hkv, _, ps, _ = k_pages.shape
     pp = page_indices.shape[1]
@@ -242,5 +249,5 @@ def paged_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
     q_bhgd = q.astype(k_pages.dtype).reshape(b, hkv, g, d)
     o, lse = _private_partials(q_bhgd, k_pages, v_pages, page_indices, page_lens.astype(jnp.int32),
-                               pages_per_split, scale)
+                               block_sizes.split_pages, scale)
     return _merge_partials(o, lse, axis=1).reshape(b, hq, d).astype(q.dtype)
