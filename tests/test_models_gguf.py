@@ -12,9 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import smollm2_path
+from helpers import smollm2_path, torch_threads
 
 GGUF_ATOL = 1e-3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    with torch_threads(1):
+        yield
+
 
 PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
           "combined movable metal type, oil-based inks and a wooden press adapted from wine making. "

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import hf_config, hf_logits, hf_model, jit_forward, our_logits, random_ids, save_and_load
+from helpers import hf_config, hf_logits, hf_model, jit_forward, our_logits, random_ids, save_and_load, torch_threads
 from jaxsys.models import decoder, layers, weights
 from jaxsys.models.config import ModelConfig, RopeScaling, rope_inv_freq
 from jaxsys.models.kv_cache import AttentionMetadata, KVCache, init_cache
@@ -42,6 +42,12 @@ def _assert_close(ours, ref, atol, what=""):
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     err = float(np.max(np.abs(ours - ref)))
     assert err <= atol, f"{what}: max |ours - HF| = {err:.3g} > {atol} (|HF| max {np.max(np.abs(ref)):.3g})"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    with torch_threads(1):
+        yield
 
 
 # ---------------------------------------------------------------------- whole-model parity

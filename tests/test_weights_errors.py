@@ -15,12 +15,18 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from helpers import hf_logits, hf_model, our_logits, random_ids, smollm2_path
+from helpers import hf_logits, hf_model, our_logits, random_ids, smollm2_path, torch_threads
 from jaxsys.models import ModelNotFoundError, load_model, registry, weights
 from jaxsys.models.config import ConfigError
 from jaxsys.models.weights import WeightError
 
 MODEL_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
