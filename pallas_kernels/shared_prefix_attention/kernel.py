@@ -84,7 +84,7 @@ def _validate(q, k_pages, v_pages, block_sizes: BlockSizes, interpret: bool):
                              f"for the Triton kernel")
 
 
-def _validate_step(q, step: SharedPrefixStep, block_sizes: BlockSizes):
+def _validate_step(q, k_pages, step: SharedPrefixStep, block_sizes: BlockSizes, interpret: bool):
     b = q.shape[0]
     w, c = step.item_pages.shape
     if (step.item_page_lens.shape != (w, c) or step.item_queries.shape[0] != w
@@ -95,8 +95,12 @@ def _validate_step(q, step: SharedPrefixStep, block_sizes: BlockSizes):
                          f"{ {k: getattr(v, 'shape', None) for k, v in step._asdict().items()} }")
     if c & (c - 1):
         raise ValueError(f"chunk pages ({c}) must be a power of two")
-    if w and c % min(block_sizes.pages_per_compute_block, c):
+    ppcb = min(block_sizes.pages_per_compute_block, c)
+    if w and c % ppcb:
         raise ValueError(f"chunk pages ({c}) must be a multiple of pages_per_compute_block")
+    if w and not interpret and ppcb * k_pages.shape[2] < _MIN_DOT:
+        raise ValueError(f"chunk pages ({c}) x page_size ({k_pages.shape[2]}) must give tiles of >= "
+                         f"{_MIN_DOT} tokens for the Triton kernel")
 
 
 # -- kernel bodies -------------------------------------------------------------------------------
@@ -350,7 +354,7 @@ def shared_prefix_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
       [B, num_q_heads, head_dim] in q's dtype; padding requests (no pages) get zeros.
     """
     _validate(q, k_pages, v_pages, block_sizes, interpret)
-    _validate_step(q, step, block_sizes)
+    _validate_step(q, k_pages, step, block_sizes, interpret)
     b, hq, d = q.shape
     hkv = k_pages.shape[0]
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
