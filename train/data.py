@@ -6,8 +6,10 @@ order is stored in checkpoints beyond the step.
 
 Sources (`data.source`):
 
-* `synthetic`: a repeated random pattern per sample (period 2-8, random tokens); the model can
-  learn to continue it (an induction task), so losses fall within tens of steps. For tests/demos.
+* `synthetic`: walks of a fixed random Markov chain over the vocabulary (each token has 4
+  possible successors; the chain is seeded by the data seed, each walk by (seed, index)). The
+  model can learn the transitions quickly, so the loss falls visibly within tens of steps (from
+  ln V toward the chain's entropy, about 1 nat). For tests and demos.
 * `tokens`: pre-tokenized files: `.npy` arrays, or raw `.bin` files of `data.token_dtype`
   (nanoGPT-style uint16). Files are concatenated into one token stream.
 * `text`: UTF-8 text files tokenized on load, with `data.tokenizer` = `bytes` (ids 0-255, 256
@@ -38,15 +40,23 @@ class DataSource(Protocol):
 
 
 class SyntheticSource:
-    def __init__(self, *, vocab_size: int, seq_len: int, seed: int = 0):
+    """Walks of a seeded random Markov chain with `fanout` successors per token."""
+
+    def __init__(self, *, vocab_size: int, seq_len: int, seed: int = 0, fanout: int = 4):
         self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
+        rng = np.random.default_rng([seed, 2**31])
+        self.successors = rng.integers(0, vocab_size, (vocab_size, fanout))
+        self.cum = np.cumsum(rng.dirichlet(np.ones(fanout), vocab_size), axis=1)
 
     def sample(self, index: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, index])
-        period = int(rng.integers(2, 9))
-        pattern = rng.integers(1, self.vocab_size, period)
-        shift = int(rng.integers(0, period))
-        return np.resize(np.roll(pattern, shift), self.seq_len + 1).astype(np.int32)
+        u = rng.random(self.seq_len)
+        out = np.empty(self.seq_len + 1, np.int32)
+        out[0] = rng.integers(0, self.vocab_size)
+        for t in range(self.seq_len):
+            row = out[t]
+            out[t + 1] = self.successors[row, min(int(np.searchsorted(self.cum[row], u[t])), self.cum.shape[1] - 1)]
+        return out
 
 
 class StreamSource:

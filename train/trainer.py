@@ -306,11 +306,11 @@ class Trainer:
                 records.append(self._finish(pending, writer, bar))
             if self.ckpt is not None and end > start and (not cfg.checkpoint.every or end % cfg.checkpoint.every):
                 self.save(end)
-            if self.ckpt is not None:
-                self.ckpt.wait()
         finally:
             bar.close()
             writer.close()
+            if self.ckpt is not None:  # never leave a started save behind
+                self.ckpt.wait()
         return TrainResult(records, [], start, end)
 
     def _finish(self, pending, writer: MetricsWriter, bar) -> StepRecord:

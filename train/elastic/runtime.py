@@ -188,19 +188,19 @@ class ElasticTrainer(Trainer):
                              build_verify_program(n, S, self.memory)):
             self.cache.get(key[0], key[1], devs, builder)
 
-    def _likely_sets(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-        """(device set, lost devices) pairs worth compiling for ahead of time."""
+    def _likely_sets(self) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """(from set, to set, lost devices) transitions worth compiling for ahead of time."""
         policy = self.cfg.elastic.precompile
         cur = tuple(self.active)
         out = []
         if policy == "single_loss":
             if len(cur) > 1:
-                out += [(tuple(i for i in cur if i != d), (d,)) for d in cur]
-            out += [(tuple(sorted(cur + (d,))), ()) for d in range(len(self.devices)) if d not in cur]
+                out += [(cur, tuple(i for i in cur if i != d), (d,)) for d in cur]
+            out += [(cur, tuple(sorted(cur + (d,))), ()) for d in range(len(self.devices)) if d not in cur]
         elif policy == "scheduled":
             sets = self.schedule.device_sets(len(self.devices), start_step=self.step, initial=cur)
-            out += [(b, tuple(sorted(set(a) - set(b)))) for a, b in zip(sets, sets[1:])]
-        return [(s, lost) for s, lost in out if s != cur]
+            out += [(a, b, tuple(sorted(set(a) - set(b)))) for a, b in zip(sets, sets[1:])]
+        return out
 
     def _precompile(self) -> None:
         """Compile (or retarget) the programs of the likely next device sets in the background:
@@ -209,10 +209,10 @@ class ElasticTrainer(Trainer):
         if self.cfg.elastic.precompile == "none":
             return
         likely = self._likely_sets()
-        old_layout = self._layout(self.active)
         by_id = {d.id: d for d in self.devices}
 
-        def small(act, lost):
+        def small(src, act, lost):
+            old_layout = self._layout(src)
             self._layout_programs(act)
             new_ids = [self.devices[i].id for i in act]
             lost_ids = [self.devices[i].id for i in lost]
@@ -229,8 +229,8 @@ class ElasticTrainer(Trainer):
 
         def job():
             later = []
-            for act, lost in likely:
-                small(act, lost)
+            for src, act, lost in likely:
+                small(src, act, lost)
                 if self._has_step_size(act):
                     self._step_exe(act)
                 else:
@@ -577,10 +577,10 @@ class ElasticTrainer(Trainer):
                     on_step(s - 1, self)
             if self.ckpt is not None and end > start and (not cfg.checkpoint.every or end % cfg.checkpoint.every):
                 self.save(end)
-            if self.ckpt is not None:
-                self.ckpt.wait()
         finally:
             self._bar.close()
             self._bar = None
             writer.close()
+            if self.ckpt is not None:  # never leave a started save behind
+                self.ckpt.wait()
         return TrainResult(records, list(self.events), start, end)
