@@ -182,7 +182,7 @@ def make_counting(*, num_graphs: int = 1500, seed: int = 0, min_nodes: int = 10,
 # Shared-data sets
 
 
-def _read_graphsat(path: Path, name: str) -> Dataset:
+def _read_graphsat(path: Path, name: str, **policy) -> Dataset:
     """EXP / CEXP: first line = #graphs; per graph `n label`, then n lines `lab deg nbr...`."""
     tokens = path.read_text().split("\n")
     it = iter(tokens)
@@ -198,12 +198,12 @@ def _read_graphsat(path: Path, name: str) -> Dataset:
             for u in row[2:2 + row[1]]:
                 edges.append((v, u))
         graphs.append(Graph.create(n, np.asarray(edges, np.int64).reshape(-1, 2),
-                                   x=_one_hot(labels, 2), y=label, symmetric=True))
+                                   x=_one_hot(labels, 2), y=label, symmetric=True, **policy))
     return Dataset(name, graphs, "classification", 2,
                    groups=np.arange(count) // 2)
 
 
-def _read_sr25() -> Dataset:
+def _read_sr25(**policy) -> Dataset:
     import networkx as nx
 
     graphs = []
@@ -211,7 +211,7 @@ def _read_sr25() -> Dataset:
         if not line.strip():
             continue
         g = nx.from_graph6_bytes(line.strip())
-        graphs.append(Graph.create(g.number_of_nodes(), list(g.edges()), y=i))
+        graphs.append(Graph.create(g.number_of_nodes(), list(g.edges()), y=i, **policy))
     return Dataset("sr25", graphs, "none", len(graphs))
 
 
@@ -233,7 +233,7 @@ def brec_pairs(category: str) -> list[tuple[Graph, Graph]]:
     return out
 
 
-def _read_tu(name: str) -> Dataset:
+def _read_tu(name: str, **policy) -> Dataset:
     root = _gnn_file("tu", name)
     a = np.loadtxt(root / f"{name}_A.txt", delimiter=",", dtype=np.int64).reshape(-1, 2) - 1
     gid = np.loadtxt(root / f"{name}_graph_indicator.txt", dtype=np.int64).reshape(-1) - 1
@@ -254,14 +254,15 @@ def _read_tu(name: str) -> Dataset:
         lo = starts[g]
         e = a[e_starts[g]:e_starts[g + 1]] - lo
         x = _one_hot(nlab[lo:lo + counts[g]], n_node_labels)
-        graphs.append(Graph.create(int(counts[g]), e, x=x, y=int(y[g]), symmetric=True))
+        graphs.append(Graph.create(int(counts[g]), e, x=x, y=int(y[g]), symmetric=True,
+                                   **policy))
     return Dataset(name.lower(), graphs, "classification", len(classes))
 
 
 ZINC_ATOMS = ("C", "N", "O", "F", "S", "Cl", "Br", "I", "P", "B", "Si", "Se", "other")
 
 
-def _read_micro_zinc() -> Dataset:
+def _read_micro_zinc(**policy) -> Dataset:
     import csv
 
     from rdkit import Chem, RDLogger
@@ -285,29 +286,36 @@ def _read_micro_zinc() -> Dataset:
                 feats[i, len(ZINC_ATOMS) + 2] = float(atom.GetTotalNumHs()) / 4.0
             e = [(b.GetBeginAtomIdx(), b.GetEndAtomIdx()) for b in mol.GetBonds()]
             graphs.append(Graph.create(n, np.asarray(e, np.int64).reshape(-1, 2), x=feats,
-                                       y=np.asarray([float(row["score"])], np.float32)))
+                                       y=np.asarray([float(row["score"])], np.float32),
+                                       **policy))
     return Dataset("micro_zinc", graphs, "regression", 1, target_names=("score",))
 
 
-def load_dataset(name: str, *, seed: int = 0) -> Dataset:
-    """Load or generate a dataset by name: one of `DATASETS`."""
+def load_dataset(name: str, *, seed: int = 0, self_loops: str = "error",
+                 multi_edges: str = "error") -> Dataset:
+    """Load or generate a dataset by name (one of `DATASETS`).
+
+    `self_loops` ("error" | "drop") and `multi_edges` ("error" | "merge") apply to graphs read
+    from files (see `normalize_edges`); generated sets are simple by construction.
+    """
+    policy = {"self_loops": self_loops, "multi_edges": multi_edges}
     key = name.lower()
     if key == "csl":
         return make_csl(seed=seed)
     if key == "counting":
         return make_counting(seed=seed)
     if key == "exp":
-        return _read_graphsat(_gnn_file("exp", "GRAPHSAT.txt"), "exp")
+        return _read_graphsat(_gnn_file("exp", "GRAPHSAT.txt"), "exp", **policy)
     if key == "cexp":
-        return _read_graphsat(_gnn_file("cexp", "GRAPHSAT.txt"), "cexp")
+        return _read_graphsat(_gnn_file("cexp", "GRAPHSAT.txt"), "cexp", **policy)
     if key == "sr25":
-        return _read_sr25()
+        return _read_sr25(**policy)
     if key == "mutag":
-        return _read_tu("MUTAG")
+        return _read_tu("MUTAG", **policy)
     if key == "proteins":
-        return _read_tu("PROTEINS")
+        return _read_tu("PROTEINS", **policy)
     if key in ("micro_zinc", "zinc"):
-        return _read_micro_zinc()
+        return _read_micro_zinc(**policy)
     if key.startswith("brec_"):
         pairs = brec_pairs(key[len("brec_"):])
         graphs = [g for p in pairs for g in p]

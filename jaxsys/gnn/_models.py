@@ -48,6 +48,7 @@ def graph_context(graph: jraph.GraphsTuple) -> dict[str, jax.Array]:
     node_mask = jraph.get_node_padding_mask(graph)
     return {
         "senders": graph.senders,
+        "type_sender": graph.edges["type"] * n_total + graph.senders,
         "receivers": graph.receivers,
         "types": graph.edges["type"],
         "weights": graph.edges["weight"],
@@ -79,15 +80,19 @@ class _Layer(nn.Module):
     def __call__(self, h_NxF, ctx, train: bool):
         n_total = h_NxF.shape[0]
         w_R = ctx["weights"].astype(self.dtype)
-        x_RxF = h_NxF[ctx["senders"]]
         if self.typed:
             gamma_TxF = self.param("type_scale", _scale_init, (self.num_types, self.width),
-                                   self.param_dtype)
+                                   self.param_dtype).astype(self.dtype)
             beta_TxF = self.param("type_shift", _shift_init, (self.num_types, self.width),
-                                  self.param_dtype)
-            t_R = ctx["types"]
-            x_RxF = nn.relu(x_RxF * gamma_TxF[t_R].astype(self.dtype)
-                            + beta_TxF[t_R].astype(self.dtype))
+                                  self.param_dtype).astype(self.dtype)
+            # Every (type, node) message once, then one gather per relation: cheaper than
+            # gathering h, gamma and beta per relation (and their three scatter-adds backward).
+            table_TxNxF = nn.relu(h_NxF.reshape(1, n_total, self.width)
+                                  * gamma_TxF.reshape(self.num_types, 1, self.width)
+                                  + beta_TxF.reshape(self.num_types, 1, self.width))
+            x_RxF = table_TxNxF.reshape(self.num_types * n_total, self.width)[ctx["type_sender"]]
+        else:
+            x_RxF = h_NxF[ctx["senders"]]
         msg_RxF = x_RxF * w_R.reshape(-1, 1)
         agg_NxF = self.message_scale * jax.ops.segment_sum(
             msg_RxF, ctx["receivers"], num_segments=n_total, indices_are_sorted=True)
@@ -98,7 +103,7 @@ class _Layer(nn.Module):
             z = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
                          name=f"dense{i}")(z)
             if self.norm == "batch":
-                z = nn.BatchNorm(use_running_average=not train, dtype=self.dtype,
+                z = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
                                  param_dtype=self.param_dtype, name=f"bn{i}")(z, mask=mask_Nx1)
             z = nn.relu(z)
         z = nn.Dropout(self.dropout, deterministic=not train)(z)
