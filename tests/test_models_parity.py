@@ -283,6 +283,52 @@ def test_padded_batch_no_cache_matches_unpadded(cache_models):
     _assert_close(batched[1, :3], ref[1], MODEL_ATOL, "row 1")
 
 
+
+def test_chunked_prefill_then_decode_matches_full_forward(cache_models):
+    """Prompts of 5 and 9 tokens prefilled in chunks of 3 (each chunk right-padded with position -1
+    where a prompt has run out), the cache holding the earlier chunks, then 3 decode steps. Mistral's
+    window (3) makes attention span cached and new tokens at every chunk boundary."""
+    cfg, params = cache_models["mistral"]
+    page_size, chunk, n_new = 4, 3, 3
+    lens = np.array([5, 9], np.int32)
+    seqs = [random_ids((int(n) + n_new,), seed=40 + i) for i, n in enumerate(lens)]
+    ref = _causal_reference(params, cfg, seqs)
+    page_table = np.array([[3, 1, 6], [2, 7, 5]], np.int32)
+    cache = init_cache(cfg, 8, page_size)
+    fwd = jit_forward()
+    kv = np.zeros(2, np.int32)
+    for start in range(0, int(lens.max()), chunk):
+        tokens = np.zeros((2, chunk), np.int32)
+        positions = np.full((2, chunk), -1, np.int32)
+        for i, n in enumerate(lens):
+            m = max(0, min(chunk, int(n) - start))
+            tokens[i, :m], positions[i, :m] = seqs[i][start:start + m], np.arange(start, start + m)
+        kv = kv + np.sum(positions >= 0, axis=1, dtype=np.int32)
+        logits, cache = fwd(params, tokens, cfg=cfg, positions_BxT=positions, cache=cache,
+                            meta=AttentionMetadata(page_table, kv))
+        for i in range(2):
+            for t in np.flatnonzero(positions[i] >= 0):
+                _assert_close(np.asarray(logits[i, t]), ref[i][positions[i, t]], MODEL_ATOL,
+                              f"chunk at {start}, request {i}, position {positions[i, t]}")
+    for step in range(n_new):
+        tok = np.array([[seqs[i][kv[i]]] for i in range(2)], np.int32)
+        pos = kv[:, None].copy()
+        kv = kv + 1
+        logits, cache = fwd(params, tok, cfg=cfg, positions_BxT=pos, cache=cache, meta=AttentionMetadata(page_table, kv))
+        for i in range(2):
+            _assert_close(np.asarray(logits[i, 0]), ref[i][kv[i] - 1], MODEL_ATOL, f"decode {step} request {i}")
+
+
+def test_logits_index_selects_one_position(cache_models):
+    """`logits_index_B` (prefill computes logits at each row's last prompt token only)."""
+    cfg, params = cache_models["llama"]
+    ids = random_ids((3, 8), seed=50)
+    full = our_logits(params, cfg, ids)
+    idx = np.array([7, 0, 4], np.int32)
+    one, _ = jit_forward()(params, jnp.asarray(ids), cfg=cfg, logits_index_B=jnp.asarray(idx))
+    assert one.shape == (3, 1, cfg.vocab_size)
+    _assert_close(np.asarray(one[:, 0]), full[np.arange(3), idx], MODEL_ATOL, "logits_index_B")
+
 # ---------------------------------------------------------------------- bf16
 
 # bf16 keeps 8 significant bits: unit roundoff u = 2^-8 ~ 3.9e-3. We compare bf16 against fp32 run
