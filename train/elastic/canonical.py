@@ -199,8 +199,11 @@ def state_sharding(mesh: Mesh) -> NamedSharding:
 def make_step(spec: StepSpec, mesh: Mesh):
     """The jitted step for `mesh`:
 
-    step(flat_3xNS, count, tokens_NxKxbxT1, example_ids_NxKxb, step, micro_idx_M, micro_active_M,
-         n_valid, lr) -> (flat_3xNS, count, metrics)
+    step(flat_3xNS, count, tokens_NxKxbxT1, example_ids_NxKxb, slot_micro_NxK, step, micro_idx_M,
+         micro_active_M, n_valid, lr) -> (flat_3xNS, count, metrics)
+
+    slot_micro: the micro-batch of each slot, -1 for an idle slot (uneven splits); idle slots are
+    skipped (`lax.cond`) and their gradients never enter the reduction.
 
     flat rows are (params, adam mu, adam nu) of the flat vector; metrics are replicated scalars:
     loss, grad_norm and param_checksum [2] (uint32, layout-independent).
@@ -212,20 +215,25 @@ def make_step(spec: StepSpec, mesh: Mesh):
     loss_fn = jax.value_and_grad(
         lambda p, tok, keys: objective.lm_loss_sum(p, tok, keys, cfg=spec.model, dropout=spec.dropout))
 
-    def body(flat_3xS, count, tok_1xKxbxT1, ex_1xKxb, step, micro_idx_M, micro_active_M, n_valid, lr):
+    def body(flat_3xS, count, tok_1xKxbxT1, ex_1xKxb, slot_1xK, step, micro_idx_M, micro_active_M, n_valid, lr):
         params_S, mu_S, nu_S = flat_3xS[0], flat_3xS[1], flat_3xS[2]
         full_P = jax.lax.all_gather(params_S, AXIS, tiled=True)[:P]
         ptree = flat.unflatten(full_P)
         root = jax.random.key(spec.seed)
 
-        def one(carry, xs):
-            tok_bxT1, ex_b = xs
+        def compute(tok_bxT1, ex_b):
             keys_b = objective.example_keys(root, step, ex_b)
             l, g = loss_fn(ptree, tok_bxT1, keys_b)
-            g_NS = jnp.pad(flat.flatten(g), (0, N * S - P))
-            return carry, (l, g_NS)
+            return l, jnp.pad(flat.flatten(g), (0, N * S - P))
 
-        _, (l_K, g_KxNS) = jax.lax.scan(one, None, (tok_1xKxbxT1[0], ex_1xKxb[0]))
+        def idle(tok_bxT1, ex_b):
+            return jnp.zeros((), jnp.float32), jnp.zeros((N * S,), jnp.float32)
+
+        def one(carry, xs):
+            tok_bxT1, ex_b, m = xs
+            return carry, jax.lax.cond(m >= 0, compute, idle, tok_bxT1, ex_b)
+
+        _, (l_K, g_KxNS) = jax.lax.scan(one, None, (tok_1xKxbxT1[0], ex_1xKxb[0], slot_1xK[0]))
         # device k gets every slot's gradient for its slice: [N*K (source-major), 1, S]
         g_recv = jax.lax.all_to_all(g_KxNS.reshape(K, N, S), AXIS, 1, 0, tiled=True).reshape(N * K, S)
         g_MxS = jnp.where(micro_active_M[:, None], g_recv[micro_idx_M], 0.0)
@@ -251,14 +259,14 @@ def make_step(spec: StepSpec, mesh: Mesh):
     sharded = PartitionSpec(AXIS)
     fn = jax.shard_map(
         body, mesh=mesh,
-        in_specs=(PartitionSpec(None, AXIS), rep, sharded, sharded, rep, rep, rep, rep, rep),
+        in_specs=(PartitionSpec(None, AXIS), rep, sharded, sharded, sharded, rep, rep, rep, rep, rep),
         out_specs=(PartitionSpec(None, AXIS), rep, rep), check_vma=False)
     s_state = state_sharding(mesh)
     s_rep = NamedSharding(mesh, rep)
     s_batch = NamedSharding(mesh, sharded)
     return jax.jit(
         fn,
-        in_shardings=(s_state, s_rep, s_batch, s_batch, s_rep, s_rep, s_rep, s_rep, s_rep),
+        in_shardings=(s_state, s_rep, s_batch, s_batch, s_batch, s_rep, s_rep, s_rep, s_rep, s_rep),
         out_shardings=(s_state, s_rep, s_rep),
         donate_argnums=(0,) if spec.donate else ())
 
@@ -272,6 +280,7 @@ def abstract_step_args(spec: StepSpec, mesh: Mesh) -> tuple:
             sd((), jnp.int32, sharding=s_rep),
             sd((N, K, b, T + 1), jnp.int32, sharding=s_batch),
             sd((N, K, b), jnp.int32, sharding=s_batch),
+            sd((N, K), jnp.int32, sharding=s_batch),
             sd((), jnp.int32, sharding=s_rep),
             sd((M,), jnp.int32, sharding=s_rep),
             sd((M,), jnp.bool_, sharding=s_rep),

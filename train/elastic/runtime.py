@@ -292,7 +292,7 @@ class ElasticTrainer(Trainer):
         return {"params": params, "mu": mu, "nu": nu,
                 "count": jax.device_put(np.int32(self._count), rep)}
 
-    def _load_tree(self, tree: dict[str, Any]) -> None:
+    def _from_tree_exe(self):
         devs = self.active_devices
         n = len(devs)
 
@@ -302,7 +302,10 @@ class ElasticTrainer(Trainer):
             abs_tree = self.abstract_state()
             return fn, (abs_tree["params"], abs_tree["mu"], abs_tree["nu"])
 
-        exe = self.cache.get("from_tree", (self.cfg.model, n), devs, builder)
+        return self.cache.get("from_tree", (self.cfg.model, n), devs, builder)
+
+    def _load_tree(self, tree: dict[str, Any]) -> None:
+        exe = self._from_tree_exe()
         self._flat = exe(tree["params"], tree["mu"], tree["nu"])
         self._count = int(jax.device_get(tree["count"]))
 
@@ -358,7 +361,7 @@ class ElasticTrainer(Trainer):
         valid = tokens[:, 1:] >= 0
         per_micro = valid.reshape(plan.num_micro, b * T).sum(axis=1)
         n_valid = np.float32(per_micro[active].sum())
-        return tok, ex, idx, active, n_valid
+        return tok, ex, table, idx, active, n_valid
 
     def _record_event(self, step: int, event: dict[str, Any]) -> None:
         event = {"step": step, **event}
@@ -469,16 +472,18 @@ class ElasticTrainer(Trainer):
         t1 = time.perf_counter()
         self.active = survivors
         self.mesh = canonical.layout_mesh(self.active_devices)
-        tree, meta = self.ckpt.restore(self.abstract_state())
-        self._load_tree(tree)
-        self._flat.block_until_ready()
         t2 = time.perf_counter()
         how = self._step_exe(survivors, info=True)[1]
         self._layout_programs(survivors)
+        self._from_tree_exe()
         t3 = time.perf_counter()
+        tree, meta = self.ckpt.restore(self.abstract_state())  # from disk onto the survivors' mesh
+        self._load_tree(tree)
+        self._flat.block_until_ready()
+        t4 = time.perf_counter()
         resume = int(meta["step"])
         rec = Recovery("checkpoint", step, before, list(survivors), detection_s=detection,
-                       transfer_s=t2 - t1, compile_s=t3 - t2, compile_how=how,
+                       replanning_s=t2 - t1, compile_s=t3 - t2, compile_how=how, transfer_s=t4 - t3,
                        lost_steps=step - resume, notes=[why])
         self._start_recovery(rec)
         return resume
@@ -508,7 +513,7 @@ class ElasticTrainer(Trainer):
                                                "recovery": self._pending_recovery.to_json()})
                 plan = self._plan(self.active)
                 exe = self._step_exe(self.active)
-                tok, ex, idx, act, n_valid = self._slot_batch(s, plan)
+                tok, ex, slots, idx, act, n_valid = self._slot_batch(s, plan)
                 t_step = time.perf_counter()
                 snap = None
                 if cfg.elastic.snapshot:
@@ -523,7 +528,7 @@ class ElasticTrainer(Trainer):
                                 self._flat = snap.primary
                             self._record_event(s, {"event": "bitflip_injected", "copy": f.copy, "shard": f.shard})
                 lr = self.lr(self._count)
-                new_flat, _, metrics = exe(self._flat, np.int32(self._count), tok, ex, np.int32(s),
+                new_flat, _, metrics = exe(self._flat, np.int32(self._count), tok, ex, slots, np.int32(s),
                                            idx, act, n_valid, lr)
                 # boundary s+1: did step s survive?
                 fails = []
@@ -531,6 +536,7 @@ class ElasticTrainer(Trainer):
                     self._done_fail_checks.add(s)
                     fails = self.membership.failures(s)
                 if fails:
+                    jax.block_until_ready(metrics)  # the failed step ends (errors out, on real hardware)
                     new_flat.delete()
                     self._log(f"step {s}: lost device(s) {sorted(e.device for e in fails)} during the step")
                     s = self._shrink(fails, s, snap)
