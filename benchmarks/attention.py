@@ -558,7 +558,9 @@ def plot(records: list[dict], path: Path, title: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog=sys.argv[0], description=__doc__.splitlines()[0],
+    # `jaxsys bench attention` runs this file with runpy.run_path, which puts the file's path in
+    # sys.argv[0]; name the command the user typed.
+    ap = argparse.ArgumentParser(prog="jaxsys bench attention", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[2:]))
     ap.add_argument("--quick", action="store_true", help="smoke run: small configs, 2 repeats, no tuning")
@@ -567,7 +569,8 @@ def main(argv=None) -> int:
                     "quick: attention_quick.json); the PNG goes next to it")
     ap.add_argument("--gpu", action="store_true", help="GPU mode (automatic when jax's platform is gpu): "
                     "Pallas kernels + jax decode_attention baseline + bandwidth")
-    ap.add_argument("--only", default=None, help="comma-separated config names to run (e.g. C1,C5)")
+    ap.add_argument("--only", default=None, help="comma-separated config names or label substrings "
+                    "to run (e.g. C1,C5 or chain)")
     ap.add_argument("--skip-tune", action="store_true", help="skip the block-size sweep")
     ap.add_argument("--skip-calibration", action="store_true", help="skip the cost-model calibration")
     ap.add_argument("--seed", type=int, default=0)
@@ -608,7 +611,7 @@ def main(argv=None) -> int:
     records: list[dict] = []
     wanted = None if not args.only else set(args.only.split(","))
     for i, cfg in enumerate(configs(args.quick)):
-        if wanted and cfg.name not in wanted:
+        if wanted and cfg.name not in wanted and not any(w in cfg.label for w in wanted):
             continue
         t0 = time.perf_counter()
         recs = run_config(runner, cfg, repeats, args.seed + i)

@@ -92,7 +92,8 @@ def check_plan_invariants(tree, plan, block_sizes):
     shared_pages = {int(p) for n in plan.shared_nodes for p in tree.node_pages[n]}
     for r in range(tree.num_requests):
         assert not (set(s.private_pages[r][s.private_page_lens[r] > 0].tolist()) & shared_pages)
-    assert plan.use_sharing == bool(plan.shared_nodes) == (w > 0)
+    assert plan.use_sharing == bool(plan.shared_nodes)
+    assert plan.use_sharing == bool(np.any(s.item_page_lens > 0))
 
 
 @settings(max_examples=60, deadline=None)
@@ -211,6 +212,25 @@ def test_from_page_tables_property(seed, depth, fanout, page_size, internal):
     check_plan_invariants(got, plan_step(got, block_sizes=bs, cost_model=ALWAYS_SHARE), bs)
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), items=st.integers(0, 12), slots=st.integers(0, 6))
+def test_pinned_shape_drops_least_valuable_nodes(seed, items, slots):
+    rng = np.random.default_rng(seed)
+    tree, _ = make_tree(rng, depth=2, fanout=3, page_size=4, node_tokens=(1, 40), suffix_tokens=(1, 9))
+    bs = BlockSizes(chunk_pages=2, query_block=2, split_pages=2)
+    cost = CostModel(shared_token_cost=((1, 0.5), (2, 0.9)))
+    free = plan_step(tree, block_sizes=bs, cost_model=cost)
+    shape = StepShape(num_requests=free.shape.num_requests, num_items=items,
+                      private_pages=bucket(int(tree.request_lengths().max())), merge_slots=slots)
+    plan = plan_step(tree, block_sizes=bs, cost_model=cost, shape=shape)
+    assert plan.shape == shape
+    assert set(plan.shared_nodes) <= set(free.shared_nodes)
+    assert int((plan.step.item_page_lens.sum(axis=1) > 0).sum()) <= items
+    check_plan_invariants(tree, plan, bs)
+    if free.shape.num_items <= items and free.shape.merge_slots <= slots:
+        assert plan.shared_nodes == free.shared_nodes
+
+
 def test_plan_from_page_tables_matches_reference():
     rng = np.random.default_rng(11)
     ps = 4
@@ -239,9 +259,16 @@ def test_shape_forcing_and_validation():
     plan = plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE)
     big = StepShape(num_requests=8, num_items=16, private_pages=8, merge_slots=8)
     assert plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE, shape=big).shape == big
+    # A pinned shape too small for every shared item: the balancer unshares instead of failing.
+    small = StepShape(num_requests=4, num_items=1, private_pages=8, merge_slots=8)
+    fitted = plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE, shape=small)
+    assert fitted.shape == small and not fitted.use_sharing
+    check_plan_invariants(tree, fitted, bs)
     with pytest.raises(ValueError, match="num_items"):
+        plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE, shape=small, force="share")
+    with pytest.raises(ValueError, match="private_pages"):
         plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE,
-                  shape=StepShape(num_requests=4, num_items=1, private_pages=8, merge_slots=8))
+                  shape=StepShape(num_requests=4, num_items=1, private_pages=2, merge_slots=8))
     assert plan.shape.num_items == bucket(plan.shape.num_items)
     with pytest.raises(ValueError, match="force"):
         plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE, force="always")

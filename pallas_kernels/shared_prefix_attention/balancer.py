@@ -330,8 +330,10 @@ def plan_step(tree: PrefixTree, *, block_sizes: BlockSizes, cost_model: CostMode
       tree: the batch's `PrefixTree`; row r of the step (and of `q`) is request r.
       block_sizes: tiling; `chunk_pages`, `query_block` and `split_pages` shape the step.
       cost_model: what a shared work item costs relative to plain paged decode.
-      shape: force these static sizes (e.g. the engine's precompiled bucket); by default each
-        size is the next power of two (`bucket`). Raises ValueError if the step does not fit.
+      shape: pin these static sizes (the engine's precompiled bucket); by default each size is
+        the next power of two (`bucket`). With a pinned shape the balancer unshares the nodes
+        that save least per work item until the items and merge slots fit; ValueError if the
+        requests or their private pages still do not fit.
       force: None (the cost model decides), "share" (share every node with >= 2 requests;
         for tests and benchmarks), or "plain" (no sharing).
       min_requests: smallest padded batch (the engine's smallest bucket).
@@ -358,24 +360,34 @@ def plan_step(tree: PrefixTree, *, block_sizes: BlockSizes, cost_model: CostMode
                 reqs_below.setdefault(n, []).append(r)
 
     cost_plain = float(sum(int(tree.node_lens[n]) for path in paths for n in path))
+    n_chunks, n_items, saving = {}, {}, {}
+    cost_sh: dict[int, float] = {}
     shared: list[int] = []
-    saving = 0.0
-    cost_shared_nodes = 0.0
     for n, rs in reqs_below.items():
-        n_chunks = -(-tree.node_pages[n].shape[0] // cp)
+        n_chunks[n] = -(-tree.node_pages[n].shape[0] // cp)
         blocks = [min(qb, len(rs) - q0) for q0 in range(0, len(rs), qb)]
-        c_sh = n_chunks * sum(cp * ps * cost_model.token_cost(blk) + cost_model.item_overhead
-                              for blk in blocks)
-        c_pl = float(len(rs) * int(tree.node_lens[n]))
-        if force == "share" or (force is None and c_sh < c_pl):
+        n_items[n] = n_chunks[n] * len(blocks)
+        cost_sh[n] = n_chunks[n] * sum(cp * ps * cost_model.token_cost(blk) + cost_model.item_overhead
+                                       for blk in blocks)
+        saving[n] = float(len(rs) * int(tree.node_lens[n])) - cost_sh[n]
+        if force == "share" or (force is None and saving[n] > 0):
             shared.append(n)
-            saving += c_pl - c_sh
-            cost_shared_nodes += c_sh
+    if shape is not None and force != "share":
+        # A pinned shape bounds the work items and merge slots: drop the nodes that save the
+        # least per work item until the step fits (their tokens go to the private tables).
+        def merge_need(nodes):
+            s = set(nodes)
+            return max([sum(n_chunks[n] for n in path if n in s) for path in paths] + [0])
+
+        while shared and (sum(n_items[n] for n in shared) > shape.num_items
+                          or merge_need(shared) > shape.merge_slots):
+            shared.remove(min(shared, key=lambda n: saving[n] / n_items[n]))
     use_sharing = bool(shared) and force != "plain" and (
-        force == "share" or saving > cost_model.step_overhead)
+        force == "share" or sum(saving[n] for n in shared) > cost_model.step_overhead)
     if not use_sharing:
         shared = []
     shared_set = set(shared)
+    cost_shared_nodes = sum(cost_sh[n] for n in shared)
 
     # Work items: node-major, then query block, then KV chunk.
     item_pages, item_lens, item_queries = [], [], []
@@ -399,7 +411,6 @@ def plan_step(tree: PrefixTree, *, block_sizes: BlockSizes, cost_model: CostMode
         private_pages.append(np.concatenate([tree.node_pages[n] for n in keep] or [np.zeros(0, np.int32)]))
         private_lens.append(np.concatenate([tree.node_page_lens(n) for n in keep] or [np.zeros(0, np.int32)]))
 
-    sp = block_sizes.split_pages
     need = StepShape(
         num_requests=n_req,
         num_items=len(item_pages),

@@ -126,8 +126,10 @@ class CostModel:
 # -- tables ------------------------------------------------------------------------------------
 
 # CPU entries: measured with `jaxsys bench attention` on a 2-core AMD EPYC (Zen 4) VM,
-# jax 0.10.2, fp32, Hq=32, Hkv=8, head_dim=128, page_size=16 (see
-# benchmarks/results/attention.json, sections "tuning" and "calibration").
+# jax 0.10.2, fp32, Hq=32, Hkv=8, head_dim=128, page_size=16 (benchmarks/results/
+# attention.json, section "tuning"): split_pages 16 (8: +40%, 128: +25%; 32 and 64 within
+# the noise of a shared machine), chunk_pages 64 with query_block 32 (32 x 32 within noise;
+# query_block 8/16 read a 32-request prefix 4/2 times and are 25-50% slower).
 _CPU_DEFAULT_BLOCKS = BlockSizes(chunk_pages=64, query_block=32, split_pages=16)
 _GPU_DEFAULT_BLOCKS = BlockSizes(chunk_pages=16, query_block=4, split_pages=16,
                                  pages_per_compute_block=4, num_warps=4, num_stages=2)
@@ -136,29 +138,35 @@ TUNED_BLOCK_SIZES: dict[str, dict[tuple, BlockSizes]] = {
     "cpu": {
         ("cpu", 4, 128, 16, "float32"): _CPU_DEFAULT_BLOCKS,
     },
-    # untuned: no GPU run yet. Defaults reasoned from the H100: a 256-token chunk per program
-    # gives >= 2 programs per SM on 132 SMs for an 8-KV-head model already at 4k shared tokens;
-    # query_block=4 with G=4 fills the 16 rows Triton's dot needs; 4 pages x 16 tokens = 64-token
-    # inner tiles keep K and V tiles (2 x 64 x 128 x 4 B) in registers/shared memory.
+    # untuned: no GPU run yet. Defaults reasoned from the H100 (132 SMs): 256-token chunks give
+    # an 8-KV-head model 256 programs (~2 per SM) from 8k shared tokens on, times the number of
+    # query blocks; query_block=4 with G=4 fills exactly the 16 rows Triton's dot needs;
+    # 4 pages x 16 tokens = 64-token inner tiles keep the fp32 K and V tiles (2 x 32 KiB) in
+    # shared memory with 2 pipeline stages.
     "gpu": {},
 }
 
 DEFAULT_BLOCK_SIZES: dict[str, BlockSizes] = {"cpu": _CPU_DEFAULT_BLOCKS, "gpu": _GPU_DEFAULT_BLOCKS}
 
 # CPU: the benchmark's calibration (benchmarks/attention.py `calibrate`, JSON section
-# "calibration"): the same star trees timed plain and shared, kappa(s) = (seconds per shared
-# chunk token) / (seconds per plain request-token). A long node is shared from R = 2 on.
+# "calibration"): the same star trees timed plain and shared; kappa(s) = (seconds per shared
+# chunk token) / (seconds per plain request-token), fitted on the fastest of the round-robin
+# repeats. Every run re-measures it (`derived_cost_model` next to `tuned_cost_model_in_use`):
+# on this shared 2-core VM kappa moves by ~0.1 between runs, which changes no decision in the
+# benchmark's trees. A long node is shared from R = 2 on (kappa(2) ~ 1.25-1.35 < 2).
 _CPU_COST = CostModel(
-    shared_token_cost=((2, 1.334), (4, 1.609), (8, 2.289), (16, 3.505), (32, 6.391)),
+    shared_token_cost=((2, 1.245), (4, 1.646), (8, 2.349), (16, 3.638), (32, 6.077)),
     item_overhead=0.0,
-    step_overhead=0.0,
+    step_overhead=284.1,
     source="cpu: 2-core AMD EPYC (Zen 4) VM, jax 0.10.2, fp32 Hq=32 Hkv=8 D=128 page 16, "
-           "chunk 64 x 32 requests; jaxsys bench attention calibration, 2026-11-26",
+           "chunk 64 pages x 32 requests, split 16 pages; calibration of the full "
+           "`jaxsys bench attention` run of 2026-11-26",
 )
 # untuned: no GPU run yet. Decode attention on a GPU is bandwidth bound at these block sizes
-# (a 16-row tile of a 64x128 fp32 K tile is ~4 flop/byte, far below the H100's ~20 flop/byte
-# fp32 ridge), so a shared chunk costs about one plain request-token per token whatever the
-# block: sharing pays from R = 2 on. The 1.25 leaves room for the extra merge traffic.
+# (16 query rows against a 64 x 128 fp32 K/V tile is ~8 flop/byte, below the H100's ~20
+# flop/byte fp32 ridge), so a shared chunk costs about one plain request-token per token
+# whatever the block: sharing pays from R = 2 on. The 1.25 leaves room for the extra merge
+# traffic. `make gpu-check` writes the measured values (attention_gpu.json, "calibration").
 _GPU_COST = CostModel(
     shared_token_cost=((4, 1.25), (16, 1.25)),
     item_overhead=16.0,
