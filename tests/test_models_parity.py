@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from helpers import hf_config, hf_logits, hf_model, jit_forward, our_logits, random_ids, save_and_load, torch_threads
-from jaxsys.models import decoder, layers, weights
+from jaxsys.models import layers, weights
 from jaxsys.models.config import ModelConfig, RopeScaling, rope_inv_freq
 from jaxsys.models.kv_cache import AttentionMetadata, KVCache, init_cache
 
@@ -178,8 +178,9 @@ def test_rope_matches_hf(scaled):
                                       cos, sin)
     inv = jnp.asarray(rope_inv_freq(cfg))
     pos32 = jnp.asarray(pos, jnp.int32)
-    _assert_close(np.asarray(layers.rope(jnp.asarray(q), pos32, inv)), rq.transpose(1, 2).numpy(), MODULE_ATOL, "rope q")
-    _assert_close(np.asarray(layers.rope(jnp.asarray(k), pos32, inv)), rk.transpose(1, 2).numpy(), MODULE_ATOL, "rope k")
+    for name, x, ref in (("q", q, rq), ("k", k, rk)):
+        ours = np.asarray(layers.rope(jnp.asarray(x), pos32, inv))
+        _assert_close(ours, ref.transpose(1, 2).numpy(), MODULE_ATOL, f"rope {name}")
 
 
 @pytest.mark.parametrize("rope", [
@@ -314,7 +315,8 @@ def test_chunked_prefill_then_decode_matches_full_forward(cache_models):
         tok = np.array([[seqs[i][kv[i]]] for i in range(2)], np.int32)
         pos = kv[:, None].copy()
         kv = kv + 1
-        logits, cache = fwd(params, tok, cfg=cfg, positions_BxT=pos, cache=cache, meta=AttentionMetadata(page_table, kv))
+        logits, cache = fwd(params, tok, cfg=cfg, positions_BxT=pos, cache=cache,
+                            meta=AttentionMetadata(page_table, kv))
         for i in range(2):
             _assert_close(np.asarray(logits[i, 0]), ref[i][kv[i] - 1], MODEL_ATOL, f"decode {step} request {i}")
 
