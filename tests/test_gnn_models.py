@@ -42,8 +42,11 @@ def test_batches_match_jraph_pad_with_graphs():
         singles = []
         for i in ids:
             g, r = gs[i], rels[i]
+            tw = np.zeros((g.num_nodes, r.num_types), np.float32)
+            np.add.at(tw, (r.receivers, r.types), r.weights)
             singles.append(jraph.GraphsTuple(
-                nodes={"x": np.concatenate([g.x, np.log1p(r.node_features)], 1).astype(np.float32)},
+                nodes={"x": np.concatenate([g.x, np.log1p(r.node_features)], 1).astype(np.float32),
+                       "type_weight": tw},
                 edges={"type": r.types, "weight": r.weights},
                 senders=r.senders, receivers=r.receivers,
                 n_node=np.asarray([g.num_nodes], np.int32),

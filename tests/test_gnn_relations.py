@@ -58,7 +58,8 @@ def test_csgnn_relations_match_the_definition(g, bound):
     (r,) = build_relations([g], cfg)
     assert _as_counter(r) == _reference_csgnn(g.to_networkx(), bound, bound // 2)
     assert r.num_types == num_relation_types(cfg) == 1 + bound // 2 + 1
-    assert (np.diff(r.receivers) >= 0).all()  # sorted by receiver: segment_sum's precondition
+    seg = r.receivers.astype(np.int64) * r.num_types + r.types
+    assert (np.diff(seg) >= 0).all()  # sorted (receiver, type) segments: one sorted segment sum
 
 
 def test_block_build_equals_one_by_one_and_sparse_merge(monkeypatch):

@@ -10,7 +10,8 @@ the real graphs, then one padding graph holding all padding nodes and relations,
 padding graphs. Padding relations join the first padding node to itself with weight 0.
 
 Fields:
-  nodes:   {"x": float32 [N, F]}         node features ++ log1p(structural features)
+  nodes:   {"x": float32 [N, F],          node features ++ log1p(structural features)
+            "type_weight": float32 [N, T]} total relation weight into the node per type
   edges:   {"type": int32 [R], "weight": float32 [R]}   the typed relations
   senders, receivers: int32 [R]
   globals: {"y": int32 [G] (classes) or float32 [G, T] (regression targets)}
@@ -87,6 +88,10 @@ class GraphBatcher:
         else:
             self.y = np.asarray([int(g.y) for g in graphs], np.int32)
         self.num_types = relations[0].num_types
+        tw = np.zeros((int(self.n_nodes.sum()) * self.num_types,), np.float64)
+        recv_global = self.receivers.astype(np.int64) + np.repeat(self.node_off[:-1], self.n_rels)
+        np.add.at(tw, recv_global * self.num_types + self.types, self.weights)
+        self.type_weight = tw.reshape(-1, self.num_types).astype(dtype)
         self.batch_size = batch_size
         if pad is None:
             n_node = _round_up(batch_size * self.n_nodes.mean() * 1.1 + self.n_nodes.max() + 1, 16)
@@ -140,6 +145,8 @@ class GraphBatcher:
 
         x = np.zeros((p.n_node, self.x.shape[1]), self.dtype)
         x[:tn] = self.x[node_idx]
+        type_weight = np.zeros((p.n_node, self.num_types), self.dtype)
+        type_weight[:tn] = self.type_weight[node_idx]
         senders = np.full(p.n_edge, tn, np.int32)
         receivers = np.full(p.n_edge, tn, np.int32)
         senders[:tr] = self.senders[rel_idx] + shift
@@ -158,7 +165,7 @@ class GraphBatcher:
         y[:ids.shape[0]] = self.y[ids]
         del pad_graphs
         return jraph.GraphsTuple(
-            nodes={"x": x}, edges={"type": types, "weight": weights},
+            nodes={"x": x, "type_weight": type_weight}, edges={"type": types, "weight": weights},
             senders=senders, receivers=receivers, n_node=n_node, n_edge=n_edge,
             globals={"y": y})
 

@@ -4,8 +4,10 @@ The three models differ only in the relations the host builds (`jaxsys.gnn.build
 they share this module and compare at the same width and depth:
 
     h0      = Dense(x)                                              x: node features [N, F_in]
-    m_r     = w_r * relu(gamma[t_r] * h[s_r] + beta[t_r])           one message per relation r
-    a_v     = c * sum_{r: receiver(r) = v} m_r                      ONE segment sum per layer
+    S_v,t   = sum_{r: receiver(r) = v, type(r) = t} w_r h[s_r]      ONE segment sum per layer,
+                                                                    over (node, type) segments
+    C_v,t   = sum_{r: receiver(r) = v, type(r) = t} w_r               (built on the host)
+    a_v     = c * sum_t (gamma_t * S_v,t + beta_t * C_v,t)          per-type diagonal maps
     h'      = MLP((1 + eps) * h + a)                                GIN update
     emb(G)  = concat_l sum_{v in G} h_l[v]                          jumping-knowledge sum readout
 
@@ -15,12 +17,14 @@ relations, and without it activations grow by that factor per layer, until float
 a relabelled graph exceeds the 1e-5 tolerance of the expressiveness protocol. A constant factor
 changes no separation power.
 
-GIN (one relation type, the graph's edges) sends `w_r * h[s_r]` (Xu et al. 2019). With several
-relation types the per-type scale `gamma` and shift `beta` keep the types apart inside one
-segment sum: a type-blind sum `sum_r h[s_r]` would let two relation types swap colours
-unnoticed; a per-type diagonal map followed by a ReLU does not (for generic weights), so the
-network can match colour refinement over typed relations (`jaxsys.gnn.colour_refinement`),
-which the tests check on BREC pairs.
+GIN (one relation type, the graph's edges) aggregates `sum_r w_r h[s_r]` (Xu et al. 2019). With
+several relation types, a type-blind sum would let two types swap colours unnoticed. Summing per
+(node, type) segment and mapping each type's sum by its own random diagonal `gamma_t` is, for
+generic `gamma`, exactly as injective as a separate sum per type (a collision would need an
+integer relation between the `gamma_t`), so the network can match colour refinement over typed
+relations (`jaxsys.gnn.colour_refinement`); the tests and the expressiveness benchmark check it.
+It costs one gather and one segment sum over the relations, like GIN over its edges, plus
+O(N * types * width) dense work; per-relation type embeddings (GINE-style) measured slower on CPU.
 
 Layers are stacked with `nn.scan` (one compiled layer body); padding nodes and relations of a
 `jraph.GraphsTuple` from `GraphBatcher` carry zero weight and are masked out of the readout.
@@ -47,8 +51,8 @@ def graph_context(graph: jraph.GraphsTuple) -> dict[str, jax.Array]:
     graph_mask = jraph.get_graph_padding_mask(graph)
     node_mask = jraph.get_node_padding_mask(graph)
     return {
+        "type_weight": graph.nodes["type_weight"],
         "senders": graph.senders,
-        "type_sender": graph.edges["type"] * n_total + graph.senders,
         "receivers": graph.receivers,
         "types": graph.edges["type"],
         "weights": graph.edges["weight"],
@@ -80,24 +84,29 @@ class _Layer(nn.Module):
     def __call__(self, h_NxF, ctx, train: bool):
         n_total = h_NxF.shape[0]
         w_R = ctx["weights"].astype(self.dtype)
+        x_RxF = h_NxF[ctx["senders"]] * w_R.reshape(-1, 1)
         if self.typed:
-            gamma_TxF = self.param("type_scale", _scale_init, (self.num_types, self.width),
+            # One segment sum over (receiver, type) segments (relations are sorted that way),
+            # then a per-type diagonal map of each type's sum and of its total weight.
+            t = self.num_types
+            gamma_TxF = self.param("type_scale", _scale_init, (t, self.width),
                                    self.param_dtype).astype(self.dtype)
-            beta_TxF = self.param("type_shift", _shift_init, (self.num_types, self.width),
+            beta_TxF = self.param("type_shift", _shift_init, (t, self.width),
                                   self.param_dtype).astype(self.dtype)
-            # Every (type, node) message once, then one gather per relation: cheaper than
-            # gathering h, gamma and beta per relation (and their three scatter-adds backward).
-            table_TxNxF = nn.relu(h_NxF.reshape(1, n_total, self.width)
-                                  * gamma_TxF.reshape(self.num_types, 1, self.width)
-                                  + beta_TxF.reshape(self.num_types, 1, self.width))
-            x_RxF = table_TxNxF.reshape(self.num_types * n_total, self.width)[ctx["type_sender"]]
+            seg_R = ctx["receivers"] * t + ctx["types"]
+            s_NxTxF = jax.ops.segment_sum(x_RxF, seg_R, num_segments=n_total * t,
+                                          indices_are_sorted=True).reshape(n_total, t, self.width)
+            c_NxTx1 = ctx["type_weight"].astype(self.dtype).reshape(n_total, t, 1)  # host-built
+            agg_NxF = (s_NxTxF * gamma_TxF.reshape(1, t, self.width)
+                       + c_NxTx1 * beta_TxF.reshape(1, t, self.width)).sum(axis=1)
         else:
-            x_RxF = h_NxF[ctx["senders"]]
-        msg_RxF = x_RxF * w_R.reshape(-1, 1)
-        agg_NxF = self.message_scale * jax.ops.segment_sum(
-            msg_RxF, ctx["receivers"], num_segments=n_total, indices_are_sorted=True)
+            agg_NxF = jax.ops.segment_sum(x_RxF, ctx["receivers"], num_segments=n_total,
+                                          indices_are_sorted=True)
         eps = self.param("eps", nn.initializers.zeros, (), self.param_dtype)
-        z = (1.0 + eps.astype(self.dtype)) * h_NxF + agg_NxF
+        z = (1.0 + eps.astype(self.dtype)) * h_NxF + self.message_scale * agg_NxF
+        return self._mlp(z, train, ctx)
+
+    def _mlp(self, z, train, ctx):
         mask_Nx1 = ctx["node_mask"].reshape(-1, 1)
         for i in range(2):
             z = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -48,7 +48,7 @@ class Relations:
     """Typed, weighted relations of one graph plus extra per-node features.
 
     Attributes:
-      senders, receivers: int32 [R] node ids, sorted by receiver.
+      senders, receivers: int32 [R] node ids, sorted by (receiver, type, sender).
       types: int32 [R] relation type in `0..num_types-1`.
       weights: float32 [R] multiplicity (number of shared cycles; 1 for edges and hops).
       node_features: float32 [N, F_extra] structural node features (F_extra may be 0).
@@ -134,7 +134,7 @@ class _Accumulator:
         self.parts: list[tuple[np.ndarray, ...]] = []
 
     def _key(self, g, s, r, t):
-        return ((g * self.n_max + r) * self.n_max + s) * self.num_types + t
+        return ((g * self.n_max + r) * self.num_types + t) * self.n_max + s
 
     def add(self, g, s, r, t, w=None) -> None:
         """Relations s -> r of type t in graph g (local node ids), weight w (default 1)."""
@@ -150,7 +150,7 @@ class _Accumulator:
             self.parts.append((key, w_flat))
 
     def result(self) -> tuple[np.ndarray, ...]:
-        """Unique relations sorted by (graph, receiver, sender, type): g, s, r, t, weight."""
+        """Unique relations sorted by (graph, receiver, type, sender): g, s, r, t, weight."""
         if self.dense:
             key = np.flatnonzero(self.acc)
             w = self.acc[key]
@@ -161,9 +161,9 @@ class _Accumulator:
                             minlength=key.shape[0])
         else:
             key, w = np.zeros((0,), np.int64), np.zeros((0,), np.float64)
-        t = key % self.num_types
-        rest = key // self.num_types
-        s, rest = rest % self.n_max, rest // self.n_max
+        s = key % self.n_max
+        rest = key // self.n_max
+        t, rest = rest % self.num_types, rest // self.num_types
         r, g = rest % self.n_max, rest // self.n_max
         return g, s, r, t, w
 

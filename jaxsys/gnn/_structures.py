@@ -23,7 +23,7 @@ from jaxsys.gnn._relations import Relations, build_relations
 
 __all__ = ["cache_dir", "dataset_relations"]
 
-_FORMAT = 3
+_FORMAT = 4  # bump when relation order or fields change
 
 
 def cache_dir() -> Path:
