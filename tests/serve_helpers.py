@@ -138,6 +138,10 @@ def check_accounting(sched) -> None:
     for r in live:
         if r.state is State.WAITING:
             assert r.node is None and not r.own_pages and r.pending_node is None
+        else:  # the KV a request reads through its tree path is its own page table's prefix
+            path = [p for n in radix.path_to(r.node) for p in n.pages]
+            assert r.pages[:len(path)] == path
+            assert not set(r.own_pages) & set(tree)
     for n in radix.nodes():
         holders = sum(1 for r in live if n in radix.path_to(r.node))
         assert n.ref == holders, f"{n}: ref {n.ref}, {holders} live holders"
@@ -152,6 +156,14 @@ def check_idle(sched) -> None:
     assert all(n.ref == 0 and n.ready for n in sched.radix.nodes())
     assert sched.pages.num_free + sched.radix.evictable_pages() == sched.pages.capacity
     assert sched.error is None
+
+
+def reset(sched) -> None:
+    """After a failed test: finish whatever is left (freeing its pages) without touching the engine,
+    so the next test starts from an idle scheduler instead of erroring on the leftovers."""
+    sched._drain_inbox()
+    sched._fail_all("reset after a failed test")
+    sched.error = None
 
 
 def drive(sched, max_steps: int = 10_000, on_step=None) -> int:

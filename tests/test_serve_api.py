@@ -306,6 +306,12 @@ BAD = [
     ("top_k_negative", "/v1/completions", {"model": MODEL, "prompt": "hi", "top_k": -2}, 400, "top_k", None),
     ("five_stop_strings", "/v1/completions", {"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]},
      400, "stop", None),
+    ("empty_stop_string", "/v1/completions", {"model": MODEL, "prompt": "hi", "stop": [""]}, 400, "stop", None),
+    ("seed_negative", "/v1/completions", {"model": MODEL, "prompt": "hi", "seed": -1}, 400, "seed", None),
+    ("logprobs", "/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 3}, 400, "logprobs", None),
+    ("stream_prompt_too_long", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": LONG}], "stream": True}, 400, "prompt",
+     "context_length_exceeded"),
     ("n_two", "/v1/completions", {"model": MODEL, "prompt": "hi", "n": 2}, 400, "n", None),
     ("n_two_chat", "/v1/chat/completions",
      {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n", None),
@@ -373,3 +379,72 @@ def test_streaming_client_disconnect_cancels_request(server):
     assert sched.pages.num_free + sched.radix.evictable_pages() == sched.pages.capacity
     assert all(n.ref == 0 for n in sched.radix.nodes())
     good_request(server)
+
+
+# ------------------------------------------------------------------------------ the `jaxsys serve` command
+
+def _run_py(code: str, tmp_path, timeout: float = 240):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAXSYS_CACHE_DIR=str(tmp_path / "xla"), JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_cli_help_is_instant_and_bad_options_exit_2(tmp_path):
+    help_run = _run_py(
+        "import sys\n"
+        "from jaxsys.cli import main\n"
+        "try:\n"
+        "    main(['serve', '--help'])\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "assert 'jax' not in sys.modules, 'jaxsys serve --help imported jax'\n", tmp_path)
+    assert help_run.returncode == 0, help_run.stderr
+    for opt in ("--model", "--port", "--num-pages", "--tensor-parallel", "--no-shared-attention"):
+        assert opt in help_run.stdout
+    bad = _run_py(
+        "from jaxsys.cli import main\n"
+        "print(main(['serve', '--page-size', '16', '--prefill-chunk', '10']))\n"
+        "print(main(['serve', '--tensor-parallel', '99', '--no-shared-attention']))\n"
+        "print(main(['serve', '--model', 'no-such-model', '--no-shared-attention']))\n", tmp_path)
+    assert bad.returncode == 0, bad.stderr
+    assert bad.stdout.split() == ["2", "2", "2"], (bad.stdout, bad.stderr)
+    err = bad.stderr.splitlines()
+    assert any("prefill_chunk must be a multiple of page_size" in e for e in err), bad.stderr
+    assert any("--tensor-parallel 99" in e for e in err), bad.stderr
+    assert any(e.startswith("jaxsys serve:") and "no-such-model" in e for e in err), bad.stderr
+
+
+@pytest.mark.slow
+def test_cli_serves_a_chat_completion(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    smollm2_path()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAXSYS_CACHE_DIR=str(tmp_path / "xla"), JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-m", "jaxsys.cli", "serve", "--port", str(port), "--num-pages", "64",
+                             "--no-shared-attention", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "jaxsys serve did not come up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        r = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=12,
+                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in r.choices[0].message.content
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -21,7 +21,7 @@ from jaxsys.sampling import SamplingParams
 from jaxsys.serve.scheduler.request import State
 from jaxsys.serve.scheduler.scheduler import RequestError, new_request
 
-from serve_helpers import check_idle, drive, greedy_reference, serving_llm, step, tiny_model
+from serve_helpers import check_idle, drive, greedy_reference, reset, serving_llm, step, tiny_model
 
 MAIN = dict(page_size=4, num_pages=128, max_decode_batch=8, max_prefill_batch=4, prefill_chunk=8)
 PS = MAIN["page_size"]
@@ -46,12 +46,21 @@ def llm(request, model):
     llm.shutdown()
 
 
+def _checked(scheduler):
+    """A module-scoped scheduler, checked idle and consistent before and after each test (and reset
+    after a failure, so that one failure does not cascade into the next tests)."""
+    check_idle(scheduler)
+    yield scheduler
+    try:
+        check_idle(scheduler)
+    except AssertionError:
+        reset(scheduler)
+        raise
+
+
 @pytest.fixture
 def sched(llm):
-    """The module's scheduler, checked idle and consistent before and after each test."""
-    check_idle(llm.scheduler)
-    yield llm.scheduler
-    check_idle(llm.scheduler)
+    yield from _checked(llm.scheduler)
 
 
 def submit(sched, prompt, max_tokens=8, outputs=None, **kw):
@@ -373,10 +382,14 @@ def small_llm(request, eos_setup):
     llm.shutdown()
 
 
-def test_eos_stops_generation(small_llm, eos_setup):
+@pytest.fixture
+def small_sched(small_llm):
+    yield from _checked(small_llm.scheduler)
+
+
+def test_eos_stops_generation(small_llm, small_sched, eos_setup):
     prompt, eos, k = eos_setup
-    sched = small_llm.scheduler
-    check_idle(sched)
+    sched = small_sched
     events = []
     r = submit(sched, prompt, 8, outputs=events)
     drive(sched)
@@ -385,13 +398,11 @@ def test_eos_stops_generation(small_llm, eos_setup):
     assert len(r.out_tokens) == k and eos not in r.out_tokens
     assert r.finish_reason == "stop"
     assert events[-1].finished and events[-1].finish_reason == "stop" and events[-1].token_ids == []
-    check_idle(sched)
 
 
-def test_admission_waits_for_pages_then_completes(small_llm, eos_setup):
+def test_admission_waits_for_pages_then_completes(small_llm, small_sched, eos_setup):
     _, eos, _ = eos_setup
-    sched = small_llm.scheduler
-    check_idle(sched)
+    sched = small_sched
     sched.radix.evict(sched.pages.capacity)  # start from an empty cache: 9 free pages
     assert sched.pages.num_free == 9
     rng = np.random.default_rng(21)
@@ -409,13 +420,11 @@ def test_admission_waits_for_pages_then_completes(small_llm, eos_setup):
     drive(sched, on_step=watch)
     assert any(waited)
     assert [r.out_tokens for r in reqs] == ref
-    check_idle(sched)
 
 
-def test_admission_evicts_cached_pages_when_short(small_llm, eos_setup):
+def test_admission_evicts_cached_pages_when_short(small_llm, small_sched, eos_setup):
     _, eos, _ = eos_setup
-    sched = small_llm.scheduler
-    check_idle(sched)
+    sched = small_sched
     sched.radix.evict(sched.pages.capacity)
     rng = np.random.default_rng(22)
     a = rand_prompt(rng, 8)
@@ -423,7 +432,7 @@ def test_admission_evicts_cached_pages_when_short(small_llm, eos_setup):
     ra = submit(sched, a, 8)
     drive(sched)
     assert ra.out_tokens == ref_a
-    assert sched.radix.num_cached_pages >= 2  # a's prompt pages are cached
+    assert sched.radix.num_cached_pages == 2  # a's two prompt pages are cached
     # two fresh requests need 8 of the 9 pages: a's cached pages must be evicted to admit both
     others = [rand_prompt(rng, 8) for _ in range(2)]
     ref = greedy_reference(small_llm.model, others, 8, eos=(eos,))
@@ -433,14 +442,12 @@ def test_admission_evicts_cached_pages_when_short(small_llm, eos_setup):
     drive(sched)
     assert [r.out_tokens for r in rs] == ref
     assert sched.radix.match(a, count=False)[1] == []  # evicted
-    check_idle(sched)
 
 
-def test_submit_rejects_requests_larger_than_the_cache(small_llm):
-    sched = small_llm.scheduler
+def test_submit_rejects_requests_larger_than_the_cache(small_llm, small_sched):
+    sched = small_sched
     with pytest.raises(RequestError, match="KV pages"):
         submit(sched, [1] * 10, 40)  # 50 tokens = 13 pages; the cache holds 9
     r = submit(sched, [1] * 10, 26)  # 36 tokens = 9 pages: fits
     sched.cancel(r.request_id)
     drive(sched)
-    check_idle(sched)
