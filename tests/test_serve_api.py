@@ -325,6 +325,7 @@ BAD = [
     ("more_tokens_than_cache", "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 100000}, 400,
      "prompt", None),
     ("missing_model", "/v1/completions", {"prompt": "hi"}, 400, "model", None),
+    ("batched_prompts", "/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt", None),
 ]
 
 
@@ -378,6 +379,30 @@ def test_streaming_client_disconnect_cancels_request(server):
     check_accounting(sched)
     assert sched.pages.num_free + sched.radix.evictable_pages() == sched.pages.capacity
     assert all(n.ref == 0 for n in sched.radix.nodes())
+    good_request(server)
+
+
+# ------------------------------------------------------------------------------ internal errors
+
+def test_engine_failure_fails_requests_with_500_and_health_reports_it(server, monkeypatch):
+    server.wait_idle()
+    sched = server.llm.scheduler
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected engine failure")
+
+    monkeypatch.setattr(server.llm.engine, "prefill", broken)
+    r = server.http.post("/v1/completions", json={"model": MODEL, "prompt": "Hello there", "max_tokens": 4})
+    assert r.status_code == 500, r.text
+    err = r.json()["error"]
+    assert err["type"] == "server_error" and "injected engine failure" in err["message"]
+    health = server.http.get("/health")
+    assert health.status_code == 503 and "injected" in health.json()["detail"]
+    server.wait_idle()
+    check_accounting(sched)  # the failed request gave its pages back
+    monkeypatch.undo()
+    sched.error = None  # recovered: the engine works again
+    assert server.http.get("/health").status_code == 200
     good_request(server)
 
 

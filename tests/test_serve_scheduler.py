@@ -451,3 +451,55 @@ def test_submit_rejects_requests_larger_than_the_cache(small_llm, small_sched):
     r = submit(sched, [1] * 10, 26)  # 36 tokens = 9 pages: fits
     sched.cancel(r.request_id)
     drive(sched)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_arrivals_and_cancellations_under_page_pressure(small_llm, small_sched, eos_setup, seed):
+    """Random submissions (a few shared first pages) and cancellations at random steps on a 9-page
+    cache: after every step each page is in exactly one place; every request that was not
+    cancelled produces the reference tokens, and a cancelled one a prefix of them."""
+    _, eos, _ = eos_setup
+    sched = small_sched
+    rng = np.random.default_rng(100 + seed)
+    heads = [rand_prompt(rng, 4) for _ in range(2)] + [rand_prompt(rng, 8)]
+    reqs = []
+    for _ in range(40):
+        op = rng.random()
+        if op < 0.45:
+            head = heads[int(rng.integers(0, len(heads)))] if rng.random() < 0.7 else []
+            prompt = (head + rand_prompt(rng, int(rng.integers(1, 5))))[:9]
+            reqs.append((prompt, submit(sched, prompt, int(rng.integers(1, 7)))))
+        elif op < 0.6 and reqs:
+            sched.cancel(reqs[int(rng.integers(0, len(reqs)))][1].request_id)
+        else:
+            step(sched)
+    drive(sched)
+    ref = greedy_reference(small_llm.model, [p for p, _ in reqs], [r.sampling.max_tokens for _, r in reqs],
+                           eos=(eos,))
+    n_cancelled = 0
+    for (p, r), want in zip(reqs, ref):
+        assert r.state is State.FINISHED
+        if r.finish_reason == "cancelled":
+            n_cancelled += 1
+            assert r.out_tokens == want[:len(r.out_tokens)]
+        else:
+            assert r.out_tokens == want, (p, r.finish_reason)
+    assert 0 < n_cancelled < len(reqs)
+
+
+@pytest.mark.parametrize("shared_attention", [False, True], ids=["plain", "shared"])
+def test_generation_stops_at_the_context_window(model, shared_attention):
+    """A 16-token context: a 13-token prompt gets 3 tokens whatever max_tokens says (finish
+    "length"), and a prompt that fills the context is refused."""
+    llm = serving_llm(tiny_model(0, max_position_embeddings=16), shared_attention,
+                      page_size=4, num_pages=8, max_decode_batch=2, max_prefill_batch=2, prefill_chunk=8)
+    sched = llm.scheduler
+    rng = np.random.default_rng(30)
+    p = rand_prompt(rng, 13)
+    with pytest.raises(RequestError, match="context"):
+        submit(sched, rand_prompt(rng, 16), 1)
+    r = submit(sched, p, 8)  # reserves min(13 + 8, 16) tokens = 4 pages
+    drive(sched)
+    assert r.out_tokens == greedy_reference(model, [p], 3)[0]
+    assert r.finish_reason == "length"
+    check_idle(sched)
