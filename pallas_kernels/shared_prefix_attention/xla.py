@@ -6,10 +6,16 @@ The algorithm, for one decode step described by a `SharedPrefixStep` (see `balan
    requests below that node. Per KV head, its queries are stacked as a [Qb x G, D] matrix
    (G = query heads per KV head) and multiplied ONCE with the chunk's [C x page_size, D] keys:
    the chunk is read once for all requests that share it. Each item yields a partial
-   (normalized output, log-sum-exp) per query row. All items run as one batched product.
+   (normalized output, log-sum-exp) per query row. The product uses only as many rows as
+   the item has requests (rounded up to a power of two, chosen per item by `lax.switch`).
 2. Private pages. Whatever a request does not share runs as plain split-KV paged decode
    ("FlashDecoding"): its page table is cut into splits of `split_pages` pages, one partial
    per split.
+
+Items and splits run in `lax.map` loops whose bodies gather one chunk or split: on a CPU
+that keeps the gathered KV in cache, where gathering every request's KV at once would
+materialize it in memory (costing more than the attention), and a unit whose pages are all
+padding is skipped by `lax.cond`, so padded buckets cost little.
 3. Merge. Each request's output is the LSE-weighted combination of its private partials and
    the shared partials listed in `merge_rows` (chunks of one node, then the nodes down its
    path: LSE merging is associative, so one merge over all of them is the same thing).
