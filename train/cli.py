@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from typing import Sequence
 
 PROG = "jaxsys train lm"
@@ -51,6 +52,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
+
+
+def _memory(exe) -> str:
+    try:
+        m = exe.memory_analysis()
+    except Exception:
+        return ""
+    if m is None:
+        return ""
+    mb = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
+    return (f" (per device: arguments {mb(m.argument_size_in_bytes)}, outputs {mb(m.output_size_in_bytes)}, "
+            f"temporaries {mb(m.temp_size_in_bytes)})")
 
 
 def _fail(msg: str) -> int:
@@ -120,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {mode} trainer, {len(trainer.devices)} {jax.default_backend()} devices, "
               f"{cfg.model.num_params():,} parameters, {cfg.steps} steps of {cfg.data.global_batch} x "
               f"{cfg.data.seq_len} tokens", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        exe = trainer.compile()
+        print(f"{PROG}: step compiled in {time.perf_counter() - t0:.1f} s{_memory(exe)}", file=sys.stderr,
+              flush=True)
         result = trainer.run()
         trainer.close()
     except (TrainConfigError, EventSpecError, UnrecoverableError) as e:

@@ -1,0 +1,76 @@
+"""Elastic training in the spirit of ElasWave (arXiv 2510.00606): lose or gain devices mid-run
+without changing the math.
+
+A device failure must be invisible in the numbers. After a membership change the run continues
+with the *same* global batch, gradient scale, reduction order and per-example dropout masks, so
+its losses and parameters are bitwise those of the run without the failure
+(tests/test_elastic.py). The pieces:
+
+* `canonical`   the layout-invariant step: fixed micro-batches, per-micro-batch gradients on one
+                device each, an all-to-all and a fixed binary tree over the micro-batch index
+                (a reduce-scatter whose order does not depend on N), a fixed-order gradient norm,
+                per-example RNG, AdamW on flat fsdp shards.
+* `layout`      the flat parameter vector over N devices; micro-batch plans (uneven splits).
+* `snapshot`    per-step in-memory snapshot: the pre-step state plus a replica of shard k on
+                device k+1 (pinned_host memory where the backend has it), checksums,
+                verification and repair, fault injection.
+* `planner`     transfers that build the new layout from surviving copies (no lost source,
+                complete disjoint coverage, <= ceil(P / N') elements per destination);
+                `transfer` runs them device to device.
+* `compile`     executables for the likely device sets, compiled in the background and
+                retargeted to the actual device set in about a millisecond.
+* `events`, `membership`   `--fail DEV@STEP` / `--join DEV@STEP` schedules and the
+                `jax.distributed` live-device check of multi-process jobs.
+* `runtime`     `ElasticTrainer`, the loop that ties them together.
+
+Mesh axes: the elastic mode lays all live devices on one axis (the mesh's `fsdp` axis; the
+`data` and `fsdp` roles are merged: the state is fully sharded and the micro-batches are spread
+over the same devices). `tensor` and `expert` must be 1: splitting a contraction over devices
+changes its floating-point summation order with the device count, and with it the bits. Pipeline
+parallelism and the choice among recovery strategies are out of scope (see train/recovery/).
+
+Limitation: the trainer is single-controller (one process drives its devices). The live-device
+check works in multi-process jobs (tested with two local processes), but moving shards between
+processes after a change is not implemented.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "ElasticTrainer": "jaxsys.train.elastic.runtime",
+    "BitFlip": "jaxsys.train.elastic.runtime",
+    "Recovery": "jaxsys.train.elastic.runtime",
+    "EventSchedule": "jaxsys.train.elastic.events",
+    "EventSpecError": "jaxsys.train.elastic.events",
+    "MembershipEvent": "jaxsys.train.elastic.events",
+    "parse_events": "jaxsys.train.elastic.events",
+    "DistributedMembership": "jaxsys.train.elastic.membership",
+    "ScheduledMembership": "jaxsys.train.elastic.membership",
+    "FlatLayout": "jaxsys.train.elastic.layout",
+    "FlatSpec": "jaxsys.train.elastic.layout",
+    "MicroBatchPlan": "jaxsys.train.elastic.layout",
+    "Transfer": "jaxsys.train.elastic.planner",
+    "TransferPlan": "jaxsys.train.elastic.planner",
+    "UnrecoverableError": "jaxsys.train.elastic.planner",
+    "plan_transfers": "jaxsys.train.elastic.planner",
+    "check_plan": "jaxsys.train.elastic.planner",
+    "ExecutableCache": "jaxsys.train.elastic.compile",
+    "retarget": "jaxsys.train.elastic.compile",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'jaxsys.train.elastic' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

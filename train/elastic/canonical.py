@@ -289,26 +289,38 @@ def abstract_step_args(spec: StepSpec, mesh: Mesh) -> tuple:
 
 
 # ----------------------------------------------------------------------------- state conversion
-def make_to_tree(flat: FlatSpec, mesh: Mesh, logical_tree: Any, shapes_tree: Any):
-    """Jitted [3, N*S] flat state -> (params, mu, nu) trees sharded by the logical rules on `mesh`."""
-    from jaxsys.sharding import tree_shardings
+def make_to_tree(flat: FlatSpec, mesh: Mesh):
+    """Jitted [3, N*S] flat state -> (params, mu, nu) trees, replicated on `mesh`.
 
+    The flat shards are all-gathered explicitly (the same traffic as one step's parameter
+    gather); callers `device_put` the trees onto their logical shardings, a local slice per device
+    (asking XLA for sharded outputs directly makes it reshape sharded slices, which it can only do
+    by rematerializing them)."""
     P = flat.num_params
-    shard = tree_shardings(logical_tree, shapes_tree, mesh)
+    rep = NamedSharding(mesh, PartitionSpec())
+    gather = jax.shard_map(lambda x: jax.lax.all_gather(x, AXIS, axis=1, tiled=True), mesh=mesh,
+                           in_specs=PartitionSpec(None, AXIS), out_specs=PartitionSpec(), check_vma=False)
 
     def f(flat_3xNS):
-        return tuple(flat.unflatten(flat_3xNS[r, :P]) for r in range(3))
+        full = gather(flat_3xNS)
+        return tuple(flat.unflatten(full[r, :P]) for r in range(3))
 
-    return jax.jit(f, in_shardings=(state_sharding(mesh),), out_shardings=(shard, shard, shard))
+    return jax.jit(f, in_shardings=(state_sharding(mesh),), out_shardings=(rep, rep, rep))
 
 
 def make_from_tree(flat: FlatSpec, mesh: Mesh, n: int):
-    """Jitted (params, mu, nu) trees (any sharding) -> [3, N*S] flat state on `mesh`."""
+    """Jitted (params, mu, nu) trees (any sharding on `mesh`) -> [3, N*S] flat state on `mesh`.
+
+    Leaves are gathered to replicated first, so the flat shards are local slices."""
     P = flat.num_params
     S = ceil_div(P, n)
+    rep = NamedSharding(mesh, PartitionSpec())
 
     def f(params, mu, nu):
-        rows = [jnp.pad(flat.flatten(t), (0, n * S - P)) for t in (params, mu, nu)]
+        rows = []
+        for t in (params, mu, nu):
+            t = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rep), t)
+            rows.append(jnp.pad(flat.flatten(t), (0, n * S - P)))
         return jnp.stack(rows)
 
     return jax.jit(f, out_shardings=state_sharding(mesh))

@@ -99,8 +99,8 @@ class EventSchedule:
         for e in self.events:
             flag = f"--{e.kind} {e.device}@{e.step}"
             if not 0 <= e.device < num_devices:
-                raise EventSpecError(f"{flag}: device {e.device} does not exist; this run has "
-                                     f"{num_devices} devices (0-{num_devices - 1})")
+                have = f"{num_devices} devices (0-{num_devices - 1})" if num_devices > 1 else "1 device (0)"
+                raise EventSpecError(f"{flag}: device {e.device} does not exist; this run has {have}")
             if not start_step <= e.step < steps:
                 raise EventSpecError(f"{flag}: step {e.step} is outside the run "
                                      f"(steps {start_step}-{steps - 1})")

@@ -116,6 +116,11 @@ class ElasticTrainer(Trainer):
                  faults: Sequence[BitFlip] = (), log: Callable[[str], None] | None = None):
         if not cfg.elastic.enabled:
             cfg = cfg.replace(**{"elastic.enabled": True})
+        if jax.process_count() > 1:
+            raise TrainConfigError(
+                "the elastic trainer is single-controller: it drives all of its devices from one "
+                "process; in a multi-process job use jaxsys.train.elastic.DistributedMembership to "
+                "watch membership (moving shards between processes is not implemented)")
         super().__init__(cfg, devices=devices)
         self.cache = cache if cache is not None else global_cache()
         self.flat_spec = FlatSpec.from_shapes(decoder.param_shapes(cfg.model))
@@ -128,7 +133,10 @@ class ElasticTrainer(Trainer):
         if membership is not None:
             self.membership = membership
         elif cfg.elastic.membership == "distributed":
-            self.membership = DistributedMembership(self.devices)
+            try:
+                self.membership = DistributedMembership(self.devices)
+            except RuntimeError as e:
+                raise TrainConfigError(f"elastic.membership=distributed: {e}") from None
         else:
             self.membership = ScheduledMembership(self.schedule)
         self.faults = sorted(faults, key=lambda f: f.step)
@@ -276,19 +284,22 @@ class ElasticTrainer(Trainer):
         return {"params": p, "mu": p, "nu": p, "count": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}
 
     def state_tree(self) -> dict[str, Any]:
+        from jaxsys.sharding import tree_shardings
+
         devs = self.active_devices
         n = len(devs)
 
         def builder(devices):
             mesh = canonical.layout_mesh(devices)
-            shapes = decoder.param_shapes(self.cfg.model)
-            fn = canonical.make_to_tree(self.flat_spec, mesh, decoder.param_logical_axes(self.cfg.model), shapes)
+            fn = canonical.make_to_tree(self.flat_spec, mesh)
             S = canonical.ceil_div(self.flat_spec.num_params, n)
             return fn, (jax.ShapeDtypeStruct((3, n * S), jnp.float32, sharding=canonical.state_sharding(mesh)),)
 
         exe = self.cache.get("to_tree", (self.cfg.model, n), devs, builder)
-        params, mu, nu = exe(self._flat)
-        rep = jax.sharding.NamedSharding(canonical.layout_mesh(devs), jax.sharding.PartitionSpec())
+        mesh = canonical.layout_mesh(devs)
+        sh = tree_shardings(decoder.param_logical_axes(self.cfg.model), decoder.param_shapes(self.cfg.model), mesh)
+        params, mu, nu = (jax.device_put(t, sh) for t in exe(self._flat))
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         return {"params": params, "mu": mu, "nu": nu,
                 "count": jax.device_put(np.int32(self._count), rep)}
 
