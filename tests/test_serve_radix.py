@@ -238,8 +238,8 @@ def test_pending_nodes_stay_pending_across_splits():
 def test_eviction_frees_only_unreferenced_leaves_lru_first(fake_time):
     cache, alloc, freed = new_cache(page_size=2, num_pages=32)
     a, b, c = alloc.alloc(2), alloc.alloc(2), alloc.alloc(2)
-    na = cache.insert([1, 1, 1, 1], a)[0][-1]
-    nb = cache.insert([2, 2, 2, 2], b)[0][-1]
+    cache.insert([1, 1, 1, 1], a)
+    cache.insert([2, 2, 2, 2], b)
     nc = cache.insert([3, 3, 3, 3], c)[0][-1]
     cache.match([1, 1, 1, 1])  # a is now the most recently used
     cache.acquire(nc)  # c is in use
@@ -253,7 +253,6 @@ def test_eviction_frees_only_unreferenced_leaves_lru_first(fake_time):
     cache.release(nc)
     assert cache.evict(1) == 2 and freed[-1] == c
     assert cache.num_cached_pages == 0 and alloc.num_free == alloc.capacity
-    del na, nb
 
 
 def test_eviction_climbs_to_parents_that_become_leaves(fake_time):
