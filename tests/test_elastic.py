@@ -143,3 +143,13 @@ def test_adjacent_losses_fall_back_to_the_checkpoint(clean, tmp_path):
     assert [by_step[s].loss for s in range(22)] == res_a.losses[:22]
     assert np.array_equal(st[21], st_a[21])
     tr.close()
+
+
+def test_replicas_in_device_memory(clean):
+    """replica_memory=device (what backends without pinned_host memory get) recovers the same."""
+    _, res_a, st_a = clean
+    cfg = CFG.replace(**{"elastic.fail": "6@3", "elastic.replica_memory": "device"})
+    tr, res, st = _run(cfg, steps=6)
+    assert tr.memory == "device" and tr.recoveries[0].lost_steps == 0
+    _assert_same_prefix(res_a, res, 6)
+    assert np.array_equal(st[5], st_a[5])

@@ -102,3 +102,10 @@ def test_cli_help(capsys):
     out = capsys.readouterr().out
     for w in ["--fail DEV@STEP", "--join DEV@STEP", "--metrics-out", "key=value", "bit for bit"]:
         assert w in out
+
+
+def test_distributed_membership_needs_jax_distributed():
+    from jaxsys.train.elastic.runtime import ElasticTrainer
+
+    with pytest.raises(TrainConfigError, match="jax.distributed.initialize"):
+        ElasticTrainer(load_config("tiny", ["elastic.membership=distributed"]))
