@@ -9,7 +9,7 @@ and the server still serves afterwards), and a streaming client that disconnects
 request is cancelled and its KV pages come back).
 
 The shared-prefix-attention variant of the greedy-equality test starts a second server over the
-same loaded model once `jaxsys.serve.engine.shared_decode` exists.
+same loaded model (marked slow: it compiles a second set of SmolLM2 executables).
 """
 
 from __future__ import annotations
@@ -182,7 +182,11 @@ def _messages(topic: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Tell me one fact about {topic}."}]
 
 
-@pytest.mark.parametrize("shared_attention", [False, True], ids=["plain", "shared"])
+# The shared-attention variant starts a second server (a second set of SmolLM2 executables, the
+# most expensive test here), so it runs with the slow tests; the scheduler tests check the same
+# engine path against the no-cache reference on every run.
+@pytest.mark.parametrize("shared_attention", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["plain", "shared"])
 def test_32_concurrent_streams_equal_requests_run_alone(servers, shared_attention):
     srv = servers(shared_attention)
     max_tokens = 16
