@@ -50,7 +50,7 @@ def test_tiny_model_tensor8_matches_one_device(shared_attention):
         assert _tensor_axis_size(p[name], head_dim) == 8, name
         assert len(p[name].sharding.device_set) == 8
     assert _tensor_axis_size(p["w_gate"], 2) == 8 and _tensor_axis_size(p["w_down"], 1) == 8
-    assert _tensor_axis_size(tp.engine.cache.k, 1) == 8  # KV heads of the cache, one per device
+    assert _tensor_axis_size(tp.engine.cache.k, 0) == 8  # KV heads of the cache, one per device
 
     # a shared first page (the others wait for it, then reuse it) and one unrelated prompt; one
     # prefill chunk each and <= 16 tokens in all, so few buckets compile
@@ -64,7 +64,7 @@ def test_tiny_model_tensor8_matches_one_device(shared_attention):
     assert tp.scheduler.radix.hit_tokens == 2 * 4  # two requests reused the first one's page
     check_idle(tp.scheduler)
     # the cache stayed sharded through the donated steps
-    assert _tensor_axis_size(tp.engine.cache.k, 1) == 8
+    assert _tensor_axis_size(tp.engine.cache.k, 0) == 8
 
 
 def test_smollm2_tensor3_matches_one_device():
@@ -78,7 +78,7 @@ def test_smollm2_tensor3_matches_one_device():
     tp = _llm(model, mesh, **engine_kw)
     wq = tp.engine.params["layers"]["wq"]
     assert "tensor" in tuple(wq.sharding.spec) and _tensor_axis_size(wq, 2) == 3
-    assert _tensor_axis_size(tp.engine.cache.k, 1) == 3
+    assert _tensor_axis_size(tp.engine.cache.k, 0) == 3
 
     prompts = ["What is the capital of France?", "Write the word 'blue' in French."]
     sp = SamplingParams(max_tokens=8)

@@ -34,7 +34,7 @@ import numpy as np
 
 from jaxsys.models import layers
 from jaxsys.models.config import ModelConfig, rope_inv_freq
-from jaxsys.models.kv_cache import AttentionMetadata, KVCache, slot_indices
+from jaxsys.models.kv_cache import AttentionMetadata, KVCache, flat_pages, slot_indices
 from jaxsys.sharding import axes as ax
 from jaxsys.sharding import constrain
 
@@ -131,10 +131,10 @@ def paged_attention(q_BxTxHqxDh, k_new_BxTxKxDh, v_new_BxTxKxDh, cache, layer, p
     """
     B, T, Hq, Dh = q_BxTxHqxDh.shape
     K, ps, P = cfg.num_kv_heads, cache.page_size, meta.page_table.shape[1]
-    k_BxPxKxSxD = cache.k[layer, :, meta.page_table]  # advanced indices first: [B, P, K, ps, Dh]
-    v_BxPxKxSxD = cache.v[layer, :, meta.page_table]
-    k_c = jnp.swapaxes(k_BxPxKxSxD, 2, 3).reshape(B, P * ps, K, Dh)
-    v_c = jnp.swapaxes(v_BxPxKxSxD, 2, 3).reshape(B, P * ps, K, Dh)
+    k_flat, v_flat = flat_pages(cache)
+    pages_BxP = meta.page_table + layer * cache.num_pages
+    k_c = jnp.moveaxis(k_flat[:, pages_BxP], 0, 3).reshape(B, P * ps, K, Dh)  # [K,B,P,ps,D] -> [B,S,K,D]
+    v_c = jnp.moveaxis(v_flat[:, pages_BxP], 0, 3).reshape(B, P * ps, K, Dh)
     k_pos_BxS = jnp.broadcast_to(jnp.arange(P * ps, dtype=jnp.int32)[None, :], (B, P * ps))
     cached_B = cached_prefix_lens(positions_BxT, meta)
     mask_c = layers.causal_mask(positions_BxT, k_pos_BxS, k_pos_BxS < cached_B[:, None], cfg.sliding_window)
@@ -149,13 +149,13 @@ def paged_attention(q_BxTxHqxDh, k_new_BxTxKxDh, v_new_BxTxKxDh, cache, layer, p
 def write_cache(cache: KVCache, k_new_LxBxTxKxD: jax.Array, v_new_LxBxTxKxD: jax.Array,
                 slots_BxT: jax.Array) -> KVCache:
     """Scatter every layer's new K/V into their slots at once (in place when the cache is donated)."""
-    L, K, NP, PS, Dh = cache.k.shape
+    K, L, NP, PS, Dh = cache.k.shape
     n = slots_BxT.size
     slots = slots_BxT.reshape(n)
 
     def put(buf, new):
-        flat = buf.reshape(L, K, NP * PS, Dh)
-        upd = jnp.swapaxes(new.reshape(L, n, K, Dh), 1, 2).astype(buf.dtype)  # [L, K, n, Dh]
+        flat = buf.reshape(K, L, NP * PS, Dh)
+        upd = jnp.transpose(new.reshape(L, n, K, Dh), (2, 0, 1, 3)).astype(buf.dtype)  # [K, L, n, Dh]
         return flat.at[:, :, slots].set(upd).reshape(buf.shape)
 
     return KVCache(put(cache.k, k_new_LxBxTxKxD), put(cache.v, v_new_LxBxTxKxD))

@@ -1,12 +1,15 @@
 """The paged KV cache shared by `jaxsys.generate` and the serving engine.
 
-Layout (per model):  k, v: [num_layers, num_kv_heads, num_pages, page_size, head_dim]
+Layout (per model):  k, v: [num_kv_heads, num_layers, num_pages, page_size, head_dim]
 A request owns a page table (a row of page ids); token position p of that request lives in page
 `page_table[p // page_size]` at offset `p % page_size`. Page 0 is reserved as a scratch page: padding
 tokens write there and nothing ever reads it, so static-shape batches never need a branch.
 
-The per-layer view `k[layer]` is exactly the `k_pages: [num_kv_heads, total_num_pages, page_size,
-head_dim]` layout the shared-prefix attention kernels take.
+Heads lead, layers second: `flat_pages(cache)` views the whole cache, for free, as
+`k_pages: [num_kv_heads, num_layers * num_pages, page_size, head_dim]` (the layout the
+shared-prefix attention kernels take), where page p of layer l is page `l * num_pages + p`. So a
+layer's attention addresses its pages by offsetting page ids, and never slices (copies) a layer out
+of the cache inside the layer scan.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ SCRATCH_PAGE = 0
 
 
 class KVCache(NamedTuple):
-    k: jax.Array  # [L, Hkv, N, page_size, Dh]
-    v: jax.Array  # [L, Hkv, N, page_size, Dh]
+    k: jax.Array  # [Hkv, L, N, page_size, Dh]
+    v: jax.Array  # [Hkv, L, N, page_size, Dh]
 
     @property
     def page_size(self) -> int:
@@ -35,7 +38,13 @@ class KVCache(NamedTuple):
         return self.k.shape[2]
 
 
-CACHE_LOGICAL_AXES = (ax.LAYERS, ax.KV_HEADS, ax.CACHE_PAGES, ax.PAGE, ax.HEAD_DIM)
+CACHE_LOGICAL_AXES = (ax.KV_HEADS, ax.LAYERS, ax.CACHE_PAGES, ax.PAGE, ax.HEAD_DIM)
+
+
+def flat_pages(cache: KVCache) -> tuple[jax.Array, jax.Array]:
+    """(k, v) as [Hkv, L * N, page_size, Dh]: page p of layer l is page l * N + p."""
+    K, L, N, PS, Dh = cache.k.shape
+    return cache.k.reshape(K, L * N, PS, Dh), cache.v.reshape(K, L * N, PS, Dh)
 
 
 class AttentionMetadata(NamedTuple):
@@ -48,7 +57,7 @@ class AttentionMetadata(NamedTuple):
 
 
 def init_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype=None) -> KVCache:
-    shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+    shape = (cfg.num_kv_heads, cfg.num_layers, num_pages, page_size, cfg.head_dim)
     dt = jnp.dtype(dtype or cfg.dtype)
     return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
 

@@ -154,12 +154,12 @@ def _attend_pages_kernel(pages_ref, page_lens_ref, q_ref, k_pages_ref, v_pages_r
     lse_ref[...] = jnp.where(nonempty, m + jnp.log(l_safe), -jnp.inf)
 
 
-def _merge_kernel(merge_rows_ref, o_sh_ref, lse_sh_ref, o_pr_ref, lse_pr_ref, out_ref):
+def _merge_kernel(merge_rows_ref, o_sh_ref, lse_sh_ref, o_pr_ref, lse_pr_ref, out_ref, lse_out_ref=None):
     """LSE-merge one request's partials for one KV head.
 
     merge_rows_ref: i32[M] (row of o_sh; padding points at an empty partial);
     o_sh_ref: f32[R, Gm, D], lse_sh_ref: f32[R, Gm]; o_pr_ref: f32[S, Gp, D], lse_pr_ref:
-    f32[S, Gp] (first Gm rows used); out_ref: [Gm, D].
+    f32[S, Gp] (first Gm rows used); out_ref: [Gm, D]; lse_out_ref (optional): f32[Gm].
     """
     n_split = o_pr_ref.shape[0]
     n_merge = 0 if merge_rows_ref is None else merge_rows_ref.shape[0]
@@ -184,8 +184,10 @@ def _merge_kernel(merge_rows_ref, o_sh_ref, lse_sh_ref, o_pr_ref, lse_pr_ref, ou
     carry = lax.fori_loop(0, n_split, private, carry)
     if n_merge:
         carry = lax.fori_loop(0, n_merge, shared, carry)
-    acc, _, den = carry
+    acc, m, den = carry
     out_ref[...] = (acc / jnp.where(den > 0, den, 1.0)[:, None]).astype(out_ref.dtype)
+    if lse_out_ref is not None:
+        lse_out_ref[...] = jnp.where(den > 0, m + jnp.log(jnp.where(den > 0, den, 1.0)), -jnp.inf)
 
 
 # -- launches ------------------------------------------------------------------------------------
@@ -285,8 +287,9 @@ def _shared_partials(q_bhgd, k_pages, v_pages, step: SharedPrefixStep, *, g, blo
     return o, lse
 
 
-def _merge(merge_rows, o_sh, lse_sh, o_pr, lse_pr, *, gm, out_dtype, block_sizes, interpret):
-    """-> [B, Hkv, Gm, D]."""
+def _merge(merge_rows, o_sh, lse_sh, o_pr, lse_pr, *, gm, out_dtype, block_sizes, interpret,
+           return_lse=False):
+    """-> [B, Hkv, Gm, D] (and, return_lse, f32[B, Hkv, Gm])."""
     b, n_split, hkv, gp, d = o_pr.shape
     in_specs = [
         pl.BlockSpec((None, n_split, None, gp, d), lambda i, h: (i, 0, h, 0, 0)),
@@ -304,12 +307,17 @@ def _merge(merge_rows, o_sh, lse_sh, o_pr, lse_pr, *, gm, out_dtype, block_sizes
         kernel = _merge_kernel
     else:
         kernel = functools.partial(_merge_kernel, None, None, None)
+    out_specs = pl.BlockSpec((None, None, gm, d), lambda i, h: (i, h, 0, 0))
+    out_shape = jax.ShapeDtypeStruct((b, hkv, gm, d), out_dtype)
+    if return_lse:
+        out_specs = (out_specs, pl.BlockSpec((None, None, gm), lambda i, h: (i, h, 0)))
+        out_shape = (out_shape, jax.ShapeDtypeStruct((b, hkv, gm), jnp.float32))
     return pl.pallas_call(
         kernel,
         grid=(b, hkv),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, None, gm, d), lambda i, h: (i, h, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((b, hkv, gm, d), out_dtype),
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=_compiler_params(block_sizes),
         interpret=interpret,
         name="shared_prefix_merge",
@@ -329,10 +337,11 @@ def _queries(q, k_pages):
     return jnp.pad(q_bhgd, ((0, 0), (0, 0), (0, gp - g), (0, 0))), g
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "sm_scale", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "sm_scale", "interpret", "return_lse"))
 def shared_prefix_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                             step: SharedPrefixStep, *, block_sizes: BlockSizes,
-                            sm_scale: float | None = None, interpret: bool = False) -> jax.Array:
+                            sm_scale: float | None = None, interpret: bool = False,
+                            return_lse: bool = False):
     """Decode attention over a prefix tree, each shared KV chunk loaded once (Pallas kernels).
 
     Args:
@@ -349,9 +358,12 @@ def shared_prefix_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
         num_stages (C and Qb come from the step's shapes).
       sm_scale: softmax scale, default 1/sqrt(head_dim).
       interpret: run the kernels in the Pallas interpreter (CPU tests).
+      return_lse: also return the log-sum-exp of the scaled scores, f32[B, num_q_heads] (-inf
+        for a request with no KV), so a caller can merge in more keys (e.g. the new token).
 
     Returns:
       [B, num_q_heads, head_dim] in q's dtype; padding requests (no pages) get zeros.
+      With return_lse: (that, lse).
     """
     _validate(q, k_pages, v_pages, block_sizes, interpret)
     _validate_step(q, k_pages, step, block_sizes, interpret)
@@ -368,10 +380,13 @@ def shared_prefix_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
                                         block_sizes=block_sizes, sm_scale=scale,
                                         interpret=interpret)
         out = _merge(step.merge_rows, o_sh, lse_sh, o_pr, lse_pr, gm=gm, out_dtype=q.dtype,
-                     block_sizes=block_sizes, interpret=interpret)
+                     block_sizes=block_sizes, interpret=interpret, return_lse=return_lse)
     else:
         out = _merge(None, None, None, o_pr, lse_pr, gm=gm, out_dtype=q.dtype,
-                     block_sizes=block_sizes, interpret=interpret)
+                     block_sizes=block_sizes, interpret=interpret, return_lse=return_lse)
+    if return_lse:
+        out, lse = out
+        return out[:, :, :g].reshape(b, hq, d), lse[:, :, :g].reshape(b, hq)
     return out[:, :, :g].reshape(b, hq, d)
 
 

@@ -85,14 +85,19 @@ def _paged_unit(q, k_pages, v_pages, pages, page_lens, sm_scale):
     return jax.lax.cond(jnp.any(page_lens > 0), compute, empty, None)
 
 
-def _merge_partials(o, lse, axis):
-    """LSE-merge partials along `axis`. o: f32[..., P, ..., D]; lse: f32 (o without D)."""
+def _merge_partials(o, lse, axis, with_lse=False):
+    """LSE-merge partials along `axis`. o: f32[..., P, ..., D]; lse: f32 (o without D).
+    Returns the merged output (and, with_lse, the merged log-sum-exp, -inf where all are empty)."""
     m = jnp.max(lse, axis=axis, keepdims=True)
     m_safe = jnp.where(jnp.isneginf(m), 0.0, m)
     w = jnp.exp(lse - m_safe)  # 0 for empty partials
     denom = jnp.sum(w, axis=axis)
     num = jnp.sum(w[..., None] * o, axis=axis)
-    return num / jnp.where(denom > 0, denom, 1.0)[..., None]
+    out = num / jnp.where(denom > 0, denom, 1.0)[..., None]
+    if not with_lse:
+        return out
+    total = jnp.where(denom > 0, jnp.squeeze(m_safe, axis) + jnp.log(jnp.where(denom > 0, denom, 1.0)), -jnp.inf)
+    return out, total
 
 
 def _private_partials(q_bhgd, k_pages, v_pages, pages, page_lens, pages_per_split, sm_scale):
@@ -185,10 +190,10 @@ def _check(q, k_pages, v_pages, step: SharedPrefixStep, block_sizes):
                          f"{ {k: getattr(v, 'shape', None) for k, v in step._asdict().items()} }")
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "sm_scale"))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "sm_scale", "return_lse"))
 def shared_prefix_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                                 step: SharedPrefixStep, *, block_sizes: BlockSizes,
-                                sm_scale: float | None = None) -> jax.Array:
+                                sm_scale: float | None = None, return_lse: bool = False):
     """Decode attention over a prefix tree, reading each shared KV chunk once (XLA path).
 
     Args:
@@ -204,9 +209,12 @@ def shared_prefix_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.A
       block_sizes: `BlockSizes` (static); uses split_pages (pages per split of the private,
         plain part; the last split is padded). C and Qb come from the step's shapes.
       sm_scale: softmax scale, default 1/sqrt(head_dim).
+      return_lse: also return the log-sum-exp of the scaled scores, f32[B, num_q_heads] (-inf
+        for a request with no KV), so a caller can merge in more keys (e.g. the new token).
 
     Returns:
       [B, num_q_heads, head_dim] in q's dtype; padding requests (no pages) get zeros.
+      With return_lse: (that, lse).
     """
     _check(q, k_pages, v_pages, step, block_sizes)
     b, hq, d = q.shape
@@ -220,6 +228,9 @@ def shared_prefix_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.A
         o_sh, lse_sh = _shared_partials(q_bhgd, k_pages, v_pages, step, scale)
         o = jnp.concatenate([o, o_sh[step.merge_rows]], axis=1)  # [B, S + M, Hkv, G, D]
         lse = jnp.concatenate([lse, lse_sh[step.merge_rows]], axis=1)
+    if return_lse:
+        out, total = _merge_partials(o, lse, axis=1, with_lse=True)
+        return out.reshape(b, hq, d).astype(q.dtype), total.reshape(b, hq)
     return _merge_partials(o, lse, axis=1).reshape(b, hq, d).astype(q.dtype)
 
 

@@ -1,0 +1,71 @@
+"""Shared-prefix decode attention inside the engine's decode step.
+
+The scheduler groups the running requests by their radix-tree ancestors into a `PrefixTree` over
+the KV already in the cache; `plan_step` (host, numpy) balances it into a padded
+`SharedPrefixStep`. On the device, per layer, the kernel attends every request's cached KV,
+reading each shared chunk once for all requests below it, and returns (output, log-sum-exp); this
+step's own token (not yet in the cache: the decoder writes new K/V once, after all layers) is one
+more partial, merged by LSE. CPU runs the XLA path, GPU the Pallas kernel. Both read the cache
+through its flat page view (`kv_cache.flat_pages`) with page ids offset to the layer, so no layer
+is sliced (copied) out of the cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxsys.models.config import ModelConfig
+from jaxsys.models.kv_cache import flat_pages
+from jaxsys.pallas_kernels.shared_prefix_attention import (SharedPrefixStep, get_block_sizes, get_cost_model,
+                                                          plan_step)
+from jaxsys.pallas_kernels.shared_prefix_attention.xla import shared_prefix_attention_xla
+
+
+def merge_self_token(o_BxHxD: jax.Array, lse_BxH: jax.Array, q_BxHxD: jax.Array, k_self_BxKxD: jax.Array,
+                     v_self_BxKxD: jax.Array, sm_scale: float) -> jax.Array:
+    """LSE-merge a partial (o, lse) over the cache with the partial of the query's own token."""
+    B, H, D = q_BxHxD.shape
+    K = k_self_BxKxD.shape[1]
+    q = q_BxHxD.astype(jnp.float32).reshape(B, K, H // K, D)
+    s_self = (jnp.einsum("BKGD,BKD->BKG", q, k_self_BxKxD.astype(jnp.float32),
+                         precision=jax.lax.Precision.HIGHEST) * sm_scale).reshape(B, H)
+    v_self = jnp.repeat(v_self_BxKxD.astype(jnp.float32), H // K, axis=1)  # [B, H, D]
+    m = jnp.maximum(lse_BxH, s_self)
+    w_c = jnp.exp(lse_BxH - m)  # 0 when the cache part is empty (lse = -inf)
+    w_s = jnp.exp(s_self - m)
+    return (o_BxHxD.astype(jnp.float32) * w_c[..., None] + v_self * w_s[..., None]) / (w_c + w_s)[..., None]
+
+
+def offset_pages(step: SharedPrefixStep, offset: jax.Array) -> SharedPrefixStep:
+    """The same step addressing another layer's pages in the flat [Hkv, L * N, ...] cache view."""
+    return step._replace(item_pages=step.item_pages + offset, private_pages=step.private_pages + offset)
+
+
+def make_shared_decode(cfg: ModelConfig, engine_config):
+    """(attention function for `decoder.forward`, host builder: (PrefixTree, B) -> SharedPrefixStep)."""
+    platform = jax.devices()[0].platform
+    block_sizes = get_block_sizes(platform, cfg.q_per_kv, cfg.head_dim, engine_config.page_size, cfg.dtype)
+    cost_model = get_cost_model(platform)
+    scale = 1.0 / math.sqrt(cfg.head_dim)
+
+    def attention(q_BxTxHxD, k_new_BxTxKxD, v_new_BxTxKxD, cache, layer, positions_BxT, meta, cfg_):
+        q = q_BxTxHxD[:, 0]
+        k_pages, v_pages = flat_pages(cache)  # [Hkv, L * N, ps, D]: this layer's pages are offset
+        step = offset_pages(meta.shared, layer * cache.num_pages)
+        if platform == "gpu":
+            from jaxsys.pallas_kernels.shared_prefix_attention import shared_prefix_attention
+
+            o, lse = shared_prefix_attention(q, k_pages, v_pages, step, block_sizes=block_sizes, return_lse=True)
+        else:
+            o, lse = shared_prefix_attention_xla(q, k_pages, v_pages, step, block_sizes=block_sizes,
+                                                 return_lse=True)
+        out = merge_self_token(o, lse, q, k_new_BxTxKxD[:, 0], v_new_BxTxKxD[:, 0], scale)
+        return out[:, None].astype(q_BxTxHxD.dtype)
+
+    def build(tree, padded_batch: int):
+        return plan_step(tree, block_sizes=block_sizes, cost_model=cost_model, min_requests=padded_batch).step
+
+    return attention, build
