@@ -110,7 +110,7 @@ def test_bit_flip_in_primary_is_detected_repaired_and_step_rerun(clean):
 def test_bit_flip_in_replica_is_detected_and_recopied(clean):
     _, res_a, _ = clean
     flip = BitFlip(step=2, copy="replica", shard=5, row=2, index=3, bit=0)
-    tr, res, _ = _run(CFG, steps=4, faults=[flip])
+    tr, res, _ = _run(CFG.replace(**{"elastic.verify_every": 1}), steps=4, faults=[flip])
     ev = [e for e in tr.events if e["event"] == "corruption_repaired"]
     assert len(ev) == 1 and ev[0]["bad_replica"] == [5] and ev[0]["bad_primary"] == []
     _assert_same_prefix(res_a, res, 4)
@@ -145,6 +145,7 @@ def test_adjacent_losses_fall_back_to_the_checkpoint(clean, tmp_path):
     tr.close()
 
 
+@pytest.mark.slow  # two more step compiles (the replica memory kind is part of the program)
 def test_replicas_in_device_memory(clean):
     """replica_memory=device (what backends without pinned_host memory get) recovers the same."""
     _, res_a, st_a = clean

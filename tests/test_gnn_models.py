@@ -159,3 +159,17 @@ def test_training_learns_compiles_once_and_reports(tmp_path, monkeypatch):
     first = out["folds"][0]
     assert first["train"]["loss"] < 1.0986  # below the loss of a uniform guess, ln 3
     assert (tmp_path / "gnn").is_dir() and any((tmp_path / "gnn").iterdir())  # cached
+
+
+def test_no_calls_into_jraph_helpers_that_need_removed_jax_apis():
+    """jraph 0.0.6.dev0's zero_out_padding / get_fully_connected_graph call jax.tree_map and
+    jax.tree_leaves, which jax 0.10 removed; jaxsys.gnn uses only jraph code built on
+    jax.tree_util (GraphsTuple, batch_np, pad_with_graphs, padding masks)."""
+    from pathlib import Path
+
+    import jaxsys.gnn
+
+    banned = ("zero_out_padding", "get_fully_connected_graph", "jax.tree_map", "jax.tree_leaves")
+    for path in Path(jaxsys.gnn.__file__).parent.glob("*.py"):
+        src = path.read_text()
+        assert not any(b in src for b in banned), path

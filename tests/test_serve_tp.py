@@ -31,6 +31,13 @@ def _llm(model, mesh, shared_attention=False, **engine_kw):
     return ServingLLM(model, config=EngineConfig(shared_attention=shared_attention, **engine_kw), mesh=mesh)
 
 
+def _kv_heads_axis() -> int:
+    from jaxsys.models.kv_cache import CACHE_LOGICAL_AXES
+    from jaxsys.sharding import axes
+
+    return CACHE_LOGICAL_AXES.index(axes.KV_HEADS)
+
+
 def _tensor_axis_size(arr: jax.Array, dim: int) -> int:
     """How many ways `arr` is split along `dim` (1 = replicated along it)."""
     shard = arr.sharding.shard_shape(arr.shape)
@@ -50,7 +57,7 @@ def test_tiny_model_tensor8_matches_one_device(shared_attention):
         assert _tensor_axis_size(p[name], head_dim) == 8, name
         assert len(p[name].sharding.device_set) == 8
     assert _tensor_axis_size(p["w_gate"], 2) == 8 and _tensor_axis_size(p["w_down"], 1) == 8
-    assert _tensor_axis_size(tp.engine.cache.k, 0) == 8  # KV heads of the cache, one per device
+    assert _tensor_axis_size(tp.engine.cache.k, _kv_heads_axis()) == 8  # KV heads of the cache, one per device
 
     # a shared first page (the others wait for it, then reuse it) and one unrelated prompt; one
     # prefill chunk each and <= 16 tokens in all, so few buckets compile
@@ -64,7 +71,7 @@ def test_tiny_model_tensor8_matches_one_device(shared_attention):
     assert tp.scheduler.radix.hit_tokens == 2 * 4  # two requests reused the first one's page
     check_idle(tp.scheduler)
     # the cache stayed sharded through the donated steps
-    assert _tensor_axis_size(tp.engine.cache.k, 0) == 8
+    assert _tensor_axis_size(tp.engine.cache.k, _kv_heads_axis()) == 8
 
 
 def test_smollm2_tensor3_matches_one_device():
@@ -78,7 +85,7 @@ def test_smollm2_tensor3_matches_one_device():
     tp = _llm(model, mesh, **engine_kw)
     wq = tp.engine.params["layers"]["wq"]
     assert "tensor" in tuple(wq.sharding.spec) and _tensor_axis_size(wq, 2) == 3
-    assert _tensor_axis_size(tp.engine.cache.k, 0) == 3
+    assert _tensor_axis_size(tp.engine.cache.k, _kv_heads_axis()) == 3
 
     prompts = ["What is the capital of France?", "Write the word 'blue' in French."]
     sp = SamplingParams(max_tokens=8)

@@ -120,8 +120,9 @@ class ElasticConfig(_Section):
     k+1); recovery then loses no step and reads no disk."""
     replica_memory: Literal["auto", "device", "pinned_host"] = "auto"
     """Where replicas live: `auto` picks pinned_host memory when the backend has it."""
-    verify_every: int = Field(1, ge=0)
-    """Verify the snapshot checksums every N steps (0: only before a recovery)."""
+    verify_every: int = Field(10, ge=0)
+    """Every step checks the primary copy it reads against its checksums; every N steps all held
+    copies (replicas included) are checked too (0: replicas only before a recovery)."""
     precompile: Literal["single_loss", "scheduled", "none"] = "single_loss"
     """Which device sets get executables compiled in the background: every set with one device
     lost (plus every rejoin), only the sets the event schedule reaches, or none."""

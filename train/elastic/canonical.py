@@ -90,6 +90,12 @@ def as_bits(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, jnp.uint32)
 
 
+def shard_checksum(buf_3xS: jax.Array) -> jax.Array:
+    """[2] checksum of one [3, S] state shard (positions are local to the shard)."""
+    bits = as_bits(buf_3xS).reshape(-1)
+    return checksum(bits, jnp.arange(bits.shape[0], dtype=jnp.uint32))
+
+
 # ----------------------------------------------------------------------------- static tables
 @dataclasses.dataclass(frozen=True)
 class NormPlan:
@@ -174,7 +180,10 @@ class StepSpec:
     dropout: float
     seed: int
     chunk: int
-    donate: bool
+    snapshot: str | None
+    """None: no snapshot, the state is donated. Else the memory kind of the replicas: the step then
+    keeps its input (the snapshot's primary), verifies it against the reference checksums and
+    emits the next snapshot (replica of shard k on device k+1, reference checksums)."""
 
     @property
     def num_params(self) -> int:
@@ -200,10 +209,15 @@ def make_step(spec: StepSpec, mesh: Mesh):
     """The jitted step for `mesh`:
 
     step(flat_3xNS, count, tokens_NxKxbxT1, example_ids_NxKxb, slot_micro_NxK, step, micro_idx_M,
-         micro_active_M, n_valid, lr) -> (flat_3xNS, count, metrics)
+         micro_active_M, n_valid, lr[, ref_Nx2]) -> (flat_3xNS, count, metrics[, replica, ref])
 
     slot_micro: the micro-batch of each slot, -1 for an idle slot (uneven splits); idle slots are
     skipped (`lax.cond`) and their gradients never enter the reduction.
+
+    With `spec.snapshot`, the step takes the reference checksums of its input and returns the next
+    snapshot in the same program (no extra launches): metrics["input_ok"] [N] says whether each
+    input shard still matched its checksum, metrics["replica_ok"] [N] whether each new replica
+    arrived intact.
 
     flat rows are (params, adam mu, adam nu) of the flat vector; metrics are replicated scalars:
     loss, grad_norm and param_checksum [2] (uint32, layout-independent).
@@ -215,7 +229,8 @@ def make_step(spec: StepSpec, mesh: Mesh):
     loss_fn = jax.value_and_grad(
         lambda p, tok, keys: objective.lm_loss_sum(p, tok, keys, cfg=spec.model, dropout=spec.dropout))
 
-    def body(flat_3xS, count, tok_1xKxbxT1, ex_1xKxb, slot_1xK, step, micro_idx_M, micro_active_M, n_valid, lr):
+    def body(flat_3xS, count, tok_1xKxbxT1, ex_1xKxb, slot_1xK, step, micro_idx_M, micro_active_M, n_valid, lr,
+             ref_Nx2=None):
         params_S, mu_S, nu_S = flat_3xS[0], flat_3xS[1], flat_3xS[2]
         full_P = jax.lax.all_gather(params_S, AXIS, tiled=True)[:P]
         ptree = flat.unflatten(full_P)
@@ -253,22 +268,33 @@ def make_step(spec: StepSpec, mesh: Mesh):
         pos = (jax.lax.axis_index(AXIS) * S + jnp.arange(S, dtype=jnp.int32))
         ck = jax.lax.psum(checksum(as_bits(new_params_S), pos.astype(jnp.uint32), pos < P), AXIS)
         metrics = {"loss": loss, "grad_norm": g_norm, "param_checksum": ck}
-        return new_flat, adam.count, metrics
+        if spec.snapshot is None:
+            return new_flat, adam.count, metrics
+        i = jax.lax.axis_index(AXIS)
+        metrics["input_ok"] = jax.lax.all_gather(jnp.all(shard_checksum(flat_3xS) == ref_Nx2[i])[None], AXIS,
+                                                 tiled=True)
+        replica = jax.lax.ppermute(new_flat, AXIS, [(j, (j + 1) % N) for j in range(N)]) if N > 1 else new_flat
+        new_ref = jax.lax.all_gather(shard_checksum(new_flat)[None, :], AXIS, tiled=True)
+        metrics["replica_ok"] = jax.lax.all_gather(
+            jnp.all(shard_checksum(replica) == new_ref[(i + N - 1) % N])[None], AXIS, tiled=True)
+        return new_flat, adam.count, metrics, replica, new_ref
 
     rep = PartitionSpec()
     sharded = PartitionSpec(AXIS)
-    fn = jax.shard_map(
-        body, mesh=mesh,
-        in_specs=(PartitionSpec(None, AXIS), rep, sharded, sharded, sharded, rep, rep, rep, rep, rep),
-        out_specs=(PartitionSpec(None, AXIS), rep, rep), check_vma=False)
     s_state = state_sharding(mesh)
     s_rep = NamedSharding(mesh, rep)
     s_batch = NamedSharding(mesh, sharded)
-    return jax.jit(
-        fn,
-        in_shardings=(s_state, s_rep, s_batch, s_batch, s_batch, s_rep, s_rep, s_rep, s_rep, s_rep),
-        out_shardings=(s_state, s_rep, s_rep),
-        donate_argnums=(0,) if spec.donate else ())
+    in_specs = (PartitionSpec(None, AXIS), rep, sharded, sharded, sharded, rep, rep, rep, rep, rep)
+    in_sh = (s_state, s_rep, s_batch, s_batch, s_batch, s_rep, s_rep, s_rep, s_rep, s_rep)
+    out_specs = (PartitionSpec(None, AXIS), rep, rep)
+    out_sh = (s_state, s_rep, s_rep)
+    if spec.snapshot is not None:
+        s_replica = s_state if spec.snapshot == "device" else s_state.with_memory_kind(spec.snapshot)
+        in_specs, in_sh = in_specs + (rep,), in_sh + (s_rep,)
+        out_specs, out_sh = out_specs + (PartitionSpec(None, AXIS), rep), out_sh + (s_replica, s_rep)
+    fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    return jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh,
+                   donate_argnums=(0,) if spec.snapshot is None else ())
 
 
 def abstract_step_args(spec: StepSpec, mesh: Mesh) -> tuple:
@@ -285,7 +311,8 @@ def abstract_step_args(spec: StepSpec, mesh: Mesh) -> tuple:
             sd((M,), jnp.int32, sharding=s_rep),
             sd((M,), jnp.bool_, sharding=s_rep),
             sd((), jnp.float32, sharding=s_rep),
-            sd((), jnp.float32, sharding=s_rep))
+            sd((), jnp.float32, sharding=s_rep)) + (
+            (sd((N, 2), jnp.uint32, sharding=s_rep),) if spec.snapshot is not None else ())
 
 
 # ----------------------------------------------------------------------------- state conversion

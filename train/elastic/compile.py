@@ -4,17 +4,16 @@ A recovery must not wait for XLA. Two observations make that cheap:
 
 * An SPMD program for N devices does not depend on *which* N devices run it: the compiled code is
   the same, only the device assignment differs. `retarget` loads a compiled executable onto another
-  device set of the same size in about a millisecond (serialize, then deserialize with the device
-  ids remapped and a new device assignment), which is how the persistent compilation cache reuses
-  executables across device assignments on GPU. So after one device is lost from N, a single
-  compile for N-1 devices covers every one of the N possible survivor sets.
-* Compiling happens in a background thread (`background`) while training runs; XLA compiles outside
-  the GIL.
+  device set of the same size in milliseconds (serialize, then deserialize with the device ids
+  remapped and a new device assignment; jax's persistent compilation cache does the same on GPU,
+  where it strips the device assignment from its keys). So after one device is lost from N, a
+  single compile for N-1 devices covers every one of the N possible survivor sets.
+* Compiling happens on a background thread (`background`) while the training loop runs.
 
 `ExecutableCache.get` returns a cached executable, else retargets one of the same size, else
 compiles (waiting for an in-flight background compile of the same program instead of starting a
-second one); `background` runs such gets on a worker thread. Each call records how the executable was obtained and how long it took, which the
-recovery timings and the benchmark report.
+second one). Every non-cached get is recorded (how, seconds); recovery timings and the benchmark
+report them.
 """
 
 from __future__ import annotations

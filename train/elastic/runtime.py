@@ -5,18 +5,20 @@
 
 1. joins: a device that (re)joins before step s gets its share of the state (planned transfers
    from the current shards) and step s runs on the larger set;
-2. a snapshot of the pre-step state (`snapshot.take_snapshot`): the state itself, a replica of
-   shard k on device k+1, reference checksums;
-3. the step (not donating its input: the input *is* the snapshot's primary copy);
+2. a snapshot of the pre-step state: the state itself, a replica of shard k on device k+1,
+   reference checksums. The previous step emitted it (in the same program); `take_snapshot`
+   makes one only after a change;
+3. the step (not donating its input: the input *is* the snapshot's primary copy; the step checks
+   it against the reference checksums);
 4. failures: a device lost during step s -> the step's result is discarded, the lost device is
    fenced (its buffers deleted), the survivors' copies are verified, the transfer planner builds
    the new layout from surviving primaries and replicas, the executable for the survivors comes
    from the ahead-of-time cache, and step s runs again on the survivors: no completed step is
    lost and no disk is read. Two ring neighbours lost at once fall back to the last Orbax
    checkpoint (steps since then are lost);
-5. verification (every `verify_every` steps): the snapshot's held copies are checksummed; a bad
-   primary (the input step s consumed) is repaired from its replica and step s is re-run, a bad
-   replica is re-copied from its primary.
+5. verification: every step checks its primary input; every `verify_every` steps all held copies
+   (replicas in host memory included) are checksummed. A bad primary (the input step s consumed)
+   is repaired from its replica and step s is re-run; a bad replica is re-copied from its primary.
 
 Global batch, micro-batches, reduction order and per-example RNG never depend on the device set,
 so a run that loses device 3 at step 20 and regains it at step 40 produces the same losses and
@@ -25,6 +27,10 @@ parameters, bit for bit, as the run without failures (tests/test_elastic.py).
 `elastic.policy: torchft` is the negative control: after a loss the survivors keep only their
 own micro-batches and average over the participants (the global batch shrinks), as TorchFT-style
 fault tolerance does; its trajectory departs from the failure-free run.
+
+Unlike the GSPMD loop, this loop waits for each step to finish before committing it (a step that
+a device did not survive must not be committed, and its snapshot is released only then); the host
+still prepares the next batch while the step runs, so the wait costs one dispatch latency.
 """
 
 from __future__ import annotations
@@ -47,9 +53,9 @@ from jaxsys.train.elastic.events import EventSchedule, EventSpecError
 from jaxsys.train.elastic.layout import FlatLayout, FlatSpec, MicroBatchPlan
 from jaxsys.train.elastic.membership import DistributedMembership, ScheduledMembership, probe
 from jaxsys.train.elastic.planner import UnrecoverableError, check_plan, plan_transfers
-from jaxsys.train.elastic.snapshot import (Snapshot, build_snapshot_program, build_verify_program,
-                                           inject_bit_flip, per_device, repair, resolve_replica_memory,
-                                           take_snapshot, verify)
+from jaxsys.train.elastic.snapshot import (Snapshot, VerifyResult, build_snapshot_program,
+                                           build_verify_program, inject_bit_flip, per_device, repair,
+                                           resolve_replica_memory, take_snapshot, verify)
 from jaxsys.train.elastic.transfer import execute_plan, precompile_plan
 from jaxsys.train.optim import compiled_optim
 from jaxsys.train.trainer import (MetricsWriter, StepRecord, Trainer, TrainResult, _progress,
@@ -148,6 +154,7 @@ class ElasticTrainer(Trainer):
         self.active: list[int] = list(range(len(self.devices)))
         self._base_plan = MicroBatchPlan.balanced(cfg.data.micro_batches, len(self.devices))
         self._flat: jax.Array | None = None
+        self._snap: Snapshot | None = None
         self._count = 0
         self._pending_recovery: Recovery | None = None
         self._done_fail_checks: set[int] = set()
@@ -174,7 +181,8 @@ class ElasticTrainer(Trainer):
             model=cfg.model, flat=self.flat_spec, optim=compiled_optim(cfg.optim),
             num_devices=plan.num_devices, slots=plan.slots, num_micro=cfg.data.micro_batches,
             micro_size=cfg.data.micro_size, seq_len=cfg.data.seq_len, dropout=cfg.dropout,
-            seed=cfg.seed, chunk=cfg.elastic.chunk_size, donate=not cfg.elastic.snapshot)
+            seed=cfg.seed, chunk=cfg.elastic.chunk_size,
+            snapshot=self.memory if cfg.elastic.snapshot else None)
 
     def _step_exe(self, active: Sequence[int], info: bool = False):
         spec = self._spec(self._plan(active))
@@ -316,6 +324,7 @@ class ElasticTrainer(Trainer):
         return self.cache.get("from_tree", (self.cfg.model, n), devs, builder)
 
     def _load_tree(self, tree: dict[str, Any]) -> None:
+        self._snap = None
         exe = self._from_tree_exe()
         self._flat = exe(tree["params"], tree["mu"], tree["nu"])
         self._count = int(jax.device_get(tree["count"]))
@@ -374,6 +383,26 @@ class ElasticTrainer(Trainer):
         n_valid = np.float32(per_micro[active].sum())
         return tok, ex, table, idx, active, n_valid
 
+    def _snapshot_for(self, step: int) -> Snapshot | None:
+        """The snapshot step `step` starts from: the one the previous step emitted, else a new one;
+        scheduled faults are injected into it here."""
+        if not self.cfg.elastic.snapshot:
+            return None
+        snap = self._snap
+        if snap is None or snap.step != step or snap.layout != self._layout(self.active):
+            snap = take_snapshot(self.cache, step, self._count, self._layout(self.active),
+                                 self.active_devices, self._flat, self.memory)
+            self._snap = snap
+        for f in self.faults:
+            if f.step == step and f not in self._done_faults:
+                self._done_faults.add(f)
+                inject_bit_flip(self.cache, snap, copy=f.copy, shard=f.shard, row=f.row, index=f.index,
+                                bit=f.bit)
+                if f.copy == "primary":
+                    self._flat = snap.primary
+                self._record_event(step, {"event": "bitflip_injected", "copy": f.copy, "shard": f.shard})
+        return snap
+
     def _record_event(self, step: int, event: dict[str, Any]) -> None:
         event = {"step": step, **event}
         self.events.append(event)
@@ -401,7 +430,7 @@ class ElasticTrainer(Trainer):
         flat = execute_plan(self.cache, plan, primary, {}, new_devs, self.memory)
         flat.block_until_ready()
         t4 = time.perf_counter()
-        self._flat, self.active = flat, new_active
+        self._flat, self.active, self._snap = flat, new_active, None
         self.mesh = canonical.layout_mesh(new_devs)
         rec = Recovery("join", step, before, list(new_active), detection_s=detection,
                        replanning_s=t2 - t1, compile_s=t3 - t2, compile_how=how, transfer_s=t4 - t3,
@@ -511,7 +540,6 @@ class ElasticTrainer(Trainer):
         records: list[StepRecord] = []
         self._step_events: list[dict[str, Any]] = []
         self._precompile()
-        snap: Snapshot | None = None
         s = start
         try:
             while s < end:
@@ -526,21 +554,13 @@ class ElasticTrainer(Trainer):
                 exe = self._step_exe(self.active)
                 tok, ex, slots, idx, act, n_valid = self._slot_batch(s, plan)
                 t_step = time.perf_counter()
-                snap = None
-                if cfg.elastic.snapshot:
-                    snap = take_snapshot(self.cache, s, self._count, self._layout(self.active),
-                                         self.active_devices, self._flat, self.memory)
-                    for f in self.faults:
-                        if f.step == s and f not in self._done_faults:
-                            self._done_faults.add(f)
-                            inject_bit_flip(self.cache, snap, copy=f.copy, shard=f.shard, row=f.row,
-                                            index=f.index, bit=f.bit)
-                            if f.copy == "primary":
-                                self._flat = snap.primary
-                            self._record_event(s, {"event": "bitflip_injected", "copy": f.copy, "shard": f.shard})
+                snap = self._snapshot_for(s)
                 lr = self.lr(self._count)
-                new_flat, _, metrics = exe(self._flat, np.int32(self._count), tok, ex, slots, np.int32(s),
-                                           idx, act, n_valid, lr)
+                args = (self._flat, np.int32(self._count), tok, ex, slots, np.int32(s), idx, act, n_valid, lr)
+                if snap is not None:
+                    new_flat, _, metrics, replica, ref = exe(*args, snap.ref)
+                else:
+                    new_flat, _, metrics = exe(*args)
                 # boundary s+1: did step s survive?
                 fails = []
                 if s not in self._done_fail_checks:
@@ -551,12 +571,18 @@ class ElasticTrainer(Trainer):
                     new_flat.delete()
                     self._log(f"step {s}: lost device(s) {sorted(e.device for e in fails)} during the step")
                     s = self._shrink(fails, s, snap)
+                    self._snap = None
                     rec = self._pending_recovery
                     self._record_event(s, {"event": "fail", "devices": sorted(e.device for e in fails),
                                            "recovery": rec.to_json() if rec else None})
                     continue
-                if snap is not None and cfg.elastic.verify_every and (s - start) % cfg.elastic.verify_every == 0:
-                    res = verify(self.cache, snap)
+                m = jax.device_get(metrics)
+                if snap is not None:
+                    bad = tuple(int(i) for i in np.flatnonzero(~m["input_ok"]))
+                    res = VerifyResult(bad, ())
+                    if cfg.elastic.verify_every and (s - start) % cfg.elastic.verify_every == 0:
+                        full = verify(self.cache, snap)
+                        res = VerifyResult(tuple(sorted(set(bad) | set(full.bad_primary))), full.bad_replica)
                     if not res.ok:
                         notes = repair(snap, res)
                         for n in notes:
@@ -568,7 +594,6 @@ class ElasticTrainer(Trainer):
                             new_flat.delete()
                             self._flat = snap.primary
                             continue
-                m = jax.device_get(metrics)
                 step_time = time.perf_counter() - t_step
                 if self._pending_recovery is not None:
                     self._pending_recovery.first_step_s = step_time
@@ -588,6 +613,14 @@ class ElasticTrainer(Trainer):
                 self._count += 1
                 s += 1
                 self.step = s
+                if snap is not None:  # the step's output is the next snapshot
+                    self._snap = Snapshot(s, self._count, self._layout(self.active), tuple(self.active_devices),
+                                          new_flat, replica, ref, self.memory)
+                    bad_rep = tuple(int((i - 1) % len(self.active)) for i in np.flatnonzero(~m["replica_ok"]))
+                    if bad_rep:
+                        notes = repair(self._snap, VerifyResult((), bad_rep))
+                        self._record_event(s, {"event": "corruption_repaired", "notes": notes,
+                                               "bad_primary": [], "bad_replica": list(bad_rep)})
                 if cfg.checkpoint.every and s % cfg.checkpoint.every == 0:
                     self.save(s)
                 if on_step is not None:

@@ -8,12 +8,14 @@ At every step boundary the elastic trainer keeps:
 * the replica: shard k is also copied to device k+1 mod N (one `ppermute`), in that device's
   `pinned_host` memory when the backend has it (`replica_memory`), so any single device loss, and
   any loss of devices that are not ring neighbours, leaves a copy of every shard;
-* reference checksums of every primary shard ([N, 2] uint32, computed on device in the same
-  program, replicated).
+* reference checksums of every primary shard ([N, 2] uint32, replicated).
 
-`verify` recomputes the checksums of the held copies and compares (one small program over the
-holders); a mismatch is repaired by copying the other copy over the bad one. Before a recovery
-the surviving copies are verified the same way, so a corrupted snapshot is never restored.
+In steady state the step program itself emits the next snapshot and checks the primary it reads
+against the reference checksums (`canonical.make_step`), so snapshots cost no extra program
+launch; `take_snapshot` makes one from a state that did not come out of a step (start, after a
+recovery). `verify` recomputes the checksums of all held copies (every `verify_every` steps, and
+always on the survivors before a recovery, so a corrupted copy is never restored); a mismatch is
+repaired by copying the other copy over the bad one.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from jaxsys.train.elastic.canonical import AXIS, as_bits, checksum, layout_mesh, state_sharding
+from jaxsys.train.elastic.canonical import AXIS, as_bits, layout_mesh, shard_checksum, state_sharding
 from jaxsys.train.elastic.compile import ExecutableCache
 from jaxsys.train.elastic.layout import FlatLayout
 
@@ -48,12 +50,6 @@ def resolve_replica_memory(setting: str, devices: Sequence[jax.Device]) -> str:
     return "pinned_host" if ok else "device"
 
 
-def _shard_checksum(buf_3xS: jax.Array) -> jax.Array:
-    bits = as_bits(buf_3xS).reshape(-1)
-    pos = jnp.arange(bits.shape[0], dtype=jnp.uint32)
-    return checksum(bits, pos)
-
-
 def _to_device_memory(x: jax.Array, sharding) -> jax.Array:
     return jax.device_put(x, sharding.with_memory_kind("device"))
 
@@ -69,7 +65,7 @@ def build_snapshot_program(n: int, shard: int, memory: str):
 
         def body(x_3xS):
             rep = jax.lax.ppermute(x_3xS, AXIS, [(i, (i + 1) % n) for i in range(n)]) if n > 1 else x_3xS
-            ck = _shard_checksum(x_3xS)[None, :]
+            ck = shard_checksum(x_3xS)[None, :]
             return rep, jax.lax.all_gather(ck, AXIS, tiled=True)
 
         fn = jax.shard_map(body, mesh=mesh, in_specs=PartitionSpec(None, AXIS),
@@ -91,7 +87,7 @@ def build_verify_program(n: int, shard: int, memory: str):
         s_rep = NamedSharding(mesh, PartitionSpec())
 
         def body(x_3xS, expect_nx2):
-            ck = _shard_checksum(x_3xS)
+            ck = shard_checksum(x_3xS)
             ok = jnp.all(ck == expect_nx2[jax.lax.axis_index(AXIS)])[None]
             return jax.lax.all_gather(ok, AXIS, tiled=True)
 
