@@ -37,7 +37,7 @@ def percentile(xs, q):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog=sys.argv[0], description=__doc__)
+    ap = argparse.ArgumentParser(prog="jaxsys bench engine", description=__doc__)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--system-tokens", type=int, default=1000)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -65,35 +65,41 @@ def main() -> None:
     n_tokens = args.requests * args.new_tokens
     records = []
     outputs = {}
-    for system, shared in (("jaxsys-shared", True), ("jaxsys-noshare", False)):
-        pages = 64 + args.requests * ((args.system_tokens + 64 + args.new_tokens) // 16 + 2) // (4 if shared else 1)
+    llms, compiled, runs = {}, {}, {}
+    systems = (("jaxsys-shared", True), ("jaxsys-noshare", False))
+    for system, shared in systems:
+        pages = 64 + args.requests * ((args.system_tokens + 64 + args.new_tokens) // 16 + 2)
         cfg = EngineConfig(num_pages=max(pages, 512), max_decode_batch=args.requests, shared_attention=shared,
                            prefill_chunk=512)
-        llm = ServingLLM(model, config=cfg)
-        # warm-up: the same workload compiles every bucket it needs (and fills the radix cache, which
-        # a fresh serving process would not have: we clear it per repeat below)
+        llms[system] = llm = ServingLLM(model, config=cfg)
+        # warm-up: the same workload compiles every bucket it needs
         llm.generate(prompts, sp)
-        compiled = llm.engine.compile_count
-        runs = []
-        for _ in range(args.repeats):
-            llm.scheduler.radix.evict(10**9)  # start each repeat with a cold prefix cache
+        compiled[system] = llm.engine.compile_count
+        runs[system] = []
+    # repeats round-robin over the systems, so load changes on a shared machine hit both alike
+    for _ in range(args.repeats):
+        for system, _shared in systems:
+            llm = llms[system]
+            llm.scheduler.radix.evict(10**9)  # every repeat starts with a cold prefix cache
             t0 = time.perf_counter()
-            outs = llm.generate(prompts, SamplingParams(max_tokens=args.new_tokens))
+            outs = llm.generate(prompts, sp)
             wall = time.perf_counter() - t0
             gen = sum(len(o.token_ids) for o in outs)
             tpot = [x for o in outs for x in o.tpot_s]
-            runs.append((wall, gen, tpot))
-        outputs[system] = [o.token_ids for o in outs]
-        walls = [r[0] for r in runs]
+            runs[system].append((wall, gen, tpot))
+            outputs[system] = [o.token_ids for o in outs]
+    for system, _shared in systems:
+        walls = [r[0] for r in runs[system]]
         med = statistics.median(walls)
-        wall, gen, tpot = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+        wall, gen, tpot = sorted(runs[system], key=lambda r: r[0])[len(walls) // 2]
         rec = {"system": system, "tokens_per_s": gen / wall, "p50_tpot_s": percentile(tpot, 50),
                "p99_tpot_s": percentile(tpot, 99), "median_s": med, "times_s": walls, "generated_tokens": gen,
-               "compiles_after_warmup": llm.engine.compile_count - compiled}
+               "compiles_after_warmup": llms[system].engine.compile_count - compiled[system],
+               "shared_decode_steps": llms[system].scheduler.stats.shared_steps}
         print(f"{system:16s} {rec['tokens_per_s']:8.1f} tokens/s  p50 TPOT {rec['p50_tpot_s'] * 1e3:7.1f} ms  "
               f"p99 TPOT {rec['p99_tpot_s'] * 1e3:7.1f} ms  ({med:.1f}s/run)", flush=True)
         records.append(rec)
-        del llm
+    del llms
     same = outputs["jaxsys-shared"] == outputs["jaxsys-noshare"]
     print(f"greedy outputs identical with and without sharing: {same}")
 

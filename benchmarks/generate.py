@@ -12,7 +12,7 @@ from _common import median_time, write_results  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog=sys.argv[0], description=__doc__)
+    ap = argparse.ArgumentParser(prog="jaxsys bench generate", description=__doc__)
     ap.add_argument("--batches", default="1,16", help="comma-separated batch sizes (default: %(default)s)")
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=64)
