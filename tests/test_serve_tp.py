@@ -57,7 +57,7 @@ def test_tiny_model_tensor8_matches_one_device(shared_attention):
         assert _tensor_axis_size(p[name], head_dim) == 8, name
         assert len(p[name].sharding.device_set) == 8
     assert _tensor_axis_size(p["w_gate"], 2) == 8 and _tensor_axis_size(p["w_down"], 1) == 8
-    assert _tensor_axis_size(tp.engine.cache.k, _kv_heads_axis()) == 8  # KV heads of the cache, one per device
+    assert _tensor_axis_size(tp.engine.cache.k, _kv_heads_axis()) == 8  # one KV head per device
 
     # a shared first page (the others wait for it, then reuse it) and one unrelated prompt; one
     # prefill chunk each and <= 16 tokens in all, so few buckets compile
