@@ -293,7 +293,7 @@ BAD = [
     ("prompt_too_long", "/v1/completions", {"model": MODEL, "prompt": LONG, "max_tokens": 4}, 400, "prompt",
      "context_length_exceeded"),
     ("chat_too_long", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": LONG}]},
-     400, "prompt", "context_length_exceeded"),
+     400, "messages", "context_length_exceeded"),
     ("max_tokens_zero", "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens", None),
     ("max_tokens_negative", "/v1/chat/completions",
      {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": -3}, 400, "max_tokens", None),

@@ -167,14 +167,14 @@ def create_app(llm: ServingLLM, *, model_name: str | None = None) -> FastAPI:
             param = str(e).split(" ", 1)[0]
             raise APIError(400, str(e), param=param) from None
 
-    async def run(prompt_ids: list[int], sampling: SamplingParams, http: HTTPRequest) -> AsyncIterator[RequestOutput]:
+    async def run(prompt_ids: list[int], sampling: SamplingParams, param: str) -> AsyncIterator[RequestOutput]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         try:
             req = llm.submit(prompt_ids, sampling, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
         except RequestError as e:
             code = "context_length_exceeded" if "context" in str(e) else None
-            raise APIError(400, str(e), param="prompt", code=code) from None
+            raise APIError(400, str(e), param=param, code=code) from None
         finished = False
         try:
             while True:
@@ -210,7 +210,7 @@ def create_app(llm: ServingLLM, *, model_name: str | None = None) -> FastAPI:
         sampling = sampling_of(body, body.max_tokens)
         ids = encode_prompt(body.prompt)[0]
         rid = f"cmpl-{uuid.uuid4().hex}"
-        outs = run(ids, sampling, http)
+        outs = run(ids, sampling, "prompt")
         if body.stream:
             first = await _first(outs)
 
@@ -237,7 +237,7 @@ def create_app(llm: ServingLLM, *, model_name: str | None = None) -> FastAPI:
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        outs = run(ids, sampling, http)
+        outs = run(ids, sampling, "messages")
         if body.stream:
             first = await _first(outs)
 

@@ -403,8 +403,9 @@ class Scheduler:
         r.node = None
         while node is not None and node is not self.radix.root and not node.ready:
             parent = node.parent
-            if node.ref or not node.is_leaf:
-                node.ready = True  # never leave a node that blocks others
+            if node.ref or not node.is_leaf:  # admission never lets anyone use a pending node
+                raise RuntimeError(f"invariant broken: pending radix node {node.id} is in use "
+                                   f"(ref={node.ref}, children={len(node.children)}) but its KV was never computed")
             else:
                 del parent.children[node.tokens[:self.page_size]]
                 self.radix.num_cached_pages -= len(node.pages)
