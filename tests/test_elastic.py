@@ -146,11 +146,13 @@ def test_adjacent_losses_fall_back_to_the_checkpoint(clean, tmp_path):
 
 
 @pytest.mark.slow  # two more step compiles (the replica memory kind is part of the program)
-def test_replicas_in_device_memory(clean):
-    """replica_memory=device (what backends without pinned_host memory get) recovers the same."""
+def test_replicas_in_pinned_host_memory(clean):
+    """replica_memory=pinned_host (the default on accelerators that have it) recovers the same."""
     _, res_a, st_a = clean
-    cfg = CFG.replace(**{"elastic.fail": "6@3", "elastic.replica_memory": "device"})
+    cfg = CFG.replace(**{"elastic.fail": "6@3", "elastic.replica_memory": "pinned_host",
+                         "elastic.verify_every": 1})
     tr, res, st = _run(cfg, steps=6)
-    assert tr.memory == "device" and tr.recoveries[0].lost_steps == 0
+    assert tr.memory == "pinned_host" and tr.recoveries[0].lost_steps == 0
+    assert tr._snap.replica.sharding.memory_kind == "pinned_host"
     _assert_same_prefix(res_a, res, 6)
     assert np.array_equal(st[5], st_a[5])

@@ -314,7 +314,7 @@ BAD = [
     ("seed_negative", "/v1/completions", {"model": MODEL, "prompt": "hi", "seed": -1}, 400, "seed", None),
     ("logprobs", "/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 3}, 400, "logprobs", None),
     ("stream_prompt_too_long", "/v1/chat/completions",
-     {"model": MODEL, "messages": [{"role": "user", "content": LONG}], "stream": True}, 400, "prompt",
+     {"model": MODEL, "messages": [{"role": "user", "content": LONG}], "stream": True}, 400, "messages",
      "context_length_exceeded"),
     ("n_two", "/v1/completions", {"model": MODEL, "prompt": "hi", "n": 2}, 400, "n", None),
     ("n_two_chat", "/v1/chat/completions",

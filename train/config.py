@@ -119,7 +119,8 @@ class ElasticConfig(_Section):
     """Keep a per-step in-memory snapshot (the pre-step state plus a replica of shard k on device
     k+1); recovery then loses no step and reads no disk."""
     replica_memory: Literal["auto", "device", "pinned_host"] = "auto"
-    """Where replicas live: `auto` picks pinned_host memory when the backend has it."""
+    """Where replicas live: `auto` picks pinned_host memory on accelerators that have it (on CPU,
+    device memory is host memory already)."""
     verify_every: int = Field(10, ge=0)
     """Every step checks the primary copy it reads against its checksums; every N steps all held
     copies (replicas included) are checked too (0: replicas only before a recovery)."""

@@ -580,7 +580,7 @@ class ElasticTrainer(Trainer):
                 if snap is not None:
                     bad = tuple(int(i) for i in np.flatnonzero(~m["input_ok"]))
                     res = VerifyResult(bad, ())
-                    if cfg.elastic.verify_every and (s - start) % cfg.elastic.verify_every == 0:
+                    if cfg.elastic.verify_every and s % cfg.elastic.verify_every == 0:
                         full = verify(self.cache, snap)
                         res = VerifyResult(tuple(sorted(set(bad) | set(full.bad_primary))), full.bad_replica)
                     if not res.ok:
@@ -616,11 +616,6 @@ class ElasticTrainer(Trainer):
                 if snap is not None:  # the step's output is the next snapshot
                     self._snap = Snapshot(s, self._count, self._layout(self.active), tuple(self.active_devices),
                                           new_flat, replica, ref, self.memory)
-                    bad_rep = tuple(int((i - 1) % len(self.active)) for i in np.flatnonzero(~m["replica_ok"]))
-                    if bad_rep:
-                        notes = repair(self._snap, VerifyResult((), bad_rep))
-                        self._record_event(s, {"event": "corruption_repaired", "notes": notes,
-                                               "bad_primary": [], "bad_replica": list(bad_rep)})
                 if cfg.checkpoint.every and s % cfg.checkpoint.every == 0:
                     self.save(s)
                 if on_step is not None:

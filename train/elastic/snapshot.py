@@ -41,13 +41,18 @@ def has_memory_kind(device: jax.Device, kind: str) -> bool:
 
 
 def resolve_replica_memory(setting: str, devices: Sequence[jax.Device]) -> str:
-    """`auto` -> pinned_host when every device has it, else device memory."""
+    """`auto` -> pinned_host on accelerators that have it (the replica then leaves scarce device
+    memory and survives a device, not host, failure), else device memory. On the CPU backend
+    device memory already is host memory, so `auto` keeps replicas there (pinned_host would only
+    add a copy); `pinned_host` forces it."""
     if setting == "device":
         return "device"
     ok = all(has_memory_kind(d, "pinned_host") for d in devices)
-    if setting == "pinned_host" and not ok:
-        raise ValueError("replica_memory=pinned_host: this backend has no pinned_host memory")
-    return "pinned_host" if ok else "device"
+    if setting == "pinned_host":
+        if not ok:
+            raise ValueError("replica_memory=pinned_host: this backend has no pinned_host memory")
+        return "pinned_host"
+    return "pinned_host" if ok and devices[0].platform != "cpu" else "device"
 
 
 def _to_device_memory(x: jax.Array, sharding) -> jax.Array:
