@@ -439,8 +439,7 @@ class ElasticTrainer(Trainer):
 
     def _start_recovery(self, rec: Recovery) -> None:
         self.recoveries.append(rec)
-        self._pending_recovery = rec
-        self._precompile()
+        self._pending_recovery = rec  # the next likely sets are compiled after its first step
 
     def _shrink(self, fails, step: int, snap: Snapshot | None) -> int:
         """Recover from losing the devices of `fails` during `step`; returns the step to run next."""
@@ -483,7 +482,10 @@ class ElasticTrainer(Trainer):
         res = verify(self.cache, snap, lost=lost_ids)
         notes = []
         if not res.ok:
-            notes = repair(snap, res, lost=lost_ids)
+            try:
+                notes = repair(snap, res, lost=lost_ids)
+            except UnrecoverableError as e:  # both copies of a shard are bad or gone
+                return self._from_checkpoint(step, survivors, lost_idx, str(e), detection)
             for n in notes:
                 self._log(f"step {step}: {n}")
         verify_s = time.perf_counter() - tv
@@ -599,6 +601,7 @@ class ElasticTrainer(Trainer):
                     self._pending_recovery.first_step_s = step_time
                     self._log(self._pending_recovery.summary())
                     self._pending_recovery = None
+                    self._precompile()  # for the new device set, without slowing its first step
                 ck = m["param_checksum"]
                 rec = StepRecord(step=s, loss=float(m["loss"]), grad_norm=float(m["grad_norm"]),
                                  lr=float(lr), num_devices=len(self.active), step_time_s=step_time,
