@@ -51,7 +51,7 @@ RESULTS = ROOT / "results"
 MODEL = ["model.vocab_size=1024", "model.hidden_size=128", "model.intermediate_size=384",
          "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "model.head_dim=32",
          "data.seq_len=64", "data.global_batch=32", "data.micro_batches=16", "progress=false"]
-FAIL_DEVICES = (3, 5, 1)
+FAIL_DEVICES = (3, 5, 1, 6, 2)
 
 
 def _median(xs):
@@ -96,6 +96,8 @@ def _summary(method, recs, *, overhead, note, step_time=None, extra=None):
     fields = ["detection_s", "replanning_s", "transfer_s", "compile_s", "first_step_s"]
     out = {"method": method,
            "recovery_s": _median([r["recovery_s"] for r in recs]),
+           # until the first step can start (every method then runs one step, on a fresh executable)
+           "ready_s": _median([r["recovery_s"] - r["first_step_s"] for r in recs]),
            "lost_steps": int(_median([r["lost_steps"] for r in recs])) if recs else None,
            "snapshot_overhead_pct": overhead,
            **{f: _median([r[f] for r in recs]) for f in fields},
@@ -373,7 +375,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="jaxsys bench elastic", description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=3, help="failures per method (default 3)")
+    p.add_argument("--repeats", type=int, default=5, help="failures per method (default 5)")
     p.add_argument("--period", type=int, default=6, help="steps between a failure and the rejoin")
     p.add_argument("--ckpt-every", type=int, default=10, help="Orbax checkpoint interval (steps)")
     p.add_argument("--overhead-steps", type=int, default=40, help="steps per arm for the snapshot overhead")
@@ -441,7 +443,8 @@ def main(argv=None) -> int:
                                      "step (re-plan = process start + import)"))
     r1, r3 = results[0]["recovery_s"], results[2]["recovery_s"]
     targets = {
-        "precompiled_at_least_10x_faster_than_orbax": {"ratio": r3 / r1, "met": r3 / r1 >= 10},
+        "precompiled_at_least_10x_faster_than_orbax": {"ratio": r3 / r1, "met": r3 / r1 >= 10,
+                                                        "ready_ratio": results[2]["ready_s"] / results[0]["ready_s"]},
         "precompiled_zero_lost_steps": {"lost_steps": results[0]["lost_steps"], "met": results[0]["lost_steps"] == 0},
         "snapshot_overhead_at_most_10pct": {"pct": ov, "components_pct": snap["components_pct_of_step"],
                                             "met": ov <= 10.0 and snap["components_pct_of_step"] <= 10.0},
@@ -466,6 +469,9 @@ def main(argv=None) -> int:
             "job it is bounded by the coordination service (see distributed_detection).",
             "lost_steps counts completed steps whose work is redone; the step during which the device "
             "failed is re-run by every method.",
+            "ready_s = recovery_s - first_step_s: until the first step can start. The first step runs a "
+            "fresh executable in every method; on XLA:CPU a first execution costs ~0.05-0.1 s more than a "
+            "steady step (more for a deserialized, i.e. retargeted, one), which bounds ours_precompiled here.",
             "medians over repeats; every method ran in this same invocation.",
         ],
         "wall_s": time.time() - t_start,
@@ -474,9 +480,11 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     plot(results, args.out.with_suffix(".png"))
     print()
-    print(f"{'method':<26} {'recovery_s':>10} {'lost':>5} {'snap%':>7}  detect  replan transfer  compile  first")
+    print(f"{'method':<26} {'recovery_s':>10} {'ready_s':>8} {'lost':>5} {'snap%':>7}  detect  replan transfer  "
+          f"compile  first")
     for r in results:
-        print(f"{r['method']:<26} {r['recovery_s']:>10.4f} {r['lost_steps']:>5} {r['snapshot_overhead_pct']:>7.2f}  "
+        print(f"{r['method']:<26} {r['recovery_s']:>10.4f} {r['ready_s']:>8.4f} {r['lost_steps']:>5} "
+              f"{r['snapshot_overhead_pct']:>7.2f}  "
               f"{r['detection_s']:.4f} {r['replanning_s']:.4f} {r['transfer_s']:.4f} {r['compile_s']:8.4f} "
               f"{r['first_step_s']:.4f}")
     for k, v in targets.items():
