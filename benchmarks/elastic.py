@@ -359,8 +359,9 @@ def plot(results: list[dict], path: Path) -> None:
     ax1.set_xlabel("time to recover (s, log; median)")
     ax1.invert_yaxis()
     left = np.zeros(len(results))
+    sums = np.array([sum(max(r[k], 0.0) for k, _ in parts) for r in results])  # medians need not add up
     for key, label in parts:
-        share = np.array([max(r[key], 0.0) / r["recovery_s"] * 100 for r in results])
+        share = np.array([max(r[key], 0.0) for r in results]) / sums * 100
         ax2.barh(names, share, left=left, label=label)
         left += share
     ax2.set_xlabel("share of the recovery time (%)")
@@ -382,7 +383,11 @@ def main(argv=None) -> int:
     p.add_argument("--skip-restart", action="store_true", help="skip the full-process-restart baseline")
     p.add_argument("--skip-extras", action="store_true", help="skip the GSPMD and two-process measurements")
     p.add_argument("--out", type=Path, default=RESULTS / "elastic.json")
+    p.add_argument("--plot-only", action="store_true", help="redraw the plot from the JSON of --out")
     args = p.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads(args.out.read_text())["results"], args.out.with_suffix(".png"))
+        return 0
     if jax.device_count() < NUM_DEVICES:
         print(f"jaxsys bench elastic: needs {NUM_DEVICES} devices; jax was started with {jax.device_count()}",
               file=sys.stderr)

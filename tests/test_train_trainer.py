@@ -112,3 +112,11 @@ def test_bf16_is_bitwise_across_device_counts():
     _, a = _elastic(["model.dtype=bfloat16"], 3)
     _, b = _elastic(["model.dtype=bfloat16"], 3, devices=5)
     assert a.losses == b.losses and a.checksums == b.checksums
+
+
+@pytest.mark.slow
+def test_gspmd_bf16_trains():
+    tr = Trainer(load_config("tiny", GSPMD + ["model.dtype=bfloat16", "steps=12"]))
+    res = tr.run()
+    assert all(math.isfinite(x) for x in res.losses) and res.losses[-1] < res.losses[0] - 0.2
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(tr.params()))
