@@ -386,7 +386,7 @@ def main(argv=None) -> int:
     p.add_argument("--plot-only", action="store_true", help="redraw the plot from the JSON of --out")
     args = p.parse_args(argv)
     if args.plot_only:
-        plot(json.loads(args.out.read_text())["results"], args.out.with_suffix(".png"))
+        plot(json.loads(args.out.read_text())["records"], args.out.with_suffix(".png"))
         return 0
     if jax.device_count() < NUM_DEVICES:
         print(f"jaxsys bench elastic: needs {NUM_DEVICES} devices; jax was started with {jax.device_count()}",
@@ -464,7 +464,7 @@ def main(argv=None) -> int:
                   "micro_batches": cfg.data.micro_batches, "dropout": cfg.dropout},
         "step_time_s": step_time,
         "snapshot": snap,
-        "results": results,
+        "records": results,
         "targets": targets,
         **extras,
         "notes": [
