@@ -78,8 +78,7 @@ def _model_and_batch(kind="csgnn", **kw):
     gs = _graphs()
     rels = build_relations(gs, StructureConfig(kind=kind, length_bound=6))
     b = GraphBatcher(gs, rels, batch_size=8, regression=False)
-    m = GraphNet(num_types=b.num_types, num_outputs=2, width=16, depth=3,
-                 message_scale=b.message_scale, **kw)
+    m = GraphNet(num_types=b.num_types, num_outputs=2, width=16, depth=3, **kw)
     return gs, rels, b, m
 
 
@@ -157,7 +156,7 @@ def test_training_learns_compiles_once_and_reports(tmp_path, monkeypatch):
     assert len(out["folds"]) == 2
     assert out["summary"]["test_mean"] >= 2 / 3  # chance is 1/3; typically 1.0
     first = out["folds"][0]
-    assert first["train"]["loss"] < 1.0986  # below the loss of a uniform guess, ln 3
+    assert first["train"]["accuracy"] >= 2 / 3 and first["epochs_run"] >= first["best_epoch"] + 1
     assert (tmp_path / "gnn").is_dir() and any((tmp_path / "gnn").iterdir())  # cached
 
 

@@ -103,12 +103,6 @@ class GraphBatcher:
         self.pad = pad
 
     @property
-    def message_scale(self) -> float:
-        """1 / mean total relation weight into a node (>= 1), a constant per dataset."""
-        mean_in = float(self.weights.astype(np.float64).sum()) / float(self.n_nodes.sum())
-        return 1.0 / max(1.0, mean_in)
-
-    @property
     def feature_dim(self) -> int:
         return int(self.x.shape[1])
 

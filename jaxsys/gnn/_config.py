@@ -82,7 +82,7 @@ class ModelConfig(_Strict):
     width: int = Field(64, ge=1)
     depth: int = Field(4, ge=1, description="message-passing layers")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    norm: Literal["batch", "none"] = "batch"
+    norm: Literal["batch", "layer", "none"] = "batch"
 
 
 class TrainConfig(_Strict):
@@ -90,6 +90,8 @@ class TrainConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="clip gradients to this global norm "
+                                    "(None: off)")
     lr_decay_every: int = Field(50, ge=1, description="halve the learning rate every N epochs")
     patience: int = Field(50, ge=1, description="early stopping: epochs without a better "
                                                 "validation score")

@@ -66,8 +66,7 @@ def embed_graphs(
         batcher = GraphBatcher(graphs, rels, batch_size=batch_size, regression=False,
                                dtype=np.float64)
         model = GraphNet(num_types=batcher.num_types, num_outputs=1, width=width, depth=depth,
-                         norm="none", message_scale=batcher.message_scale,
-                         dtype=jax.numpy.float64, param_dtype=jax.numpy.float64)
+                         norm="none", dtype=jax.numpy.float64, param_dtype=jax.numpy.float64)
         first = batcher.batch(np.arange(min(1, len(graphs))))
         params = jax.jit(model.init)(jax.random.key(seed), first)  # eager init is ~10x slower
         embed = jax.jit(lambda p, g: model.apply(p, g, method=model.embed))

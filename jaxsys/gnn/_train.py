@@ -81,12 +81,15 @@ class Trainer:
     """Compiled train/eval steps for one model over one dataset's padded batch shape."""
 
     def __init__(self, model: GraphNet, batcher: GraphBatcher, *, regression: bool, loss: str,
-                 lr_schedule: Callable, weight_decay: float, seed: int):
+                 lr_schedule: Callable, weight_decay: float, seed: int,
+                 grad_clip: float | None = None):
         self.model = model
         self.batcher = batcher
         self.regression = regression
         self.loss_name = loss
         self.tx = optax.adamw(lr_schedule, weight_decay=weight_decay)
+        if grad_clip is not None:
+            self.tx = optax.chain(optax.clip_by_global_norm(grad_clip), self.tx)
         self.stats = RunStats()
         self.key = jax.random.key(seed)
         example = batcher.batch(np.arange(1))
@@ -226,7 +229,7 @@ def run_experiment(cfg: ExperimentConfig, *, dataset: Dataset | None = None,
                            regression=regression)
     model = GraphNet(num_types=batcher.num_types, num_outputs=ds.num_outputs,
                      width=cfg.model.width, depth=cfg.model.depth, norm=cfg.model.norm,
-                     dropout=cfg.model.dropout, message_scale=batcher.message_scale)
+                     dropout=cfg.model.dropout)
     if cfg.train.folds:
         labels = None if regression else ds.labels
         splits = kfold_splits(labels, len(ds), cfg.train.folds, cfg.train.seed)
@@ -239,7 +242,8 @@ def run_experiment(cfg: ExperimentConfig, *, dataset: Dataset | None = None,
     schedule = optax.exponential_decay(cfg.train.lr, cfg.train.lr_decay_every * steps_per_epoch,
                                        0.5, staircase=True)
     trainer = Trainer(model, batcher, regression=regression, loss=loss, lr_schedule=schedule,
-                      weight_decay=cfg.train.weight_decay, seed=cfg.train.seed)
+                      weight_decay=cfg.train.weight_decay, seed=cfg.train.seed,
+                      grad_clip=cfg.train.grad_clip)
     folds_out = []
     for fi, (tr, va, te) in enumerate(splits):
         state = trainer.init_state(cfg.train.seed + 1000 * fi)
