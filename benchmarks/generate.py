@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -46,11 +47,7 @@ def main() -> None:
             res = jaxsys.generate(model, prompts, max_tokens=args.new_tokens, ignore_eos=True)
             assert all(len(r.tokens) == args.new_tokens for r in res)
 
-        ours()  # compile
-        med, times = median_time(ours, args.repeats)
-        records.append({"system": "jaxsys", "batch": b, "tokens_per_s": n_tokens / med, "median_s": med,
-                        "times_s": times})
-        print(f"jaxsys          batch {b:3d}: {n_tokens / med:8.1f} tokens/s (median {med:.2f}s)", flush=True)
+        systems = {"jaxsys": ours}
         if hf is not None:
             import torch
 
@@ -63,11 +60,18 @@ def main() -> None:
                                       pad_token_id=0)
                 assert out.shape[1] == args.prompt_len + args.new_tokens
 
-            theirs()
-            med, times = median_time(theirs, args.repeats)
-            records.append({"system": "hf-transformers", "batch": b, "tokens_per_s": n_tokens / med,
-                            "median_s": med, "times_s": times})
-            print(f"hf-transformers batch {b:3d}: {n_tokens / med:8.1f} tokens/s (median {med:.2f}s)", flush=True)
+            systems["hf-transformers"] = theirs
+        for fn in systems.values():  # warm-up (compiles our buckets)
+            fn()
+        times = {name: [] for name in systems}
+        for _ in range(args.repeats):  # round-robin: load changes hit every system alike
+            for name, fn in systems.items():
+                times[name].append(median_time(fn, 1)[0])
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            records.append({"system": name, "batch": b, "tokens_per_s": n_tokens / med, "median_s": med,
+                            "times_s": ts})
+            print(f"{name:15s} batch {b:3d}: {n_tokens / med:8.1f} tokens/s (median {med:.2f}s)", flush=True)
     write_results("generate", records, args.out, model="smollm2-135m-instruct", dtype="float32",
                   prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
                   note="tokens_per_s = batch * new_tokens / wall time of one generate call (prefill + decode), "
