@@ -10,8 +10,7 @@ import jax. Public entry points load on first use:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from jaxsys._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -26,16 +25,5 @@ _LAZY = {
     "make_mesh": "jaxsys.sharding",
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'jaxsys' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, _public = lazy_exports("jaxsys", _LAZY)
+__all__ = _public + ["__version__"]

@@ -10,8 +10,8 @@ Names load on first use, so `jaxsys train lm --help` answers without importing j
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+
+from jaxsys._lazy import lazy_exports
 
 _LAZY = {
     "TrainConfig": "jaxsys.train.config",
@@ -29,16 +29,4 @@ _LAZY = {
     "run_demo": "jaxsys.train.demo",
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'jaxsys.train' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports("jaxsys.train", _LAZY)

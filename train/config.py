@@ -17,6 +17,7 @@ from typing import Any, Literal, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from jaxsys._overrides import dotted_overrides, set_dotted
 from jaxsys.models.config import ConfigError, ModelConfig, RopeScaling
 
 
@@ -221,7 +222,7 @@ class TrainConfig(_Section):
         """A validated copy with dotted keys changed: `cfg.replace(**{"optim.lr": 1e-3})`."""
         d = self.to_dict()
         for key, value in changes.items():
-            _set_dotted(d, key, value)
+            set_dotted(d, key, value, error=TrainConfigError)
         return config_from_dict(d)
 
 
@@ -240,31 +241,6 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
                    importlib.resources.files("jaxsys.configs").joinpath("train").iterdir()
                    if p.name.endswith(".yaml"))
     raise TrainConfigError(f"no config file {name_or_path!r}; packaged configs: {', '.join(known)}")
-
-
-def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    cur = d
-    for p in parts[:-1]:
-        nxt = cur.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise TrainConfigError(f"cannot set {key!r}: {p!r} is not a section")
-        cur = nxt
-    cur[parts[-1]] = value
-
-
-def _parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
-    out = []
-    for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise TrainConfigError(f"override {item!r} is not key=value (e.g. optim.lr=1e-3)")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        out.append((key.strip(), value))
-    return out
 
 
 def _format_validation_error(e: ValidationError) -> str:
@@ -303,15 +279,12 @@ def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Trai
         raise TrainConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(d, dict):
         raise TrainConfigError(f"{path}: a config is a mapping of sections")
-    for key, value in _parse_overrides(overrides):
-        _set_dotted(d, key, value)
+    dotted_overrides(d, overrides, error=TrainConfigError, example="optim.lr=1e-3")
     return config_from_dict(d)
 
 
 def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
-    d = cfg.to_dict()
-    for key, value in _parse_overrides(overrides):
-        _set_dotted(d, key, value)
+    d = dotted_overrides(cfg.to_dict(), overrides, error=TrainConfigError, example="optim.lr=1e-3")
     return config_from_dict(d)
 
 

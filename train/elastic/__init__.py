@@ -36,8 +36,8 @@ processes after a change is not implemented.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+
+from jaxsys._lazy import lazy_exports
 
 _LAZY = {
     "ElasticTrainer": "jaxsys.train.elastic.runtime",
@@ -61,16 +61,4 @@ _LAZY = {
     "retarget": "jaxsys.train.elastic.compile",
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'jaxsys.train.elastic' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports("jaxsys.train.elastic", _LAZY)
