@@ -45,9 +45,12 @@ def test_batches_match_jraph_pad_with_graphs():
             tw = np.zeros((g.num_nodes, r.num_types), np.float32)
             np.add.at(tw, (r.receivers, r.types), r.weights)
             singles.append(jraph.GraphsTuple(
-                nodes={"x": np.concatenate([g.x, np.log1p(r.node_features)], 1).astype(np.float32),
-                       "type_weight": tw},
-                edges={"type": r.types, "weight": r.weights},
+                nodes={"x": np.concatenate([g.x, np.log1p(r.node_features),
+                                            tw * np.asarray(b.count_scale)], 1).astype(np.float32),
+                       "type_weight": tw,
+                       "edge_sum_scale": (tw[:, 0] * b.count_scale[0]).astype(np.float32)},
+                edges={"type": r.types, "weight": r.weights,
+                       "mean_weight": r.weights / np.maximum(tw[r.receivers, r.types], 1.0)},
                 senders=r.senders, receivers=r.receivers,
                 n_node=np.asarray([g.num_nodes], np.int32),
                 n_edge=np.asarray([r.num_relations], np.int32),
@@ -56,7 +59,7 @@ def test_batches_match_jraph_pad_with_graphs():
                                     b.pad.n_graph)
         for a, c in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(ref)):
             np.testing.assert_array_equal(a, c)
-        assert ours.nodes["x"].shape == (b.pad.n_node, 3)  # one static shape for all batches
+        assert ours.nodes["x"].shape == (b.pad.n_node, 3 + b.num_types)  # one static shape
 
 
 def test_packing_respects_the_budget_and_rejects_what_cannot_fit():
@@ -98,7 +101,7 @@ def test_forward_is_permutation_and_padding_invariant(kind):
     perm = np.random.default_rng(1).permutation(gs[2].num_nodes)
     h = gs[2].relabel(perm)
     bh = GraphBatcher([h], build_relations([h], StructureConfig(kind=kind, length_bound=6)),
-                      batch_size=1, regression=False, pad=b.pad)
+                      batch_size=1, regression=False, pad=b.pad, count_scale=b.count_scale)
     eh = np.asarray(embed(params, bh.batch(np.asarray([0]))))[0]
     np.testing.assert_allclose(eh, emb[2], rtol=1e-4, atol=1e-4)
 

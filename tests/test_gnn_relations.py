@@ -81,8 +81,7 @@ def _force_sparse(cls):
 
     def init(self, sizes, num_types):
         orig(self, sizes, num_types)
-        self.dense = False
-        self.acc = np.zeros(0)
+        self.dense_size = 1 << 40  # never dense: take the sort path
 
     return init
 

@@ -11,8 +11,11 @@ padding graphs. Padding relations join the first padding node to itself with wei
 
 Fields:
   nodes:   {"x": float32 [N, F],          node features ++ log1p(structural features)
-            "type_weight": float32 [N, T]} total relation weight into the node per type
-  edges:   {"type": int32 [R], "weight": float32 [R]}   the typed relations
+                                           ++ per-type relation weight * count_scale (typed)
+            "type_weight": float32 [N, T],  total relation weight into the node per type
+            "edge_sum_scale": float32 [N]}  type-0 weight * count_scale[0]
+  edges:   {"type": int32 [R], "weight": float32 [R],   the typed relations
+            "mean_weight": float32 [R]}  weight / total weight of its (receiver, type)
   senders, receivers: int32 [R]
   globals: {"y": int32 [G] (classes) or float32 [G, T] (regression targets)}
 """
@@ -58,7 +61,7 @@ class GraphBatcher:
 
     def __init__(self, graphs: Sequence[Graph], relations: Sequence[Relations], *,
                  batch_size: int, regression: bool, pad: PadSizes | None = None,
-                 dtype=np.float32):
+                 count_scale: Sequence[float] | None = None, dtype=np.float32):
         if len(graphs) != len(relations):
             raise ValueError(f"{len(graphs)} graphs but {len(relations)} relation sets")
         if not graphs:
@@ -76,7 +79,7 @@ class GraphBatcher:
         widths = {f.shape[1] for f in feats}
         if len(widths) != 1:
             raise ValueError(f"graphs have different node-feature widths {sorted(widths)}")
-        self.x = np.concatenate(feats).astype(dtype)
+        x = np.concatenate(feats)
         self.node_off = np.concatenate([[0], np.cumsum(self.n_nodes)])
         self.rel_off = np.concatenate([[0], np.cumsum(self.n_rels)])
         self.senders = np.concatenate([r.senders for r in relations]).astype(np.int32)
@@ -92,6 +95,27 @@ class GraphBatcher:
         recv_global = self.receivers.astype(np.int64) + np.repeat(self.node_off[:-1], self.n_rels)
         np.add.at(tw, recv_global * self.num_types + self.types, self.weights)
         self.type_weight = tw.reshape(-1, self.num_types).astype(dtype)
+        denom = np.maximum(tw[recv_global * self.num_types + self.types], 1.0)
+        self.mean_weights = (self.weights / denom).astype(dtype)
+        # Typed models also see each node's total relation weight per type (its degree in that
+        # relation: e.g. the number of chordless cycles through it) as input, scaled by a
+        # per-type dataset constant: counting targets are sums of such counts.
+        if self.num_types > 1:
+            if count_scale is None:
+                mean_t = self.type_weight.astype(np.float64).mean(0)
+                count_scale = tuple(float(1.0 / max(m, 1.0)) for m in mean_t)
+            if len(count_scale) != self.num_types:
+                raise ValueError(f"count_scale has {len(count_scale)} entries for "
+                                 f"{self.num_types} relation types")
+            x = np.concatenate([x, self.type_weight * np.asarray(count_scale).reshape(1, -1)],
+                               axis=1)
+            self.count_scale = tuple(count_scale)
+        else:
+            self.count_scale = (1.0,)
+        # mean over type 0 * this = the type-0 sum * count_scale[0] (GIN's sum, kept O(1)).
+        self.edge_sum_scale = (self.type_weight[:, 0].astype(np.float64)
+                               * self.count_scale[0]).astype(dtype)
+        self.x = x.astype(dtype)
         self.batch_size = batch_size
         if pad is None:
             n_node = _round_up(batch_size * self.n_nodes.mean() * 1.1 + self.n_nodes.max() + 1, 16)
@@ -141,6 +165,8 @@ class GraphBatcher:
         x[:tn] = self.x[node_idx]
         type_weight = np.zeros((p.n_node, self.num_types), self.dtype)
         type_weight[:tn] = self.type_weight[node_idx]
+        edge_sum_scale = np.zeros((p.n_node,), self.dtype)
+        edge_sum_scale[:tn] = self.edge_sum_scale[node_idx]
         senders = np.full(p.n_edge, tn, np.int32)
         receivers = np.full(p.n_edge, tn, np.int32)
         senders[:tr] = self.senders[rel_idx] + shift
@@ -149,6 +175,8 @@ class GraphBatcher:
         types[:tr] = self.types[rel_idx]
         weights = np.zeros(p.n_edge, self.dtype)
         weights[:tr] = self.weights[rel_idx]
+        mean_weights = np.zeros(p.n_edge, self.dtype)
+        mean_weights[:tr] = self.mean_weights[rel_idx]
         n_node = np.zeros(p.n_graph, np.int32)
         n_node[:ids.shape[0]] = n
         n_node[ids.shape[0]] = pad_nodes
@@ -159,7 +187,8 @@ class GraphBatcher:
         y[:ids.shape[0]] = self.y[ids]
         del pad_graphs
         return jraph.GraphsTuple(
-            nodes={"x": x, "type_weight": type_weight}, edges={"type": types, "weight": weights},
+            nodes={"x": x, "type_weight": type_weight, "edge_sum_scale": edge_sum_scale},
+            edges={"type": types, "weight": weights, "mean_weight": mean_weights},
             senders=senders, receivers=receivers, n_node=n_node, n_edge=n_edge,
             globals={"y": y})
 

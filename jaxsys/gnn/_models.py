@@ -8,7 +8,8 @@ they share this module and compare at the same width and depth:
                                                                     over (node, type) segments
     C_v,t   = sum_{r: receiver(r) = v, type(r) = t} w_r               (built on the host)
     a_v     = sum_t gamma_t * S_v,t / max(C_v,t, 1)                 per type: weighted mean
-              + beta_t * log(1 + C_v,t)                             and log total weight
+              + beta_t * log(1 + C_v,t)                             and log total weight,
+              + psi * k * S_v,0                                     + GIN's sum over edges
     h'      = MLP((1 + eps) * h + a)                                GIN update
     emb(G)  = concat_l sum_{v in G} h_l[v]                          jumping-knowledge sum readout
 
@@ -22,6 +23,9 @@ relations separates (`jaxsys.gnn.colour_refinement`; the tests and the expressiv
 check it in float64). Using the mean and a log count instead of the raw sum keeps activations
 O(1) when nodes lie on hundreds of chordless cycles (CSL, dense counting graphs); raw sums made
 float64 relabellings drift past the 1e-5 tolerance and training unstable on outlier graphs.
+The extra `psi * k * S_v,0` (k = 1 / mean degree, a dataset constant) is GIN's own edge sum:
+sums compose into walk counts across layers, which subgraph counts correlate with. Typed models
+also get `C_v,t * count_scale_t` as input features (`GraphBatcher`).
 Cost: one gather and one segment sum over the relations, like GIN over its edges, plus
 O(N * types * width) dense work; per-relation type embeddings (GINE-style) measured slower on CPU.
 
@@ -51,10 +55,12 @@ def graph_context(graph: jraph.GraphsTuple) -> dict[str, jax.Array]:
     node_mask = jraph.get_node_padding_mask(graph)
     return {
         "type_weight": graph.nodes["type_weight"],
+        "edge_sum_scale": graph.nodes["edge_sum_scale"],
         "senders": graph.senders,
         "receivers": graph.receivers,
         "types": graph.edges["type"],
         "weights": graph.edges["weight"],
+        "mean_weights": graph.edges["mean_weight"],
         "node_graph": node_graph,
         "node_mask": node_mask,
         "graph_mask": graph_mask,
@@ -81,25 +87,31 @@ class _Layer(nn.Module):
     @nn.compact
     def __call__(self, h_NxF, ctx, train: bool):
         n_total = h_NxF.shape[0]
-        w_R = ctx["weights"].astype(self.dtype)
-        x_RxF = h_NxF[ctx["senders"]] * w_R.reshape(-1, 1)
         if self.typed:
-            # One segment sum over (receiver, type) segments (relations are sorted that way),
-            # then a per-type diagonal map of each type's sum and of its total weight.
+            # One segment sum over (receiver, type) segments (relations are sorted that way) of
+            # w_r / C_v,t-weighted messages = per-type weighted means; then per-type diagonal maps
+            # of the mean and of log(1 + C_v,t).
             t = self.num_types
             gamma_TxF = self.param("type_scale", _scale_init, (t, self.width),
                                    self.param_dtype).astype(self.dtype)
             beta_TxF = self.param("type_shift", _shift_init, (t, self.width),
                                   self.param_dtype).astype(self.dtype)
+            x_RxF = h_NxF[ctx["senders"]] * ctx["mean_weights"].astype(self.dtype).reshape(-1, 1)
             seg_R = ctx["receivers"] * t + ctx["types"]
-            s_NxTxF = jax.ops.segment_sum(x_RxF, seg_R, num_segments=n_total * t,
-                                          indices_are_sorted=True).reshape(n_total, t, self.width)
-            c_NxTx1 = ctx["type_weight"].astype(self.dtype).reshape(n_total, t, 1)  # host-built
-            # (weighted mean, log count) per type: determines the weighted sum, stays O(1).
-            mean_NxTxF = s_NxTxF / jnp.maximum(c_NxTx1, 1.0)
+            mean_NxTxF = jax.ops.segment_sum(x_RxF, seg_R, num_segments=n_total * t,
+                                             indices_are_sorted=True).reshape(n_total, t, self.width)
+            logc_NxTx1 = jnp.log1p(ctx["type_weight"].astype(self.dtype)).reshape(n_total, t, 1)
             agg_NxF = (mean_NxTxF * gamma_TxF.reshape(1, t, self.width)
-                       + jnp.log1p(c_NxTx1) * beta_TxF.reshape(1, t, self.width)).sum(axis=1)
+                       + logc_NxTx1 * beta_TxF.reshape(1, t, self.width)).sum(axis=1)
+            # Plus GIN's plain (dataset-scaled) sum over type 0, the graph's edges: sums compose
+            # into walk counts across layers, the signal that subgraph counts correlate with.
+            psi_F = self.param("edge_sum_scale", nn.initializers.ones, (self.width,),
+                               self.param_dtype).astype(self.dtype)
+            edge_sum_NxF = mean_NxTxF[:, 0, :] * ctx["edge_sum_scale"].astype(
+                self.dtype).reshape(-1, 1)
+            agg_NxF = agg_NxF + edge_sum_NxF * psi_F.reshape(1, self.width)
         else:
+            x_RxF = h_NxF[ctx["senders"]] * ctx["weights"].astype(self.dtype).reshape(-1, 1)
             agg_NxF = jax.ops.segment_sum(x_RxF, ctx["receivers"], num_segments=n_total,
                                           indices_are_sorted=True)
         eps = self.param("eps", nn.initializers.zeros, (), self.param_dtype)

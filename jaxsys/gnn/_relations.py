@@ -120,45 +120,39 @@ def num_structure_features(cfg: StructureConfig) -> int:
 class _Accumulator:
     """Merges (graph, sender, receiver, type) relations of a block by summing weights.
 
-    Small key spaces (graphs x n_max^2 x types <= 2^26) are counted with dense bincounts, one per
-    call; larger ones are collected and merged with one sort at the end.
+    Keys are collected, then merged once: with one dense bincount when the key space
+    (graphs x n_max^2 x types) is small relative to the number of entries (dense CSL / BREC
+    blocks), else with one sort (sparse molecule blocks with a few large graphs).
     """
 
     def __init__(self, sizes: np.ndarray, num_types: int):
-        self.sizes = sizes
         self.num_types = num_types
         self.n_max = int(sizes.max()) if sizes.size else 0
         self.dense_size = sizes.shape[0] * self.n_max * self.n_max * num_types
-        self.dense = 0 < self.dense_size <= (1 << 26)
-        self.acc = np.zeros(self.dense_size if self.dense else 0, np.float64)
-        self.parts: list[tuple[np.ndarray, ...]] = []
-
-    def _key(self, g, s, r, t):
-        return ((g * self.n_max + r) * self.num_types + t) * self.n_max + s
+        self.parts: list[tuple[np.ndarray, np.ndarray | None]] = []
 
     def add(self, g, s, r, t, w=None) -> None:
         """Relations s -> r of type t in graph g (local node ids), weight w (default 1)."""
         if not np.size(s):
             return
-        key = self._key(g, s, r, t).reshape(-1)
-        if self.dense:
-            w_flat = None if w is None else np.broadcast_to(w, np.shape(s)).reshape(-1)
-            self.acc += np.bincount(key, weights=w_flat, minlength=self.dense_size)
-        else:
-            w_flat = np.ones(key.shape[0]) if w is None else np.broadcast_to(
-                w, np.shape(s)).reshape(-1).astype(np.float64)
-            self.parts.append((key, w_flat))
+        key = (((g * self.n_max + r) * self.num_types + t) * self.n_max + s).reshape(-1)
+        w_flat = None if w is None else np.broadcast_to(w, np.shape(s)).reshape(-1).astype(
+            np.float64)
+        self.parts.append((key, w_flat))
 
     def result(self) -> tuple[np.ndarray, ...]:
         """Unique relations sorted by (graph, receiver, type, sender): g, s, r, t, weight."""
-        if self.dense:
-            key = np.flatnonzero(self.acc)
-            w = self.acc[key]
-        elif self.parts:
-            allk = np.concatenate([p[0] for p in self.parts])
-            key, inv = np.unique(allk, return_inverse=True)
-            w = np.bincount(inv.reshape(-1), weights=np.concatenate([p[1] for p in self.parts]),
-                            minlength=key.shape[0])
+        if self.parts:
+            keys = np.concatenate([p[0] for p in self.parts])
+            ws = (None if all(p[1] is None for p in self.parts) else np.concatenate(
+                [np.ones(p[0].shape[0]) if p[1] is None else p[1] for p in self.parts]))
+            if self.dense_size <= min(1 << 26, max(4 * keys.shape[0], 1 << 16)):
+                acc = np.bincount(keys, weights=ws, minlength=self.dense_size)
+                key = np.flatnonzero(acc)
+                w = acc[key]
+            else:
+                key, inv = np.unique(keys, return_inverse=True)
+                w = np.bincount(inv.reshape(-1), weights=ws, minlength=key.shape[0])
         else:
             key, w = np.zeros((0,), np.int64), np.zeros((0,), np.float64)
         s = key % self.n_max
