@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hf-repeats", type=int, default=None, help="repeats for HF (default: --repeats)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--hf-threads", type=int, default=None,
+                    help="torch intra-op threads for the HF baseline (default: torch's default)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -108,6 +110,8 @@ def main() -> None:
         from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
         torch.manual_seed(0)
+        if args.hf_threads:
+            torch.set_num_threads(args.hf_threads)
         hf = AutoModelForCausalLM.from_pretrained(str(model.path.parent), gguf_file=model.path.name,
                                                   dtype=torch.float32).eval()
         width = max(len(p) for p in prompts)
@@ -137,7 +141,7 @@ def main() -> None:
         wall, gen, steps = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
         rec = {"system": "hf-transformers", "tokens_per_s": gen / wall, "p50_tpot_s": percentile(steps, 50),
                "p99_tpot_s": percentile(steps, 99), "median_s": wall, "times_s": [r[0] for r in runs],
-               "generated_tokens": gen}
+               "generated_tokens": gen, "torch_threads": torch.get_num_threads()}
         print(f"{'hf-transformers':16s} {rec['tokens_per_s']:8.1f} tokens/s  p50 TPOT {rec['p50_tpot_s'] * 1e3:7.1f} ms"
               f"  p99 TPOT {rec['p99_tpot_s'] * 1e3:7.1f} ms", flush=True)
         records.append(rec)
@@ -147,7 +151,7 @@ def main() -> None:
     if "hf-transformers" in by:
         ratios["shared_vs_hf"] = by["jaxsys-shared"]["tokens_per_s"] / by["hf-transformers"]["tokens_per_s"]
     print("ratios:", {k: round(v, 2) for k, v in ratios.items()})
-    write_results("engine", records, args.out, requests=args.requests, system_tokens=args.system_tokens,
+    write_results("engine", records, args.out, loadavg_end=os.getloadavg(), requests=args.requests, system_tokens=args.system_tokens,
                   new_tokens=args.new_tokens, repeats=args.repeats, ratios=ratios,
                   outputs_identical_shared_vs_noshare=same,
                   note="jaxsys-shared and jaxsys-noshare run the same engine with the radix prefix cache on "
