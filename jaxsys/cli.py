@@ -121,9 +121,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def enable_compilation_cache() -> None:
-    """Turn on JAX's persistent compilation cache under the user's cache directory."""
+    """Turn on JAX's persistent compilation cache under the user's cache directory.
+
+    Only on GPU/TPU: on the CPU backend of jax 0.10 an executable read back from the cache can
+    fail at run time with ``NOT_FOUND: Function <fusion> not found`` (seen in CI when the same
+    program was compiled twice in one process), so CPU runs compile afresh unless the user opts
+    in with ``JAXSYS_CPU_COMPILE_CACHE=1``.
+    """
     import jax
 
+    if jax.default_backend() == "cpu" and os.environ.get("JAXSYS_CPU_COMPILE_CACHE") != "1":
+        return
     cache = os.environ.get("JAXSYS_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxsys", "xla")
     os.makedirs(cache, exist_ok=True)
