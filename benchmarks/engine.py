@@ -63,7 +63,7 @@ def main() -> None:
              {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] + f" (visitor {i})"}]
             for i in range(args.requests)]
     prompts = [tok.encode_chat(m) for m in msgs]
-    sp = SamplingParams(max_tokens=args.new_tokens)
+    sp = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)  # same work as HF's min_new_tokens
     n_tokens = args.requests * args.new_tokens
     records = []
     outputs = {}
@@ -158,7 +158,8 @@ def main() -> None:
                        "(cold at the start of each repeat; the 64 requests arrive together, so the system "
                        "prompt is prefilled once); they differ only in decode attention: shared-prefix "
                        "attention vs plain paged decode. tokens_per_s = generated tokens / wall time of the "
-                       "whole batch (prefill + decode). HF: batched generate, left-padded, same fp32 weights "
+                       "whole batch (prefill + decode); every system generates exactly new_tokens per request "
+                       "(EOS ignored). HF: batched generate, left-padded, same fp32 weights "
                        "(dequantized from the same GGUF); its TPOT is the time per decode step.")
 
 

@@ -19,10 +19,12 @@ KP-GNN vs GIN at the same width, depth and batch size. Medians over repeats.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from collections import Counter
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -135,7 +137,13 @@ QUICK_BUDGET = {k: (2, 2, 1, 1) for k in FULL_BUDGET}
 PUBLISHED = {"mutag": 0.894, "proteins": 0.762}  # GIN-0, Xu et al. 2019 (10-fold CV)
 
 
-def run_accuracy(quick: bool, only: list[str] | None) -> list[dict]:
+def run_accuracy(quick: bool, only: list[str] | None,
+                 save: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Train every (config, model) of ACCURACY_RUNS; `save(records)` after each one finishes.
+
+    With `only`, records of the other datasets already in the results file are kept, so a long
+    run can be done (or redone) one dataset at a time.
+    """
     from pathlib import Path
 
     import numpy as np
@@ -145,6 +153,9 @@ def run_accuracy(quick: bool, only: list[str] | None) -> list[dict]:
     root = Path(__file__).resolve().parents[1] / "configs" / "gnn"
     budget = QUICK_BUDGET if quick else FULL_BUDGET
     records = []
+    previous = RESULTS / f"gnn_accuracy{'_quick' if quick else ''}.json"
+    if only and previous.exists():
+        records = [r for r in json.loads(previous.read_text())["records"] if r["dataset"] not in only]
     for name, model, overrides in ACCURACY_RUNS:
         if only and name not in only:
             continue
@@ -183,6 +194,8 @@ def run_accuracy(quick: bool, only: list[str] | None) -> list[dict]:
         if name in PUBLISHED:
             rec["published_gin"] = PUBLISHED[name]
         records.append(rec)
+        if save is not None:
+            save(records)
         print(f"  {model:11s} {name:11s} test {key} {rec['test_mean']:.4f} "
               f"+- {rec['test_std']:.4f} ({len(out['folds'])} fold(s) x {seeds} seed(s), "
               f"{rec['seconds']:.0f}s)", flush=True)
@@ -449,11 +462,10 @@ def main() -> None:
     if args.accuracy:
         print("== trained accuracy", flush=True)
         only = args.datasets.split(",") if args.datasets else None
-        acc = run_accuracy(args.quick, only)
-        write_results(f"gnn_accuracy{suffix}", acc,
-                      budget={k: {"epochs": e, "patience": p, "max_folds": f, "seeds": n}
-                              for k, (e, p, f, n)
-                              in (QUICK_BUDGET if args.quick else FULL_BUDGET).items()})
+        budget = {k: {"epochs": e, "patience": p, "max_folds": f, "seeds": n}
+                  for k, (e, p, f, n) in (QUICK_BUDGET if args.quick else FULL_BUDGET).items()}
+        acc = run_accuracy(args.quick, only, save=lambda recs: write_results(
+            f"gnn_accuracy{suffix}", recs, budget=budget))
     if args.speed:
         print("== speed", flush=True)
         speed = run_speed(args.quick, 1 if args.quick else args.repeats)

@@ -14,7 +14,11 @@ MAX_STOP_STRINGS = 4  # as the OpenAI API
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 means greedy. top_k 0 means no top-k cut; top_p 1.0 means no nucleus cut."""
+    """temperature 0 means greedy. top_k 0 means no top-k cut; top_p 1.0 means no nucleus cut.
+
+    ignore_eos keeps generating past end-of-sequence tokens until max_tokens (for benchmarks that
+    must do the same work as a baseline).
+    """
 
     max_tokens: int = 64
     temperature: float = 0.0
@@ -22,6 +26,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
     def __post_init__(self):
         if isinstance(self.stop, str):

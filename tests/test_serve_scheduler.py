@@ -400,6 +400,14 @@ def test_eos_stops_generation(small_llm, small_sched, eos_setup):
     assert events[-1].finished and events[-1].finish_reason == "stop" and events[-1].token_ids == []
 
 
+def test_ignore_eos_generates_to_max_tokens(small_llm, small_sched, eos_setup):
+    prompt, eos, k = eos_setup
+    r = submit(small_sched, prompt, 8, ignore_eos=True)
+    drive(small_sched)
+    assert r.out_tokens == greedy_reference(small_llm.model, [prompt], 8)[0]
+    assert r.out_tokens[k] == eos and r.finish_reason == "length"
+
+
 def test_admission_waits_for_pages_then_completes(small_llm, small_sched, eos_setup):
     _, eos, _ = eos_setup
     sched = small_sched

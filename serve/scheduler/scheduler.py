@@ -341,7 +341,7 @@ class Scheduler:
             r.token_intervals.append(now - r.last_token_time)
             self.stats.observe("tpot", now - r.last_token_time)
         r.last_token_time = now
-        if token in self.eos:
+        if token in self.eos and not r.sampling.ignore_eos:
             self._finish(r, "stop")
             return
         r.out_tokens.append(token)
