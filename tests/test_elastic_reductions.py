@@ -142,3 +142,7 @@ def test_retargeted_executable_runs_on_the_new_devices():
     fut = cache.background(lambda: cache.get("p", 0, devs[:2], _program))
     cache.wait()
     assert fut.done() and cache.records[-1].how == "compiled" and cache.has_size("p", 0, 2)
+    # single-device programs (transfer pieces) are compiled for each device, never retargeted
+    cache.get("p", 0, devs[:1], _program)
+    cache.get("p", 0, devs[1:2], _program)
+    assert [r.how for r in cache.records[-2:]] == ["compiled", "compiled"]

@@ -11,8 +11,10 @@ A recovery must not wait for XLA. Two observations make that cheap:
   single compile for N-1 devices covers every one of the N possible survivor sets.
 * Compiling happens on a background thread (`background`) while the training loop runs.
 
-`ExecutableCache.get` returns a cached executable, else retargets one of the same size, else
-compiles (waiting for an in-flight background compile of the same program instead of starting a
+`ExecutableCache.get` returns a cached executable, else retargets one of the same size (SPMD
+programs only: single-device programs are the small transfer/repair programs, which compile in
+milliseconds, and a CI run on jax 0.10 saw a deserialized single-device CPU executable fail with
+``NOT_FOUND: Function ... not found``), else compiles (waiting for an in-flight background compile of the same program instead of starting a
 second one). Every non-cached get is recorded (how, seconds); recovery timings and the benchmark
 report them.
 """
@@ -122,7 +124,7 @@ class ExecutableCache:
                 fut = self._pending.get(size_key)
                 base = self._by_size.get(size_key)
                 mine = None
-                if fut is None and (base is None or not self.allow_retarget):
+                if fut is None and (base is None or not self.allow_retarget or len(devices) == 1):
                     mine = cf.Future()
                     self._pending[size_key] = mine
             if fut is not None:
