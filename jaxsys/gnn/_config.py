@@ -120,26 +120,12 @@ class ExperimentConfig(_Strict):
     output: str | None = Field(None, description="metrics JSON path (default: print only)")
 
 
-def _set(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"override {dotted!r}: {k!r} is not a section")
-    node[keys[-1]] = value
-
-
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `key=value` overrides (dotted keys, YAML-parsed values) to a raw config dict."""
+    """Apply `key=value` overrides (dotted keys, YAML-parsed values) to a copy of a raw config."""
+    from jaxsys._overrides import dotted_overrides
+
     out = yaml.safe_load(yaml.safe_dump(raw)) or {}
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key=value "
-                             "(e.g. structure.kind=gin)")
-        key, val = item.split("=", 1)
-        _set(out, key.strip(), yaml.safe_load(val))
-    return out
+    return dotted_overrides(out, overrides, example="structure.kind=gin")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
