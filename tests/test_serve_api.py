@@ -151,6 +151,15 @@ def test_completion_plain_and_streamed_agree(server):
     assert r2.choices[0].text == text
 
 
+def test_ignore_eos_generates_max_tokens(server):
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    plain = server.client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=40)
+    assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens < 40
+    full = server.client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=40,
+                                                 extra_body={"ignore_eos": True})
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 40
+
+
 def test_chat_streamed_equals_plain(server):
     msgs = [{"role": "user", "content": "Name a color."}]
     plain = server.client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=10)

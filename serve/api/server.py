@@ -52,6 +52,7 @@ class _Sampling(BaseModel):
     stream: bool = False
     stop: Union[str, list[str], None] = None
     logprobs: Any = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past end-of-sequence
 
     @field_validator("n")
     @classmethod
@@ -162,7 +163,7 @@ def create_app(llm: ServingLLM, *, model_name: str | None = None) -> FastAPI:
         try:
             return SamplingParams(max_tokens=max_tokens if max_tokens is not None else 256,
                                   temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                                  seed=seed, stop=stop)
+                                  seed=seed, stop=stop, ignore_eos=body.ignore_eos)
         except ValueError as e:
             param = str(e).split(" ", 1)[0]
             raise APIError(400, str(e), param=param) from None
