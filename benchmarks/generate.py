@@ -72,7 +72,8 @@ def main() -> None:
             records.append({"system": name, "batch": b, "tokens_per_s": n_tokens / med, "median_s": med,
                             "times_s": ts})
             print(f"{name:15s} batch {b:3d}: {n_tokens / med:8.1f} tokens/s (median {med:.2f}s)", flush=True)
-    write_results("generate", records, args.out, loadavg_end=os.getloadavg(), model="smollm2-135m-instruct", dtype="float32",
+    write_results("generate", records, args.out, loadavg_end=os.getloadavg(),
+                  model="smollm2-135m-instruct", dtype="float32",
                   prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
                   note="tokens_per_s = batch * new_tokens / wall time of one generate call (prefill + decode), "
                        "greedy, EOS ignored; median over repeats after a warm-up call")

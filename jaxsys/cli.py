@@ -123,10 +123,10 @@ def main(argv: list[str] | None = None) -> int:
 def enable_compilation_cache() -> None:
     """Turn on JAX's persistent compilation cache under the user's cache directory.
 
-    Only on GPU/TPU: on the CPU backend of jax 0.10 an executable read back from the cache can
-    fail at run time with ``NOT_FOUND: Function <fusion> not found`` (seen in CI when the same
-    program was compiled twice in one process), so CPU runs compile afresh unless the user opts
-    in with ``JAXSYS_CPU_COMPILE_CACHE=1``.
+    Only on GPU/TPU: a CI run on jax 0.10's CPU backend, with this cache on, failed with
+    ``NOT_FOUND: Function <fusion> not found`` from a deserialized executable (not reproduced on
+    our dev box), so CPU runs compile afresh unless the user opts in with
+    ``JAXSYS_CPU_COMPILE_CACHE=1``.
     """
     import jax
 

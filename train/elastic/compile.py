@@ -14,8 +14,8 @@ A recovery must not wait for XLA. Two observations make that cheap:
 `ExecutableCache.get` returns a cached executable, else retargets one of the same size (SPMD
 programs only: single-device programs are the small transfer/repair programs, which compile in
 milliseconds, and a CI run on jax 0.10 saw a deserialized single-device CPU executable fail with
-``NOT_FOUND: Function ... not found``), else compiles (waiting for an in-flight background compile of the same program instead of starting a
-second one). Every non-cached get is recorded (how, seconds); recovery timings and the benchmark
+``NOT_FOUND: Function ... not found``), else compiles (waiting for an in-flight background
+compile of the same program instead of starting a second one). Every non-cached get is recorded (how, seconds); recovery timings and the benchmark
 report them.
 """
 
