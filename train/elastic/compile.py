@@ -7,16 +7,17 @@ A recovery must not wait for XLA. Two observations make that cheap:
   device set of the same size (serialize, then deserialize with the device ids remapped and a new
   device assignment; jax's persistent compilation cache does the same on GPU, where it strips the
   device assignment from its keys): milliseconds for small programs, ~0.15 s for the benchmark
-  model's step on CPU, against seconds (here) to minutes (large models) for a compile. So after one device is lost from N, a
-  single compile for N-1 devices covers every one of the N possible survivor sets.
+  model's step on CPU, against seconds (here) to minutes (large models) for a compile. So after
+  one device is lost from N, a single compile for N-1 devices covers every one of the N possible
+  survivor sets.
 * Compiling happens on a background thread (`background`) while the training loop runs.
 
 `ExecutableCache.get` returns a cached executable, else retargets one of the same size (SPMD
 programs only: single-device programs are the small transfer/repair programs, which compile in
 milliseconds, and a CI run on jax 0.10 saw a deserialized single-device CPU executable fail with
 ``NOT_FOUND: Function ... not found``), else compiles (waiting for an in-flight background
-compile of the same program instead of starting a second one). Every non-cached get is recorded (how, seconds); recovery timings and the benchmark
-report them.
+compile of the same program instead of starting a second one). Every non-cached get is recorded
+(how, seconds); recovery timings and the benchmark report them.
 """
 
 from __future__ import annotations
