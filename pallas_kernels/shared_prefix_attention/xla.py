@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from .balancer import SharedPrefixStep
 from .tuned_block_sizes import BlockSizes
 
-__all__ = ["shared_prefix_attention_xla", "paged_attention_xla"]
+__all__ = ["shared_prefix_attention_xla", "paged_attention_xla", "merge_partials"]
 
 # fp32 means fp32 products on every backend (GPUs default to TF32 for fp32 dots).
 _PRECISION = jax.lax.Precision.HIGHEST
@@ -85,7 +85,7 @@ def _paged_unit(q, k_pages, v_pages, pages, page_lens, sm_scale):
     return jax.lax.cond(jnp.any(page_lens > 0), compute, empty, None)
 
 
-def _merge_partials(o, lse, axis, with_lse=False):
+def merge_partials(o, lse, axis, with_lse=False):
     """LSE-merge partials along `axis`. o: f32[..., P, ..., D]; lse: f32 (o without D).
     Returns the merged output (and, with_lse, the merged log-sum-exp, -inf where all are empty)."""
     m = jnp.max(lse, axis=axis, keepdims=True)
@@ -229,9 +229,9 @@ def shared_prefix_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.A
         o = jnp.concatenate([o, o_sh[step.merge_rows]], axis=1)  # [B, S + M, Hkv, G, D]
         lse = jnp.concatenate([lse, lse_sh[step.merge_rows]], axis=1)
     if return_lse:
-        out, total = _merge_partials(o, lse, axis=1, with_lse=True)
+        out, total = merge_partials(o, lse, axis=1, with_lse=True)
         return out.reshape(b, hq, d).astype(q.dtype), total.reshape(b, hq)
-    return _merge_partials(o, lse, axis=1).reshape(b, hq, d).astype(q.dtype)
+    return merge_partials(o, lse, axis=1).reshape(b, hq, d).astype(q.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "sm_scale"))
@@ -267,4 +267,4 @@ def paged_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     q_bhgd = q.astype(k_pages.dtype).reshape(b, hkv, g, d)
     o, lse = _private_partials(q_bhgd, k_pages, v_pages, page_indices, page_lens.astype(jnp.int32),
                                block_sizes.split_pages, scale)
-    return _merge_partials(o, lse, axis=1).reshape(b, hq, d).astype(q.dtype)
+    return merge_partials(o, lse, axis=1).reshape(b, hq, d).astype(q.dtype)

@@ -21,7 +21,7 @@ from jaxsys.models.config import ModelConfig
 from jaxsys.models.kv_cache import flat_pages
 from jaxsys.pallas_kernels.shared_prefix_attention import (SharedPrefixStep, get_block_sizes, get_cost_model,
                                                           plan_step)
-from jaxsys.pallas_kernels.shared_prefix_attention.xla import shared_prefix_attention_xla
+from jaxsys.pallas_kernels.shared_prefix_attention.xla import merge_partials, shared_prefix_attention_xla
 
 
 def merge_self_token(o_BxHxD: jax.Array, lse_BxH: jax.Array, q_BxHxD: jax.Array, k_self_BxKxD: jax.Array,
@@ -33,10 +33,9 @@ def merge_self_token(o_BxHxD: jax.Array, lse_BxH: jax.Array, q_BxHxD: jax.Array,
     s_self = (jnp.einsum("BKGD,BKD->BKG", q, k_self_BxKxD.astype(jnp.float32),
                          precision=jax.lax.Precision.HIGHEST) * sm_scale).reshape(B, H)
     v_self = jnp.repeat(v_self_BxKxD.astype(jnp.float32), H // K, axis=1)  # [B, H, D]
-    m = jnp.maximum(lse_BxH, s_self)
-    w_c = jnp.exp(lse_BxH - m)  # 0 when the cache part is empty (lse = -inf)
-    w_s = jnp.exp(s_self - m)
-    return (o_BxHxD.astype(jnp.float32) * w_c[..., None] + v_self * w_s[..., None]) / (w_c + w_s)[..., None]
+    # the own token is one more partial: its output is v_self, its log-sum-exp the one score
+    o_2xBxHxD = jnp.stack([o_BxHxD.astype(jnp.float32), v_self])
+    return merge_partials(o_2xBxHxD, jnp.stack([lse_BxH, s_self]), axis=0)
 
 
 def offset_pages(step: SharedPrefixStep, offset: jax.Array) -> SharedPrefixStep:
