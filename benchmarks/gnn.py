@@ -165,8 +165,6 @@ def run_accuracy(quick: bool, only: list[str] | None,
         ov = list(overrides) + [f"train.epochs={epochs}", f"train.patience={patience}"]
         if max_folds is not None:
             ov.append(f"train.max_folds={max_folds}")
-        if name == "counting" and not quick:
-            ov.append("train.lr_decay_every=100")
         t0 = time.perf_counter()
         outs = []
         for seed in range(seeds):
