@@ -276,13 +276,14 @@ def run_speed(quick: bool, repeats: int) -> list[dict]:
               flush=True)
     # -- train-step throughput at the same width / depth / batch size ------------------------
     width, depth, batch = (32, 2, 32) if quick else (64, 4, 32)
+    step_repeats = repeats if quick else max(repeats, 9)
     train_sets = ["micro_zinc", "mutag"] if quick else ["micro_zinc", "mutag", "proteins", "exp",
                                                          "csl"]
     bounds = {"micro_zinc": 11, "mutag": 8, "proteins": 6, "exp": 6, "csl": 8}
     for name in train_sets:
         ds = load_dataset(name)
         regression = ds.task == "regression"
-        thr = {}
+        runs = {}
         for model, kind in (("GIN", "gin"), ("CSGNN", "csgnn"), ("KP-GNN", "kpgnn")):
             cfg = StructureConfig(kind=kind, length_bound=bounds[name], hops=3)
             rels = build_relations(ds.graphs, cfg)
@@ -294,32 +295,39 @@ def run_speed(quick: bool, repeats: int) -> list[dict]:
                          weight_decay=0.0, seed=0)
             state = tr.init_state(0)
             tr.compile(state)
-            ids = b.pack(list(range(len(ds))))
-            batches = [b.batch(i) for i in ids]
-            n_graphs = sum(len(i) for i in ids)
-            holder = {"s": state}
+            order = np.random.default_rng(0).permutation(len(ds)).tolist()  # as in training
+            ids = b.pack(order)
+            runs[model] = {"trainer": tr, "state": state, "batches": [b.batch(i) for i in ids],
+                           "graphs": sum(len(i) for i in ids), "batcher": b, "rels": rels,
+                           "times": []}
 
-            def epoch():
-                import jax
+        def epoch(run):
+            import jax
 
-                s = holder["s"]
-                for g in batches:
-                    s, out = tr._train(s, g)
-                jax.block_until_ready(out)
-                holder["s"] = s
+            s = run["state"]
+            for g in run["batches"]:
+                s, out = run["trainer"]._train(s, g)
+            jax.block_until_ready(out)
+            run["state"] = s
 
-            epoch()  # warm-up
-            t, _ = median_time(epoch, repeats)
-            thr[model] = n_graphs / t
+        for run in runs.values():
+            epoch(run)  # warm-up
+        # Round-robin: each repeat times one epoch of every model, so drift in the machine's
+        # speed hits all three alike; medians per model. Epochs are short: at least 9 repeats.
+        for _ in range(step_repeats):
+            for run in runs.values():
+                run["times"].append(median_time(lambda run=run: epoch(run), 1)[0])
+        thr = {model: run["graphs"] / float(np.median(run["times"]))
+               for model, run in runs.items()}
+        for model, run in runs.items():
+            b = run["batcher"]
             records.append({"section": "train_step", "dataset": name, "model": model,
-                            "graphs_per_s": n_graphs / t, "width": width, "depth": depth,
+                            "graphs_per_s": thr[model], "width": width, "depth": depth,
                             "batch_size": batch, "relations_per_graph":
-                                float(np.mean([r.num_relations for r in rels])),
+                                float(np.mean([r.num_relations for r in run["rels"]])),
                             "padded_relations": b.pad.n_edge, "padded_nodes": b.pad.n_node,
-                            "num_relation_types": b.num_types})
-        for rec in records:
-            if rec.get("section") == "train_step" and rec["dataset"] == name:
-                rec["slowdown_vs_gin"] = thr["GIN"] / rec["graphs_per_s"]
+                            "num_relation_types": b.num_types, "repeats": step_repeats,
+                            "slowdown_vs_gin": thr["GIN"] / thr[model]})
         print(f"  {name:11s} train graphs/s: " + ", ".join(
             f"{k} {v:.0f}" for k, v in thr.items()) +
             f"  (CSGNN is {thr['GIN'] / thr['CSGNN']:.2f}x slower than GIN)", flush=True)
