@@ -163,6 +163,39 @@ def test_training_learns_compiles_once_and_reports(tmp_path, monkeypatch):
     assert (tmp_path / "gnn").is_dir() and any((tmp_path / "gnn").iterdir())  # cached
 
 
+def test_test_curve_reports_xu_protocol_without_changing_the_selected_result(tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setenv("JAXSYS_CACHE_DIR", str(tmp_path))
+    base = ["data.name=csl", "structure.kind=csgnn", "structure.length_bound=8",
+            "model.width=8", "model.depth=1", "train.epochs=12", "train.batch_size=6",
+            "train.folds=3", "train.lr=0.01", "train.patience=2"]
+    plain = run_experiment(load_config(None, base), dataset=_tiny_dataset(), progress=False,
+                           log=lambda s: None)
+    curved = run_experiment(load_config(None, base + ["train.test_curve=true"]),
+                            dataset=_tiny_dataset(), progress=False, log=lambda s: None)
+    # The early-stopped, validation-selected result is the same run's; training then goes on.
+    for a, b in zip(plain["folds"], curved["folds"]):
+        assert (a["best_epoch"], a["epochs_run"]) == (b["best_epoch"], b["epochs_run"])
+        assert a["test"]["accuracy"] == b["test"]["accuracy"]
+        assert len(b["test_curve"]) == 12 and "test_curve" not in a
+    assert any(f["epochs_run"] < 12 for f in plain["folds"])  # patience 2 stopped early
+    best = curved["summary"]["xu_protocol"]
+    curves = np.asarray([f["test_curve"] for f in curved["folds"]])
+    assert best["mean"] == pytest.approx(curves.mean(0).max())
+    assert curves[:, best["epoch"] - 1].mean() == pytest.approx(best["mean"])
+
+
+def test_best_mean_epoch_picks_the_best_mean_epoch():
+    from jaxsys.gnn._train import best_mean_epoch
+
+    acc = [[0.5, 0.9, 0.7], [0.5, 0.5, 0.9]]  # means 0.5, 0.7, 0.8
+    assert best_mean_epoch(acc, regression=False) == {"epoch": 3, "mean": pytest.approx(0.8),
+                                                      "std": pytest.approx(0.1)}
+    assert best_mean_epoch(acc, regression=True)["epoch"] == 1  # MAE: lower is better
+    with pytest.raises(ValueError, match="k-fold"):
+        load_config(None, ["data.name=csl", "train.test_curve=true"])
+
+
 def test_no_calls_into_jraph_helpers_that_need_removed_jax_apis():
     """jraph 0.0.6.dev0's zero_out_padding / get_fully_connected_graph call jax.tree_map and
     jax.tree_leaves, which jax 0.10 removed; jaxsys.gnn uses only jraph code built on

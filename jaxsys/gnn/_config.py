@@ -101,12 +101,20 @@ class TrainConfig(_Strict):
                                               "fractions when folds = 0")
     seed: int = 0
     loss: Literal["auto", "cross_entropy", "l1", "mse"] = "auto"
+    test_curve: bool = Field(False, description="k-fold only: also evaluate the test fold after "
+                             "every epoch, for every epoch, and report the protocol of Xu et al. "
+                             "(2019): the epoch whose mean test score over the folds is best. "
+                             "It selects on test data, so it is only for comparison with "
+                             "results published that way; the early-stopped, "
+                             "validation-selected result is unchanged")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.folds == 1 or (self.folds and self.folds < 3):
             raise ValueError("folds must be 0 (one split) or >= 3 (test fold, validation fold, "
                              "training folds)")
+        if self.test_curve and not self.folds:
+            raise ValueError("test_curve needs k-fold cross-validation (folds >= 3)")
         if abs(sum(self.split) - 1.0) > 1e-6 or min(self.split) <= 0:
             raise ValueError(f"split fractions must be positive and sum to 1, got {self.split}")
         return self

@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{metrics['model']} on {metrics['dataset']}: test {s['metric']} "
           f"{s['test_mean']:.4f} +- {s['test_std']:.4f} over {len(metrics['folds'])} fold(s); "
           f"{metrics['train_graphs_per_s']:.0f} train graphs/s; {metrics['seconds']:.1f} s")
+    if "xu_protocol" in s:
+        b = s["xu_protocol"]
+        print(f"  Xu et al. (2019) protocol (epoch with the best mean test {s['metric']}, "
+              f"selected on test folds): {b['mean']:.4f} +- {b['std']:.4f} at epoch {b['epoch']}")
     out = args.out or cfg.output
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
