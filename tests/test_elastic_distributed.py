@@ -32,11 +32,19 @@ WORKER = textwrap.dedent("""
         while not os.path.exists(sync) and time.time() - t0 < 120:
             time.sleep(0.05)
         out["b3"] = [str(e) for e in m.check(3)]
+        # Process 0 hosts the coordination service: stay up until the rejoiner has printed its
+        # result, or its side of the check can lose the service and abort before printing.
+        t0 = time.time()
+        while not os.path.exists(sync + ".done") and time.time() - t0 < 60:
+            time.sleep(0.05)
     elif role == "dier":
         out["b1"] = [str(e) for e in m.check(1)]
     else:
         open(sync, "w").close()
         out["b3"] = [str(e) for e in m.check(3)]
+        print("RESULT", json.dumps(out), flush=True)
+        open(sync + ".done", "w").close()
+        os._exit(0)
     print("RESULT", json.dumps(out), flush=True)
     os._exit(1 if role == "dier" else 0)
 """)
