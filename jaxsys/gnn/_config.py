@@ -101,9 +101,9 @@ class TrainConfig(_Strict):
                                               "fractions when folds = 0")
     seed: int = 0
     loss: Literal["auto", "cross_entropy", "l1", "mse"] = "auto"
-    test_curve: bool = Field(False, description="k-fold only: also evaluate the test fold after "
-                             "every epoch, for every epoch, and report the protocol of Xu et al. "
-                             "(2019): the epoch whose mean test score over the folds is best. "
+    test_curve: bool = Field(False, description="k-fold only: train every fold for all epochs, "
+                             "score the test fold after each, and report the protocol of Xu et "
+                             "al. (2019): the epoch whose mean test score over the folds is best. "
                              "It selects on test data, so it is only for comparison with "
                              "results published that way; the early-stopped, "
                              "validation-selected result is unchanged")
