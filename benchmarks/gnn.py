@@ -157,6 +157,7 @@ def run_accuracy(quick: bool, only: list[str] | None,
     previous = RESULTS / f"gnn_accuracy{'_quick' if quick else ''}.json"
     if only and previous.exists():
         records = [r for r in json.loads(previous.read_text())["records"] if r["dataset"] not in only]
+    run_order = [(n, m) for n, m, _ in ACCURACY_RUNS]
     for name, model, overrides in ACCURACY_RUNS:
         if only and name not in only:
             continue
@@ -195,8 +196,7 @@ def run_accuracy(quick: bool, only: list[str] | None,
         if "xu_protocol" in s:  # the published numbers' protocol (seeds = 1 here)
             rec["xu_protocol"] = s["xu_protocol"]
         records.append(rec)
-        order = [(n, m) for n, m, _ in ACCURACY_RUNS]  # kept records + new ones, in run order
-        records.sort(key=lambda r: order.index((r["dataset"], r["model"])))
+        records.sort(key=lambda r: run_order.index((r["dataset"], r["model"])))  # kept + new
         if save is not None:
             save(records)
         print(f"  {model:11s} {name:11s} test {key} {rec['test_mean']:.4f} "
@@ -303,8 +303,8 @@ def run_speed(quick: bool, repeats: int) -> list[dict]:
             order = np.random.default_rng(0).permutation(len(ds)).tolist()  # as in training
             ids = b.pack(order)
             runs[model] = {"trainer": tr, "state": state, "batches": [b.batch(i) for i in ids],
-                           "graphs": sum(len(i) for i in ids), "batcher": b, "rels": rels,
-                           "times": []}
+                           "graphs": sum(len(i) for i in ids), "batcher": b, "times": [],
+                           "relations_per_graph": float(np.mean([r.num_relations for r in rels]))}
 
         def epoch(run):
             import jax
@@ -322,16 +322,18 @@ def run_speed(quick: bool, repeats: int) -> list[dict]:
         per_sample = max(1, math.ceil(40 / len(runs["GIN"]["batches"])))
         for _ in range(step_repeats):
             for run in runs.values():
-                run["times"].append(median_time(
-                    lambda run=run: [epoch(run) for _ in range(per_sample)], 1)[0])
+                t0 = time.perf_counter()
+                for _ in range(per_sample):
+                    epoch(run)
+                run["times"].append(time.perf_counter() - t0)
         thr = {model: per_sample * run["graphs"] / float(np.median(run["times"]))
                for model, run in runs.items()}
         for model, run in runs.items():
             b = run["batcher"]
             records.append({"section": "train_step", "dataset": name, "model": model,
                             "graphs_per_s": thr[model], "width": width, "depth": depth,
-                            "batch_size": batch, "relations_per_graph":
-                                float(np.mean([r.num_relations for r in run["rels"]])),
+                            "batch_size": batch,
+                            "relations_per_graph": run["relations_per_graph"],
                             "padded_relations": b.pad.n_edge, "padded_nodes": b.pad.n_node,
                             "num_relation_types": b.num_types, "repeats": step_repeats,
                             "slowdown_vs_gin": thr["GIN"] / thr[model]})

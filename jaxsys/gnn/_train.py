@@ -259,6 +259,7 @@ def run_experiment(cfg: ExperimentConfig, *, dataset: Dataset | None = None,
     trainer = Trainer(model, batcher, regression=regression, loss=loss, lr_schedule=schedule,
                       weight_decay=cfg.train.weight_decay, seed=cfg.train.seed,
                       grad_clip=cfg.train.grad_clip)
+    key = "mae" if regression else "accuracy"
     folds_out = []
     for fi, (tr, va, te) in enumerate(splits):
         state = trainer.init_state(cfg.train.seed + 1000 * fi)
@@ -272,7 +273,6 @@ def run_experiment(cfg: ExperimentConfig, *, dataset: Dataset | None = None,
             if not math.isfinite(train_loss):
                 raise FloatingPointError(f"training loss became {train_loss} at epoch {epoch}; "
                                          "lower train.lr")
-            key = "mae" if regression else "accuracy"
             if cfg.train.test_curve:
                 curve.append(trainer.evaluate(state, te)[key])
             if stopped_at is None:  # with test_curve, training goes on after the early stop
@@ -298,11 +298,9 @@ def run_experiment(cfg: ExperimentConfig, *, dataset: Dataset | None = None,
                           "sizes": [int(tr.shape[0]), int(va.shape[0]), int(te.shape[0])]})
         if cfg.train.test_curve:
             folds_out[-1]["test_curve"] = curve
-        key = "mae" if regression else "accuracy"
         log(f"fold {fi + 1}/{len(splits)}: best epoch {best_epoch + 1}, val {key} "
             f"{best_val[key]:.4f}, test {key} {test[key]:.4f}")
 
-    key = "mae" if regression else "accuracy"
     tests = np.asarray([f["test"][key] for f in folds_out])
     summary: dict[str, Any] = {
         "metric": key,
