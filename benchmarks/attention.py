@@ -42,6 +42,8 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 HQ, HKV, HEAD_DIM, PAGE = 32, 8, 128, 16
 GIB = 2.0**30
+# GPU: attention calls per timed sample (see Runner).
+GPU_LAYERS = 16
 
 # HBM peak bandwidth (bytes/s) by device kind substring, for the GPU records.
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12,
@@ -208,9 +210,18 @@ def naive_decode(q, k, v, lengths, *, sm_scale):
 
 
 class Runner:
-    """Builds inputs and the jitted variants for one platform."""
+    """Builds inputs and the jitted variants for one platform.
 
-    def __init__(self, gpu: bool):
+    On a GPU one timed call runs a variant `layers` times inside one jit, on `layers` different
+    query batches against the same KV (like the layers of one decode step, which share the
+    step's plan), and the per-call time is the sample over `layers`: it is the device time of
+    one attention call, not Python dispatch (~tens of microseconds, as much as the whole kernel
+    for the smallest configurations). The KV one call reads in the configurations and the
+    tuning trees (>= 100 MB) is larger than a GPU's L2, so later layers do not find it cached.
+    On CPU, `layers` is 1.
+    """
+
+    def __init__(self, gpu: bool, layers: int | None = None):
         import jax
         import jax.numpy as jnp
 
@@ -218,20 +229,37 @@ class Runner:
 
         self.jax, self.jnp, self.spa = jax, jnp, spa
         self.gpu = gpu
-        plat = "gpu" if gpu else "cpu"
-        self.block_sizes = spa.get_block_sizes(plat, HQ // HKV, HEAD_DIM, PAGE, "float32")
-        self.cost_model = spa.get_cost_model(plat)
+        self.layers = layers or (GPU_LAYERS if gpu else 1)
+        self.platform = "gpu" if gpu else "cpu"
+        self.cost_model = spa.get_cost_model(self.platform)
         self.scale = 1.0 / math.sqrt(HEAD_DIM)
-        bs = self.block_sizes
-        if gpu:
-            self.ours = jax.jit(lambda q, k, v, s: spa.shared_prefix_attention(q, k, v, s, block_sizes=bs))
-            self.splitkv = jax.jit(lambda q, k, v, pt, ln: spa.paged_attention(q, k, v, pt, ln, block_sizes=bs))
+        self.set_block_sizes(spa.get_block_sizes(self.platform, HQ // HKV, HEAD_DIM, PAGE, "float32"))
+        self.naive = self.layered(lambda q, k, v, ln: naive_decode(q, k, v, ln, sm_scale=self.scale))
+
+    def set_block_sizes(self, bs) -> None:
+        self.block_sizes = bs
+        self.ours = self.layered(self.ours_single(bs))
+        spa = self.spa
+        if self.gpu:
+            self.splitkv = self.layered(lambda q, k, v, pt, ln: spa.paged_attention(q, k, v, pt, ln, block_sizes=bs))
         else:
-            self.ours = jax.jit(lambda q, k, v, s: spa.shared_prefix_attention_xla(
-                q, k, v, s, block_sizes=bs))
-            self.splitkv = jax.jit(lambda q, k, v, pt, ln: spa.paged_attention_xla(
-                q, k, v, pt, ln, block_sizes=bs))
-        self.naive = jax.jit(lambda q, k, v, ln: naive_decode(q, k, v, ln, sm_scale=self.scale))
+            self.splitkv = self.layered(lambda q, k, v, pt, ln: spa.paged_attention_xla(q, k, v, pt, ln,
+                                                                                        block_sizes=bs))
+
+    def ours_single(self, bs):
+        spa = self.spa
+        if self.gpu:
+            return lambda q, k, v, s: spa.shared_prefix_attention(q, k, v, s, block_sizes=bs)
+        return lambda q, k, v, s: spa.shared_prefix_attention_xla(q, k, v, s, block_sizes=bs)
+
+    def layered(self, f):
+        """jit of (qs [layers, B, Hq, D], *rest) -> [layers, B, Hq, D], f(qs[i], *rest) per layer.
+
+        A loop (`lax.map`), not an unrolled sequence: one compilation of each kernel however
+        many layers."""
+        if self.layers == 1:
+            return self.jax.jit(lambda qs, *rest: f(qs[0], *rest)[None])
+        return self.jax.jit(lambda qs, *rest: self.jax.lax.map(lambda q: f(q, *rest), qs))
 
     def pools(self, total_pages, seed):
         jax, jnp = self.jax, self.jnp
@@ -240,7 +268,9 @@ class Runner:
         return jax.random.normal(kk, shape, jnp.float32), jax.random.normal(kv, shape, jnp.float32)
 
     def queries(self, b, seed):
-        return self.jax.random.normal(self.jax.random.PRNGKey(seed + 7), (b, HQ, HEAD_DIM), self.jnp.float32)
+        """[layers, b, Hq, D]: one query batch per layer."""
+        return self.jax.random.normal(self.jax.random.PRNGKey(seed + 7), (self.layers, b, HQ, HEAD_DIM),
+                                      self.jnp.float32)
 
     def contiguous(self, pages, table, length):
         """[B, Hkv, L, D] per-request copy of the paged KV (built outside any timing)."""
@@ -248,6 +278,9 @@ class Runner:
         n = -(-length // PAGE)
         out = jnp.transpose(pages[:, table[:, :n]], (1, 0, 2, 3, 4)).reshape(table.shape[0], HKV, n * PAGE, HEAD_DIM)
         return self.jax.block_until_ready(out)
+
+    def per_call(self, times: dict[str, list[float]]) -> dict[str, list[float]]:
+        return {n: [t / self.layers for t in ts] for n, ts in times.items()}
 
 
 def plan_info(plan) -> dict:
@@ -298,9 +331,9 @@ def run_config(runner: Runner, cfg: Config, repeats: int, seed: int) -> list[dic
         notes["naive"] = (f"skipped: duplicated KV needs {kv_bytes_naive / GIB:.1f} GiB (x2 with "
                           f"temporaries), {avail / GIB:.1f} GiB available")
     # Warm up (compile) and check every variant against ours.
-    outs = {n: np.asarray(jax.block_until_ready(f()))[:b] for n, f in fns.items()}
+    outs = {n: np.asarray(jax.block_until_ready(f()))[0, :b] for n, f in fns.items()}
     max_diff = {n: float(np.max(np.abs(o - outs["ours"]))) for n, o in outs.items()}
-    times = time_round_robin(fns, repeats)
+    times = runner.per_call(time_round_robin(fns, repeats))
     med = {n: median(t) for n, t in times.items()}
     bytes_read = {
         "ours": 2.0 * plan.kv_tokens_read * HKV * HEAD_DIM * itemsize,
@@ -353,69 +386,123 @@ def peak_bandwidth() -> float | None:
 
 
 def jax_decode_attention_fn(runner: Runner, q, k_c, v_c, lengths):
-    """JAX's own Pallas GPU decode attention on the same (contiguous) KV, as a baseline."""
+    """JAX's own Pallas GPU decode attention on the same (contiguous) KV, as a baseline.
+
+    `decode_attention.gqa` takes K/V as [B, L, Hkv, D] and transposes them to [B, Hkv, L, D]
+    inside, a full copy of the KV on every call; we call its per-head kernel
+    (`decode_attn_unbatched`, vmapped over batch and KV heads exactly as `gqa` does) on the
+    [B, Hkv, L, D] copy directly, so the baseline pays for attention only. The KV is padded
+    (outside the timing) to the multiple of k_splits * block_k its kernel needs; its dots use
+    Triton's default fp32 precision (TF32), ours IEEE fp32.
+    """
+    import functools
+
     import jax
     import jax.numpy as jnp
     from jax.experimental.pallas.ops.gpu import decode_attention
 
     k_splits, block_k = 16, 128
-    length = k_c.shape[2]
+    b, hkv, length, d = k_c.shape
     padded = -(-length // (k_splits * block_k)) * (k_splits * block_k)
-    pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
-    k_bl = jnp.pad(jnp.transpose(k_c, (0, 2, 1, 3)), pad)  # [B, L, Hkv, D]
-    v_bl = jnp.pad(jnp.transpose(v_c, (0, 2, 1, 3)), pad)
-    fn = jax.jit(lambda q, k, v, ln: decode_attention.gqa(q, k, v, kv_seq_len=ln, k_splits=k_splits,
-                                                            block_k=block_k, sm_scale=runner.scale))
-    return lambda: fn(q, k_bl, v_bl, lengths)
+    pad = ((0, 0), (0, 0), (0, padded - length), (0, 0))
+    k_p, v_p = jnp.pad(k_c, pad), jnp.pad(v_c, pad)  # [B, Hkv, L', D]
+    inner = functools.partial(
+        decode_attention.decode_attn_unbatched, sm_scale=runner.scale, block_h=16, block_k=block_k,
+        k_splits=k_splits, num_warps=None, num_stages=2, grid=None, interpret=False, debug=False,
+        return_residuals=False, normalize_output=True)
+    per_head = jax.vmap(jax.vmap(inner, in_axes=(0, 0, 0, None, None)), in_axes=(0, 0, 0, None, 0))
+
+    def one(q, k, v, ln):
+        qq = q.reshape(b, hkv, q.shape[1] // hkv, d)
+        return per_head(qq, k, v, None, ln).reshape(q.shape)
+
+    fn = runner.layered(one)
+    jax.block_until_ready((k_p, v_p))
+    return lambda: fn(q, k_p, v_p, lengths)
 
 
 # -- tuning and calibration -------------------------------------------------------------------------
 
 
 def tune(runner: Runner, repeats: int, seed: int) -> dict:
-    """Sweeps split_pages (plain path) and chunk_pages x query_block (shared path)."""
+    """Sweeps split_pages (plain path), chunk_pages x query_block (shared path) and, on a GPU,
+    pages_per_compute_block x num_warps (the kernels' inner tile and launch width).
+
+    Each sweep starts from the best of the one before; a setting that does not compile (e.g.
+    Triton out of shared memory) is recorded with its error and skipped. Returns the records
+    and `best`, the tuned `BlockSizes` as a dict.
+    """
     import numpy as np
 
     jax, spa = runner.jax, runner.spa
     out = {"split_pages": [], "chunk_pages_x_query_block": []}
     rng = np.random.default_rng(seed)
+    base = runner.block_sizes
+
+    def sweep(variants: dict, q, k_pages, v_pages, tree, force):
+        fns, errors = {}, {}
+        for key, bs in variants.items():
+            try:
+                plan = spa.plan_step(tree, block_sizes=bs, cost_model=runner.cost_model, force=force)
+                fns[key] = _ours_fn(runner, bs, q, k_pages, v_pages, jax.device_put(plan.step))
+            except Exception as e:  # noqa: BLE001 - a setting the compiler rejects is a result
+                errors[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        times = runner.per_call(time_round_robin(fns, repeats)) if fns else {}
+        return {key: median(times[key]) for key in fns}, errors
+
     cfg = Config("tune", "plain B=8 L=8192", "chains", B=8, depth=0, node_tokens=8192)
     tree, total = build_tree(cfg, rng)
     k_pages, v_pages = runner.pools(total, seed)
     q = runner.queries(8, seed)
-    fns = {}
+    variants = {}
     for sp in (8, 16, 32, 64, 128):
-        bs = dataclasses.replace(runner.block_sizes, split_pages=sp,
-                                 pages_per_compute_block=min(runner.block_sizes.pages_per_compute_block, sp),
-                                 chunk_pages=max(runner.block_sizes.chunk_pages, sp))
-        step = jax.device_put(spa.plan_step(tree, block_sizes=bs, cost_model=runner.cost_model, force="plain").step)
-        fns[sp] = _ours_fn(runner, bs, q, k_pages, v_pages, step)
-    times = time_round_robin(fns, repeats)
-    out["split_pages"] = [{"split_pages": sp, "config": cfg.label, "median_s": median(t)} for sp, t in times.items()]
+        variants[sp] = dataclasses.replace(base, split_pages=sp,
+                                           pages_per_compute_block=min(base.pages_per_compute_block, sp),
+                                           chunk_pages=max(base.chunk_pages, sp))
+    med, err = sweep(variants, q, k_pages, v_pages, tree, "plain")
+    out["split_pages"] = [{"split_pages": sp, "config": cfg.label, "median_s": med.get(sp),
+                           **({"error": err[sp]} if sp in err else {})} for sp in variants]
+    best_sp = min(med, key=med.get) if med else base.split_pages
+    base = dataclasses.replace(variants.get(best_sp, base), chunk_pages=base.chunk_pages)
 
     cfg = Config("tune", "star B=32 P=8192 S=128", "star", B=32, P=8192, S=128)
     tree, total = build_tree(cfg, rng)
     k_pages, v_pages = runner.pools(total, seed + 1)
     q = runner.queries(32, seed)
-    fns = {}
-    for cp in (16, 32, 64, 128):
-        for qb in (8, 16, 32):
-            bs = dataclasses.replace(runner.block_sizes, chunk_pages=cp, query_block=qb)
-            plan = spa.plan_step(tree, block_sizes=bs, cost_model=runner.cost_model, force="share")
-            fns[(cp, qb)] = _ours_fn(runner, bs, q, k_pages, v_pages, jax.device_put(plan.step))
-    times = time_round_robin(fns, repeats)
+    variants = {}
+    for cp in (16, 32, 64) if runner.gpu else (16, 32, 64, 128):
+        for qb in (4, 8, 16, 32) if runner.gpu else (8, 16, 32):
+            if cp % base.pages_per_compute_block == 0:
+                variants[(cp, qb)] = dataclasses.replace(base, chunk_pages=cp, query_block=qb)
+    med, err = sweep(variants, q, k_pages, v_pages, tree, "share")
     out["chunk_pages_x_query_block"] = [{"chunk_pages": cp, "query_block": qb, "config": cfg.label,
-                                         "median_s": median(t)} for (cp, qb), t in times.items()]
+                                         "median_s": med.get((cp, qb)),
+                                         **({"error": err[(cp, qb)]} if (cp, qb) in err else {})}
+                                        for (cp, qb) in variants]
+    if med:
+        base = variants[min(med, key=med.get)]
+
+    if runner.gpu:
+        variants = {}
+        for ppcb in (2, 4, 8):
+            for warps in (4, 8):
+                if base.split_pages % ppcb == 0 and base.chunk_pages % ppcb == 0 and ppcb * PAGE >= 16:
+                    variants[(ppcb, warps)] = dataclasses.replace(base, pages_per_compute_block=ppcb,
+                                                                  num_warps=warps)
+        med, err = sweep(variants, q, k_pages, v_pages, tree, "share")
+        out["pages_per_compute_block_x_num_warps"] = [
+            {"pages_per_compute_block": ppcb, "num_warps": warps, "config": cfg.label,
+             "median_s": med.get((ppcb, warps)),
+             **({"error": err[(ppcb, warps)]} if (ppcb, warps) in err else {})} for (ppcb, warps) in variants]
+        if med:
+            base = variants[min(med, key=med.get)]
+    out["best"] = dataclasses.asdict(base)
     return out
 
 
 def _ours_fn(runner: Runner, bs, q, k_pages, v_pages, step):
-    jax, spa = runner.jax, runner.spa
-    if runner.gpu:
-        f = jax.jit(lambda q, k, v, s: spa.shared_prefix_attention(q, k, v, s, block_sizes=bs))
-    else:
-        f = jax.jit(lambda q, k, v, s: spa.shared_prefix_attention_xla(q, k, v, s, block_sizes=bs))
-    jax.block_until_ready(f(q, k_pages, v_pages, step))
+    f = runner.layered(runner.ours_single(bs))
+    runner.jax.block_until_ready(f(q, k_pages, v_pages, step))
     return lambda: f(q, k_pages, v_pages, step)
 
 
@@ -462,7 +549,7 @@ def calibrate(runner: Runner, repeats: int, seed: int, quick: bool) -> dict:
                 key = (mode, s, length)
                 fns[key] = _ours_fn(runner, bs, q, k_pages, v_pages, jax.device_put(st))
                 points.append({"key": key, "request_tokens": s * length, "chunk_tokens": chunk_tokens})
-    times = time_round_robin(fns, repeats)
+    times = runner.per_call(time_round_robin(fns, repeats))
     for p in points:
         p["median_s"] = median(times[p["key"]])
         p["min_s"] = min(times[p["key"]])
@@ -573,6 +660,10 @@ def main(argv=None) -> int:
                     "to run (e.g. C1,C5 or chain)")
     ap.add_argument("--skip-tune", action="store_true", help="skip the block-size sweep")
     ap.add_argument("--skip-calibration", action="store_true", help="skip the cost-model calibration")
+    ap.add_argument("--tune-first", action="store_true",
+                    help="tune and calibrate before the configurations and run them with the tuned block "
+                         "sizes and the calibrated cost model (what `make gpu-check` does on an untuned "
+                         "device); by default they run with the tables in tuned_block_sizes.py")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -591,6 +682,8 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else RESULTS / f"{stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     runner = Runner(gpu)
+    if gpu:
+        repeats = args.repeats or (2 if args.quick else 15)  # samples are milliseconds on a GPU
     header = {
         "benchmark": "attention",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -598,6 +691,9 @@ def main(argv=None) -> int:
                    "machine": platform.machine(), "peak_bandwidth_Bps": peak_bandwidth() if gpu else None},
         "jax_version": jax.__version__, "python": platform.python_version(),
         "quick": args.quick, "repeats": repeats, "statistic": "median of round-robin repeats",
+        "timing": (f"per call: one sample runs the variant on {runner.layers} query batches inside one "
+                   "jit (a lax.map, like the layers of a decode step) and is divided by that") if gpu else
+                  "per call: one call per sample, block_until_ready",
         "shape": {"Hq": HQ, "Hkv": HKV, "head_dim": HEAD_DIM, "page_size": PAGE, "dtype": "float32"},
         "paths": {"ours": "Pallas kernel" if gpu else "XLA (shared_prefix_attention_xla)",
                   "splitkv": "Pallas kernel" if gpu else "XLA (paged_attention_xla)"},
@@ -609,6 +705,42 @@ def main(argv=None) -> int:
         "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     records: list[dict] = []
+    doc = dict(header, records=records)
+
+    def save():  # after every section, so an interrupted run keeps what it measured
+        doc["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+
+    def run_tuning():
+        doc["tuning"] = tune(runner, max(3, repeats // 2), args.seed)
+        print("tuning:", json.dumps(doc["tuning"]), flush=True)
+        save()
+
+    def run_calibration():
+        doc["calibration"] = calibrate(runner, 2 * repeats, args.seed, args.quick)
+        cal = doc["calibration"]
+        print("calibration:", json.dumps(cal["derived_cost_model"]),
+              "-> sharing threshold R* =", cal["derived_sharing_threshold"], flush=True)
+        save()
+
+    tuning = not args.quick and not args.skip_tune
+    if args.tune_first:
+        if tuning:
+            run_tuning()
+            runner.set_block_sizes(runner.spa.BlockSizes(**doc["tuning"]["best"]))
+        if not args.skip_calibration:
+            run_calibration()
+            derived = doc["calibration"]["derived_cost_model"]
+            runner.cost_model = runner.spa.CostModel(
+                shared_token_cost=tuple(tuple(x) for x in derived["shared_token_cost"]),
+                step_overhead=derived["step_overhead"],
+                source=f"calibrated in this run ({dev.device_kind}, {header['date']})")
+        doc["block_sizes"] = dataclasses.asdict(runner.block_sizes)
+        doc["cost_model"] = {"shared_token_cost": [list(x) for x in runner.cost_model.shared_token_cost],
+                             "item_overhead": runner.cost_model.item_overhead,
+                             "step_overhead": runner.cost_model.step_overhead,
+                             "source": runner.cost_model.source}
+        print("configurations run with", doc["block_sizes"], "and cost model", doc["cost_model"], flush=True)
     wanted = None if not args.only else set(args.only.split(","))
     for i, cfg in enumerate(configs(args.quick)):
         if wanted and cfg.name not in wanted and not any(w in cfg.label for w in wanted):
@@ -616,23 +748,24 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         recs = run_config(runner, cfg, repeats, args.seed + i)
         records += recs
+        save()
         ours = next(r for r in recs if r["variant"] == "ours")
         fmt = lambda x: "  n/a" if x is None else f"{x:5.2f}"  # noqa: E731
-        print(f"{cfg.label:40s} ours {ours['median_s'] * 1e3:8.1f} ms  vs naive {fmt(ours['speedup_vs_naive'])}x "
+        extra = ""
+        if gpu:
+            jd = next((r for r in recs if r["variant"] == "jax_decode_attention"), None)
+            extra = (f"  vs jax decode_attention {fmt(jd and jd['median_s'] / ours['median_s'])}x"
+                     f"  {ours['achieved_bandwidth_Bps'] / 1e12:.2f} TB/s")
+        print(f"{cfg.label:40s} ours {ours['median_s'] * 1e3:8.3f} ms  vs naive {fmt(ours['speedup_vs_naive'])}x "
               f"(target {ours['targets']['speedup_vs_naive']:.2f})  vs splitkv {fmt(ours['speedup_vs_splitkv'])}x "
-              f"(target {ours['targets']['speedup_vs_splitkv'] or '-'})  sharing={ours['plan']['use_sharing']}  "
-              f"[{time.perf_counter() - t0:.0f}s]", flush=True)
-    doc = dict(header, records=records)
-    if not args.quick and not args.skip_tune:
-        doc["tuning"] = tune(runner, max(3, repeats // 2), args.seed)
-        print("tuning:", json.dumps(doc["tuning"]), flush=True)
-    if not args.skip_calibration:
-        doc["calibration"] = calibrate(runner, 2 * repeats, args.seed, args.quick)
-        cal = doc["calibration"]
-        print("calibration:", json.dumps(cal["derived_cost_model"]),
-              "-> sharing threshold R* =", cal["derived_sharing_threshold"], flush=True)
-    doc["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    out.write_text(json.dumps(doc, indent=1) + "\n")
+              f"(target {ours['targets']['speedup_vs_splitkv'] or '-'})  sharing={ours['plan']['use_sharing']}"
+              f"{extra}  [{time.perf_counter() - t0:.0f}s]", flush=True)
+    if not args.tune_first:
+        if tuning:
+            run_tuning()
+        if not args.skip_calibration:
+            run_calibration()
+    save()
     png = out.with_suffix(".png")
     plot(records, png, f"shared-prefix decode attention on {dev.device_kind} ({dev.platform}, "
                        f"{os.cpu_count()} cpus), jax {jax.__version__}, fp32, medians of {repeats}")
