@@ -246,10 +246,10 @@ class Runner:
             self.splitkv = self.layered(lambda q, k, v, pt, ln: spa.paged_attention_xla(q, k, v, pt, ln,
                                                                                         block_sizes=bs))
 
-    def ours_single(self, bs):
+    def ours_single(self, bs, fp32_dot: str = "auto"):
         spa = self.spa
         if self.gpu:
-            return lambda q, k, v, s: spa.shared_prefix_attention(q, k, v, s, block_sizes=bs)
+            return lambda q, k, v, s: spa.shared_prefix_attention(q, k, v, s, block_sizes=bs, fp32_dot=fp32_dot)
         return lambda q, k, v, s: spa.shared_prefix_attention_xla(q, k, v, s, block_sizes=bs)
 
     def layered(self, f):
@@ -426,7 +426,8 @@ def jax_decode_attention_fn(runner: Runner, q, k_c, v_c, lengths):
 
 def tune(runner: Runner, repeats: int, seed: int) -> dict:
     """Sweeps split_pages (plain path), chunk_pages x query_block (shared path) and, on a GPU,
-    pages_per_compute_block x num_warps (the kernels' inner tile and launch width).
+    pages_per_compute_block x num_warps x num_stages (the kernels' inner tile, launch width and
+    pipelining depth), then times the best setting with 3xTF32 and with IEEE fp32 dots.
 
     Each sweep starts from the best of the one before; a setting that does not compile (e.g.
     Triton out of shared memory) is recorded with its error and skipped. Returns the records
@@ -439,21 +440,23 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     base = runner.block_sizes
 
-    def sweep(variants: dict, q, k_pages, v_pages, tree, force):
+    def sweep(variants: dict, q, k_pages, v_pages, tree, force, fp32_dot=None):
         fns, errors = {}, {}
         for key, bs in variants.items():
             try:
                 plan = spa.plan_step(tree, block_sizes=bs, cost_model=runner.cost_model, force=force)
-                fns[key] = _ours_fn(runner, bs, q, k_pages, v_pages, jax.device_put(plan.step))
+                fns[key] = _ours_fn(runner, bs, q, k_pages, v_pages, jax.device_put(plan.step),
+                                    fp32_dot=(fp32_dot or {}).get(key, "auto"))
             except Exception as e:  # noqa: BLE001 - a setting the compiler rejects is a result
                 errors[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         times = runner.per_call(time_round_robin(fns, repeats)) if fns else {}
         return {key: median(times[key]) for key in fns}, errors
 
-    cfg = Config("tune", "plain B=8 L=8192", "chains", B=8, depth=0, node_tokens=8192)
+    cfg = plain_cfg = Config("tune", "plain B=8 L=8192", "chains", B=8, depth=0, node_tokens=8192)
     tree, total = build_tree(cfg, rng)
     k_pages, v_pages = runner.pools(total, seed)
     q = runner.queries(8, seed)
+    plain_tree, plain_k, plain_v, plain_q = tree, k_pages, v_pages, q
     variants = {}
     for sp in (8, 16, 32, 64, 128):
         variants[sp] = dataclasses.replace(base, split_pages=sp,
@@ -484,24 +487,31 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
 
     if runner.gpu:
         variants = {}
-        for ppcb in (2, 4, 8):
-            for warps in (4, 8):
-                if base.split_pages % ppcb == 0 and base.chunk_pages % ppcb == 0 and ppcb * PAGE >= 16:
-                    variants[(ppcb, warps)] = dataclasses.replace(base, pages_per_compute_block=ppcb,
-                                                                  num_warps=warps)
+        for ppcb, warps, stages in ((2, 4, 2), (2, 4, 3), (2, 8, 2), (4, 4, 2), (4, 4, 3), (4, 8, 2),
+                                    (4, 8, 3), (8, 4, 1), (8, 8, 1), (8, 8, 2)):
+            if base.split_pages % ppcb == 0 and base.chunk_pages % ppcb == 0 and ppcb * PAGE >= 16:
+                variants[(ppcb, warps, stages)] = dataclasses.replace(
+                    base, pages_per_compute_block=ppcb, num_warps=warps, num_stages=stages)
         med, err = sweep(variants, q, k_pages, v_pages, tree, "share")
-        out["pages_per_compute_block_x_num_warps"] = [
-            {"pages_per_compute_block": ppcb, "num_warps": warps, "config": cfg.label,
-             "median_s": med.get((ppcb, warps)),
-             **({"error": err[(ppcb, warps)]} if (ppcb, warps) in err else {})} for (ppcb, warps) in variants]
+        out["pages_per_compute_block_x_num_warps_x_num_stages"] = [
+            {"pages_per_compute_block": key[0], "num_warps": key[1], "num_stages": key[2], "config": cfg.label,
+             "median_s": med.get(key), **({"error": err[key]} if key in err else {})} for key in variants]
         if med:
             base = variants[min(med, key=med.get)]
+        # How the kernels keep fp32 accuracy (not a tile size: recorded, not chosen here).
+        out["fp32_dot"] = []
+        for label, tr, kp, vp, qq, force in (("star B=32 P=8192 S=128", tree, k_pages, v_pages, q, "share"),
+                                             (plain_cfg.label, plain_tree, plain_k, plain_v, plain_q, "plain")):
+            modes = ("tf32x3", "ieee")
+            med, err = sweep({m: base for m in modes}, qq, kp, vp, tr, force, fp32_dot={m: m for m in modes})
+            out["fp32_dot"] += [{"fp32_dot": m, "config": label, "median_s": med.get(m),
+                                 **({"error": err[m]} if m in err else {})} for m in modes]
     out["best"] = dataclasses.asdict(base)
     return out
 
 
-def _ours_fn(runner: Runner, bs, q, k_pages, v_pages, step):
-    f = runner.layered(runner.ours_single(bs))
+def _ours_fn(runner: Runner, bs, q, k_pages, v_pages, step, fp32_dot: str = "auto"):
+    f = runner.layered(runner.ours_single(bs, fp32_dot))
     runner.jax.block_until_ready(f(q, k_pages, v_pages, step))
     return lambda: f(q, k_pages, v_pages, step)
 

@@ -275,8 +275,11 @@ def _on_gpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_kernel_model_shapes_gpu(dtype):
+@pytest.mark.parametrize("dtype,fp32_dot", [(jnp.float32, "auto"), (jnp.float32, "ieee"),
+                                            (jnp.bfloat16, "auto")])
+def test_kernel_model_shapes_gpu(dtype, fp32_dot):
+    """Model-sized shapes compiled; fp32 both ways (3xTF32 tensor-core products, the default,
+    and IEEE), each within the fp32 tolerance."""
     if not _on_gpu() or INTERPRET:
         pytest.skip("needs a GPU and JAXSYS_PALLAS_COMPILED=1 (make gpu-check)")
     rng = np.random.default_rng(0)
@@ -288,5 +291,13 @@ def test_kernel_model_shapes_gpu(dtype):
     bs = get_block_sizes("gpu", 4, 128, ps, jnp.dtype(dtype).name)
     for force in EVERY_FORCE:
         plan = plan_step(tree, block_sizes=bs, cost_model=get_cost_model("gpu"), force=force)
-        out = shared_prefix_attention(q, k, v, plan.step, block_sizes=bs)
+        out = shared_prefix_attention(q, k, v, plan.step, block_sizes=bs, fp32_dot=fp32_dot)
         _tol_check(out, _reference(tree, q, k, v), v, dtype)
+
+
+def test_fp32_dot_is_validated():
+    tree, q, k, v = _setup("fan4_gqa4", jnp.float32)
+    bs = kernel_block_sizes(tree.page_size)
+    plan, q = _plan(tree, q, "share", bs)
+    with pytest.raises(ValueError, match="fp32_dot"):
+        shared_prefix_attention(q, k, v, plan.step, block_sizes=bs, interpret=True, fp32_dot="tf32")

@@ -46,8 +46,23 @@ __all__ = [
 # Finite "minus infinity" for running maxima: exp(MASK - finite) == 0 without inf - inf NaNs.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _MIN_DOT = 16  # Triton's smallest dot tile
-# fp32 inputs get IEEE fp32 products (Triton's default for fp32 is TF32); bf16 is unaffected.
-_PRECISION = lax.Precision.HIGHEST
+# fp32 products (Triton's default for fp32 is TF32, ~1e-3 relative error). Two ways to get
+# fp32 accuracy: IEEE fp32 dots run on the FMA units, not the tensor cores (the first H200 run
+# measured the kernels at 0.7 TB/s, compute bound, with 16-row tiles); 3xTF32 splits each
+# operand into a TF32 high and low part and runs three tensor-core products (error ~2**-21
+# relative, fp32 level). "auto" is 3xTF32 compiled and IEEE in the interpreter (XLA:CPU has no
+# TF32). bf16 inputs use bf16 tensor-core products either way.
+_FP32_DOTS = {"ieee": lax.Precision.HIGHEST, "tf32x3": lax.DotAlgorithmPreset.TF32_TF32_F32_X3}
+
+
+def _dot_precision(fp32_dot: str, dtype, interpret: bool):
+    if fp32_dot not in ("auto", *_FP32_DOTS):
+        raise ValueError(f"fp32_dot must be 'auto', 'ieee' or 'tf32x3', got {fp32_dot!r}")
+    if jnp.dtype(dtype) != jnp.float32:
+        return lax.Precision.HIGHEST  # bf16/fp16 operands: exact products, fp32 accumulation
+    if fp32_dot == "auto":
+        fp32_dot = "ieee" if interpret else "tf32x3"
+    return _FP32_DOTS[fp32_dot]
 
 
 def _pow2_at_least(n: int, minimum: int) -> int:
@@ -107,7 +122,7 @@ def _validate_step(q, k_pages, step: SharedPrefixStep, block_sizes: BlockSizes, 
 
 
 def _attend_pages_kernel(pages_ref, page_lens_ref, q_ref, k_pages_ref, v_pages_ref, o_ref, lse_ref,
-                         *, sm_scale: float, pages_per_compute_block: int):
+                         *, sm_scale: float, pages_per_compute_block: int, precision):
     """Attention of one program's query rows over one program's list of pages (one KV head).
 
     pages_ref, page_lens_ref: i32[n_pages] (valid pages first, then padding with length 0);
@@ -132,14 +147,14 @@ def _attend_pages_kernel(pages_ref, page_lens_ref, q_ref, k_pages_ref, v_pages_r
         valid = slot < tok_len
         k = k_pages_ref[pages].reshape(block_k, d)
         v = v_pages_ref[pages].reshape(block_k, d)
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=_PRECISION,
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32) * sm_scale  # [rows, block_k]
         s = jnp.where(valid[None, :], s, _MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)
         p = jnp.where(valid[None, :], jnp.exp(s - m_new[:, None]), 0.0)
         l = alpha * l + jnp.sum(p, axis=1)
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=_PRECISION,
+        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
                              preferred_element_type=jnp.float32)  # [rows, D]
         return alpha[:, None] * o + pv, m_new, l
 
@@ -206,7 +221,7 @@ def _compiler_params(block_sizes: BlockSizes):
 
 
 def _private_partials(q_bhgd, k_pages, v_pages, pages, page_lens, *, block_sizes, sm_scale,
-                      interpret):
+                      interpret, precision):
     """q_bhgd: [B, Hkv, Gp, D] -> o f32[B, S, Hkv, Gp, D], lse f32[B, S, Hkv, Gp]."""
     b, hkv, gp, d = q_bhgd.shape
     ps = k_pages.shape[2]
@@ -217,7 +232,8 @@ def _private_partials(q_bhgd, k_pages, v_pages, pages, page_lens, *, block_sizes
     sp = min(block_sizes.split_pages, pp)
     n_split = pp // sp
     ppcb = min(block_sizes.pages_per_compute_block, sp)
-    kernel = functools.partial(_attend_pages_kernel, sm_scale=sm_scale, pages_per_compute_block=ppcb)
+    kernel = functools.partial(_attend_pages_kernel, sm_scale=sm_scale, pages_per_compute_block=ppcb,
+                               precision=precision)
     return pl.pallas_call(
         kernel,
         grid=(b, n_split, hkv),
@@ -243,7 +259,7 @@ def _private_partials(q_bhgd, k_pages, v_pages, pages, page_lens, *, block_sizes
 
 
 def _shared_partials(q_bhgd, k_pages, v_pages, step: SharedPrefixStep, *, g, block_sizes,
-                     sm_scale, interpret):
+                     sm_scale, interpret, precision):
     """Shared items. Returns o f32[W * Qb + 1, Hkv, Gm, D], lse f32[W * Qb + 1, Hkv, Gm]
     (Gm = G padded to a power of two; last row = the empty partial)."""
     b, hkv, _, d = q_bhgd.shape
@@ -255,7 +271,8 @@ def _shared_partials(q_bhgd, k_pages, v_pages, step: SharedPrefixStep, *, g, blo
     q_items = jnp.transpose(q_ext[step.item_queries], (0, 2, 1, 3, 4)).reshape(w, hkv, qb * g, d)
     q_items = jnp.pad(q_items, ((0, 0), (0, 0), (0, rows - qb * g), (0, 0)))  # [W, Hkv, rows, D]
     ppcb = min(block_sizes.pages_per_compute_block, c)
-    kernel = functools.partial(_attend_pages_kernel, sm_scale=sm_scale, pages_per_compute_block=ppcb)
+    kernel = functools.partial(_attend_pages_kernel, sm_scale=sm_scale, pages_per_compute_block=ppcb,
+                               precision=precision)
     o, lse = pl.pallas_call(
         kernel,
         grid=(w, hkv),
@@ -337,11 +354,12 @@ def _queries(q, k_pages):
     return jnp.pad(q_bhgd, ((0, 0), (0, 0), (0, gp - g), (0, 0))), g
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "sm_scale", "interpret", "return_lse"))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "sm_scale", "interpret", "return_lse",
+                                             "fp32_dot"))
 def shared_prefix_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                             step: SharedPrefixStep, *, block_sizes: BlockSizes,
                             sm_scale: float | None = None, interpret: bool = False,
-                            return_lse: bool = False):
+                            return_lse: bool = False, fp32_dot: str = "auto"):
     """Decode attention over a prefix tree, each shared KV chunk loaded once (Pallas kernels).
 
     Args:
@@ -360,6 +378,8 @@ def shared_prefix_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
       interpret: run the kernels in the Pallas interpreter (CPU tests).
       return_lse: also return the log-sum-exp of the scaled scores, f32[B, num_q_heads] (-inf
         for a request with no KV), so a caller can merge in more keys (e.g. the new token).
+      fp32_dot: how fp32 dots keep fp32 accuracy: "tf32x3" (three TF32 tensor-core products),
+        "ieee" (FMA units), or "auto" (3xTF32 compiled, IEEE interpreted).
 
     Returns:
       [B, num_q_heads, head_dim] in q's dtype; padding requests (no pages) get zeros.
@@ -367,6 +387,7 @@ def shared_prefix_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
     """
     _validate(q, k_pages, v_pages, block_sizes, interpret)
     _validate_step(q, k_pages, step, block_sizes, interpret)
+    precision = _dot_precision(fp32_dot, k_pages.dtype, interpret)
     b, hq, d = q.shape
     hkv = k_pages.shape[0]
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
@@ -374,11 +395,11 @@ def shared_prefix_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
     gm = _pow2_at_least(g, 1)
     o_pr, lse_pr = _private_partials(q_pad, k_pages, v_pages, step.private_pages,
                                      step.private_page_lens, block_sizes=block_sizes,
-                                     sm_scale=scale, interpret=interpret)
+                                     sm_scale=scale, interpret=interpret, precision=precision)
     if step.item_pages.shape[0] > 0 and step.merge_rows.shape[1] > 0:
         o_sh, lse_sh = _shared_partials(q_pad, k_pages, v_pages, step, g=g,
                                         block_sizes=block_sizes, sm_scale=scale,
-                                        interpret=interpret)
+                                        interpret=interpret, precision=precision)
         out = _merge(step.merge_rows, o_sh, lse_sh, o_pr, lse_pr, gm=gm, out_dtype=q.dtype,
                      block_sizes=block_sizes, interpret=interpret, return_lse=return_lse)
     else:
@@ -390,10 +411,10 @@ def shared_prefix_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
     return out[:, :, :g].reshape(b, hq, d)
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "sm_scale", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "sm_scale", "interpret", "fp32_dot"))
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_indices: jax.Array,
                     lengths: jax.Array, *, block_sizes: BlockSizes, sm_scale: float | None = None,
-                    interpret: bool = False) -> jax.Array:
+                    interpret: bool = False, fp32_dot: str = "auto") -> jax.Array:
     """Plain split-KV paged decode attention (no sharing), FlashDecoding-style (Pallas kernels).
 
     Args:
@@ -407,11 +428,13 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_i
         num_stages.
       sm_scale: softmax scale, default 1/sqrt(head_dim).
       interpret: run the kernels in the Pallas interpreter (CPU tests).
+      fp32_dot: as in `shared_prefix_attention`.
 
     Returns:
       [B, num_q_heads, head_dim] in q's dtype.
     """
     _validate(q, k_pages, v_pages, block_sizes, interpret)
+    precision = _dot_precision(fp32_dot, k_pages.dtype, interpret)
     b, hq, d = q.shape
     ps = k_pages.shape[2]
     pp = page_indices.shape[1]
@@ -423,7 +446,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_i
     q_pad, g = _queries(q, k_pages)
     o_pr, lse_pr = _private_partials(q_pad, k_pages, v_pages, page_indices.astype(jnp.int32),
                                      page_lens.astype(jnp.int32), block_sizes=block_sizes,
-                                     sm_scale=scale, interpret=interpret)
+                                     sm_scale=scale, interpret=interpret, precision=precision)
     out = _merge(None, None, None, o_pr, lse_pr, gm=_pow2_at_least(g, 1), out_dtype=q.dtype,
                  block_sizes=block_sizes, interpret=interpret)
     return out[:, :, :g].reshape(b, hq, d)
