@@ -452,10 +452,11 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
         times = runner.per_call(time_round_robin(fns, repeats)) if fns else {}
         return {key: median(times[key]) for key in fns}, errors
 
-    cfg = Config("tune", "plain B=8 L=8192", "chains", B=8, depth=0, node_tokens=8192)
+    cfg = plain_cfg = Config("tune", "plain B=8 L=8192", "chains", B=8, depth=0, node_tokens=8192)
     tree, total = build_tree(cfg, rng)
     k_pages, v_pages = runner.pools(total, seed)
     q = runner.queries(8, seed)
+    plain_tree, plain_k, plain_v, plain_q = tree, k_pages, v_pages, q
     variants = {}
     for sp in (8, 16, 32, 64, 128):
         variants[sp] = dataclasses.replace(base, split_pages=sp,
@@ -486,7 +487,8 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
 
     if runner.gpu:
         variants = {}
-        for ppcb, warps, stages in ((2, 4, 2), (2, 4, 3), (4, 4, 2), (4, 8, 2), (8, 4, 1)):
+        for ppcb, warps, stages in ((2, 4, 2), (2, 4, 3), (2, 8, 2), (4, 4, 2), (4, 4, 3), (4, 8, 2),
+                                    (4, 8, 3), (8, 4, 1), (8, 8, 1), (8, 8, 2)):
             if base.split_pages % ppcb == 0 and base.chunk_pages % ppcb == 0 and ppcb * PAGE >= 16:
                 variants[(ppcb, warps, stages)] = dataclasses.replace(
                     base, pages_per_compute_block=ppcb, num_warps=warps, num_stages=stages)
@@ -498,7 +500,8 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
             base = variants[min(med, key=med.get)]
         # How the kernels keep fp32 accuracy (not a tile size: recorded, not chosen here).
         out["fp32_dot"] = []
-        for label, tr, kp, vp, qq, force in (("star B=32 P=8192 S=128", tree, k_pages, v_pages, q, "share"),):
+        for label, tr, kp, vp, qq, force in (("star B=32 P=8192 S=128", tree, k_pages, v_pages, q, "share"),
+                                             (plain_cfg.label, plain_tree, plain_k, plain_v, plain_q, "plain")):
             modes = ("tf32x3", "ieee")
             med, err = sweep({m: base for m in modes}, qq, kp, vp, tr, force, fp32_dot={m: m for m in modes})
             out["fp32_dot"] += [{"fp32_dot": m, "config": label, "median_s": med.get(m),

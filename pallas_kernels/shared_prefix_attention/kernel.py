@@ -142,13 +142,11 @@ def _attend_pages_kernel(pages_ref, page_lens_ref, q_ref, k_pages_ref, v_pages_r
     def body(i, carry):
         o, m, l = carry
         start = i * ppcb
-        tok_page = pages_ref[start + page_of]  # [block_k] physical page of each token
+        pages = pages_ref[pl.ds(start, ppcb)]  # [ppcb]
         tok_len = page_lens_ref[start + page_of]  # [block_k] valid tokens of each token's page
         valid = slot < tok_len
-        # One 2-D gather per tile (row t = token t's page and slot) straight into the dot, like a
-        # contiguous [block_k, D] tile: no [ppcb, ps, D] -> [block_k, D] reshape in between.
-        k = k_pages_ref[tok_page, slot, :]
-        v = v_pages_ref[tok_page, slot, :]
+        k = k_pages_ref[pages].reshape(block_k, d)
+        v = v_pages_ref[pages].reshape(block_k, d)
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32) * sm_scale  # [rows, block_k]
         s = jnp.where(valid[None, :], s, _MASK_VALUE)
