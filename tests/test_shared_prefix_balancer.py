@@ -292,6 +292,7 @@ def test_tuned_tables_are_valid():
         assert isinstance(bs, BlockSizes)
         cost = get_cost_model(platform)
         assert cost.token_cost(bs.query_block) > 0
-    assert "untuned" in get_cost_model("gpu").source
+    assert "H200" in get_cost_model("gpu").source  # measured, not a guess
+    assert get_block_sizes("gpu", 4, 128, 16, "float32") != get_block_sizes("gpu", 4, 128, 16, "bfloat16")
 
 

@@ -131,19 +131,32 @@ class CostModel:
 # the noise of a shared machine), chunk_pages 64 with query_block 32 (32 x 32 within noise;
 # query_block 8/16 read a 32-request prefix 4/2 times and are 25-50% slower).
 _CPU_DEFAULT_BLOCKS = BlockSizes(chunk_pages=64, query_block=32, split_pages=16)
+# GPU default (untuned shapes and dtypes): 256-token chunks; query_block=4 with G=4 fills exactly
+# the 16 rows Triton's dot needs; 64-token inner tiles keep the fp32 K and V tiles (2 x 32 KiB)
+# in shared memory with 2 pipeline stages. Every setting here compiled and passed the kernel
+# tests on the H200.
 _GPU_DEFAULT_BLOCKS = BlockSizes(chunk_pages=16, query_block=4, split_pages=16,
                                  pages_per_compute_block=4, num_warps=4, num_stages=2)
+
+# GPU entries: measured with `make gpu-check` on an NVIDIA H200 (jax 0.11.2, Triton backend,
+# fp32 with 3xTF32 dots, Hq=32, Hkv=8, head_dim=128, page_size=16; benchmarks/results/
+# attention_gpu.json, section "tuning", 2026-11-27), per call, medians of 7:
+# split_pages 32 on the plain B=8 x 8192 tree (8: +21%, 16: +7%, 64/128 within 1%);
+# chunk_pages 64 x query_block 16 on the star B=32 P=8192 S=128 tree (256 us; query_block 4 and
+# 8 read the prefix 8 and 4 times: 440 and 313 us; 32 does not fit the 227 KiB of shared
+# memory); pages_per_compute_block 2 with 4 warps and 2 stages (4 pages: +1%; 8 warps: +18-36%;
+# 3 stages: +1-2%; 8 pages x 2 stages does not fit shared memory).
+# bf16 and other shapes fall back to the platform default, which is untuned.
+_GPU_H200_BLOCKS = BlockSizes(chunk_pages=64, query_block=16, split_pages=32,
+                              pages_per_compute_block=2, num_warps=4, num_stages=2)
 
 TUNED_BLOCK_SIZES: dict[str, dict[tuple, BlockSizes]] = {
     "cpu": {
         ("cpu", 4, 128, 16, "float32"): _CPU_DEFAULT_BLOCKS,
     },
-    # untuned: no GPU run yet. Defaults reasoned from the H100 (132 SMs): 256-token chunks give
-    # an 8-KV-head model 256 programs (~2 per SM) from 8k shared tokens on, times the number of
-    # query blocks; query_block=4 with G=4 fills exactly the 16 rows Triton's dot needs;
-    # 4 pages x 16 tokens = 64-token inner tiles keep the fp32 K and V tiles (2 x 32 KiB) in
-    # shared memory with 2 pipeline stages.
-    "gpu": {},
+    "gpu": {
+        ("gpu", 4, 128, 16, "float32"): _GPU_H200_BLOCKS,
+    },
 }
 
 DEFAULT_BLOCK_SIZES: dict[str, BlockSizes] = {"cpu": _CPU_DEFAULT_BLOCKS, "gpu": _GPU_DEFAULT_BLOCKS}
@@ -162,16 +175,20 @@ _CPU_COST = CostModel(
            "chunk 64 pages x 32 requests, split 16 pages; calibration of the full "
            "`jaxsys bench attention` run of 2026-11-26",
 )
-# untuned: no GPU run yet. Decode attention on a GPU is bandwidth bound at these block sizes
-# (16 query rows against a 64 x 128 fp32 K/V tile is ~8 flop/byte, below the H100's ~20
-# flop/byte fp32 ridge), so a shared chunk costs about one plain request-token per token
-# whatever the block: sharing pays from R = 2 on. The 1.25 leaves room for the extra merge
-# traffic. `make gpu-check` writes the measured values (attention_gpu.json, "calibration").
+# GPU: the calibration of the same H200 run (attention_gpu.json, "calibration"), with the
+# tuned blocks above. A shared chunk token costs about one plain request-token (kappa 1.03 for
+# items of 2-8 requests, 1.06 for 16): a long node is worth sharing from R = 2 on. But the
+# sharing path has a fixed cost per call that the plain path has not (~200 us against ~45-70 us
+# at the intercepts: a shared item's 64 pages are one program's serial loop), 33.6k plain
+# request-tokens: a step shares only when that many KV reads are saved (e.g. 8 requests below
+# a 4.8k-token prefix). On the benchmark's trees that keeps C3 (B=4, 16) and the depth-2 binary
+# tree on the plain kernel, where the model predicts that sharing would lose.
 _GPU_COST = CostModel(
-    shared_token_cost=((4, 1.25), (16, 1.25)),
-    item_overhead=16.0,
-    step_overhead=256.0,
-    source="untuned: no GPU run yet (bandwidth-bound estimate)",
+    shared_token_cost=((2, 1.025), (4, 1.025), (8, 1.025), (16, 1.064)),
+    item_overhead=0.0,
+    step_overhead=33627.1,
+    source="gpu: NVIDIA H200, jax 0.11.2, fp32 (3xTF32 dots) Hq=32 Hkv=8 D=128 page 16, chunk 64 "
+           "pages x 16 requests, split 32 pages; calibration of `make gpu-check` of 2026-11-27",
 )
 COST_MODELS: dict[str, CostModel] = {"cpu": _CPU_COST, "gpu": _GPU_COST}
 
