@@ -301,3 +301,15 @@ def test_fp32_dot_is_validated():
     plan, q = _plan(tree, q, "share", bs)
     with pytest.raises(ValueError, match="fp32_dot"):
         shared_prefix_attention(q, k, v, plan.step, block_sizes=bs, interpret=True, fp32_dot="tf32")
+
+
+def test_kernel_rejects_caches_past_int32_offsets():
+    """The compiled kernels address pages with int32 offsets: a cache of >= 2**31 elements per
+    layer must be refused before it is read wrongly (checked at trace time: nothing allocated)."""
+    bs = BlockSizes(chunk_pages=2, query_block=2, split_pages=2, pages_per_compute_block=1)
+    q = jax.ShapeDtypeStruct((2, 8, 128), jnp.float32)
+    kv = jax.ShapeDtypeStruct((8, 2**31 // (8 * 16 * 128), 16, 128), jnp.float32)
+    pages = jax.ShapeDtypeStruct((2, 4), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        jax.eval_shape(lambda *a: paged_attention(*a, block_sizes=bs), q, kv, kv, pages, lengths)

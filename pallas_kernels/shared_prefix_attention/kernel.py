@@ -97,6 +97,11 @@ def _validate(q, k_pages, v_pages, block_sizes: BlockSizes, interpret: bool):
             raise ValueError(f"pages_per_compute_block * page_size = "
                              f"{block_sizes.pages_per_compute_block * ps} must be >= {_MIN_DOT} "
                              f"for the Triton kernel")
+        if k_pages.size >= 2**31:
+            # Pallas' Triton lowering computes element offsets in int32: a larger cache would
+            # wrap around and read the wrong pages silently.
+            raise ValueError(f"k/v_pages hold {k_pages.size} elements per layer; the Triton kernel "
+                             f"addresses at most 2**31 - 1: use fewer pages per layer")
 
 
 def _validate_step(q, k_pages, step: SharedPrefixStep, block_sizes: BlockSizes, interpret: bool):
