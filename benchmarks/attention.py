@@ -544,7 +544,9 @@ def calibrate(runner: Runner, repeats: int, seed: int, quick: bool) -> dict:
     rng = np.random.default_rng(seed)
     scale = 8 if quick else 1
     sizes = [s for s in (2, 4, 8, 16, 32, 64) if s <= bs.query_block]
-    lengths = [1024 // scale, 4096 // scale, 8192 // scale]
+    chunk = bs.chunk_pages * PAGE
+    # quick: the smallest lengths that still give the shared fit two distinct chunk counts
+    lengths = [chunk // 2, chunk, 2 * chunk] if quick else [1024, 4096, 8192]
     points, fns = [], {}
     for s in sizes:
         for length in lengths:
