@@ -221,7 +221,7 @@ class Runner:
     On CPU, `layers` is 1.
     """
 
-    def __init__(self, gpu: bool, layers: int | None = None):
+    def __init__(self, gpu: bool):
         import jax
         import jax.numpy as jnp
 
@@ -229,7 +229,7 @@ class Runner:
 
         self.jax, self.jnp, self.spa = jax, jnp, spa
         self.gpu = gpu
-        self.layers = layers or (GPU_LAYERS if gpu else 1)
+        self.layers = GPU_LAYERS if gpu else 1
         self.platform = "gpu" if gpu else "cpu"
         self.cost_model = spa.get_cost_model(self.platform)
         self.scale = 1.0 / math.sqrt(HEAD_DIM)
@@ -239,12 +239,8 @@ class Runner:
     def set_block_sizes(self, bs) -> None:
         self.block_sizes = bs
         self.ours = self.layered(self.ours_single(bs))
-        spa = self.spa
-        if self.gpu:
-            self.splitkv = self.layered(lambda q, k, v, pt, ln: spa.paged_attention(q, k, v, pt, ln, block_sizes=bs))
-        else:
-            self.splitkv = self.layered(lambda q, k, v, pt, ln: spa.paged_attention_xla(q, k, v, pt, ln,
-                                                                                        block_sizes=bs))
+        paged = self.spa.paged_attention if self.gpu else self.spa.paged_attention_xla
+        self.splitkv = self.layered(lambda q, k, v, pt, ln: paged(q, k, v, pt, ln, block_sizes=bs))
 
     def ours_single(self, bs, fp32_dot: str = "auto"):
         spa = self.spa
@@ -281,6 +277,12 @@ class Runner:
 
     def per_call(self, times: dict[str, list[float]]) -> dict[str, list[float]]:
         return {n: [t / self.layers for t in ts] for n, ts in times.items()}
+
+
+def cost_model_dict(cm) -> dict:
+    return {"shared_token_cost": [list(x) for x in cm.shared_token_cost],
+            "item_overhead": cm.item_overhead, "step_overhead": cm.step_overhead,
+            "source": cm.source, "sharing_threshold": cm.sharing_threshold()}
 
 
 def plan_info(plan) -> dict:
@@ -536,6 +538,8 @@ def calibrate(runner: Runner, repeats: int, seed: int, quick: bool) -> dict:
     A node of R <= Qb requests pays when kappa(R) < R: the threshold is the smallest such R
     (`CostModel.sharing_threshold`). kappa is made monotone in s (a bigger item never costs
     less) before it is written down.
+
+    Returns (the JSON record of the calibration, the fitted `CostModel`).
     """
     import numpy as np
 
@@ -591,14 +595,10 @@ def calibrate(runner: Runner, repeats: int, seed: int, quick: bool) -> dict:
                     "median_s": p["median_s"], "min_s": p["min_s"]} for p in points],
         "fits": fits,
         "step_overhead_per_s": overhead,
-        "derived_cost_model": {"shared_token_cost": [[s, c] for s, c in fitted.shared_token_cost],
-                               "step_overhead": fitted.step_overhead},
+        "derived_cost_model": cost_model_dict(fitted),
         "derived_sharing_threshold": fitted.sharing_threshold(),
-        "tuned_cost_model_in_use": {"shared_token_cost": [list(x) for x in runner.cost_model.shared_token_cost],
-                                    "step_overhead": runner.cost_model.step_overhead,
-                                    "source": runner.cost_model.source,
-                                    "sharing_threshold": runner.cost_model.sharing_threshold()},
-    }
+        "tuned_cost_model_in_use": cost_model_dict(runner.cost_model),
+    }, fitted
 
 
 # -- plot -------------------------------------------------------------------------------------------
@@ -710,10 +710,7 @@ def main(argv=None) -> int:
         "paths": {"ours": "Pallas kernel" if gpu else "XLA (shared_prefix_attention_xla)",
                   "splitkv": "Pallas kernel" if gpu else "XLA (paged_attention_xla)"},
         "block_sizes": dataclasses.asdict(runner.block_sizes),
-        "cost_model": {"shared_token_cost": [list(x) for x in runner.cost_model.shared_token_cost],
-                       "item_overhead": runner.cost_model.item_overhead,
-                       "step_overhead": runner.cost_model.step_overhead,
-                       "source": runner.cost_model.source},
+        "cost_model": cost_model_dict(runner.cost_model),
         "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     records: list[dict] = []
@@ -729,11 +726,10 @@ def main(argv=None) -> int:
         save()
 
     def run_calibration():
-        doc["calibration"] = calibrate(runner, 2 * repeats, args.seed, args.quick)
-        cal = doc["calibration"]
-        print("calibration:", json.dumps(cal["derived_cost_model"]),
-              "-> sharing threshold R* =", cal["derived_sharing_threshold"], flush=True)
+        doc["calibration"], fitted = calibrate(runner, 2 * repeats, args.seed, args.quick)
+        print("calibration:", json.dumps(doc["calibration"]["derived_cost_model"]), flush=True)
         save()
+        return fitted
 
     tuning = not args.quick and not args.skip_tune
     if args.tune_first:
@@ -741,17 +737,10 @@ def main(argv=None) -> int:
             run_tuning()
             runner.set_block_sizes(runner.spa.BlockSizes(**doc["tuning"]["best"]))
         if not args.skip_calibration:
-            run_calibration()
-            derived = doc["calibration"]["derived_cost_model"]
-            runner.cost_model = runner.spa.CostModel(
-                shared_token_cost=tuple(tuple(x) for x in derived["shared_token_cost"]),
-                step_overhead=derived["step_overhead"],
-                source=f"calibrated in this run ({dev.device_kind}, {header['date']})")
+            runner.cost_model = dataclasses.replace(
+                run_calibration(), source=f"calibrated in this run ({dev.device_kind}, {header['date']})")
         doc["block_sizes"] = dataclasses.asdict(runner.block_sizes)
-        doc["cost_model"] = {"shared_token_cost": [list(x) for x in runner.cost_model.shared_token_cost],
-                             "item_overhead": runner.cost_model.item_overhead,
-                             "step_overhead": runner.cost_model.step_overhead,
-                             "source": runner.cost_model.source}
+        doc["cost_model"] = cost_model_dict(runner.cost_model)
         print("configurations run with", doc["block_sizes"], "and cost model", doc["cost_model"], flush=True)
     wanted = None if not args.only else set(args.only.split(","))
     for i, cfg in enumerate(configs(args.quick)):
