@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -221,7 +222,7 @@ class Runner:
     On CPU, `layers` is 1.
     """
 
-    def __init__(self, gpu: bool):
+    def __init__(self, gpu: bool, dtype: str = "float32", fp32_dot: str = "auto"):
         import jax
         import jax.numpy as jnp
 
@@ -229,21 +230,34 @@ class Runner:
 
         self.jax, self.jnp, self.spa = jax, jnp, spa
         self.gpu = gpu
+        self.dtype = jnp.dtype(dtype)
+        self.fp32_dot = fp32_dot
         self.layers = GPU_LAYERS if gpu else 1
         self.platform = "gpu" if gpu else "cpu"
         self.cost_model = spa.get_cost_model(self.platform)
         self.scale = 1.0 / math.sqrt(HEAD_DIM)
-        self.set_block_sizes(spa.get_block_sizes(self.platform, HQ // HKV, HEAD_DIM, PAGE, "float32"))
+        # bf16 uses the tuned fp32 tiles (half the shared memory) while it has no entry of its own
+        from jaxsys.pallas_kernels.shared_prefix_attention import tuned_block_sizes
+
+        tuned = tuned_block_sizes.TUNED_BLOCK_SIZES.get(self.platform, {})
+        self.block_sizes_from = next((n for n in (self.dtype.name, "float32")
+                                      if (self.platform, HQ // HKV, HEAD_DIM, PAGE, n) in tuned), None)
+        self.set_block_sizes(spa.get_block_sizes(self.platform, HQ // HKV, HEAD_DIM, PAGE,
+                                                 self.block_sizes_from or self.dtype.name))
         self.naive = self.layered(lambda q, k, v, ln: naive_decode(q, k, v, ln, sm_scale=self.scale))
 
     def set_block_sizes(self, bs) -> None:
         self.block_sizes = bs
         self.ours = self.layered(self.ours_single(bs))
-        paged = self.spa.paged_attention if self.gpu else self.spa.paged_attention_xla
+        if self.gpu:
+            paged = functools.partial(self.spa.paged_attention, fp32_dot=self.fp32_dot)
+        else:
+            paged = self.spa.paged_attention_xla
         self.splitkv = self.layered(lambda q, k, v, pt, ln: paged(q, k, v, pt, ln, block_sizes=bs))
 
-    def ours_single(self, bs, fp32_dot: str = "auto"):
+    def ours_single(self, bs, fp32_dot: str | None = None):
         spa = self.spa
+        fp32_dot = fp32_dot or self.fp32_dot
         if self.gpu:
             return lambda q, k, v, s: spa.shared_prefix_attention(q, k, v, s, block_sizes=bs, fp32_dot=fp32_dot)
         return lambda q, k, v, s: spa.shared_prefix_attention_xla(q, k, v, s, block_sizes=bs)
@@ -261,12 +275,12 @@ class Runner:
         jax, jnp = self.jax, self.jnp
         kk, kv = jax.random.split(jax.random.PRNGKey(seed))
         shape = (HKV, total_pages, PAGE, HEAD_DIM)
-        return jax.random.normal(kk, shape, jnp.float32), jax.random.normal(kv, shape, jnp.float32)
+        return jax.random.normal(kk, shape, self.dtype), jax.random.normal(kv, shape, self.dtype)
 
     def queries(self, b, seed):
         """[layers, b, Hq, D]: one query batch per layer."""
         return self.jax.random.normal(self.jax.random.PRNGKey(seed + 7), (self.layers, b, HQ, HEAD_DIM),
-                                      self.jnp.float32)
+                                      self.dtype)
 
     def contiguous(self, pages, table, length):
         """[B, Hkv, L, D] per-request copy of the paged KV (built outside any timing)."""
@@ -317,7 +331,7 @@ def run_config(runner: Runner, cfg: Config, repeats: int, seed: int) -> list[dic
         "ours": lambda: runner.ours(q, k_pages, v_pages, step),
         "splitkv": lambda: runner.splitkv(q, k_pages, v_pages, table_j, lengths_j),
     }
-    itemsize = 4
+    itemsize = runner.dtype.itemsize
     kv_bytes_naive = 2.0 * b * int(lengths.max()) * HKV * HEAD_DIM * itemsize
     avail = mem_available()
     notes = {}
@@ -333,7 +347,7 @@ def run_config(runner: Runner, cfg: Config, repeats: int, seed: int) -> list[dic
         notes["naive"] = (f"skipped: duplicated KV needs {kv_bytes_naive / GIB:.1f} GiB (x2 with "
                           f"temporaries), {avail / GIB:.1f} GiB available")
     # Warm up (compile) and check every variant against ours.
-    outs = {n: np.asarray(jax.block_until_ready(f()))[0, :b] for n, f in fns.items()}
+    outs = {n: np.asarray(jax.block_until_ready(f()), np.float32)[0, :b] for n, f in fns.items()}
     max_diff = {n: float(np.max(np.abs(o - outs["ours"]))) for n, o in outs.items()}
     times = runner.per_call(time_round_robin(fns, repeats))
     med = {n: median(t) for n, t in times.items()}
@@ -429,7 +443,7 @@ def jax_decode_attention_fn(runner: Runner, q, k_c, v_c, lengths):
 def tune(runner: Runner, repeats: int, seed: int) -> dict:
     """Sweeps split_pages (plain path), chunk_pages x query_block (shared path) and, on a GPU,
     pages_per_compute_block x num_warps x num_stages (the kernels' inner tile, launch width and
-    pipelining depth), then times the best setting with 3xTF32 and with IEEE fp32 dots.
+    pipelining depth), then times the best setting with 3xTF32, one TF32 and IEEE fp32 dots.
 
     Each sweep starts from the best of the one before; a setting that does not compile (e.g.
     Triton out of shared memory) is recorded with its error and skipped. Returns the records
@@ -448,7 +462,7 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
             try:
                 plan = spa.plan_step(tree, block_sizes=bs, cost_model=runner.cost_model, force=force)
                 fns[key] = _ours_fn(runner, bs, q, k_pages, v_pages, jax.device_put(plan.step),
-                                    fp32_dot=(fp32_dot or {}).get(key, "auto"))
+                                    fp32_dot=(fp32_dot or {}).get(key))
             except Exception as e:  # noqa: BLE001 - a setting the compiler rejects is a result
                 errors[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         times = runner.per_call(time_round_robin(fns, repeats)) if fns else {}
@@ -500,11 +514,12 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
              "median_s": med.get(key), **({"error": err[key]} if key in err else {})} for key in variants]
         if med:
             base = variants[min(med, key=med.get)]
-        # How the kernels keep fp32 accuracy (not a tile size: recorded, not chosen here).
+        # How the kernels compute fp32 dots (not a tile size: recorded, not chosen here).
         out["fp32_dot"] = []
         for label, tr, kp, vp, qq, force in (("star B=32 P=8192 S=128", tree, k_pages, v_pages, q, "share"),
-                                             (plain_cfg.label, plain_tree, plain_k, plain_v, plain_q, "plain")):
-            modes = ("tf32x3", "ieee")
+                                             (plain_cfg.label, plain_tree, plain_k, plain_v, plain_q, "plain")
+                                             ) if runner.dtype.name == "float32" else ():
+            modes = ("tf32x3", "tf32", "ieee")
             med, err = sweep({m: base for m in modes}, qq, kp, vp, tr, force, fp32_dot={m: m for m in modes})
             out["fp32_dot"] += [{"fp32_dot": m, "config": label, "median_s": med.get(m),
                                  **({"error": err[m]} if m in err else {})} for m in modes]
@@ -512,7 +527,7 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
     return out
 
 
-def _ours_fn(runner: Runner, bs, q, k_pages, v_pages, step, fp32_dot: str = "auto"):
+def _ours_fn(runner: Runner, bs, q, k_pages, v_pages, step, fp32_dot: str | None = None):
     f = runner.layered(runner.ours_single(bs, fp32_dot))
     runner.jax.block_until_ready(f(q, k_pages, v_pages, step))
     return lambda: f(q, k_pages, v_pages, step)
@@ -676,6 +691,12 @@ def main(argv=None) -> int:
                     help="tune and calibrate before the configurations and run them with the tuned block "
                          "sizes and the calibrated cost model (what `make gpu-check` does on an untuned "
                          "device); by default they run with the tables in tuned_block_sizes.py")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="KV and query dtype of every variant (default float32, the issue's configurations)")
+    ap.add_argument("--fp32-dot", choices=("auto", "tf32x3", "tf32", "ieee"), default="auto",
+                    help="GPU, fp32: how our kernels (ours and split-KV) compute dots. auto = tf32x3 (three "
+                         "TF32 products, fp32 accuracy); tf32 = one TF32 product, the precision of JAX's "
+                         "decode_attention (a like-for-like comparison); ieee = FMA units")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -690,10 +711,11 @@ def main(argv=None) -> int:
         print(f"--gpu needs a GPU; jax's platform is {dev.platform}", file=sys.stderr)
         return 2
     repeats = args.repeats or (2 if args.quick else 7)
-    stem = "attention" + ("_gpu" if gpu else "") + ("_quick" if args.quick else "")
+    stem = ("attention" + ("_gpu" if gpu else "") + ("_bf16" if args.dtype == "bfloat16" else "")
+            + (f"_{args.fp32_dot}" if args.fp32_dot != "auto" else "") + ("_quick" if args.quick else ""))
     out = Path(args.out) if args.out else RESULTS / f"{stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    runner = Runner(gpu)
+    runner = Runner(gpu, args.dtype, args.fp32_dot)
     if gpu:
         repeats = args.repeats or (2 if args.quick else 15)  # samples are milliseconds on a GPU
     header = {
@@ -706,7 +728,9 @@ def main(argv=None) -> int:
         "timing": (f"per call: one sample runs the variant on {runner.layers} query batches inside one "
                    "jit (a lax.map, like the layers of a decode step) and is divided by that") if gpu else
                   "per call: one call per sample, block_until_ready",
-        "shape": {"Hq": HQ, "Hkv": HKV, "head_dim": HEAD_DIM, "page_size": PAGE, "dtype": "float32"},
+        "shape": {"Hq": HQ, "Hkv": HKV, "head_dim": HEAD_DIM, "page_size": PAGE, "dtype": args.dtype},
+        "fp32_dot": (args.fp32_dot if args.dtype == "float32" else None) if gpu else None,
+        "block_sizes_from": runner.block_sizes_from,
         "paths": {"ours": "Pallas kernel" if gpu else "XLA (shared_prefix_attention_xla)",
                   "splitkv": "Pallas kernel" if gpu else "XLA (paged_attention_xla)"},
         "block_sizes": dataclasses.asdict(runner.block_sizes),
@@ -736,6 +760,7 @@ def main(argv=None) -> int:
         if tuning:
             run_tuning()
             runner.set_block_sizes(runner.spa.BlockSizes(**doc["tuning"]["best"]))
+            doc["block_sizes_from"] = "tuned in this run"
         if not args.skip_calibration:
             runner.cost_model = dataclasses.replace(
                 run_calibration(), source=f"calibrated in this run ({dev.device_kind}, {header['date']})")
@@ -769,7 +794,8 @@ def main(argv=None) -> int:
     save()
     png = out.with_suffix(".png")
     plot(records, png, f"shared-prefix decode attention on {dev.device_kind} ({dev.platform}, "
-                       f"{os.cpu_count()} cpus), jax {jax.__version__}, fp32, medians of {repeats}")
+                       f"{os.cpu_count()} cpus), jax {jax.__version__}, {args.dtype}"
+                       f"{f' ({args.fp32_dot} dots)' if gpu and args.dtype == 'float32' else ''}, medians of {repeats}")
     print(f"wrote {out} and {png}")
     return 0
 

@@ -1,27 +1,34 @@
 #!/usr/bin/env bash
 # `make gpu-check`: on a GPU machine (H100/H200, Python 3.12, jax 0.11.x with CUDA already
 # installed, no internet), check the Pallas kernels compiled for the GPU and run the kernel
-# benchmark, writing JSON. At most ~10 minutes, most of it compiling.
+# benchmark, writing JSON. The default sections take at most ~10 minutes, most of it compiling.
 #
 #   1. make `jaxsys` importable without touching the preinstalled jax: `pip install --no-deps
 #      --no-build-isolation -e .`, or, when pip cannot build offline, a symlink tree on PYTHONPATH
 #      that maps the folders into the jaxsys namespace like pyproject.toml does;
-#   2. smoke: one compiled kernel test; if it fails, no benchmark (step 3), but step 4 still
+#   2. smoke: one compiled kernel test; if it fails, no benchmark (steps 3-4), but step 5 still
 #      runs to list every failure;
 #   3. benchmarks/attention.py in GPU mode with --tune-first: sweep the block sizes, calibrate
 #      the balancer's cost model, then run the configurations with both (Pallas kernels vs
 #      split-KV, naive and JAX's own decode_attention, plus achieved bandwidth); every variant
 #      is also checked against ours (max_abs_diff_vs_ours in the JSON);
-#   4. the kernel tests compiled (JAXSYS_PALLAS_COMPILED=1 flips INTERPRET in the test module;
+#   4. opt-in sections: tf32 (fp32 with one TF32 product per dot, the precision of JAX's
+#      decode_attention: like for like) and bf16 (bf16 KV); each runs the configurations on the
+#      tuned tiles (fp32's where bf16 has none), then its own tile sweep (--tune-first: before);
+#   5. the kernel tests compiled (JAXSYS_PALLAS_COMPILED=1 flips INTERPRET in the test module;
 #      the `gpu`-marked tests add model-sized shapes).
 #
 # Outputs go to $GPU_CHECK_OUT (default benchmarks/results): attention_gpu.json/.png,
-# gpu_check_tests.txt, gpu_check_env.txt. The JSON is rewritten after every section, so a run
+# attention_gpu_tf32.json/.png, attention_gpu_bf16.json/.png, gpu_check_tests.txt,
+# gpu_check_env.txt. The JSON is rewritten after every section, so a run
 # cut short keeps what it measured.
 # Environment: PY (python, default python3), GPU_CHECK_REPEATS (default 15),
-# GPU_CHECK_BENCH_ARGS (extra benchmark arguments, e.g. "--skip-tune"),
-# GPU_CHECK_SMOKE_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT / GPU_CHECK_TEST_TIMEOUT (seconds,
-# default 100 / 330 / 150: the whole check fits one 10-minute device call).
+# GPU_CHECK_SECTIONS (default bench,tests; also tf32, bf16; the smoke test always runs),
+# GPU_CHECK_TEST_SELECT (pytest -k expression of step 5),
+# GPU_CHECK_BENCH_ARGS / _TF32_ARGS / _BF16_ARGS (extra arguments of each pass, e.g. "--tune-first"),
+# GPU_CHECK_SMOKE_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT / GPU_CHECK_TF32_TIMEOUT /
+# GPU_CHECK_BF16_TIMEOUT / GPU_CHECK_TEST_TIMEOUT (seconds, default 100 / 330 / 240 / 150 / 150;
+# all four sections take ~16 minutes, over one 10-minute device call: split them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -53,35 +60,52 @@ export JAXSYS_PALLAS_COMPILED=1
 "$PY" -c "import jax; d = jax.devices()[0]; print('gpu-check on', d.device_kind, '| jax', jax.__version__); \
 assert d.platform == 'gpu', 'no GPU visible to jax'"
 
+SECTIONS=${GPU_CHECK_SECTIONS:-bench,tests}
 TESTS=tests/test_shared_prefix_attention.py
 SELECT="kernel or paged_attention or padding or gpu"
 # jax >= 0.11 warns at every Triton lowering that the backend is deprecated: not our error.
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -W "ignore:.*[Tt]riton" -W "ignore::DeprecationWarning:jax.*")
+want() { [[ ",$SECTIONS," == *",$1,"* ]]; }
+bench() {  # bench NAME TIMEOUT ARGS...: one benchmark pass; its rc is appended to BENCH_RCS
+  local name=$1 limit=$2; shift 2
+  echo "== attention benchmark (GPU): $name"
+  PYTHONUNBUFFERED=1 timeout "$limit" "$PY" -W "ignore:.*[Tt]riton" benchmarks/attention.py --gpu \
+    --repeats "${GPU_CHECK_REPEATS:-15}" "$@"
+  BENCH_RCS="$BENCH_RCS $name=$?"
+}
 set +e
 echo "== smoke: one compiled kernel test"
 timeout "${GPU_CHECK_SMOKE_TIMEOUT:-100}" "${PYTEST[@]}" -x "$TESTS::test_kernel_matches_reference[fan4_gqa4-share]" \
   2>&1 | tee "$OUTDIR/gpu_check_tests.txt"
 smoke_rc=${PIPESTATUS[0]}
-bench_rc=skipped
+BENCH_RCS=""
 if [ "$smoke_rc" -eq 0 ]; then
-  echo "== attention benchmark (GPU): tune, calibrate, then the configurations"
-  PYTHONUNBUFFERED=1 timeout "${GPU_CHECK_BENCH_TIMEOUT:-330}" "$PY" -W "ignore:.*[Tt]riton" \
-    benchmarks/attention.py --gpu --tune-first --repeats "${GPU_CHECK_REPEATS:-15}" \
+  # fp32 (3xTF32 dots): tune, calibrate, then the configurations with both
+  want bench && bench fp32 "${GPU_CHECK_BENCH_TIMEOUT:-330}" --tune-first \
     --out "$OUTDIR/attention_gpu.json" ${GPU_CHECK_BENCH_ARGS:-}
-  bench_rc=$?
+  # fp32 with one TF32 product per dot, JAX decode_attention's precision: like for like
+  # (configurations on the fp32 tiles first, then the tile sweep with TF32 dots)
+  want tf32 && bench tf32 "${GPU_CHECK_TF32_TIMEOUT:-240}" --fp32-dot tf32 --skip-calibration \
+    --out "$OUTDIR/attention_gpu_tf32.json" ${GPU_CHECK_TF32_ARGS:-}
+  # bf16 KV (what serving stores): the configurations on the tuned tiles, then the tile sweep
+  want bf16 && bench bf16 "${GPU_CHECK_BF16_TIMEOUT:-150}" --dtype bfloat16 \
+    --skip-calibration --out "$OUTDIR/attention_gpu_bf16.json" ${GPU_CHECK_BF16_ARGS:-}
 else
   echo "gpu-check: the smoke test failed (kernels do not compile or are wrong on this GPU): no benchmark" >&2
 fi
-echo "== kernel tests (compiled)"
-# With pytest-xdist, several processes compile at once; each takes GPU memory as it needs it.
-XDIST=()
-if "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n 4); fi
-XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${GPU_CHECK_TEST_TIMEOUT:-150}" "${PYTEST[@]}" \
-  "${XDIST[@]}" "$TESTS" -k "$SELECT" 2>&1 | tee -a "$OUTDIR/gpu_check_tests.txt"
-tests_rc=${PIPESTATUS[0]}
+tests_rc=0
+if want tests; then
+  echo "== kernel tests (compiled)"
+  # With pytest-xdist, several processes compile at once; each takes GPU memory as it needs it.
+  XDIST=()
+  if "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n 4); fi
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${GPU_CHECK_TEST_TIMEOUT:-150}" "${PYTEST[@]}" \
+    "${XDIST[@]}" "$TESTS" -k "${GPU_CHECK_TEST_SELECT:-$SELECT}" 2>&1 | tee -a "$OUTDIR/gpu_check_tests.txt"
+  tests_rc=${PIPESTATUS[0]}
+fi
 set -e
-if [ "$smoke_rc" -ne 0 ] || [ "$tests_rc" -ne 0 ] || [ "$bench_rc" != 0 ]; then
-  echo "gpu-check: FAILED (smoke rc=$smoke_rc, benchmark rc=$bench_rc, kernel tests rc=$tests_rc; see $OUTDIR)" >&2
+if [ "$smoke_rc" -ne 0 ] || [ "$tests_rc" -ne 0 ] || [[ "$BENCH_RCS" =~ =[1-9] ]]; then
+  echo "gpu-check: FAILED (smoke rc=$smoke_rc, benchmarks:${BENCH_RCS:- none}, kernel tests rc=$tests_rc; see $OUTDIR)" >&2
   exit 1
 fi
-echo "gpu-check: kernel tests passed; results in $OUTDIR/attention_gpu.json"
+echo "gpu-check: passed (sections $SECTIONS); results in $OUTDIR"

@@ -51,17 +51,22 @@ _MIN_DOT = 16  # Triton's smallest dot tile
 # measured the kernels at 0.7 TB/s, compute bound, with 16-row tiles); 3xTF32 splits each
 # operand into a TF32 high and low part and runs three tensor-core products (error ~2**-21
 # relative, fp32 level). "auto" is 3xTF32 compiled and IEEE in the interpreter (XLA:CPU has no
-# TF32). bf16 inputs use bf16 tensor-core products either way.
-_FP32_DOTS = {"ieee": lax.Precision.HIGHEST, "tf32x3": lax.DotAlgorithmPreset.TF32_TF32_F32_X3}
+# TF32). "tf32" (opt-in) is one TF32 product: ~1e-3 relative, the precision of Triton's default
+# and of JAX's own decode_attention on fp32 inputs, for like-for-like comparisons and callers
+# who accept it. bf16 inputs use bf16 tensor-core products either way.
+_FP32_DOTS = {"ieee": lax.Precision.HIGHEST, "tf32x3": lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+              "tf32": lax.DotAlgorithmPreset.TF32_TF32_F32}
 
 
 def _dot_precision(fp32_dot: str, dtype, interpret: bool):
     if fp32_dot not in ("auto", *_FP32_DOTS):
-        raise ValueError(f"fp32_dot must be 'auto', 'ieee' or 'tf32x3', got {fp32_dot!r}")
+        raise ValueError(f"fp32_dot must be 'auto', 'ieee', 'tf32x3' or 'tf32', got {fp32_dot!r}")
     if jnp.dtype(dtype) != jnp.float32:
         return lax.Precision.HIGHEST  # bf16/fp16 operands: exact products, fp32 accumulation
+    if interpret:  # XLA:CPU computes every fp32 dot in IEEE fp32
+        return _FP32_DOTS["ieee"]
     if fp32_dot == "auto":
-        fp32_dot = "ieee" if interpret else "tf32x3"
+        fp32_dot = "tf32x3"
     return _FP32_DOTS[fp32_dot]
 
 
@@ -383,8 +388,10 @@ def shared_prefix_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
       interpret: run the kernels in the Pallas interpreter (CPU tests).
       return_lse: also return the log-sum-exp of the scaled scores, f32[B, num_q_heads] (-inf
         for a request with no KV), so a caller can merge in more keys (e.g. the new token).
-      fp32_dot: how fp32 dots keep fp32 accuracy: "tf32x3" (three TF32 tensor-core products),
-        "ieee" (FMA units), or "auto" (3xTF32 compiled, IEEE interpreted).
+      fp32_dot: how fp32 dots are computed when compiled: "tf32x3" (three TF32 tensor-core
+        products, fp32 accuracy), "ieee" (FMA units, fp32 accuracy, slower), "tf32" (one TF32
+        product, ~1e-3 relative: opt-in, the precision of JAX's decode_attention), or "auto"
+        (3xTF32). The interpreter computes IEEE fp32 whatever the mode.
 
     Returns:
       [B, num_q_heads, head_dim] in q's dtype; padding requests (no pages) get zeros.

@@ -146,9 +146,17 @@ _GPU_DEFAULT_BLOCKS = BlockSizes(chunk_pages=16, query_block=4, split_pages=16,
 # 8 read the prefix 8 and 4 times: 440 and 313 us; 32 does not fit the 227 KiB of shared
 # memory); pages_per_compute_block 2 with 4 warps and 2 stages (4 pages: +1%; 8 warps: +18-36%;
 # 3 stages: +1-2%; 8 pages x 2 stages does not fit shared memory).
-# bf16 and other shapes fall back to the platform default, which is untuned.
 _GPU_H200_BLOCKS = BlockSizes(chunk_pages=64, query_block=16, split_pages=32,
                               pages_per_compute_block=2, num_warps=4, num_stages=2)
+# bf16 KV: the same H200 and shapes, `make gpu-check` section bf16 with --tune-first
+# (benchmarks/results/attention_gpu_bf16.json, section "tuning", medians of 7): split_pages 64
+# (163 us; 16: +19%, 32: +31%, 128: +17%); chunk_pages 32 x query_block 16 (95 us; 32 x 32
+# within 1%, 64 x 16: +10%, query_block 4/8: +45-120%);
+# pages_per_compute_block 8 with 4 warps and 1 stage (84 us; 4 pages x 3 stages: +1%; 2 pages:
+# +12%; 8 warps: +20-28%): bf16 tiles take half the shared memory, so 128-token tiles fit.
+# Other shapes fall back to the platform default, which is untuned.
+_GPU_H200_BF16_BLOCKS = BlockSizes(chunk_pages=32, query_block=16, split_pages=64,
+                                   pages_per_compute_block=8, num_warps=4, num_stages=1)
 
 TUNED_BLOCK_SIZES: dict[str, dict[tuple, BlockSizes]] = {
     "cpu": {
@@ -156,6 +164,7 @@ TUNED_BLOCK_SIZES: dict[str, dict[tuple, BlockSizes]] = {
     },
     "gpu": {
         ("gpu", 4, 128, 16, "float32"): _GPU_H200_BLOCKS,
+        ("gpu", 4, 128, 16, "bfloat16"): _GPU_H200_BF16_BLOCKS,
     },
 }
 
