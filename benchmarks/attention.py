@@ -236,14 +236,12 @@ class Runner:
         self.platform = "gpu" if gpu else "cpu"
         self.cost_model = spa.get_cost_model(self.platform)
         self.scale = 1.0 / math.sqrt(HEAD_DIM)
-        # bf16 uses the tuned fp32 tiles (half the shared memory) while it has no entry of its own
         from jaxsys.pallas_kernels.shared_prefix_attention import tuned_block_sizes
 
-        tuned = tuned_block_sizes.TUNED_BLOCK_SIZES.get(self.platform, {})
-        self.block_sizes_from = next((n for n in (self.dtype.name, "float32")
-                                      if (self.platform, HQ // HKV, HEAD_DIM, PAGE, n) in tuned), None)
-        self.set_block_sizes(spa.get_block_sizes(self.platform, HQ // HKV, HEAD_DIM, PAGE,
-                                                 self.block_sizes_from or self.dtype.name))
+        key = (self.platform, HQ // HKV, HEAD_DIM, PAGE, self.dtype.name)
+        self.block_sizes_from = ("tuned_block_sizes.py" if key in tuned_block_sizes.TUNED_BLOCK_SIZES.get(
+            self.platform, {}) else "platform default (untuned)")
+        self.set_block_sizes(spa.get_block_sizes(*key))
         self.naive = self.layered(lambda q, k, v, ln: naive_decode(q, k, v, ln, sm_scale=self.scale))
 
     def set_block_sizes(self, bs) -> None:
@@ -411,8 +409,6 @@ def jax_decode_attention_fn(runner: Runner, q, k_c, v_c, lengths):
     (outside the timing) to the multiple of k_splits * block_k its kernel needs; its dots use
     Triton's default fp32 precision (TF32, ~1e-3 relative), ours fp32-accurate 3xTF32.
     """
-    import functools
-
     import jax
     import jax.numpy as jnp
     from jax.experimental.pallas.ops.gpu import decode_attention
@@ -516,9 +512,9 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
             base = variants[min(med, key=med.get)]
         # How the kernels compute fp32 dots (not a tile size: recorded, not chosen here).
         out["fp32_dot"] = []
-        for label, tr, kp, vp, qq, force in (("star B=32 P=8192 S=128", tree, k_pages, v_pages, q, "share"),
-                                             (plain_cfg.label, plain_tree, plain_k, plain_v, plain_q, "plain")
-                                             ) if runner.dtype.name == "float32" else ():
+        trees = (("star B=32 P=8192 S=128", tree, k_pages, v_pages, q, "share"),
+                 (plain_cfg.label, plain_tree, plain_k, plain_v, plain_q, "plain"))
+        for label, tr, kp, vp, qq, force in trees if runner.dtype.name == "float32" else ():
             modes = ("tf32x3", "tf32", "ieee")
             med, err = sweep({m: base for m in modes}, qq, kp, vp, tr, force, fp32_dot={m: m for m in modes})
             out["fp32_dot"] += [{"fp32_dot": m, "config": label, "median_s": med.get(m),
@@ -729,7 +725,7 @@ def main(argv=None) -> int:
                    "jit (a lax.map, like the layers of a decode step) and is divided by that") if gpu else
                   "per call: one call per sample, block_until_ready",
         "shape": {"Hq": HQ, "Hkv": HKV, "head_dim": HEAD_DIM, "page_size": PAGE, "dtype": args.dtype},
-        "fp32_dot": (args.fp32_dot if args.dtype == "float32" else None) if gpu else None,
+        "fp32_dot": args.fp32_dot if gpu and args.dtype == "float32" else None,
         "block_sizes_from": runner.block_sizes_from,
         "paths": {"ours": "Pallas kernel" if gpu else "XLA (shared_prefix_attention_xla)",
                   "splitkv": "Pallas kernel" if gpu else "XLA (paged_attention_xla)"},

@@ -65,9 +65,7 @@ def _dot_precision(fp32_dot: str, dtype, interpret: bool):
         return lax.Precision.HIGHEST  # bf16/fp16 operands: exact products, fp32 accumulation
     if interpret:  # XLA:CPU computes every fp32 dot in IEEE fp32
         return _FP32_DOTS["ieee"]
-    if fp32_dot == "auto":
-        fp32_dot = "tf32x3"
-    return _FP32_DOTS[fp32_dot]
+    return _FP32_DOTS["tf32x3" if fp32_dot == "auto" else fp32_dot]
 
 
 def _pow2_at_least(n: int, minimum: int) -> int:
