@@ -13,7 +13,9 @@ Accuracy: the bundled configs (configs/gnn/*.yaml) per model, with the epoch/fol
 
 Speed: chordless-cycle enumeration and full CSGNN preprocessing vs networkx (the authors'
 approach: networkx.chordless_cycles + Python pair loops), and train-step graphs/s of CSGNN and
-KP-GNN vs GIN at the same width, depth and batch size. Medians over repeats.
+KP-GNN vs GIN at the same width, depth and batch size, each in the layout `GraphBatcher` picks
+(dense per-graph matrices where they pay, e.g. CSL; the sparse layout is then timed too, as a
+second record). Medians over repeats, models timed round-robin.
 """
 
 from __future__ import annotations
@@ -293,18 +295,25 @@ def run_speed(quick: bool, repeats: int) -> list[dict]:
             cfg = StructureConfig(kind=kind, length_bound=bounds[name], hops=3)
             rels = build_relations(ds.graphs, cfg)
             b = GraphBatcher(ds.graphs, rels, batch_size=batch, regression=regression)
-            m = GraphNet(num_types=b.num_types, num_outputs=ds.num_outputs, width=width,
-                         depth=depth)
-            tr = Trainer(m, b, regression=regression,
-                         loss="l1" if regression else "cross_entropy", lr_schedule=1e-3,
-                         weight_decay=0.0, seed=0)
-            state = tr.init_state(0)
-            tr.compile(state)
-            order = np.random.default_rng(0).permutation(len(ds)).tolist()  # as in training
-            ids = b.pack(order)
-            runs[model] = {"trainer": tr, "state": state, "batches": [b.batch(i) for i in ids],
-                           "graphs": sum(len(i) for i in ids), "batcher": b, "times": [],
-                           "relations_per_graph": float(np.mean([r.num_relations for r in rels]))}
+            # Where the batcher picks the dense layout, the sparse one runs too, for the record.
+            layouts = ["auto", "sparse"] if b.pad.block else ["auto"]
+            for layout in layouts:
+                if layout != "auto":
+                    b = GraphBatcher(ds.graphs, rels, batch_size=batch, regression=regression,
+                                     layout=layout)
+                m = GraphNet(num_types=b.num_types, num_outputs=ds.num_outputs, width=width,
+                             depth=depth)
+                tr = Trainer(m, b, regression=regression,
+                             loss="l1" if regression else "cross_entropy", lr_schedule=1e-3,
+                             weight_decay=0.0, seed=0)
+                state = tr.init_state(0)
+                tr.compile(state)
+                order = np.random.default_rng(0).permutation(len(ds)).tolist()  # as in training
+                ids = b.pack(order)
+                runs[(model, layout)] = {
+                    "trainer": tr, "state": state, "batches": [b.batch(i) for i in ids],
+                    "graphs": sum(len(i) for i in ids), "batcher": b, "times": [],
+                    "relations_per_graph": float(np.mean([r.num_relations for r in rels]))}
 
         def epoch(run):
             import jax
@@ -319,27 +328,32 @@ def run_speed(quick: bool, repeats: int) -> list[dict]:
             epoch(run)  # warm-up
         # Round-robin: each repeat times every model in turn, so drift in the machine's speed
         # hits all three alike; medians per model. A sample is >= 40 steps (CSL has 5 per epoch).
-        per_sample = max(1, math.ceil(40 / len(runs["GIN"]["batches"])))
+        per_sample = max(1, math.ceil(40 / len(runs["GIN", "auto"]["batches"])))
         for _ in range(step_repeats):
             for run in runs.values():
                 t0 = time.perf_counter()
                 for _ in range(per_sample):
                     epoch(run)
                 run["times"].append(time.perf_counter() - t0)
-        thr = {model: per_sample * run["graphs"] / float(np.median(run["times"]))
-               for model, run in runs.items()}
-        for model, run in runs.items():
+        thr = {key: per_sample * run["graphs"] / float(np.median(run["times"]))
+               for key, run in runs.items()}
+        for (model, layout), run in runs.items():
             b = run["batcher"]
             records.append({"section": "train_step", "dataset": name, "model": model,
-                            "graphs_per_s": thr[model], "width": width, "depth": depth,
+                            "layout": "dense" if b.pad.block else "sparse",
+                            "default_layout": layout == "auto",
+                            "graphs_per_s": thr[model, layout], "width": width, "depth": depth,
                             "batch_size": batch,
                             "relations_per_graph": run["relations_per_graph"],
                             "padded_relations": b.pad.n_edge, "padded_nodes": b.pad.n_node,
+                            "dense_block": b.pad.block,
                             "num_relation_types": b.num_types, "repeats": step_repeats,
-                            "slowdown_vs_gin": thr["GIN"] / thr[model]})
+                            "slowdown_vs_gin": thr["GIN", "auto"] / thr[model, layout]})
         print(f"  {name:11s} train graphs/s: " + ", ".join(
-            f"{k} {v:.0f}" for k, v in thr.items()) +
-            f"  (CSGNN is {thr['GIN'] / thr['CSGNN']:.2f}x slower than GIN)", flush=True)
+            f"{m}{'' if lay == 'auto' else ' (sparse layout)'} {v:.0f}"
+            for (m, lay), v in thr.items()) +
+            f"  (CSGNN is {thr['GIN', 'auto'] / thr['CSGNN', 'auto']:.2f}x slower than GIN)",
+            flush=True)
     return records
 
 
@@ -384,7 +398,7 @@ def _plot(expr, speed, suffix: str) -> None:
         a1.set_yscale("log")
         a1.set_ylabel("speedup vs networkx")
         a1.legend(fontsize=8)
-        tr = [r for r in speed if r["section"] == "train_step"]
+        tr = [r for r in speed if r["section"] == "train_step" and r.get("default_layout", True)]
         sets = list(dict.fromkeys(r["dataset"] for r in tr))
         for k, model in enumerate(("GIN", "CSGNN", "KP-GNN")):
             vals = [next((r["graphs_per_s"] for r in tr if r["model"] == model
@@ -442,10 +456,21 @@ def _tables(expr, acc, speed) -> str:
                       "CSGNN slowdown |", "|---|---|---|---|---|"]
         tr = [r for r in speed if r["section"] == "train_step"]
         for s in dict.fromkeys(r["dataset"] for r in tr):
-            v = {r["model"]: r for r in tr if r["dataset"] == s}
-            lines.append(f"| {s} | {v['GIN']['graphs_per_s']:.0f} | "
-                         f"{v['CSGNN']['graphs_per_s']:.0f} | {v['KP-GNN']['graphs_per_s']:.0f} | "
-                         f"{v['CSGNN']['slowdown_vs_gin']:.2f}x |")
+            v = {r["model"]: r for r in tr if r["dataset"] == s and r.get("default_layout", True)}
+            alt = {r["model"]: r for r in tr if r["dataset"] == s
+                   and not r.get("default_layout", True)}
+
+            def cell(model, key, fmt):
+                r = v[model]
+                out = fmt.format(r[key]) + (" (dense)" if r.get("layout") == "dense" else "")
+                if model in alt:
+                    out += "; sparse " + fmt.format(alt[model][key])
+                return out
+
+            lines.append(f"| {s} | {cell('GIN', 'graphs_per_s', '{:.0f}')} | "
+                         f"{cell('CSGNN', 'graphs_per_s', '{:.0f}')} | "
+                         f"{cell('KP-GNN', 'graphs_per_s', '{:.0f}')} | "
+                         f"{cell('CSGNN', 'slowdown_vs_gin', '{:.2f}x')} |")
     return "\n".join(lines)
 
 

@@ -1,5 +1,7 @@
 """Padded batching (vs jraph's own helpers), the model, training, expressiveness vs WL."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import jraph
@@ -36,7 +38,7 @@ def _graphs(k=7, seed=0):
 def test_batches_match_jraph_pad_with_graphs():
     gs = _graphs()
     rels = build_relations(gs, StructureConfig(kind="csgnn", length_bound=6))
-    b = GraphBatcher(gs, rels, batch_size=4, regression=False)
+    b = GraphBatcher(gs, rels, batch_size=4, regression=False, layout="sparse")
     for ids in b.pack(list(range(len(gs)))):
         ours = b.batch(ids)
         singles = []
@@ -75,6 +77,78 @@ def test_packing_respects_the_budget_and_rejects_what_cannot_fit():
         from jaxsys.gnn import PadSizes
 
         GraphBatcher(gs, rels, batch_size=3, regression=False, pad=PadSizes(4, 8, 2))
+
+
+@pytest.mark.parametrize("kind", ["csgnn", "kpgnn", "gin"])
+def test_dense_layout_matches_the_sparse_one(kind):
+    """Same parameters, same graphs: the dense layout (one [block * T, block] matmul per graph,
+    padding nodes inside each block) computes the sparse layout's outputs and gradients. Checked
+    in float64 (the same math: agreement to rounding), and in float32 at the model tolerance."""
+    from jaxsys.gnn._expressiveness import enable_x64
+    from jaxsys.gnn._train import Trainer
+
+    gs = _graphs(9, seed=2)
+    rels = build_relations(gs, StructureConfig(kind=kind, length_bound=6))
+    ids = np.asarray([0, 3, 5])
+    for dtype in (np.float64, np.float32):
+        with enable_x64() if dtype == np.float64 else contextlib.nullcontext():
+            sp, de = (GraphBatcher(gs, rels, batch_size=4, regression=False, layout=layout,
+                                   dtype=dtype) for layout in ("sparse", "dense"))
+            assert de.pad.block == max(g.num_nodes for g in gs)
+            assert de.pad.n_node == 5 * de.pad.block
+            gsp, gde = sp.batch(ids), de.batch(ids)
+            assert gde.globals["adj"].shape == (5, de.pad.block * de.num_types, de.pad.block)
+            m = GraphNet(num_types=sp.num_types, num_outputs=2, width=16, depth=3, dtype=dtype,
+                         param_dtype=dtype)
+            variables = jax.jit(m.init)(jax.random.key(0), gsp)
+            for train in (False, True):  # train: masked BatchNorm statistics, real nodes only
+                def out(params, g, train=train):
+                    y, _ = m.apply({**variables, "params": params}, g, train=train,
+                                   mutable=["batch_stats"])
+                    return y[:3]
+
+                def loss(params, g):
+                    return jnp.sum(jnp.sin(out(params, g)))
+
+                p = variables["params"]
+                if dtype == np.float32:
+                    np.testing.assert_allclose(out(p, gde), out(p, gsp), rtol=1e-4, atol=1e-4)
+                    continue
+                np.testing.assert_allclose(out(p, gde), out(p, gsp), rtol=1e-10, atol=1e-10)
+                gd, gsp_ = jax.grad(loss)(p, gde), jax.grad(loss)(p, gsp)
+                for a, b in zip(jax.tree_util.tree_leaves(gd), jax.tree_util.tree_leaves(gsp_)):
+                    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+    # One compiled training step (ahead of time: it rejects other shapes) serves every batch.
+    tr = Trainer(m, de, regression=False, loss="cross_entropy", lr_schedule=1e-3,
+                 weight_decay=0.0, seed=0)
+    state = tr.init_state(0)
+    tr.compile(state)
+    for b in de.batches(range(9)):
+        state, out = tr._train(state, b)
+    assert np.isfinite(np.asarray(out)).all()
+
+
+def test_auto_layout_is_dense_only_where_it_pays():
+    from jaxsys.gnn import PadSizes, dense_layout_pays
+
+    csl = make_csl(seed=0, per_class=2).graphs  # 20 graphs of 41 nodes, relation-dense
+    rels = build_relations(csl, StructureConfig(kind="csgnn", length_bound=8))
+    assert GraphBatcher(csl, rels, batch_size=16, regression=False).pad.block == 41
+    gs = _graphs(12, seed=3)  # 4-11 nodes: dense blocks would add nodes
+    rels = build_relations(gs, StructureConfig(kind="gin"))
+    assert GraphBatcher(gs, rels, batch_size=4, regression=False).pad.block == 0
+    sparse = PadSizes(n_node=400, n_edge=2000, n_graph=9)  # dense: 7.2 entries per relation
+    assert dense_layout_pays(sparse=sparse, dense=PadSizes(360, 2000, 9, 40), num_types=1)
+    assert not dense_layout_pays(sparse=sparse, dense=PadSizes(360, 2000, 9, 40), num_types=2)
+    assert not dense_layout_pays(sparse=PadSizes(300, 4000, 9), dense=PadSizes(360, 4000, 9, 40),
+                                 num_types=1)  # 20% more nodes
+    with pytest.raises(ValueError, match="layout must be"):
+        GraphBatcher(gs, rels, batch_size=4, regression=False, layout="blocked")
+    with pytest.raises(ValueError, match="contradicts"):
+        GraphBatcher(gs, rels, batch_size=4, regression=False, layout="dense",
+                     pad=PadSizes(64, 128, 5))
+    with pytest.raises(ValueError, match="dense layout"):
+        GraphBatcher(gs, rels, batch_size=4, regression=False, pad=PadSizes(40, 128, 5, 8))
 
 
 def _model_and_batch(kind="csgnn", **kw):

@@ -19,6 +19,7 @@ Quick start::
 
 from jaxsys.gnn._batching import GraphBatcher as GraphBatcher
 from jaxsys.gnn._batching import PadSizes as PadSizes
+from jaxsys.gnn._batching import dense_layout_pays as dense_layout_pays
 from jaxsys.gnn._config import DataConfig as DataConfig
 from jaxsys.gnn._config import ExperimentConfig as ExperimentConfig
 from jaxsys.gnn._config import ModelConfig as ModelConfig
@@ -64,6 +65,7 @@ __all__ = [
     "GraphNet",
     "ModelConfig",
     "PadSizes",
+    "dense_layout_pays",
     "Relations",
     "StructureConfig",
     "TrainConfig",

@@ -28,6 +28,9 @@ sums compose into walk counts across layers, which subgraph counts correlate wit
 also get `C_v,t * count_scale_t` as input features (`GraphBatcher`).
 Cost: one gather and one segment sum over the relations, like GIN over its edges, plus
 O(N * types * width) dense work; per-relation type embeddings (GINE-style) measured slower on CPU.
+In the dense layout (`GraphBatcher` picks it for small graphs of one size with many relations,
+e.g. CSL) the gather and segment sum become one batched matmul with each graph's
+[block * types, block] relation-weight matrix, and its transpose in the backward pass.
 
 Layers are stacked with `nn.scan` (parameters stacked per layer) and fully unrolled: as a rolled
 XLA loop the train step ran 1.5-2x slower on CPU. Padding nodes and relations of a
@@ -54,7 +57,11 @@ def graph_context(graph: jraph.GraphsTuple) -> dict[str, jax.Array]:
                             total_repeat_length=n_total)
     graph_mask = jraph.get_graph_padding_mask(graph)
     node_mask = jraph.get_node_padding_mask(graph)
-    return {
+    dense = {}
+    if "adj" in graph.globals:  # dense layout: padding nodes inside each graph's block too
+        node_mask = node_mask & graph.nodes["valid"]
+        dense = {"adj": graph.globals["adj"], "adj_t": graph.globals["adj_t"]}
+    return dense | {
         "type_weight": graph.nodes["type_weight"],
         "edge_sum_scale": graph.nodes["edge_sum_scale"],
         "senders": graph.senders,
@@ -66,6 +73,23 @@ def graph_context(graph: jraph.GraphsTuple) -> dict[str, jax.Array]:
         "node_mask": node_mask,
         "graph_mask": graph_mask,
     }
+
+
+@jax.custom_vjp
+def _dense_aggregate(adj_GxMxB, adj_t_GxBxM, h_GxBxF):
+    """adj @ h per graph; the backward pass multiplies by the host-transposed `adj_t`."""
+    return jnp.matmul(adj_GxMxB, h_GxBxF)
+
+
+def _dense_aggregate_fwd(adj_GxMxB, adj_t_GxBxM, h_GxBxF):
+    return jnp.matmul(adj_GxMxB, h_GxBxF), adj_t_GxBxM
+
+
+def _dense_aggregate_bwd(adj_t_GxBxM, g_GxMxF):
+    return None, None, jnp.matmul(adj_t_GxBxM, g_GxMxF)  # relations are inputs, not learned
+
+
+_dense_aggregate.defvjp(_dense_aggregate_fwd, _dense_aggregate_bwd)
 
 
 def _shift_init(key, shape, dtype=jnp.float32):
@@ -88,19 +112,32 @@ class _Layer(nn.Module):
     @nn.compact
     def __call__(self, h_NxF, ctx, train: bool):
         n_total = h_NxF.shape[0]
+        t = self.num_types
+        if "adj" in ctx:
+            # Dense layout: S_v,t for all (v, t) of graph j is one matmul with its [block * T,
+            # block] relation-weight matrix; batched over graphs, no gather and no scatter.
+            n_graph, block = ctx["adj"].shape[0], ctx["adj"].shape[2]
+            sum_NxTxF = _dense_aggregate(
+                ctx["adj"].astype(self.dtype), ctx["adj_t"].astype(self.dtype),
+                h_NxF.reshape(n_graph, block, self.width)).reshape(n_total, t, self.width)
         if self.typed:
             # One segment sum over (receiver, type) segments (relations are sorted that way) of
             # w_r / C_v,t-weighted messages = per-type weighted means; then per-type diagonal maps
             # of the mean and of log(1 + C_v,t).
-            t = self.num_types
             gamma_TxF = self.param("type_scale", _scale_init, (t, self.width),
                                    self.param_dtype).astype(self.dtype)
             beta_TxF = self.param("type_shift", _shift_init, (t, self.width),
                                   self.param_dtype).astype(self.dtype)
-            x_RxF = h_NxF[ctx["senders"]] * ctx["mean_weights"].astype(self.dtype).reshape(-1, 1)
-            seg_R = ctx["receivers"] * t + ctx["types"]
-            mean_NxTxF = jax.ops.segment_sum(x_RxF, seg_R, num_segments=n_total * t,
-                                             indices_are_sorted=True).reshape(n_total, t, self.width)
+            if "adj" in ctx:
+                count_NxT = jnp.maximum(ctx["type_weight"].astype(self.dtype), 1.0)
+                mean_NxTxF = sum_NxTxF / count_NxT.reshape(n_total, t, 1)
+            else:
+                x_RxF = h_NxF[ctx["senders"]] * ctx["mean_weights"].astype(self.dtype).reshape(
+                    -1, 1)
+                seg_R = ctx["receivers"] * t + ctx["types"]
+                mean_NxTxF = jax.ops.segment_sum(x_RxF, seg_R, num_segments=n_total * t,
+                                                 indices_are_sorted=True).reshape(
+                                                     n_total, t, self.width)
             # A sum of t elementwise products, not an einsum: XLA:CPU runs "ntf,tf->nf" and its
             # gradient as batched dots over f with [N, T, F] transposes (measured, CSL: 10-20% of
             # the train step), and a broadcast-multiply-and-sum materialised [N, T, F] broadcasts.
@@ -115,6 +152,8 @@ class _Layer(nn.Module):
             edge_sum_NxF = mean_NxTxF[:, 0, :] * ctx["edge_sum_scale"].astype(
                 self.dtype).reshape(-1, 1)
             agg_NxF = agg_NxF + edge_sum_NxF * psi_F.reshape(1, self.width)
+        elif "adj" in ctx:
+            agg_NxF = sum_NxTxF.sum(axis=1) if t > 1 else sum_NxTxF.reshape(n_total, self.width)
         else:
             x_RxF = h_NxF[ctx["senders"]] * ctx["weights"].astype(self.dtype).reshape(-1, 1)
             agg_NxF = jax.ops.segment_sum(x_RxF, ctx["receivers"], num_segments=n_total,
