@@ -133,7 +133,11 @@ def test_auto_layout_is_dense_only_where_it_pays():
 
     csl = make_csl(seed=0, per_class=2).graphs  # 20 graphs of 41 nodes, relation-dense
     rels = build_relations(csl, StructureConfig(kind="csgnn", length_bound=8))
-    assert GraphBatcher(csl, rels, batch_size=16, regression=False).pad.block == 41
+    dense = GraphBatcher(csl, rels, batch_size=16, regression=False)
+    assert dense.pad.block == 41
+    with pytest.raises(ValueError, match="6 relation types, the model num_types=2"):
+        GraphNet(num_types=2, num_outputs=2, width=8, depth=1).init(
+            jax.random.key(0), dense.batch(np.asarray([0])))
     gs = _graphs(12, seed=3)  # 4-11 nodes: dense blocks would add nodes
     rels = build_relations(gs, StructureConfig(kind="gin"))
     assert GraphBatcher(gs, rels, batch_size=4, regression=False).pad.block == 0

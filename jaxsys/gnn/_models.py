@@ -117,6 +117,9 @@ class _Layer(nn.Module):
             # Dense layout: S_v,t for all (v, t) of graph j is one matmul with its [block * T,
             # block] relation-weight matrix; batched over graphs, no gather and no scatter.
             n_graph, block = ctx["adj"].shape[0], ctx["adj"].shape[2]
+            if ctx["adj"].shape[1] != block * t:
+                raise ValueError(f"the batch has {ctx['adj'].shape[1] // block} relation types, "
+                                 f"the model num_types={t}")
             sum_NxTxF = _dense_aggregate(
                 ctx["adj"].astype(self.dtype), ctx["adj_t"].astype(self.dtype),
                 h_NxF.reshape(n_graph, block, self.width)).reshape(n_total, t, self.width)
