@@ -407,7 +407,8 @@ def jax_decode_attention_fn(runner: Runner, q, k_c, v_c, lengths):
     (`decode_attn_unbatched`, vmapped over batch and KV heads exactly as `gqa` does) on the
     [B, Hkv, L, D] copy directly, so the baseline pays for attention only. The KV is padded
     (outside the timing) to the multiple of k_splits * block_k its kernel needs; its dots use
-    Triton's default fp32 precision (TF32, ~1e-3 relative), ours fp32-accurate 3xTF32.
+    Triton's default fp32 precision (TF32, ~1e-3 relative), ours `--fp32-dot` (default
+    fp32-accurate 3xTF32; `tf32` for the like-for-like comparison).
     """
     import jax
     import jax.numpy as jnp
@@ -706,14 +707,13 @@ def main(argv=None) -> int:
     if args.gpu and dev.platform != "gpu":
         print(f"--gpu needs a GPU; jax's platform is {dev.platform}", file=sys.stderr)
         return 2
-    repeats = args.repeats or (2 if args.quick else 7)
+    # GPU samples are milliseconds: more of them
+    repeats = args.repeats or (2 if args.quick else 15 if gpu else 7)
     stem = ("attention" + ("_gpu" if gpu else "") + ("_bf16" if args.dtype == "bfloat16" else "")
             + (f"_{args.fp32_dot}" if args.fp32_dot != "auto" else "") + ("_quick" if args.quick else ""))
     out = Path(args.out) if args.out else RESULTS / f"{stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     runner = Runner(gpu, args.dtype, args.fp32_dot)
-    if gpu:
-        repeats = args.repeats or (2 if args.quick else 15)  # samples are milliseconds on a GPU
     header = {
         "benchmark": "attention",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -294,13 +294,12 @@ def run_speed(quick: bool, repeats: int) -> list[dict]:
         for model, kind in (("GIN", "gin"), ("CSGNN", "csgnn"), ("KP-GNN", "kpgnn")):
             cfg = StructureConfig(kind=kind, length_bound=bounds[name], hops=3)
             rels = build_relations(ds.graphs, cfg)
-            b = GraphBatcher(ds.graphs, rels, batch_size=batch, regression=regression)
-            # Where the batcher picks the dense layout, the sparse one runs too, for the record.
-            layouts = ["auto", "sparse"] if b.pad.block else ["auto"]
-            for layout in layouts:
-                if layout != "auto":
-                    b = GraphBatcher(ds.graphs, rels, batch_size=batch, regression=regression,
-                                     layout=layout)
+            batchers = {"auto": GraphBatcher(ds.graphs, rels, batch_size=batch,
+                                             regression=regression)}
+            if batchers["auto"].pad.block:  # dense picked: time the sparse layout too
+                batchers["sparse"] = GraphBatcher(ds.graphs, rels, batch_size=batch,
+                                                  regression=regression, layout="sparse")
+            for layout, b in batchers.items():
                 m = GraphNet(num_types=b.num_types, num_outputs=ds.num_outputs, width=width,
                              depth=depth)
                 tr = Trainer(m, b, regression=regression,

@@ -92,6 +92,39 @@ def _dense_aggregate_bwd(adj_t_GxBxM, g_GxMxF):
 _dense_aggregate.defvjp(_dense_aggregate_fwd, _dense_aggregate_bwd)
 
 
+def _aggregate(h_NxF, ctx, num_types: int, *, typed: bool) -> jax.Array:
+    """Messages over the relations: typed, the per-(node, type) weighted means [N, T, F]
+    (sum_r w_r h[s_r] / max(C_v,t, 1)); untyped, the type-blind weighted sum [N, F].
+
+    Sparse layout: one gather and one segment sum (over (receiver, type) segments when typed;
+    relations are sorted that way). Dense layout: S_v,t for all (v, t) of graph j is one matmul
+    with its [block * T, block] relation-weight matrix, batched over graphs.
+    """
+    n_total, width = h_NxF.shape
+    dtype = h_NxF.dtype
+    if "adj" in ctx:
+        adj = ctx["adj"]
+        n_graph, block = adj.shape[0], adj.shape[2]
+        if adj.shape[1] != block * num_types:
+            raise ValueError(f"the batch has {adj.shape[1] // block} relation types, "
+                             f"the model num_types={num_types}")
+        sum_NxTxF = _dense_aggregate(adj.astype(dtype), ctx["adj_t"].astype(dtype),
+                                     h_NxF.reshape(n_graph, block, width)).reshape(
+                                         n_total, num_types, width)
+        if not typed:
+            return sum_NxTxF.sum(axis=1)
+        count_NxT = jnp.maximum(ctx["type_weight"].astype(dtype), 1.0)
+        return sum_NxTxF / count_NxT.reshape(n_total, num_types, 1)
+    if not typed:
+        x_RxF = h_NxF[ctx["senders"]] * ctx["weights"].astype(dtype).reshape(-1, 1)
+        return jax.ops.segment_sum(x_RxF, ctx["receivers"], num_segments=n_total,
+                                   indices_are_sorted=True)
+    x_RxF = h_NxF[ctx["senders"]] * ctx["mean_weights"].astype(dtype).reshape(-1, 1)
+    seg_R = ctx["receivers"] * num_types + ctx["types"]
+    return jax.ops.segment_sum(x_RxF, seg_R, num_segments=n_total * num_types,
+                               indices_are_sorted=True).reshape(n_total, num_types, width)
+
+
 def _shift_init(key, shape, dtype=jnp.float32):
     return 0.1 * jax.random.normal(key, shape, dtype)
 
@@ -111,36 +144,15 @@ class _Layer(nn.Module):
 
     @nn.compact
     def __call__(self, h_NxF, ctx, train: bool):
-        n_total = h_NxF.shape[0]
         t = self.num_types
-        if "adj" in ctx:
-            # Dense layout: S_v,t for all (v, t) of graph j is one matmul with its [block * T,
-            # block] relation-weight matrix; batched over graphs, no gather and no scatter.
-            n_graph, block = ctx["adj"].shape[0], ctx["adj"].shape[2]
-            if ctx["adj"].shape[1] != block * t:
-                raise ValueError(f"the batch has {ctx['adj'].shape[1] // block} relation types, "
-                                 f"the model num_types={t}")
-            sum_NxTxF = _dense_aggregate(
-                ctx["adj"].astype(self.dtype), ctx["adj_t"].astype(self.dtype),
-                h_NxF.reshape(n_graph, block, self.width)).reshape(n_total, t, self.width)
         if self.typed:
-            # One segment sum over (receiver, type) segments (relations are sorted that way) of
-            # w_r / C_v,t-weighted messages = per-type weighted means; then per-type diagonal maps
-            # of the mean and of log(1 + C_v,t).
+            # Per-type weighted means; then per-type diagonal maps of the mean and of
+            # log(1 + C_v,t).
+            mean_NxTxF = _aggregate(h_NxF, ctx, t, typed=True)
             gamma_TxF = self.param("type_scale", _scale_init, (t, self.width),
                                    self.param_dtype).astype(self.dtype)
             beta_TxF = self.param("type_shift", _shift_init, (t, self.width),
                                   self.param_dtype).astype(self.dtype)
-            if "adj" in ctx:
-                count_NxT = jnp.maximum(ctx["type_weight"].astype(self.dtype), 1.0)
-                mean_NxTxF = sum_NxTxF / count_NxT.reshape(n_total, t, 1)
-            else:
-                x_RxF = h_NxF[ctx["senders"]] * ctx["mean_weights"].astype(self.dtype).reshape(
-                    -1, 1)
-                seg_R = ctx["receivers"] * t + ctx["types"]
-                mean_NxTxF = jax.ops.segment_sum(x_RxF, seg_R, num_segments=n_total * t,
-                                                 indices_are_sorted=True).reshape(
-                                                     n_total, t, self.width)
             # A sum of t elementwise products, not an einsum: XLA:CPU runs "ntf,tf->nf" and its
             # gradient as batched dots over f with [N, T, F] transposes (measured, CSL: 10-20% of
             # the train step), and a broadcast-multiply-and-sum materialised [N, T, F] broadcasts.
@@ -155,12 +167,8 @@ class _Layer(nn.Module):
             edge_sum_NxF = mean_NxTxF[:, 0, :] * ctx["edge_sum_scale"].astype(
                 self.dtype).reshape(-1, 1)
             agg_NxF = agg_NxF + edge_sum_NxF * psi_F.reshape(1, self.width)
-        elif "adj" in ctx:
-            agg_NxF = sum_NxTxF.sum(axis=1) if t > 1 else sum_NxTxF.reshape(n_total, self.width)
         else:
-            x_RxF = h_NxF[ctx["senders"]] * ctx["weights"].astype(self.dtype).reshape(-1, 1)
-            agg_NxF = jax.ops.segment_sum(x_RxF, ctx["receivers"], num_segments=n_total,
-                                          indices_are_sorted=True)
+            agg_NxF = _aggregate(h_NxF, ctx, t, typed=False)
         eps = self.param("eps", nn.initializers.zeros, (), self.param_dtype)
         z = (1.0 + eps.astype(self.dtype)) * h_NxF + agg_NxF
         return self._mlp(z, train, ctx)
