@@ -11,6 +11,8 @@ median. Variants:
            partials merged by LSE; the balancer falls back to splitkv when sharing does not pay
   jax_decode_attention  (GPU only) jax.experimental.pallas.ops.gpu.decode_attention.gqa on
            contiguous KV, another baseline; GPU records also report achieved bandwidth.
+  jax_paged_attention   (GPU only) jax.experimental.pallas.ops.gpu.paged_attention on the same
+           page pool and tables as splitkv: JAX's own paged decode, no sharing.
 
 On CPU "ours"/"splitkv" are the XLA paths; on a GPU they are the Pallas (Triton) kernels.
 Configurations (Hq=32, Hkv=8, head_dim=128, fp32, page_size=16; P shared prefix, S suffix,
@@ -341,6 +343,12 @@ def run_config(runner: Runner, cfg: Config, repeats: int, seed: int) -> list[dic
         fns["naive"] = lambda: runner.naive(q, k_c, v_c, lengths_j)
         if runner.gpu:
             fns["jax_decode_attention"] = jax_decode_attention_fn(runner, q, k_c, v_c, lengths_j)
+    if runner.gpu:
+        paged, note = jax_paged_attention_fn(runner, q, k_pages, v_pages, table_j, lengths_j)
+        if paged is None:
+            notes["jax_paged_attention"] = note
+        else:
+            fns["jax_paged_attention"] = paged
     else:
         notes["naive"] = (f"skipped: duplicated KV needs {kv_bytes_naive / GIB:.1f} GiB (x2 with "
                           f"temporaries), {avail / GIB:.1f} GiB available")
@@ -354,6 +362,7 @@ def run_config(runner: Runner, cfg: Config, repeats: int, seed: int) -> list[dic
         "splitkv": 2.0 * float(lengths.sum()) * HKV * HEAD_DIM * itemsize,
         "naive": 2.0 * float(lengths.sum()) * HKV * HEAD_DIM * itemsize,
         "jax_decode_attention": 2.0 * float(lengths.sum()) * HKV * HEAD_DIM * itemsize,
+        "jax_paged_attention": 2.0 * float(lengths.sum()) * HKV * HEAD_DIM * itemsize,
     }
     records = []
     for n in list(fns) + [n for n in notes if n not in fns]:
@@ -434,11 +443,45 @@ def jax_decode_attention_fn(runner: Runner, q, k_c, v_c, lengths):
     return lambda: fn(q, k_p, v_p, lengths)
 
 
+def jax_paged_attention_fn(runner: Runner, q, k_pages, v_pages, table, lengths):
+    """JAX's own Pallas GPU paged attention (`jax.experimental.pallas.ops.gpu.paged_attention`)
+    on the same page pool and page tables as our split-KV kernel: the like-for-like baseline of
+    paged decode without sharing (JAX's decode_attention reads contiguous KV, which a paged
+    cache does not have). Its defaults (8 pages per tile, 16 splits, 8 warps, 2 stages; TF32
+    dots on fp32), with the tile halved while Triton cannot compile it (fp32 tiles of 8 pages
+    x 2 stages overflow shared memory). Its kernel takes no softmax scale: the queries are
+    scaled outside the timing. Returns (callable, None) or (None, why not)."""
+    import jax
+    import jax.numpy as jnp
+
+    try:
+        from jax.experimental.pallas.ops.gpu import paged_attention as jpa
+    except ImportError as e:
+        return None, f"not in this jax: {e}"
+    k_splits = 16
+    width = -(-table.shape[1] // k_splits) * k_splits
+    table = jnp.pad(table, ((0, 0), (0, width - table.shape[1])))
+    q = jax.block_until_ready(q * jnp.asarray(runner.scale, q.dtype))  # its kernel does not scale
+    errors = []
+    for ppcb in (8, 4, 2):
+        fn = runner.layered(functools.partial(jpa.paged_attention, pages_per_compute_block=ppcb,
+                                              k_splits=k_splits))
+        try:
+            jax.block_until_ready(fn(q, k_pages, v_pages, table, lengths))
+        except Exception as e:  # noqa: BLE001 - a tile Triton rejects: try a smaller one
+            errors.append(f"pages_per_compute_block={ppcb}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            continue
+        return (lambda: fn(q, k_pages, v_pages, table, lengths)), None
+    return None, "did not compile: " + " | ".join(errors)
+
+
 # -- tuning and calibration -------------------------------------------------------------------------
 
 
 def tune(runner: Runner, repeats: int, seed: int) -> dict:
-    """Sweeps split_pages (plain path), chunk_pages x query_block (shared path) and, on a GPU,
+    """Sweeps split_pages (plain path), on a GPU the split-KV launch's own tile (pages per step,
+    warps, stages) and min_split_programs (small batches: the split-KV launch's smallest
+    width), chunk_pages x query_block (shared path) and, on a GPU,
     pages_per_compute_block x num_warps x num_stages (the kernels' inner tile, launch width and
     pipelining depth), then times the best setting with 3xTF32, one TF32 and IEEE fp32 dots.
 
@@ -474,12 +517,47 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
     for sp in (8, 16, 32, 64, 128):
         variants[sp] = dataclasses.replace(base, split_pages=sp,
                                            pages_per_compute_block=min(base.pages_per_compute_block, sp),
+                                           split_pages_per_compute_block=min(base.split_pages_per_compute_block, sp),
                                            chunk_pages=max(base.chunk_pages, sp))
     med, err = sweep(variants, q, k_pages, v_pages, tree, "plain")
     out["split_pages"] = [{"split_pages": sp, "config": cfg.label, "median_s": med.get(sp),
                            **({"error": err[sp]} if sp in err else {})} for sp in variants]
     best_sp = min(med, key=med.get) if med else base.split_pages
     base = dataclasses.replace(variants.get(best_sp, base), chunk_pages=base.chunk_pages)
+
+    if runner.gpu:
+        # The split-KV launch's own tile (its programs hold 16 query rows, a shared item's up to
+        # query_block x G): on the same plain tree.
+        variants = {}
+        for ppcb, warps, stages in ((2, 4, 2), (4, 4, 2), (4, 4, 3), (4, 8, 2), (8, 4, 1), (8, 8, 1),
+                                    (8, 8, 2), (16, 8, 1)):
+            if base.split_pages % ppcb == 0:
+                variants[(ppcb, warps, stages)] = dataclasses.replace(
+                    base, split_pages_per_compute_block=ppcb, split_num_warps=warps, split_num_stages=stages)
+        med, err = sweep(variants, plain_q, plain_k, plain_v, plain_tree, "plain")
+        out["split_launch_tile"] = [
+            {"split_pages_per_compute_block": key[0], "split_num_warps": key[1], "split_num_stages": key[2],
+             "config": plain_cfg.label, "median_s": med.get(key), **({"error": err[key]} if key in err else {})}
+            for key in variants]
+        if med:
+            base = variants[min(med, key=med.get)]
+        # How many programs the split-KV launch needs before a small batch of long requests
+        # fills the GPU (the kernel halves the split until it has them): summed over a small
+        # plain batch and the private launch of a star (its suffixes are the split-KV part).
+        small = [Config("tune", "plain B=4 L=4096", "chains", B=4, depth=0, node_tokens=4096),
+                 Config("tune", "star B=8 P=4096 S=512", "star", B=8, P=4096, S=512)]
+        variants = {n: dataclasses.replace(base, min_split_programs=n) for n in (0, 256, 512, 1024, 2048)}
+        total: dict[int, float] = {n: 0.0 for n in variants}
+        out["min_split_programs"] = []
+        for cfg, force in zip(small, ("plain", "share")):
+            tr, n_pages = build_tree(cfg, rng)
+            kp, vp = runner.pools(n_pages, seed + 2)
+            med, err = sweep(variants, runner.queries(cfg.B, seed), kp, vp, tr, force)
+            out["min_split_programs"] += [{"min_split_programs": n, "config": cfg.label, "median_s": med.get(n),
+                                           **({"error": err[n]} if n in err else {})} for n in variants]
+            total = {n: t + med[n] for n, t in total.items() if n in med}
+        if total:
+            base = variants[min(total, key=total.get)]
 
     cfg = Config("tune", "star B=32 P=8192 S=128", "star", B=32, P=8192, S=128)
     tree, total = build_tree(cfg, rng)
@@ -502,7 +580,8 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
         variants = {}
         for ppcb, warps, stages in ((2, 4, 2), (2, 4, 3), (2, 8, 2), (4, 4, 2), (4, 4, 3), (4, 8, 2),
                                     (4, 8, 3), (8, 4, 1), (8, 8, 1), (8, 8, 2)):
-            if base.split_pages % ppcb == 0 and base.chunk_pages % ppcb == 0 and ppcb * PAGE >= 16:
+            split_ok = base.split_pages_per_compute_block or base.split_pages % ppcb == 0
+            if split_ok and base.chunk_pages % ppcb == 0 and ppcb * PAGE >= 16:
                 variants[(ppcb, warps, stages)] = dataclasses.replace(
                     base, pages_per_compute_block=ppcb, num_warps=warps, num_stages=stages)
         med, err = sweep(variants, q, k_pages, v_pages, tree, "share")
@@ -634,8 +713,10 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 0.55 * len(labels) + 2.5), sharey=True)
     ys = list(range(len(labels)))
     for ax, key, variants, ttl in (
-        (ax1, "speedup_vs_naive", ("ours", "splitkv", "jax_decode_attention"), "speedup vs naive (duplicated KV)"),
-        (ax2, "speedup_vs_splitkv", ("ours", "jax_decode_attention"), "speedup vs split-KV paged decode"),
+        (ax1, "speedup_vs_naive", ("ours", "splitkv", "jax_decode_attention", "jax_paged_attention"),
+         "speedup vs naive (duplicated KV)"),
+        (ax2, "speedup_vs_splitkv", ("ours", "jax_decode_attention", "jax_paged_attention"),
+         "speedup vs split-KV paged decode"),
     ):
         present = [v for v in variants if any((lab, v) in by for lab in labels)]
         h = 0.8 / max(1, len(present))
@@ -775,9 +856,10 @@ def main(argv=None) -> int:
         fmt = lambda x: "  n/a" if x is None else f"{x:5.2f}"  # noqa: E731
         extra = ""
         if gpu:
-            jd = next((r for r in recs if r["variant"] == "jax_decode_attention"), None)
-            extra = (f"  vs jax decode_attention {fmt(jd and jd['median_s'] / ours['median_s'])}x"
-                     f"  {ours['achieved_bandwidth_Bps'] / 1e12:.2f} TB/s")
+            for v in ("jax_decode_attention", "jax_paged_attention"):
+                t = next((r["median_s"] for r in recs if r["variant"] == v and r["median_s"]), None)
+                extra += f"  vs {v} {fmt(t and t / ours['median_s'])}x"
+            extra += f"  {ours['achieved_bandwidth_Bps'] / 1e12:.2f} TB/s"
         print(f"{cfg.label:40s} ours {ours['median_s'] * 1e3:8.3f} ms  vs naive {fmt(ours['speedup_vs_naive'])}x "
               f"(target {ours['targets']['speedup_vs_naive']:.2f})  vs splitkv {fmt(ours['speedup_vs_splitkv'])}x "
               f"(target {ours['targets']['speedup_vs_splitkv'] or '-'})  sharing={ours['plan']['use_sharing']}"

@@ -8,6 +8,8 @@ sweeps then check the Triton kernels, and the `gpu`-marked tests add model-sized
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 
 import jax
@@ -31,6 +33,7 @@ from jaxsys.pallas_kernels.shared_prefix_attention import (
     shared_prefix_attention_reference,
     shared_prefix_attention_xla,
 )
+from jaxsys.pallas_kernels.shared_prefix_attention.kernel import _split_pages
 
 INTERPRET = os.environ.get("JAXSYS_PALLAS_COMPILED", "0") != "1"
 
@@ -184,6 +187,52 @@ def test_kernel_matches_reference(name, force):
     plan, q = _plan(tree, q, force, bs)
     out = shared_prefix_attention(q, k, v, plan.step, block_sizes=bs, interpret=INTERPRET)
     _tol_check(out, _reference(tree, q, k, v), v, jnp.float32)
+
+
+@pytest.mark.parametrize("name,force,split_tile", [("long_nodes_short_suffix", "plain", 1),
+                                                   ("long_nodes_short_suffix", "share", 2),
+                                                   ("chain_no_sharing", None, 1)])
+def test_kernel_with_more_splits_matches_reference(name, force, split_tile):
+    """`min_split_programs` halves the split-KV launch's split down to one compute tile (here
+    from 32 pages to 4, or to 8 with the split launch's own 8-page tile): more partials per
+    request, merged by LSE, the same attention."""
+    tree, q, k, v = _setup(name, jnp.float32)
+    base = kernel_block_sizes(tree.page_size)
+    bs = dataclasses.replace(base, split_pages=8 * base.split_pages, min_split_programs=10**6,
+                             split_pages_per_compute_block=split_tile * base.pages_per_compute_block)
+    plan, q = _plan(tree, q, force, bs)
+    out = shared_prefix_attention(q, k, v, plan.step, block_sizes=bs, interpret=INTERPRET)
+    _tol_check(out, _reference(tree, q, k, v), v, jnp.float32)
+
+
+def test_kernel_merge_reads_odd_groups_in_place():
+    """G = 5 query heads per KV head in items of 3 requests: the merge reads each request's Gm = 8
+    rows where the shared launch wrote them (rows 10..17 for the last slot: past 3 x 5 = 15, so
+    the launch must hold 32 rows, not 16)."""
+    rng = np.random.default_rng(5)
+    tree, total_pages = make_tree(rng, depth=1, fanout=6, page_size=4)
+    q, k, v = make_inputs(rng, num_requests=tree.num_requests, total_pages=total_pages,
+                          num_kv_heads=2, group=5, head_dim=16, page_size=4, dtype=jnp.float32)
+    bs = dataclasses.replace(kernel_block_sizes(4), query_block=3)
+    plan, q = _plan(tree, q, "share", bs)
+    assert plan.step.item_queries.shape[1] == 3 and plan.use_sharing
+    out = shared_prefix_attention(q, k, v, plan.step, block_sizes=bs, interpret=INTERPRET)
+    _tol_check(out, _reference(tree, q, k, v), v, jnp.float32)
+
+
+def test_split_count_fills_the_launch():
+    bs = BlockSizes(chunk_pages=64, query_block=16, split_pages=32, pages_per_compute_block=2)
+    split = functools.partial(_split_pages, pp=64, page_size=16)
+    assert split(32, block_sizes=bs) == 32  # min_split_programs=0: fixed
+    more = dataclasses.replace(bs, min_split_programs=512)
+    assert split(4 * 8, block_sizes=more) == 4  # 32 rows x 16 splits >= 512 > 32 x 8
+    assert split(128 * 8, block_sizes=more) == 32  # already 2048 programs
+    assert split(4 * 8, block_sizes=dataclasses.replace(bs, min_split_programs=513)) == 2
+    assert split(1, block_sizes=more) == 2  # down to one tile of pages_per_compute_block pages
+    assert _split_pages(1, 64, 4, more) == 4  # ... and 16 tokens: 4 pages of 4
+    assert _split_pages(1, 8, 16, more) == 2  # never above the padded private pages
+    with pytest.raises(ValueError, match="min_split_programs"):
+        BlockSizes(chunk_pages=2, query_block=2, split_pages=2, min_split_programs=-1)
 
 
 @pytest.mark.parametrize("name", BF16_CASES[:2])

@@ -278,6 +278,16 @@ def test_shape_forcing_and_validation():
         BlockSizes(chunk_pages=2, query_block=2, split_pages=2, pages_per_compute_block=4)
     with pytest.raises(ValueError, match="positive"):
         BlockSizes(chunk_pages=2, query_block=0, split_pages=2)
+    with pytest.raises(ValueError, match="split_pages_per_compute_block=4 must divide split_pages=2"):
+        BlockSizes(chunk_pages=4, query_block=2, split_pages=2, split_pages_per_compute_block=4)
+    with pytest.raises(ValueError, match="split_num_warps"):
+        BlockSizes(chunk_pages=2, query_block=2, split_pages=2, split_num_warps=3)
+    # the split-KV launch's own tile: it divides split_pages, not chunk_pages
+    bs = BlockSizes(chunk_pages=2, query_block=2, split_pages=8, pages_per_compute_block=2,
+                    split_pages_per_compute_block=8, split_num_stages=1)
+    launch = bs.split_launch()
+    assert (launch.pages_per_compute_block, launch.num_warps, launch.num_stages) == (8, 4, 1)
+    assert BlockSizes(chunk_pages=2, query_block=2, split_pages=2).split_launch().pages_per_compute_block == 1
     with pytest.raises(ValueError, match="cycle"):
         PrefixTree(page_size=4, node_parent=np.array([1, 0]), node_pages=(np.arange(1), np.arange(1, 2)),
                    node_lens=np.array([3, 3]), request_nodes=np.array([0]))

@@ -96,10 +96,12 @@ def _validate(q, k_pages, v_pages, block_sizes: BlockSizes, interpret: bool):
                 raise ValueError(f"{name}={n} must be a power of two for the Triton kernel")
         if d < _MIN_DOT:
             raise ValueError(f"head_dim={d} must be >= {_MIN_DOT} for the Triton kernel")
-        if block_sizes.pages_per_compute_block * ps < _MIN_DOT:
-            raise ValueError(f"pages_per_compute_block * page_size = "
-                             f"{block_sizes.pages_per_compute_block * ps} must be >= {_MIN_DOT} "
-                             f"for the Triton kernel")
+        for name, tile in (("pages_per_compute_block", block_sizes.pages_per_compute_block),
+                           ("split_pages_per_compute_block",
+                            block_sizes.split_launch().pages_per_compute_block)):
+            if tile * ps < _MIN_DOT:
+                raise ValueError(f"{name} * page_size = {tile * ps} must be >= {_MIN_DOT} "
+                                 f"for the Triton kernel")
         if k_pages.size >= 2**31:
             # Pallas' Triton lowering computes element offsets in int32: a larger cache would
             # wrap around and read the wrong pages silently.
@@ -177,12 +179,15 @@ def _attend_pages_kernel(pages_ref, page_lens_ref, q_ref, k_pages_ref, v_pages_r
     lse_ref[...] = jnp.where(nonempty, m + jnp.log(l_safe), -jnp.inf)
 
 
-def _merge_kernel(merge_rows_ref, o_sh_ref, lse_sh_ref, o_pr_ref, lse_pr_ref, out_ref, lse_out_ref=None):
+def _merge_kernel(merge_rows_ref, o_sh_ref, lse_sh_ref, o_pr_ref, lse_pr_ref, out_ref, lse_out_ref=None,
+                  *, query_block=1, group=1):
     """LSE-merge one request's partials for one KV head.
 
-    merge_rows_ref: i32[M] (row of o_sh; padding points at an empty partial);
-    o_sh_ref: f32[R, Gm, D], lse_sh_ref: f32[R, Gm]; o_pr_ref: f32[S, Gp, D], lse_pr_ref:
-    f32[S, Gp] (first Gm rows used); out_ref: [Gm, D]; lse_out_ref (optional): f32[Gm].
+    merge_rows_ref: i32[M] shared partials as `item * query_block + slot` (>= W * query_block:
+    padding, skipped); o_sh_ref: f32[W, rows, D], lse_sh_ref: f32[W, rows]: the shared launch's
+    output as it wrote it, slot s of an item in rows [s * group, s * group + Gm); o_pr_ref:
+    f32[S, Gp, D], lse_pr_ref: f32[S, Gp] (first Gm rows used); out_ref: [Gm, D]; lse_out_ref
+    (optional): f32[Gm]. Rows past `group` (Gm > G) are another slot's: the caller drops them.
     """
     n_split = o_pr_ref.shape[0]
     n_merge = 0 if merge_rows_ref is None else merge_rows_ref.shape[0]
@@ -199,8 +204,13 @@ def _merge_kernel(merge_rows_ref, o_sh_ref, lse_sh_ref, o_pr_ref, lse_pr_ref, ou
         return fold(o_pr_ref[s, pl.ds(0, gm), :], lse_pr_ref[s, pl.ds(0, gm)], carry)
 
     def shared(j, carry):
+        n_items = o_sh_ref.shape[0]
         row = merge_rows_ref[j]
-        return fold(o_sh_ref[row], lse_sh_ref[row], carry)
+        valid = row < n_items * query_block
+        row = jnp.minimum(row, n_items * query_block - 1)
+        item, first = lax.div(row, query_block), lax.rem(row, query_block) * group
+        lse = jnp.where(valid, lse_sh_ref[item, pl.ds(first, gm)], -jnp.inf)
+        return fold(o_sh_ref[item, pl.ds(first, gm), :], lse, carry)
 
     carry = (jnp.zeros((gm, d), jnp.float32), jnp.full((gm,), _MASK_VALUE, jnp.float32),
              jnp.zeros((gm,), jnp.float32))
@@ -224,6 +234,21 @@ def _padded_private_pages(pp: int, page_size: int, block_sizes: BlockSizes) -> i
     return _pow2_at_least(pp, 1) if pp <= sp else sp * -(-pp // sp)
 
 
+def _split_pages(rows: int, pp: int, page_size: int, block_sizes: BlockSizes) -> int:
+    """Pages per split of the split-KV launch for `rows` (requests x KV heads) programs per
+    split and `pp` padded pages per request (`_padded_private_pages`).
+
+    `split_pages`, halved while the launch has fewer than `min_split_programs` programs, down to
+    one compute tile (`pages_per_compute_block` pages and 16 tokens). Powers of two all, so
+    the split still divides `pp`.
+    """
+    sp = min(block_sizes.split_pages, pp)
+    floor = max(block_sizes.pages_per_compute_block, -(-_MIN_DOT // page_size))
+    while sp // 2 >= floor and rows * (pp // sp) < block_sizes.min_split_programs:
+        sp //= 2
+    return sp
+
+
 def _compiler_params(block_sizes: BlockSizes):
     return plgpu.CompilerParams(num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages)
 
@@ -233,11 +258,12 @@ def _private_partials(q_bhgd, k_pages, v_pages, pages, page_lens, *, block_sizes
     """q_bhgd: [B, Hkv, Gp, D] -> o f32[B, S, Hkv, Gp, D], lse f32[B, S, Hkv, Gp]."""
     b, hkv, gp, d = q_bhgd.shape
     ps = k_pages.shape[2]
+    block_sizes = block_sizes.split_launch()
     pp = _padded_private_pages(pages.shape[1], ps, block_sizes)
     if pp > pages.shape[1]:  # padding pages have length 0: never loaded
         pad = ((0, 0), (0, pp - pages.shape[1]))
         pages, page_lens = jnp.pad(pages, pad), jnp.pad(page_lens, pad)
-    sp = min(block_sizes.split_pages, pp)
+    sp = _split_pages(b * hkv, pp, ps, block_sizes)
     n_split = pp // sp
     ppcb = min(block_sizes.pages_per_compute_block, sp)
     kernel = functools.partial(_attend_pages_kernel, sm_scale=sm_scale, pages_per_compute_block=ppcb,
@@ -268,20 +294,21 @@ def _private_partials(q_bhgd, k_pages, v_pages, pages, page_lens, *, block_sizes
 
 def _shared_partials(q_bhgd, k_pages, v_pages, step: SharedPrefixStep, *, g, block_sizes,
                      sm_scale, interpret, precision):
-    """Shared items. Returns o f32[W * Qb + 1, Hkv, Gm, D], lse f32[W * Qb + 1, Hkv, Gm]
-    (Gm = G padded to a power of two; last row = the empty partial)."""
+    """Shared items. Returns o f32[W, Hkv, rows, D], lse f32[W, Hkv, rows]: slot s of item w in
+    rows [s * G, s * G + Gm) (Gm = G padded to a power of two; `rows` leaves room for the last
+    slot's Gm rows), read in place by the merge."""
     b, hkv, _, d = q_bhgd.shape
     w, c = step.item_pages.shape
     qb = step.item_queries.shape[1]
-    rows = _pow2_at_least(qb * g, _MIN_DOT)
     gm = _pow2_at_least(g, 1)
+    rows = _pow2_at_least(qb * g + gm - g, _MIN_DOT)
     q_ext = jnp.concatenate([q_bhgd[:, :, :g], jnp.zeros((1, hkv, g, d), q_bhgd.dtype)], axis=0)
     q_items = jnp.transpose(q_ext[step.item_queries], (0, 2, 1, 3, 4)).reshape(w, hkv, qb * g, d)
     q_items = jnp.pad(q_items, ((0, 0), (0, 0), (0, rows - qb * g), (0, 0)))  # [W, Hkv, rows, D]
     ppcb = min(block_sizes.pages_per_compute_block, c)
     kernel = functools.partial(_attend_pages_kernel, sm_scale=sm_scale, pages_per_compute_block=ppcb,
                                precision=precision)
-    o, lse = pl.pallas_call(
+    return pl.pallas_call(
         kernel,
         grid=(w, hkv),
         in_specs=[
@@ -303,18 +330,12 @@ def _shared_partials(q_bhgd, k_pages, v_pages, step: SharedPrefixStep, *, g, blo
         interpret=interpret,
         name="shared_prefix_items",
     )(step.item_pages, step.item_page_lens, q_items, k_pages, v_pages)
-    # Rows (slot, g) of item w -> partial row w * Qb + slot, heads padded to Gm.
-    o = jnp.transpose(o[:, :, :qb * g].reshape(w, hkv, qb, g, d), (0, 2, 1, 3, 4))
-    lse = jnp.transpose(lse[:, :, :qb * g].reshape(w, hkv, qb, g), (0, 2, 1, 3))
-    o = jnp.pad(o.reshape(w * qb, hkv, g, d), ((0, 1), (0, 0), (0, gm - g), (0, 0)))
-    lse = jnp.pad(lse.reshape(w * qb, hkv, g), ((0, 1), (0, 0), (0, gm - g)),
-                  constant_values=-jnp.inf)
-    return o, lse
 
 
 def _merge(merge_rows, o_sh, lse_sh, o_pr, lse_pr, *, gm, out_dtype, block_sizes, interpret,
-           return_lse=False):
-    """-> [B, Hkv, Gm, D] (and, return_lse, f32[B, Hkv, Gm])."""
+           return_lse=False, query_block=1, group=1):
+    """-> [B, Hkv, Gm, D] (and, return_lse, f32[B, Hkv, Gm]). o_sh, lse_sh: `_shared_partials`'
+    output (items of `query_block` slots, `group` query heads each), or None."""
     b, n_split, hkv, gp, d = o_pr.shape
     in_specs = [
         pl.BlockSpec((None, n_split, None, gp, d), lambda i, h: (i, 0, h, 0, 0)),
@@ -322,14 +343,14 @@ def _merge(merge_rows, o_sh, lse_sh, o_pr, lse_pr, *, gm, out_dtype, block_sizes
     ]
     args = [o_pr, lse_pr]
     if merge_rows is not None:
-        r = o_sh.shape[0]
+        w, _, rows, _ = o_sh.shape
         in_specs = [
             pl.BlockSpec((None, merge_rows.shape[1]), lambda i, h: (i, 0)),
-            pl.BlockSpec((r, None, gm, d), lambda i, h: (0, h, 0, 0)),
-            pl.BlockSpec((r, None, gm), lambda i, h: (0, h, 0)),
+            pl.BlockSpec((w, None, rows, d), lambda i, h: (0, h, 0, 0)),
+            pl.BlockSpec((w, None, rows), lambda i, h: (0, h, 0)),
         ] + in_specs
         args = [merge_rows, o_sh, lse_sh] + args
-        kernel = _merge_kernel
+        kernel = functools.partial(_merge_kernel, query_block=query_block, group=group)
     else:
         kernel = functools.partial(_merge_kernel, None, None, None)
     out_specs = pl.BlockSpec((None, None, gm, d), lambda i, h: (i, h, 0, 0))
@@ -411,7 +432,8 @@ def shared_prefix_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
                                         block_sizes=block_sizes, sm_scale=scale,
                                         interpret=interpret, precision=precision)
         out = _merge(step.merge_rows, o_sh, lse_sh, o_pr, lse_pr, gm=gm, out_dtype=q.dtype,
-                     block_sizes=block_sizes, interpret=interpret, return_lse=return_lse)
+                     block_sizes=block_sizes, interpret=interpret, return_lse=return_lse,
+                     query_block=step.item_queries.shape[1], group=g)
     else:
         out = _merge(None, None, None, o_pr, lse_pr, gm=gm, out_dtype=q.dtype,
                      block_sizes=block_sizes, interpret=interpret, return_lse=return_lse)

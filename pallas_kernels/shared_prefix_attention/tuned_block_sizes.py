@@ -36,8 +36,17 @@ class BlockSizes:
         read once per block of `query_block` requests.
       split_pages: KV pages per split of the plain (unshared) paged decode, FlashDecoding-style.
       pages_per_compute_block: pages loaded per inner-loop step of the Pallas kernels
-        (GPU only; the XLA path ignores it). Divides `chunk_pages` and `split_pages`.
+        (GPU only; the XLA path ignores it). Divides `chunk_pages`.
       num_warps, num_stages: Triton launch parameters (GPU only).
+      split_pages_per_compute_block, split_num_warps, split_num_stages: the same three for the
+        split-KV launch (a request's unshared pages; all of plain paged decode), whose programs
+        hold 16 query rows where a shared item's hold up to `query_block` x G: 0 (default)
+        means the value above. The split-KV tile divides `split_pages`.
+      min_split_programs: the Pallas split-KV launch halves `split_pages` (down to one compute
+        tile) until it runs at least this many programs (requests x splits x KV heads), so a
+        small batch of long requests still fills the GPU: FlashDecoding's choice of the split
+        count from the batch. 0 (default) keeps `split_pages` fixed. GPU only; the XLA path
+        ignores it.
     """
 
     chunk_pages: int
@@ -46,21 +55,42 @@ class BlockSizes:
     pages_per_compute_block: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    split_pages_per_compute_block: int = 0
+    split_num_warps: int = 0
+    split_num_stages: int = 0
+    min_split_programs: int = 0
 
     def __post_init__(self):
-        for name in ("chunk_pages", "query_block", "split_pages", "pages_per_compute_block",
-                     "num_warps", "num_stages"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"BlockSizes.{name} must be a positive int, got {value!r}")
-        for name in ("chunk_pages", "split_pages", "pages_per_compute_block", "num_warps"):
-            if not _is_pow2(getattr(self, name)):
+        inherit = ("split_pages_per_compute_block", "split_num_warps", "split_num_stages",
+                   "min_split_programs")
+        for f in dataclasses.fields(self):
+            value, least = getattr(self, f.name), 0 if f.name in inherit else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"BlockSizes.{f.name} must be {'a positive int' if least else 'an int >= 0'}"
+                                 f", got {value!r}")
+        for name in ("chunk_pages", "split_pages", "pages_per_compute_block", "num_warps",
+                     "split_pages_per_compute_block", "split_num_warps"):
+            if getattr(self, name) and not _is_pow2(getattr(self, name)):
                 raise ValueError(f"BlockSizes.{name} must be a power of two (Triton tiles), "
                                  f"got {getattr(self, name)}")
-        for name in ("chunk_pages", "split_pages"):
-            if getattr(self, name) % self.pages_per_compute_block:
-                raise ValueError(f"BlockSizes.pages_per_compute_block={self.pages_per_compute_block}"
-                                 f" must divide {name}={getattr(self, name)}")
+        split_tile = self.split_pages_per_compute_block or self.pages_per_compute_block
+        for name, tile_name, tile in (("chunk_pages", "pages_per_compute_block", self.pages_per_compute_block),
+                                      ("split_pages", "split_pages_per_compute_block", split_tile)):
+            if getattr(self, name) % tile:
+                raise ValueError(f"BlockSizes.{tile_name}={tile} must divide {name}="
+                                 f"{getattr(self, name)}")
+
+    def split_launch(self) -> BlockSizes:
+        """The sizes the split-KV launch runs with: its own tile and Triton parameters in place
+        of the shared launch's (and chunk_pages = split_pages: it has no shared chunks)."""
+        if not (self.split_pages_per_compute_block or self.split_num_warps or self.split_num_stages):
+            return self
+        return dataclasses.replace(
+            self, chunk_pages=self.split_pages,
+            pages_per_compute_block=self.split_pages_per_compute_block or self.pages_per_compute_block,
+            num_warps=self.split_num_warps or self.num_warps,
+            num_stages=self.split_num_stages or self.num_stages,
+            split_pages_per_compute_block=0, split_num_warps=0, split_num_stages=0)
 
 
 @dataclasses.dataclass(frozen=True)
