@@ -236,7 +236,7 @@ class Runner:
         self.fp32_dot = fp32_dot
         self.layers = GPU_LAYERS if gpu else 1
         self.platform = "gpu" if gpu else "cpu"
-        self.cost_model = spa.get_cost_model(self.platform)
+        self.cost_model = spa.get_cost_model(self.platform, self.dtype.name)
         self.scale = 1.0 / math.sqrt(HEAD_DIM)
         from jaxsys.pallas_kernels.shared_prefix_attention import tuned_block_sizes
 

@@ -25,7 +25,8 @@
 # Environment: PY (python, default python3), GPU_CHECK_REPEATS (default 15),
 # GPU_CHECK_SECTIONS (default bench,tests; also tf32, bf16; the smoke test always runs),
 # GPU_CHECK_TEST_SELECT (pytest -k expression of step 5),
-# GPU_CHECK_BENCH_ARGS / _TF32_ARGS / _BF16_ARGS (extra arguments of each pass, e.g. "--tune-first"),
+# GPU_CHECK_BENCH_ARGS / _TF32_ARGS / _BF16_ARGS (extra arguments of each pass, e.g. "--tune-first";
+# tf32 and bf16 default to "--skip-calibration"),
 # GPU_CHECK_SMOKE_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT / GPU_CHECK_TF32_TIMEOUT /
 # GPU_CHECK_BF16_TIMEOUT / GPU_CHECK_TEST_TIMEOUT (seconds, default 100 / 330 / 240 / 150 / 150;
 # all four sections take ~16 minutes, over one 10-minute device call: split them).
@@ -85,11 +86,14 @@ if [ "$smoke_rc" -eq 0 ]; then
     --out "$OUTDIR/attention_gpu.json" ${GPU_CHECK_BENCH_ARGS:-}
   # fp32 with one TF32 product per dot, JAX decode_attention's precision: like for like
   # (configurations on the fp32 tiles first, then the tile sweep with TF32 dots)
-  want tf32 && bench tf32 "${GPU_CHECK_TF32_TIMEOUT:-240}" --fp32-dot tf32 --skip-calibration \
-    --out "$OUTDIR/attention_gpu_tf32.json" ${GPU_CHECK_TF32_ARGS:-}
+  # (without calibration unless its arguments are set: e.g. "--tune-first" tunes, calibrates,
+  # then runs the configurations with both)
+  want tf32 && bench tf32 "${GPU_CHECK_TF32_TIMEOUT:-240}" --fp32-dot tf32 \
+    --out "$OUTDIR/attention_gpu_tf32.json" ${GPU_CHECK_TF32_ARGS---skip-calibration}
   # bf16 KV (what serving stores): the configurations on the tuned tiles, then the tile sweep
+  # (calibrating bf16's own cost model when its arguments are set without --skip-calibration)
   want bf16 && bench bf16 "${GPU_CHECK_BF16_TIMEOUT:-150}" --dtype bfloat16 \
-    --skip-calibration --out "$OUTDIR/attention_gpu_bf16.json" ${GPU_CHECK_BF16_ARGS:-}
+    --out "$OUTDIR/attention_gpu_bf16.json" ${GPU_CHECK_BF16_ARGS---skip-calibration}
 else
   echo "gpu-check: the smoke test failed (kernels do not compile or are wrong on this GPU): no benchmark" >&2
 fi

@@ -303,6 +303,9 @@ def test_tuned_tables_are_valid():
         cost = get_cost_model(platform)
         assert cost.token_cost(bs.query_block) > 0
     assert "H200" in get_cost_model("gpu").source  # measured, not a guess
+    # a dtype without its own calibration uses the platform's fp32 model
+    assert get_cost_model("gpu", "bfloat16") is get_cost_model("gpu", "float32")
+    assert get_cost_model("tpu", "bfloat16") is get_cost_model("cpu")
     assert get_block_sizes("gpu", 4, 128, 16, "float32") != get_block_sizes("gpu", 4, 128, 16, "bfloat16")
 
 

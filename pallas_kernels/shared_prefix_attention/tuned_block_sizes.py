@@ -229,7 +229,11 @@ _GPU_COST = CostModel(
     source="gpu: NVIDIA H200, jax 0.11.2, fp32 (3xTF32 dots) Hq=32 Hkv=8 D=128 page 16, chunk 64 "
            "pages x 16 requests, split 32 pages; calibration of `make gpu-check` of 2026-11-27",
 )
-COST_MODELS: dict[str, CostModel] = {"cpu": _CPU_COST, "gpu": _GPU_COST}
+# Keyed by platform, then by KV dtype name: a dtype without its own calibration (bf16 on the
+# GPU so far: `make gpu-check` section bf16 calibrates it when run without --skip-calibration)
+# uses the platform's fp32 model, whose kernels it shares.
+COST_MODELS: dict[str, dict[str, CostModel]] = {"cpu": {"float32": _CPU_COST},
+                                                "gpu": {"float32": _GPU_COST}}
 
 
 def get_block_sizes(platform: str, num_q_heads_per_kv_head: int, head_dim: int, page_size: int,
@@ -242,6 +246,8 @@ def get_block_sizes(platform: str, num_q_heads_per_kv_head: int, head_dim: int, 
     return DEFAULT_BLOCK_SIZES.get(platform, _CPU_DEFAULT_BLOCKS)
 
 
-def get_cost_model(platform: str) -> CostModel:
-    """The balancer's `CostModel` for a platform (CPU's when the platform is unknown)."""
-    return COST_MODELS.get(platform, _CPU_COST)
+def get_cost_model(platform: str, dtype_name: str = "float32") -> CostModel:
+    """The balancer's `CostModel` for a platform and KV dtype (the platform's fp32 model for a
+    dtype it has none for; CPU's when the platform is unknown)."""
+    table = COST_MODELS.get(platform, COST_MODELS["cpu"])
+    return table.get(dtype_name, table["float32"])

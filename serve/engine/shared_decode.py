@@ -47,7 +47,7 @@ def make_shared_decode(cfg: ModelConfig, engine_config):
     """(attention function for `decoder.forward`, host builder: (PrefixTree, B) -> SharedPrefixStep)."""
     platform = jax.devices()[0].platform
     block_sizes = get_block_sizes(platform, cfg.q_per_kv, cfg.head_dim, engine_config.page_size, cfg.dtype)
-    cost_model = get_cost_model(platform)
+    cost_model = get_cost_model(platform, cfg.dtype)
     scale = 1.0 / math.sqrt(cfg.head_dim)
 
     def attention(q_BxTxHxD, k_new_BxTxKxD, v_new_BxTxKxD, cache, layer, positions_BxT, meta, cfg_):
