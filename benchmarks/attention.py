@@ -483,7 +483,8 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
     warps, stages) and min_split_programs (small batches: the split-KV launch's smallest
     width), chunk_pages x query_block (shared path) and, on a GPU,
     pages_per_compute_block x num_warps x num_stages (the kernels' inner tile, launch width and
-    pipelining depth), then times the best setting with 3xTF32, one TF32 and IEEE fp32 dots.
+    pipelining depth) and prefetch (the next KV tile loaded before the current one is used),
+    then times the best setting with 3xTF32, one TF32 and IEEE fp32 dots.
 
     Each sweep starts from the best of the one before; a setting that does not compile (e.g.
     Triton out of shared memory) is recorded with its error and skipped. Returns the records
@@ -590,6 +591,18 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
              "median_s": med.get(key), **({"error": err[key]} if key in err else {})} for key in variants]
         if med:
             base = variants[min(med, key=med.get)]
+        # Software prefetch of the next KV tile, on the star and the plain tree (summed).
+        variants = {n: dataclasses.replace(base, prefetch=n) for n in (0, 1)}
+        total = {n: 0.0 for n in variants}
+        out["prefetch"] = []
+        for label, tr, kp, vp, qq, force in (("star B=32 P=8192 S=128", tree, k_pages, v_pages, q, "share"),
+                                             (plain_cfg.label, plain_tree, plain_k, plain_v, plain_q, "plain")):
+            med, err = sweep(variants, qq, kp, vp, tr, force)
+            out["prefetch"] += [{"prefetch": n, "config": label, "median_s": med.get(n),
+                                 **({"error": err[n]} if n in err else {})} for n in variants]
+            total = {n: t + med[n] for n, t in total.items() if n in med}
+        if total:
+            base = variants[min(total, key=total.get)]
         # How the kernels compute fp32 dots (not a tile size: recorded, not chosen here).
         out["fp32_dot"] = []
         trees = (("star B=32 P=8192 S=128", tree, k_pages, v_pages, q, "share"),

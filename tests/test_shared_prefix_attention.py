@@ -205,6 +205,19 @@ def test_kernel_with_more_splits_matches_reference(name, force, split_tile):
     _tol_check(out, _reference(tree, q, k, v), v, jnp.float32)
 
 
+@pytest.mark.parametrize("name,force", [("long_nodes_short_suffix", "share"),
+                                        ("internal_requests_padded", "share"),
+                                        ("fan4_gqa4", "plain")])
+def test_kernel_with_prefetch_matches_reference(name, force):
+    """`prefetch`: the next tile's loads ride in the loop carry; padding programs and requests
+    (no pages) still load nothing and get empty partials."""
+    tree, q, k, v = _setup(name, jnp.float32)
+    bs = dataclasses.replace(kernel_block_sizes(tree.page_size), prefetch=1)
+    plan, q = _plan(tree, q, force, bs)
+    out = shared_prefix_attention(q, k, v, plan.step, block_sizes=bs, interpret=INTERPRET)
+    _tol_check(out, _reference(tree, q, k, v), v, jnp.float32)
+
+
 def test_kernel_merge_reads_odd_groups_in_place():
     """G = 5 query heads per KV head in items of 3 requests: the merge reads each request's Gm = 8
     rows where the shared launch wrote them (rows 10..17 for the last slot: past 3 x 5 = 15, so

@@ -280,6 +280,8 @@ def test_shape_forcing_and_validation():
         BlockSizes(chunk_pages=2, query_block=0, split_pages=2)
     with pytest.raises(ValueError, match="split_pages_per_compute_block=4 must divide split_pages=2"):
         BlockSizes(chunk_pages=4, query_block=2, split_pages=2, split_pages_per_compute_block=4)
+    with pytest.raises(ValueError, match="prefetch must be 0 or 1"):
+        BlockSizes(chunk_pages=2, query_block=2, split_pages=2, prefetch=2)
     with pytest.raises(ValueError, match="split_num_warps"):
         BlockSizes(chunk_pages=2, query_block=2, split_pages=2, split_num_warps=3)
     # the split-KV launch's own tile: it divides split_pages, not chunk_pages

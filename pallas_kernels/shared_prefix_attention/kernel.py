@@ -132,14 +132,18 @@ def _validate_step(q, k_pages, step: SharedPrefixStep, block_sizes: BlockSizes, 
 
 
 def _attend_pages_kernel(pages_ref, page_lens_ref, q_ref, k_pages_ref, v_pages_ref, o_ref, lse_ref,
-                         *, sm_scale: float, pages_per_compute_block: int, precision):
+                         *, sm_scale: float, pages_per_compute_block: int, precision,
+                         prefetch: bool = False):
     """Attention of one program's query rows over one program's list of pages (one KV head).
 
     pages_ref, page_lens_ref: i32[n_pages] (valid pages first, then padding with length 0);
     q_ref: [rows, D]; k/v_pages_ref: [NP, ps, D] (this KV head); o_ref: f32[rows, D];
     lse_ref: f32[rows].
+
+    prefetch: issue the loads of tile i + 1 before computing on tile i (the tiles ride in the
+    loop carry), so the memory latency overlaps the products even where the compiler does not
+    pipeline the page-table-indexed loads itself.
     """
-    n_pages = pages_ref.shape[0]
     rows, d = q_ref.shape
     ps = k_pages_ref.shape[1]
     ppcb = pages_per_compute_block
@@ -149,14 +153,16 @@ def _attend_pages_kernel(pages_ref, page_lens_ref, q_ref, k_pages_ref, v_pages_r
     page_of = lax.div(lax.broadcasted_iota(jnp.int32, (block_k,), 0), ps)
     q = q_ref[...]
 
-    def body(i, carry):
-        o, m, l = carry
+    def load(i):  # tile i: keys, values and the valid tokens of each token's page
         start = i * ppcb
         pages = pages_ref[pl.ds(start, ppcb)]  # [ppcb]
-        tok_len = page_lens_ref[start + page_of]  # [block_k] valid tokens of each token's page
+        return (k_pages_ref[pages].reshape(block_k, d), v_pages_ref[pages].reshape(block_k, d),
+                page_lens_ref[start + page_of])
+
+    def attend(carry, tile):
+        o, m, l = carry
+        k, v, tok_len = tile
         valid = slot < tok_len
-        k = k_pages_ref[pages].reshape(block_k, d)
-        v = v_pages_ref[pages].reshape(block_k, d)
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32) * sm_scale  # [rows, block_k]
         s = jnp.where(valid[None, :], s, _MASK_VALUE)
@@ -168,11 +174,21 @@ def _attend_pages_kernel(pages_ref, page_lens_ref, q_ref, k_pages_ref, v_pages_r
                              preferred_element_type=jnp.float32)  # [rows, D]
         return alpha[:, None] * o + pv, m_new, l
 
-    o0 = jnp.zeros((rows, d), jnp.float32)
-    m0 = jnp.full((rows,), _MASK_VALUE, jnp.float32)
-    l0 = jnp.zeros((rows,), jnp.float32)
+    carry = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), _MASK_VALUE, jnp.float32),
+             jnp.zeros((rows,), jnp.float32))
     n_iter = lax.div(n_active + (ppcb - 1), ppcb)
-    o, m, l = lax.fori_loop(0, n_iter, body, (o0, m0, l0))
+    if prefetch:
+        def body(i, carry):
+            state, tile = carry[:3], carry[3:]
+            nxt = lax.cond(i + 1 < n_iter, lambda: load(i + 1), lambda: tile)
+            return attend(state, tile) + nxt
+
+        empty = (jnp.zeros((block_k, d), k_pages_ref.dtype), jnp.zeros((block_k, d), v_pages_ref.dtype),
+                 jnp.zeros((block_k,), jnp.int32))
+        first = lax.cond(n_iter > 0, lambda: load(0), lambda: empty)  # padding programs load nothing
+        o, m, l = lax.fori_loop(0, n_iter, body, carry + first)[:3]
+    else:
+        o, m, l = lax.fori_loop(0, n_iter, lambda i, c: attend(c, load(i)), carry)
     nonempty = l > 0.0
     l_safe = jnp.where(nonempty, l, 1.0)
     o_ref[...] = (o / l_safe[:, None]).astype(o_ref.dtype)
@@ -267,7 +283,7 @@ def _private_partials(q_bhgd, k_pages, v_pages, pages, page_lens, *, block_sizes
     n_split = pp // sp
     ppcb = min(block_sizes.pages_per_compute_block, sp)
     kernel = functools.partial(_attend_pages_kernel, sm_scale=sm_scale, pages_per_compute_block=ppcb,
-                               precision=precision)
+                               precision=precision, prefetch=bool(block_sizes.prefetch))
     return pl.pallas_call(
         kernel,
         grid=(b, n_split, hkv),
@@ -307,7 +323,7 @@ def _shared_partials(q_bhgd, k_pages, v_pages, step: SharedPrefixStep, *, g, blo
     q_items = jnp.pad(q_items, ((0, 0), (0, 0), (0, rows - qb * g), (0, 0)))  # [W, Hkv, rows, D]
     ppcb = min(block_sizes.pages_per_compute_block, c)
     kernel = functools.partial(_attend_pages_kernel, sm_scale=sm_scale, pages_per_compute_block=ppcb,
-                               precision=precision)
+                               precision=precision, prefetch=bool(block_sizes.prefetch))
     return pl.pallas_call(
         kernel,
         grid=(w, hkv),

@@ -47,6 +47,9 @@ class BlockSizes:
         small batch of long requests still fills the GPU: FlashDecoding's choice of the split
         count from the batch. 0 (default) keeps `split_pages` fixed. GPU only; the XLA path
         ignores it.
+      prefetch: 1 = the Pallas kernels load the next KV tile before computing on the current
+        one (software pipelining in registers, for when Triton does not pipeline the
+        page-table-indexed loads itself); 0 (default) = one tile at a time. GPU only.
     """
 
     chunk_pages: int
@@ -59,15 +62,18 @@ class BlockSizes:
     split_num_warps: int = 0
     split_num_stages: int = 0
     min_split_programs: int = 0
+    prefetch: int = 0
 
     def __post_init__(self):
         inherit = ("split_pages_per_compute_block", "split_num_warps", "split_num_stages",
-                   "min_split_programs")
+                   "min_split_programs", "prefetch")
         for f in dataclasses.fields(self):
             value, least = getattr(self, f.name), 0 if f.name in inherit else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"BlockSizes.{f.name} must be {'a positive int' if least else 'an int >= 0'}"
                                  f", got {value!r}")
+        if self.prefetch > 1:
+            raise ValueError(f"BlockSizes.prefetch must be 0 or 1, got {self.prefetch}")
         for name in ("chunk_pages", "split_pages", "pages_per_compute_block", "num_warps",
                      "split_pages_per_compute_block", "split_num_warps"):
             if getattr(self, name) and not _is_pow2(getattr(self, name)):
