@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-all bench gpu-check venv clean
+.PHONY: demo test test-all bench gpu-check gpu-check-dry venv clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,12 @@ bench: $(STAMP)
 # The GPU image brings its own jax (0.11.x, CUDA); we install the rest without touching it.
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+# Before spending GPU time, on any machine: the GPU benchmark's whole path (sweeps, calibration,
+# every configuration, JAX's kernels) in the Pallas interpreter on shrunk trees (~5 min on 2 cores;
+# the timings mean nothing, the outputs are checked against ours).
+gpu-check-dry: $(STAMP)
+	$(BIN)/python benchmarks/attention.py --interpret --tune-first --repeats 1
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -39,6 +39,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,6 +48,7 @@ HQ, HKV, HEAD_DIM, PAGE = 32, 8, 128, 16
 GIB = 2.0**30
 # GPU: attention calls per timed sample (see Runner).
 GPU_LAYERS = 16
+INTERPRET_SHRINK = 64
 
 # HBM peak bandwidth (bytes/s) by device kind substring, for the GPU records.
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12,
@@ -224,7 +226,7 @@ class Runner:
     On CPU, `layers` is 1.
     """
 
-    def __init__(self, gpu: bool, dtype: str = "float32", fp32_dot: str = "auto"):
+    def __init__(self, gpu: bool, dtype: str = "float32", fp32_dot: str = "auto", interpret: bool = False):
         import jax
         import jax.numpy as jnp
 
@@ -232,9 +234,13 @@ class Runner:
 
         self.jax, self.jnp, self.spa = jax, jnp, spa
         self.gpu = gpu
+        # --interpret: the GPU path (kernels, sweeps, JAX's kernels) in the Pallas interpreter on
+        # CPU, every tree 1/INTERPRET_SHRINK of its tokens and 2 layers: checks the script, times nothing.
+        self.interpret = interpret
+        self.shrink = INTERPRET_SHRINK if interpret else 1
         self.dtype = jnp.dtype(dtype)
         self.fp32_dot = fp32_dot
-        self.layers = GPU_LAYERS if gpu else 1
+        self.layers = (2 if interpret else GPU_LAYERS) if gpu else 1
         self.platform = "gpu" if gpu else "cpu"
         self.cost_model = spa.get_cost_model(self.platform, self.dtype.name)
         self.scale = 1.0 / math.sqrt(HEAD_DIM)
@@ -246,11 +252,18 @@ class Runner:
         self.set_block_sizes(spa.get_block_sizes(*key))
         self.naive = self.layered(lambda q, k, v, ln: naive_decode(q, k, v, ln, sm_scale=self.scale))
 
+    def tree(self, cfg: Config, rng):
+        """`build_tree` of the configuration, shrunk under --interpret."""
+        if self.shrink > 1:
+            cfg = dataclasses.replace(cfg, P=-(-cfg.P // self.shrink), S=-(-cfg.S // self.shrink),
+                                      node_tokens=-(-cfg.node_tokens // self.shrink))
+        return build_tree(cfg, rng)
+
     def set_block_sizes(self, bs) -> None:
         self.block_sizes = bs
         self.ours = self.layered(self.ours_single(bs))
         if self.gpu:
-            paged = functools.partial(self.spa.paged_attention, fp32_dot=self.fp32_dot)
+            paged = functools.partial(self.spa.paged_attention, fp32_dot=self.fp32_dot, interpret=self.interpret)
         else:
             paged = self.spa.paged_attention_xla
         self.splitkv = self.layered(lambda q, k, v, pt, ln: paged(q, k, v, pt, ln, block_sizes=bs))
@@ -259,7 +272,8 @@ class Runner:
         spa = self.spa
         fp32_dot = fp32_dot or self.fp32_dot
         if self.gpu:
-            return lambda q, k, v, s: spa.shared_prefix_attention(q, k, v, s, block_sizes=bs, fp32_dot=fp32_dot)
+            return lambda q, k, v, s: spa.shared_prefix_attention(q, k, v, s, block_sizes=bs, fp32_dot=fp32_dot,
+                                                                  interpret=self.interpret)
         return lambda q, k, v, s: spa.shared_prefix_attention_xla(q, k, v, s, block_sizes=bs)
 
     def layered(self, f):
@@ -313,7 +327,7 @@ def run_config(runner: Runner, cfg: Config, repeats: int, seed: int) -> list[dic
 
     jax, jnp, spa = runner.jax, runner.jnp, runner.spa
     rng = np.random.default_rng(seed)
-    tree, total_pages = build_tree(cfg, rng)
+    tree, total_pages = runner.tree(cfg, rng)
     ratio = byte_ratio(tree)
     b = tree.num_requests
     k_pages, v_pages = runner.pools(total_pages, seed)
@@ -430,7 +444,7 @@ def jax_decode_attention_fn(runner: Runner, q, k_c, v_c, lengths):
     k_p, v_p = jnp.pad(k_c, pad), jnp.pad(v_c, pad)  # [B, Hkv, L', D]
     inner = functools.partial(
         decode_attention.decode_attn_unbatched, sm_scale=runner.scale, block_h=16, block_k=block_k,
-        k_splits=k_splits, num_warps=None, num_stages=2, grid=None, interpret=False, debug=False,
+        k_splits=k_splits, num_warps=None, num_stages=2, grid=None, interpret=runner.interpret, debug=False,
         return_residuals=False, normalize_output=True)
     per_head = jax.vmap(jax.vmap(inner, in_axes=(0, 0, 0, None, None)), in_axes=(0, 0, 0, None, 0))
 
@@ -465,7 +479,7 @@ def jax_paged_attention_fn(runner: Runner, q, k_pages, v_pages, table, lengths):
     errors = []
     for ppcb in (8, 4, 2):
         fn = runner.layered(functools.partial(jpa.paged_attention, pages_per_compute_block=ppcb,
-                                              k_splits=k_splits))
+                                              k_splits=k_splits, interpret=runner.interpret))
         try:
             jax.block_until_ready(fn(q, k_pages, v_pages, table, lengths))
         except Exception as e:  # noqa: BLE001 - a tile Triton rejects: try a smaller one
@@ -510,7 +524,7 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
         return {key: median(times[key]) for key in fns}, errors
 
     cfg = plain_cfg = Config("tune", "plain B=8 L=8192", "chains", B=8, depth=0, node_tokens=8192)
-    tree, total = build_tree(cfg, rng)
+    tree, total = runner.tree(cfg, rng)
     k_pages, v_pages = runner.pools(total, seed)
     q = runner.queries(8, seed)
     plain_tree, plain_k, plain_v, plain_q = tree, k_pages, v_pages, q
@@ -551,7 +565,7 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
         total: dict[int, float] = {n: 0.0 for n in variants}
         out["min_split_programs"] = []
         for cfg, force in zip(small, ("plain", "share")):
-            tr, n_pages = build_tree(cfg, rng)
+            tr, n_pages = runner.tree(cfg, rng)
             kp, vp = runner.pools(n_pages, seed + 2)
             med, err = sweep(variants, runner.queries(cfg.B, seed), kp, vp, tr, force)
             out["min_split_programs"] += [{"min_split_programs": n, "config": cfg.label, "median_s": med.get(n),
@@ -561,7 +575,7 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
             base = variants[min(total, key=total.get)]
 
     cfg = Config("tune", "star B=32 P=8192 S=128", "star", B=32, P=8192, S=128)
-    tree, total = build_tree(cfg, rng)
+    tree, total = runner.tree(cfg, rng)
     k_pages, v_pages = runner.pools(total, seed + 1)
     q = runner.queries(32, seed)
     variants = {}
@@ -653,13 +667,15 @@ def calibrate(runner: Runner, repeats: int, seed: int, quick: bool) -> dict:
     scale = 8 if quick else 1
     sizes = [s for s in (2, 4, 8, 16, 32, 64) if s <= bs.query_block]
     chunk = bs.chunk_pages * PAGE
-    # quick: the smallest lengths that still give the shared fit two distinct chunk counts
-    lengths = [chunk // 2, chunk, 2 * chunk] if quick else [1024, 4096, 8192]
+    # quick (and --interpret, whose trees are shrunk): the smallest lengths that still give the
+    # shared fit two distinct chunk counts
+    lengths = ([n * runner.shrink for n in (chunk // 2, chunk, 2 * chunk)] if quick or runner.interpret
+               else [1024, 4096, 8192])
     points, fns = [], {}
     for s in sizes:
         for length in lengths:
             cfg = Config("cal", f"{s} x {length}", "star", B=s, P=length, S=64 // min(scale, 4))
-            tree, total = build_tree(cfg, rng)
+            tree, total = runner.tree(cfg, rng)
             k_pages, v_pages = runner.pools(total, seed)
             q = runner.queries(spa.bucket(s), seed)
             for mode in ("plain", "share"):
@@ -774,6 +790,10 @@ def main(argv=None) -> int:
                     "quick: attention_quick.json); the PNG goes next to it")
     ap.add_argument("--gpu", action="store_true", help="GPU mode (automatic when jax's platform is gpu): "
                     "Pallas kernels + jax decode_attention baseline + bandwidth")
+    ap.add_argument("--interpret", action="store_true",
+                    help="check the GPU path on CPU before spending GPU time: the Pallas kernels, the "
+                         "GPU sweeps and JAX's kernels in the Pallas interpreter, every tree 1/%d of its "
+                         "tokens; the timings mean nothing (default --out: a temporary file)" % INTERPRET_SHRINK)
     ap.add_argument("--only", default=None, help="comma-separated config names or label substrings "
                     "to run (e.g. C1,C5 or chain)")
     ap.add_argument("--skip-tune", action="store_true", help="skip the block-size sweep")
@@ -797,7 +817,7 @@ def main(argv=None) -> int:
 
     enable_compilation_cache()
     dev = jax.devices()[0]
-    gpu = args.gpu or dev.platform == "gpu"
+    gpu = args.gpu or args.interpret or dev.platform == "gpu"
     if args.gpu and dev.platform != "gpu":
         print(f"--gpu needs a GPU; jax's platform is {dev.platform}", file=sys.stderr)
         return 2
@@ -805,16 +825,18 @@ def main(argv=None) -> int:
     repeats = args.repeats or (2 if args.quick else 15 if gpu else 7)
     stem = ("attention" + ("_gpu" if gpu else "") + ("_bf16" if args.dtype == "bfloat16" else "")
             + (f"_{args.fp32_dot}" if args.fp32_dot != "auto" else "") + ("_quick" if args.quick else ""))
-    out = Path(args.out) if args.out else RESULTS / f"{stem}.json"
+    if args.interpret:
+        stem += "_interpret"
+    out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) if args.interpret else RESULTS) / f"{stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    runner = Runner(gpu, args.dtype, args.fp32_dot)
+    runner = Runner(gpu, args.dtype, args.fp32_dot, interpret=args.interpret)
     header = {
         "benchmark": "attention",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": {"device_kind": dev.device_kind, "platform": dev.platform, "cpu_count": os.cpu_count(),
                    "machine": platform.machine(), "peak_bandwidth_Bps": peak_bandwidth() if gpu else None},
         "jax_version": jax.__version__, "python": platform.python_version(),
-        "quick": args.quick, "repeats": repeats, "statistic": "median of round-robin repeats",
+        "quick": args.quick, "interpret": args.interpret, "repeats": repeats, "statistic": "median of round-robin repeats",
         "timing": (f"per call: one sample runs the variant on {runner.layers} query batches inside one "
                    "jit (a lax.map, like the layers of a decode step) and is divided by that") if gpu else
                   "per call: one call per sample, block_until_ready",

@@ -18,6 +18,9 @@
 #   5. the kernel tests compiled (JAXSYS_PALLAS_COMPILED=1 flips INTERPRET in the test module;
 #      the `gpu`-marked tests add model-sized shapes).
 #
+# Before a GPU run, `make gpu-check-dry` runs the benchmark's GPU path in the Pallas interpreter on
+# CPU (every sweep and configuration, shrunk), so a Python error does not cost GPU time.
+#
 # Outputs go to $GPU_CHECK_OUT (default benchmarks/results): attention_gpu.json/.png,
 # attention_gpu_tf32.json/.png, attention_gpu_bf16.json/.png, gpu_check_tests.txt,
 # gpu_check_env.txt. The JSON is rewritten after every section, so a run
