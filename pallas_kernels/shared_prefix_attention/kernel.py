@@ -4,17 +4,20 @@ Same algorithm as `xla.py`, in three launches:
 
 1. Shared items, grid (W, Hkv): one program per (KV chunk, KV head) loads the chunk's pages
    ONCE and multiplies them with the stacked queries of every request in its query block
-   ([Qb x G rows, D] padded to a power of two >= 16 for Triton's dot), with an online softmax
-   over `pages_per_compute_block`-page tiles. Writes a partial (output, LSE) per query row.
+   ([Qb x G rows, D] padded to a power of two >= 16 for Triton's dot; the program gathers the
+   rows itself), with an online softmax over `pages_per_compute_block`-page tiles. Writes a
+   partial (output, LSE) per query row.
 2. Private pages, grid (B, S, Hkv): split-KV paged decode ("FlashDecoding") of what each
    request does not share; one partial per (request, split, KV head). This launch alone is
-   `paged_attention`, the plain fallback.
+   `paged_attention`, the plain fallback. It has its own tile (`BlockSizes.split_launch`), and
+   with `min_split_programs` it takes more, shorter splits when the batch is small.
 3. Merge, grid (B, Hkv): each program folds its request's private partials and the shared
-   partials listed in `merge_rows` by log-sum-exp.
+   partials listed in `merge_rows` by log-sum-exp, reading both where the launches wrote them.
 
-Programs whose pages are all padding run no KV loop and write an empty partial (LSE = -inf),
-so padded buckets cost almost nothing. Triton needs power-of-two tiles: `head_dim`, the
-page size, `BlockSizes.chunk_pages`/`split_pages`/`pages_per_compute_block` are validated.
+So between the launches XLA only reshapes the queries (tens of KB). Programs whose pages are
+all padding run no KV loop and write an empty partial (LSE = -inf), so padded buckets cost
+almost nothing. Triton needs power-of-two tiles: `head_dim`, the page size,
+`BlockSizes.chunk_pages`/`split_pages`/`pages_per_compute_block` are validated.
 
 File order follows jax's ragged_paged_attention: reference import, input validation, kernel
 bodies, public jitted wrappers.
@@ -131,27 +134,25 @@ def _validate_step(q, k_pages, step: SharedPrefixStep, block_sizes: BlockSizes, 
 # -- kernel bodies -------------------------------------------------------------------------------
 
 
-def _attend_pages_kernel(pages_ref, page_lens_ref, q_ref, k_pages_ref, v_pages_ref, o_ref, lse_ref,
-                         *, sm_scale: float, pages_per_compute_block: int, precision,
-                         prefetch: bool = False):
+def _attend(q, pages_ref, page_lens_ref, k_pages_ref, v_pages_ref, o_ref, lse_ref, *, sm_scale: float,
+            pages_per_compute_block: int, precision, prefetch: bool = False):
     """Attention of one program's query rows over one program's list of pages (one KV head).
 
-    pages_ref, page_lens_ref: i32[n_pages] (valid pages first, then padding with length 0);
-    q_ref: [rows, D]; k/v_pages_ref: [NP, ps, D] (this KV head); o_ref: f32[rows, D];
+    q: [rows, D] (loaded); pages_ref, page_lens_ref: i32[n_pages] (valid pages first, then
+    padding with length 0); k/v_pages_ref: [NP, ps, D] (this KV head); o_ref: f32[rows, D];
     lse_ref: f32[rows].
 
     prefetch: issue the loads of tile i + 1 before computing on tile i (the tiles ride in the
     loop carry), so the memory latency overlaps the products even where the compiler does not
     pipeline the page-table-indexed loads itself.
     """
-    rows, d = q_ref.shape
+    rows, d = q.shape
     ps = k_pages_ref.shape[1]
     ppcb = pages_per_compute_block
     block_k = ppcb * ps
     n_active = jnp.sum((page_lens_ref[...] > 0).astype(jnp.int32))
     slot = lax.rem(lax.broadcasted_iota(jnp.int32, (block_k,), 0), ps)
     page_of = lax.div(lax.broadcasted_iota(jnp.int32, (block_k,), 0), ps)
-    q = q_ref[...]
 
     def load(i):  # tile i: keys, values and the valid tokens of each token's page
         start = i * ppcb
@@ -193,6 +194,25 @@ def _attend_pages_kernel(pages_ref, page_lens_ref, q_ref, k_pages_ref, v_pages_r
     l_safe = jnp.where(nonempty, l, 1.0)
     o_ref[...] = (o / l_safe[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(nonempty, m + jnp.log(l_safe), -jnp.inf)
+
+
+def _split_kernel(pages_ref, page_lens_ref, q_ref, k_pages_ref, v_pages_ref, o_ref, lse_ref, **kw):
+    """One split of one request's pages for one KV head. q_ref: [Gp, D], the request's rows."""
+    _attend(q_ref[...], pages_ref, page_lens_ref, k_pages_ref, v_pages_ref, o_ref, lse_ref, **kw)
+
+
+def _item_kernel(pages_ref, page_lens_ref, queries_ref, q_ref, k_pages_ref, v_pages_ref, o_ref, lse_ref,
+                 *, group: int, rows: int, **kw):
+    """One shared work item for one KV head: its chunk's pages against the stacked query rows of
+    every request in it, gathered here. queries_ref: i32[Qb] (request B: an empty slot);
+    q_ref: [(B + 1) * G, D], request b's rows at [b * G, b * G + G) (request B: zeros). Row
+    s * G + j of the program is query head j of slot s; rows past Qb slots read zeros."""
+    qb = queries_ref.shape[0]
+    r = lax.broadcasted_iota(jnp.int32, (rows,), 0)
+    slot = lax.div(r, group)
+    request = queries_ref[jnp.minimum(slot, qb - 1)]
+    row = jnp.where(slot < qb, request * group + lax.rem(r, group), q_ref.shape[0] - 1)
+    _attend(q_ref[row], pages_ref, page_lens_ref, k_pages_ref, v_pages_ref, o_ref, lse_ref, **kw)
 
 
 def _merge_kernel(merge_rows_ref, o_sh_ref, lse_sh_ref, o_pr_ref, lse_pr_ref, out_ref, lse_out_ref=None,
@@ -282,7 +302,7 @@ def _private_partials(q_bhgd, k_pages, v_pages, pages, page_lens, *, block_sizes
     sp = _split_pages(b * hkv, pp, ps, block_sizes)
     n_split = pp // sp
     ppcb = min(block_sizes.pages_per_compute_block, sp)
-    kernel = functools.partial(_attend_pages_kernel, sm_scale=sm_scale, pages_per_compute_block=ppcb,
+    kernel = functools.partial(_split_kernel, sm_scale=sm_scale, pages_per_compute_block=ppcb,
                                precision=precision, prefetch=bool(block_sizes.prefetch))
     return pl.pallas_call(
         kernel,
@@ -318,19 +338,23 @@ def _shared_partials(q_bhgd, k_pages, v_pages, step: SharedPrefixStep, *, g, blo
     qb = step.item_queries.shape[1]
     gm = _pow2_at_least(g, 1)
     rows = _pow2_at_least(qb * g + gm - g, _MIN_DOT)
-    q_ext = jnp.concatenate([q_bhgd[:, :, :g], jnp.zeros((1, hkv, g, d), q_bhgd.dtype)], axis=0)
-    q_items = jnp.transpose(q_ext[step.item_queries], (0, 2, 1, 3, 4)).reshape(w, hkv, qb * g, d)
-    q_items = jnp.pad(q_items, ((0, 0), (0, 0), (0, rows - qb * g), (0, 0)))  # [W, Hkv, rows, D]
+    # [Hkv, (B + 1) * G, D]: request b's query heads in rows [b * G, b * G + G), then G zero rows
+    q_rows = jnp.pad(jnp.transpose(q_bhgd[:, :, :g], (1, 0, 2, 3)), ((0, 0), (0, 1), (0, 0), (0, 0)))
+    q_rows = q_rows.reshape(hkv, (b + 1) * g, d)
+    # Triton blocks are powers of two: extra slots hold request B (zeros), as empty slots do
+    queries = jnp.pad(step.item_queries, ((0, 0), (0, _pow2_at_least(qb, 1) - qb)), constant_values=b)
     ppcb = min(block_sizes.pages_per_compute_block, c)
-    kernel = functools.partial(_attend_pages_kernel, sm_scale=sm_scale, pages_per_compute_block=ppcb,
-                               precision=precision, prefetch=bool(block_sizes.prefetch))
+    kernel = functools.partial(_item_kernel, group=g, rows=rows, sm_scale=sm_scale,
+                               pages_per_compute_block=ppcb, precision=precision,
+                               prefetch=bool(block_sizes.prefetch))
     return pl.pallas_call(
         kernel,
         grid=(w, hkv),
         in_specs=[
             pl.BlockSpec((None, c), lambda i, h: (i, 0)),  # item_pages
             pl.BlockSpec((None, c), lambda i, h: (i, 0)),  # item_page_lens
-            pl.BlockSpec((None, None, rows, d), lambda i, h: (i, h, 0, 0)),  # stacked queries
+            pl.BlockSpec((None, queries.shape[1]), lambda i, h: (i, 0)),  # item_queries
+            pl.BlockSpec((None, (b + 1) * g, d), lambda i, h: (h, 0, 0)),  # every request's rows
             pl.BlockSpec((None,) + k_pages.shape[1:], lambda i, h: (h, 0, 0, 0)),
             pl.BlockSpec((None,) + v_pages.shape[1:], lambda i, h: (h, 0, 0, 0)),
         ],
@@ -345,7 +369,7 @@ def _shared_partials(q_bhgd, k_pages, v_pages, step: SharedPrefixStep, *, g, blo
         compiler_params=_compiler_params(block_sizes),
         interpret=interpret,
         name="shared_prefix_items",
-    )(step.item_pages, step.item_page_lens, q_items, k_pages, v_pages)
+    )(step.item_pages, step.item_page_lens, queries, q_rows, k_pages, v_pages)
 
 
 def _merge(merge_rows, o_sh, lse_sh, o_pr, lse_pr, *, gm, out_dtype, block_sizes, interpret,
