@@ -247,9 +247,10 @@ class Runner:
         from jaxsys.pallas_kernels.shared_prefix_attention import tuned_block_sizes
 
         key = (self.platform, HQ // HKV, HEAD_DIM, PAGE, self.dtype.name)
-        self.block_sizes_from = ("tuned_block_sizes.py" if key in tuned_block_sizes.TUNED_BLOCK_SIZES.get(
-            self.platform, {}) else "platform default (untuned)")
-        self.set_block_sizes(spa.get_block_sizes(*key))
+        table = tuned_block_sizes.TUNED_BLOCK_SIZES.get(self.platform, {})
+        self.block_sizes_from = next((f"tuned_block_sizes.py {k}" for k in (key + (fp32_dot,), key) if k in table),
+                                     "platform default (untuned)")
+        self.set_block_sizes(spa.get_block_sizes(*key, fp32_dot=fp32_dot))
         self.naive = self.layered(lambda q, k, v, ln: naive_decode(q, k, v, ln, sm_scale=self.scale))
 
     def tree(self, cfg: Config, rng):

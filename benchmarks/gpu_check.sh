@@ -13,8 +13,8 @@
 #      split-KV, naive and JAX's own decode_attention, plus achieved bandwidth); every variant
 #      is also checked against ours (max_abs_diff_vs_ours in the JSON);
 #   4. opt-in sections: tf32 (fp32 with one TF32 product per dot, the precision of JAX's
-#      decode_attention: like for like) and bf16 (bf16 KV); each runs the configurations on the
-#      tuned tiles (fp32's where bf16 has none), then its own tile sweep (--tune-first: before);
+#      decode_attention: like for like) and bf16 (bf16 KV); each runs the configurations on its
+#      tuned tiles, then its own tile sweep (--tune-first: before);
 #   5. the kernel tests compiled (JAXSYS_PALLAS_COMPILED=1 flips INTERPRET in the test module;
 #      the `gpu`-marked tests add model-sized shapes).
 #
@@ -88,7 +88,7 @@ if [ "$smoke_rc" -eq 0 ]; then
   want bench && bench fp32 "${GPU_CHECK_BENCH_TIMEOUT:-330}" --tune-first \
     --out "$OUTDIR/attention_gpu.json" ${GPU_CHECK_BENCH_ARGS:-}
   # fp32 with one TF32 product per dot, JAX decode_attention's precision: like for like
-  # (configurations on the fp32 tiles first, then the tile sweep with TF32 dots)
+  # (configurations on the TF32 tiles of tuned_block_sizes.py first, then the tile sweep)
   # (without calibration unless its arguments are set: e.g. "--tune-first" tunes, calibrates,
   # then runs the configurations with both)
   want tf32 && bench tf32 "${GPU_CHECK_TF32_TIMEOUT:-240}" --fp32-dot tf32 \

@@ -351,7 +351,7 @@ def test_kernel_model_shapes_gpu(dtype, fp32_dot):
                                   suffix_tokens=(1, 300))
     q, k, v = make_inputs(rng, num_requests=tree.num_requests, total_pages=total_pages,
                           num_kv_heads=8, group=4, head_dim=128, page_size=ps, dtype=dtype)
-    bs = get_block_sizes("gpu", 4, 128, ps, jnp.dtype(dtype).name)
+    bs = get_block_sizes("gpu", 4, 128, ps, jnp.dtype(dtype).name, fp32_dot)
     for force in EVERY_FORCE:
         plan = plan_step(tree, block_sizes=bs, cost_model=get_cost_model("gpu"), force=force)
         out = shared_prefix_attention(q, k, v, plan.step, block_sizes=bs, fp32_dot=fp32_dot)

@@ -309,5 +309,9 @@ def test_tuned_tables_are_valid():
     assert get_cost_model("gpu", "bfloat16") is get_cost_model("gpu", "float32")
     assert get_cost_model("tpu", "bfloat16") is get_cost_model("cpu")
     assert get_block_sizes("gpu", 4, 128, 16, "float32") != get_block_sizes("gpu", 4, 128, 16, "bfloat16")
+    # a dot mode with tiles of its own; the others use the dtype's
+    assert get_block_sizes("gpu", 4, 128, 16, "float32", "tf32").chunk_pages == 32
+    for mode in ("auto", "tf32x3", "ieee"):
+        assert get_block_sizes("gpu", 4, 128, 16, "float32", mode) == get_block_sizes("gpu", 4, 128, 16, "float32")
 
 

@@ -11,7 +11,8 @@ Two frozen, validated dataclasses and the tables that pick them:
 
 This module imports neither jax nor numpy, so the host-side balancer can use it freely.
 
-Table keys are `(platform, num_q_heads_per_kv_head, head_dim, page_size, dtype name)`;
+Table keys are `(platform, num_q_heads_per_kv_head, head_dim, page_size, dtype name)`, plus the
+fp32 dot mode where a mode has tiles of its own;
 `platform` is `jax.devices()[0].platform` ("cpu", "gpu", "tpu"). A missing key falls back to
 the platform default, and a missing platform to the CPU default.
 """
@@ -194,6 +195,15 @@ _GPU_H200_BLOCKS = BlockSizes(chunk_pages=64, query_block=16, split_pages=32,
 _GPU_H200_BF16_BLOCKS = BlockSizes(chunk_pages=32, query_block=16, split_pages=64,
                                    pages_per_compute_block=8, num_warps=4, num_stages=1)
 
+# fp32 with one TF32 product per dot (`fp32_dot="tf32"`, opt-in): `make gpu-check` section tf32
+# with --tune-first on the same H200 (benchmarks/results/attention_gpu_tf32.json, section
+# "tuning", medians of 7): split_pages 64 on the plain B=8 x 8192 tree (217 us; 32: +6%, 16: +11%,
+# 128: +17%); chunk_pages 32 x query_block 16 on the star B=32 P=8192 S=128 tree (149 us; 64 x 16
+# and 16 x 16: +9-12%; query_block 4/8: +23-62%); pages_per_compute_block 2 with 4 warps and 2
+# stages (145 us; 3 stages within 1%; 4 or 8 pages: +13-24%; 8 warps: +13-34%).
+_GPU_H200_TF32_BLOCKS = BlockSizes(chunk_pages=32, query_block=16, split_pages=64,
+                                   pages_per_compute_block=2, num_warps=4, num_stages=2)
+
 TUNED_BLOCK_SIZES: dict[str, dict[tuple, BlockSizes]] = {
     "cpu": {
         ("cpu", 4, 128, 16, "float32"): _CPU_DEFAULT_BLOCKS,
@@ -201,6 +211,7 @@ TUNED_BLOCK_SIZES: dict[str, dict[tuple, BlockSizes]] = {
     "gpu": {
         ("gpu", 4, 128, 16, "float32"): _GPU_H200_BLOCKS,
         ("gpu", 4, 128, 16, "bfloat16"): _GPU_H200_BF16_BLOCKS,
+        ("gpu", 4, 128, 16, "float32", "tf32"): _GPU_H200_TF32_BLOCKS,
     },
 }
 
@@ -243,12 +254,16 @@ COST_MODELS: dict[str, dict[str, CostModel]] = {"cpu": {"float32": _CPU_COST},
 
 
 def get_block_sizes(platform: str, num_q_heads_per_kv_head: int, head_dim: int, page_size: int,
-                    dtype_name: str) -> BlockSizes:
-    """Tuned `BlockSizes` for a platform and model shape (platform default when untuned)."""
+                    dtype_name: str, fp32_dot: str = "auto") -> BlockSizes:
+    """Tuned `BlockSizes` for a platform and model shape (platform default when untuned).
+
+    `fp32_dot` (the kernels' fp32 dot mode, see `shared_prefix_attention`): a mode with its own
+    entry (key + (fp32_dot,)) uses it, any other the dtype's entry."""
     table = TUNED_BLOCK_SIZES.get(platform, {})
     key = (platform, num_q_heads_per_kv_head, head_dim, page_size, dtype_name)
-    if key in table:
-        return table[key]
+    for k in (key + (fp32_dot,), key):
+        if k in table:
+            return table[k]
     return DEFAULT_BLOCK_SIZES.get(platform, _CPU_DEFAULT_BLOCKS)
 
 
