@@ -462,9 +462,9 @@ def jax_paged_attention_fn(runner: Runner, q, k_pages, v_pages, table, lengths):
     """JAX's own Pallas GPU paged attention (`jax.experimental.pallas.ops.gpu.paged_attention`)
     on the same page pool and page tables as our split-KV kernel: the like-for-like baseline of
     paged decode without sharing (JAX's decode_attention reads contiguous KV, which a paged
-    cache does not have). Its defaults (8 pages per tile, 16 splits, 8 warps, 2 stages; TF32
-    dots on fp32), with the tile halved while Triton cannot compile it (fp32 tiles of 8 pages
-    x 2 stages overflow shared memory). Its kernel takes no softmax scale: the queries are
+    cache does not have). Its defaults (16 splits, 8 warps, 2 stages; TF32 dots on fp32) but
+    for the tile: 8 pages (its default) for 16-bit KV, 4 for fp32 (8 fp32 pages x 2 stages
+    overflow shared memory), halved while Triton cannot compile it. Its kernel takes no softmax scale: the queries are
     scaled outside the timing. Returns (callable, None) or (None, why not)."""
     import jax
     import jax.numpy as jnp
@@ -478,7 +478,10 @@ def jax_paged_attention_fn(runner: Runner, q, k_pages, v_pages, table, lengths):
     table = jnp.pad(table, ((0, 0), (0, width - table.shape[1])))
     q = jax.block_until_ready(q * jnp.asarray(runner.scale, q.dtype))  # its kernel does not scale
     errors = []
-    for ppcb in (8, 4, 2):
+    # its default tile is 8 pages; start at the largest that fits before (fp32: 4), and remember
+    # what compiled for the next configuration
+    start = getattr(runner, "jax_paged_tile", 8 if runner.dtype.itemsize <= 2 else 4)
+    for ppcb in (n for n in (8, 4, 2) if n <= start):
         fn = runner.layered(functools.partial(jpa.paged_attention, pages_per_compute_block=ppcb,
                                               k_splits=k_splits, interpret=runner.interpret))
         try:
@@ -486,6 +489,7 @@ def jax_paged_attention_fn(runner: Runner, q, k_pages, v_pages, table, lengths):
         except Exception as e:  # noqa: BLE001 - a tile Triton rejects: try a smaller one
             errors.append(f"pages_per_compute_block={ppcb}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
             continue
+        runner.jax_paged_tile = ppcb
         return (lambda: fn(q, k_pages, v_pages, table, lengths)), None
     return None, "did not compile: " + " | ".join(errors)
 
@@ -545,8 +549,7 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
         # The split-KV launch's own tile (its programs hold 16 query rows, a shared item's up to
         # query_block x G): on the same plain tree.
         variants = {}
-        for ppcb, warps, stages in ((2, 4, 2), (4, 4, 2), (4, 4, 3), (4, 8, 2), (8, 4, 1), (8, 8, 1),
-                                    (8, 8, 2), (16, 8, 1)):
+        for ppcb, warps, stages in ((2, 4, 2), (4, 4, 2), (4, 8, 2), (8, 8, 1), (8, 8, 2)):
             if base.split_pages % ppcb == 0:
                 variants[(ppcb, warps, stages)] = dataclasses.replace(
                     base, split_pages_per_compute_block=ppcb, split_num_warps=warps, split_num_stages=stages)
@@ -562,7 +565,7 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
         # plain batch and the private launch of a star (its suffixes are the split-KV part).
         small = [Config("tune", "plain B=4 L=4096", "chains", B=4, depth=0, node_tokens=4096),
                  Config("tune", "star B=8 P=4096 S=512", "star", B=8, P=4096, S=512)]
-        variants = {n: dataclasses.replace(base, min_split_programs=n) for n in (0, 256, 512, 1024, 2048)}
+        variants = {n: dataclasses.replace(base, min_split_programs=n) for n in (0, 512, 1024)}
         total: dict[int, float] = {n: 0.0 for n in variants}
         out["min_split_programs"] = []
         for cfg, force in zip(small, ("plain", "share")):
@@ -618,11 +621,13 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
             total = {n: t + med[n] for n, t in total.items() if n in med}
         if total:
             base = variants[min(total, key=total.get)]
-        # How the kernels compute fp32 dots (not a tile size: recorded, not chosen here).
+        # How the kernels compute fp32 dots (not a tile size: recorded, not chosen here; in the
+        # default fp32 pass only).
         out["fp32_dot"] = []
         trees = (("star B=32 P=8192 S=128", tree, k_pages, v_pages, q, "share"),
                  (plain_cfg.label, plain_tree, plain_k, plain_v, plain_q, "plain"))
-        for label, tr, kp, vp, qq, force in trees if runner.dtype.name == "float32" else ():
+        every_mode = runner.dtype.name == "float32" and runner.fp32_dot == "auto"
+        for label, tr, kp, vp, qq, force in trees if every_mode else ():
             modes = ("tf32x3", "tf32", "ieee")
             med, err = sweep({m: base for m in modes}, qq, kp, vp, tr, force, fp32_dot={m: m for m in modes})
             out["fp32_dot"] += [{"fp32_dot": m, "config": label, "median_s": med.get(m),
@@ -837,7 +842,8 @@ def main(argv=None) -> int:
         "device": {"device_kind": dev.device_kind, "platform": dev.platform, "cpu_count": os.cpu_count(),
                    "machine": platform.machine(), "peak_bandwidth_Bps": peak_bandwidth() if gpu else None},
         "jax_version": jax.__version__, "python": platform.python_version(),
-        "quick": args.quick, "interpret": args.interpret, "repeats": repeats, "statistic": "median of round-robin repeats",
+        "quick": args.quick, "interpret": args.interpret, "repeats": repeats,
+        "statistic": "median of round-robin repeats",
         "timing": (f"per call: one sample runs the variant on {runner.layers} query batches inside one "
                    "jit (a lax.map, like the layers of a decode step) and is divided by that") if gpu else
                   "per call: one call per sample, block_until_ready",

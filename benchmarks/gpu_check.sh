@@ -32,7 +32,9 @@
 # tf32 and bf16 default to "--skip-calibration"),
 # GPU_CHECK_SMOKE_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT / GPU_CHECK_TF32_TIMEOUT /
 # GPU_CHECK_BF16_TIMEOUT / GPU_CHECK_TEST_TIMEOUT (seconds, default 100 / 330 / 240 / 150 / 150;
-# all four sections take ~16 minutes, over one 10-minute device call: split them).
+# all four sections take ~16 minutes, over one 10-minute device call: split them). E.g. the
+# like-for-like comparison with JAX's kernels, tuned and calibrated, in one call:
+#   GPU_CHECK_SECTIONS=tf32 GPU_CHECK_TF32_ARGS=--tune-first GPU_CHECK_TF32_TIMEOUT=480 make gpu-check
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
