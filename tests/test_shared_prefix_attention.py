@@ -233,6 +233,22 @@ def test_kernel_merge_reads_odd_groups_in_place():
     _tol_check(out, _reference(tree, q, k, v), v, jnp.float32)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_with_every_launch_option_matches_reference(dtype):
+    """Prefetch, more and shorter splits with their own tile, and a non-power-of-two query block,
+    together, with return_lse: one configuration the GPU sweep may pick."""
+    tree, q, k, v = _setup("internal_requests_padded", dtype)
+    base = kernel_block_sizes(tree.page_size)
+    bs = dataclasses.replace(base, query_block=3, split_pages=4 * base.split_pages, prefetch=1,
+                             min_split_programs=10**6, split_pages_per_compute_block=2 * base.pages_per_compute_block)
+    plan, q = _plan(tree, q, "share", bs)
+    out, lse = shared_prefix_attention(q, k, v, plan.step, block_sizes=bs, interpret=INTERPRET, return_lse=True)
+    assert out.dtype == dtype and lse.dtype == jnp.float32
+    _tol_check(out, _reference(tree, q, k, v), v, dtype)
+    plain = shared_prefix_attention(q, k, v, plan.step, block_sizes=base, interpret=INTERPRET)
+    _tol_check(out, plain.astype(jnp.float32), v, dtype)
+
+
 def test_split_count_fills_the_launch():
     bs = BlockSizes(chunk_pages=64, query_block=16, split_pages=32, pages_per_compute_block=2)
     split = functools.partial(_split_pages, pp=64, page_size=16)
