@@ -142,28 +142,36 @@ def _attend(q, pages_ref, page_lens_ref, k_pages_ref, v_pages_ref, o_ref, lse_re
     padding with length 0); k/v_pages_ref: [NP, ps, D] (this KV head); o_ref: f32[rows, D];
     lse_ref: f32[rows].
 
+    The page table is read once, before the loop: each tile picks its pages from registers, so
+    the only loads in the loop are the KV tiles, whose addresses depend on the loop index alone,
+    and Triton's pipeliner can keep num_stages - 1 tiles in flight (with the table read inside the
+    loop it kept one buffer and waited for every tile: `benchmarks/triton_static.py`).
+
     prefetch: issue the loads of tile i + 1 before computing on tile i (the tiles ride in the
-    loop carry), so the memory latency overlaps the products even where the compiler does not
-    pipeline the page-table-indexed loads itself.
+    loop carry), software pipelining in registers for where the compiler's does not happen.
     """
     rows, d = q.shape
+    n_pages = pages_ref.shape[0]
     ps = k_pages_ref.shape[1]
     ppcb = pages_per_compute_block
     block_k = ppcb * ps
-    n_active = jnp.sum((page_lens_ref[...] > 0).astype(jnp.int32))
-    slot = lax.rem(lax.broadcasted_iota(jnp.int32, (block_k,), 0), ps)
-    page_of = lax.div(lax.broadcasted_iota(jnp.int32, (block_k,), 0), ps)
+    all_pages, all_lens = pages_ref[...], page_lens_ref[...]
+    n_active = jnp.sum((all_lens > 0).astype(jnp.int32))
+    table_slot = lax.broadcasted_iota(jnp.int32, (ppcb, n_pages), 1)
+    tile_page = lax.broadcasted_iota(jnp.int32, (ppcb, n_pages), 0)
+    in_page = lax.broadcasted_iota(jnp.int32, (ppcb, ps), 1)
 
-    def load(i):  # tile i: keys, values and the valid tokens of each token's page
-        start = i * ppcb
-        pages = pages_ref[pl.ds(start, ppcb)]  # [ppcb]
-        return (k_pages_ref[pages].reshape(block_k, d), v_pages_ref[pages].reshape(block_k, d),
-                page_lens_ref[start + page_of])
+    def load(i):  # tile i: keys, values, and 1 for each valid token
+        pick = table_slot == i * ppcb + tile_page  # [ppcb, n_pages], one-hot rows
+        pages = jnp.sum(jnp.where(pick, all_pages[None, :], 0), axis=1)
+        lens = jnp.sum(jnp.where(pick, all_lens[None, :], 0), axis=1)
+        valid = (in_page < lens[:, None]).astype(jnp.int32).reshape(block_k)
+        return k_pages_ref[pages].reshape(block_k, d), v_pages_ref[pages].reshape(block_k, d), valid
 
     def attend(carry, tile):
         o, m, l = carry
-        k, v, tok_len = tile
-        valid = slot < tok_len
+        k, v, valid = tile
+        valid = valid > 0
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32) * sm_scale  # [rows, block_k]
         s = jnp.where(valid[None, :], s, _MASK_VALUE)
