@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-all bench gpu-check gpu-check-dry venv clean
+.PHONY: demo test test-all bench gpu-check gpu-check-dry kernel-report venv clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,13 @@ gpu-check:
 # the timings mean nothing, the outputs are checked against ours).
 gpu-check-dry: $(STAMP)
 	$(BIN)/python benchmarks/attention.py --interpret --tune-first --repeats 1
+
+# Static, on any machine: the attention kernels as Triton compiles them for an H100/H200 (registers,
+# spills, shared memory, programs per SM, pipelining of the KV loop). Installs `triton` (not a
+# dependency otherwise) -> benchmarks/results/attention_triton_static.json.
+kernel-report: $(STAMP)
+	$(BIN)/python -m pip install -q triton
+	TRITON_DEFAULT_FP_FUSION=1 $(BIN)/python benchmarks/triton_static.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -549,7 +549,7 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
         # The split-KV launch's own tile (its programs hold 16 query rows, a shared item's up to
         # query_block x G): on the same plain tree.
         variants = {}
-        for ppcb, warps, stages in ((2, 4, 2), (4, 4, 2), (4, 8, 2), (8, 8, 1), (8, 8, 2)):
+        for ppcb, warps, stages in ((2, 4, 2), (2, 4, 3), (4, 4, 2), (4, 4, 3), (4, 8, 3), (8, 8, 1), (8, 8, 2)):
             if base.split_pages % ppcb == 0:
                 variants[(ppcb, warps, stages)] = dataclasses.replace(
                     base, split_pages_per_compute_block=ppcb, split_num_warps=warps, split_num_stages=stages)

@@ -1,7 +1,8 @@
-"""`benchmarks/attention.py --interpret`: the benchmark's GPU path (our Pallas kernels, JAX's own
-decode_attention and paged_attention, the GPU tile sweeps) run in the Pallas interpreter on
-shrunk trees, so a Python error there shows up here and not in a scarce GPU run. The timings
-mean nothing; every variant's output is checked against ours."""
+"""The GPU-only code of the attention benchmarks, checked on CPU so that an error shows up here and
+not in a scarce GPU run: `benchmarks/attention.py --interpret` runs the GPU path (our Pallas
+kernels, JAX's own decode_attention and paged_attention, the GPU tile sweeps) in the Pallas
+interpreter on shrunk trees (timings mean nothing; every variant's output is checked against
+ours), and `benchmarks/triton_static.py --lower-only` lowers every kernel launch for CUDA."""
 
 from __future__ import annotations
 
@@ -12,10 +13,17 @@ from pathlib import Path
 
 import pytest
 
-_SPEC = importlib.util.spec_from_file_location(
-    "jaxsys_bench_attention", Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py")
-attention = sys.modules[_SPEC.name] = importlib.util.module_from_spec(_SPEC)  # its dataclasses look it up
-_SPEC.loader.exec_module(attention)
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(
+        f"jaxsys_bench_{name}", Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # its dataclasses look it up
+    spec.loader.exec_module(module)
+    return module
+
+
+attention = _load("attention")
+triton_static = _load("triton_static")
 
 
 def _run(tmp_path, *extra):
@@ -41,3 +49,12 @@ def test_gpu_sweeps_in_the_interpreter(tmp_path):
                     "pages_per_compute_block_x_num_warps_x_num_stages", "prefetch", "fp32_dot"):
         assert tuning[section] and all(r.get("median_s") for r in tuning[section]), section
     assert doc["block_sizes"] == tuning["best"]
+
+
+def test_kernels_lower_for_cuda_without_a_gpu(capsys):
+    """Every launch, for every tuned GPU table and the tile variants `make kernel-report` and the GPU
+    sweep try (stages, tiles, prefetch, shorter splits with their own tile), lowers to Triton IR
+    for CUDA here, as jax lowers it on a GPU: a lowering error shows up in CI, not in a GPU run."""
+    assert triton_static.main(["--lower-only"]) == 0
+    launches = [json.loads(line)["launch"] for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert set(launches) == set(triton_static.LAUNCHES) and len(launches) > 50

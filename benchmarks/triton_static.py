@@ -1,0 +1,234 @@
+"""What Triton makes of the shared-prefix Pallas kernels for a Hopper GPU, on a machine without one.
+
+Each launch of `shared_prefix_attention` (shared items, split-KV pages, merge) is lowered the way
+jax lowers it for CUDA (Pallas -> Triton IR; no GPU needed) and, with the `triton` package
+installed, compiled for sm_90 (H100/H200) by Triton and ptxas. Per launch and tile setting the
+report gives:
+
+  regs, spill_bytes     registers per thread, bytes spilled to local memory
+  shared_bytes          shared memory per program (Triton's allocation)
+  ctas_per_sm           programs one SM can hold at once: min over registers (64K per SM),
+                        shared memory (228 KiB per SM, 1 KiB of it per program reserved) and
+                        warps (64 per SM)
+  kv_buffers            shared-memory buffers per KV tile in the loop (pipeline depth)
+  loop_async_wait       the loop's `cp.async.wait_group` count: 0 = every tile's load is waited
+                        for in full before its use (no overlap); N = N copy groups stay in flight
+                        (None where the loop's blocks could not be told apart in the PTX)
+  loop_copies_16B / 4B  cp.async instructions of 16 and of 4 bytes per thread in the loop (the
+                        fp32 V tile is stored transposed for the tensor cores: 4-byte copies)
+
+This is a static check of what the code asks the compiler for, not a measurement: the GPU's
+Triton (inside jaxlib) is another version and may decide differently. `make kernel-report`
+installs `triton` into the venv and writes benchmarks/results/attention_triton_static.json;
+without `triton`, `--lower-only` checks that every launch lowers (what the tests do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+HQ, HKV, HEAD_DIM, PAGE = 32, 8, 128, 16
+SM_REGS, SM_SHARED, SM_WARPS, RESERVED_SHARED = 65536, 228 * 1024, 64, 1024
+LAUNCHES = ("shared_prefix_private_pages", "shared_prefix_items", "shared_prefix_merge")
+
+
+@contextlib.contextmanager
+def capture_triton_modules():
+    """Yields a list that collects (kernel name, Triton IR text, num_warps, num_stages) of every
+    Pallas Triton lowering inside the block."""
+    from jax._src.pallas.triton import pallas_call_registration as registration
+
+    captured: list[dict] = []
+    original = registration.lowering.lower_jaxpr_to_triton_module
+
+    def capture(jaxpr, grid_mapping, *args, **kwargs):
+        result = original(jaxpr, grid_mapping, *args, **kwargs)
+        module = result.module.operation
+        name = re.search(r"module @(\w+)", module.get_asm(enable_debug_info=False)[:200])
+        captured.append({"name": name.group(1) if name else "?",
+                         "ir": module.get_asm(enable_debug_info=False), "grid": list(result.grid)})
+        return result
+
+    registration.lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        yield captured
+    finally:
+        registration.lowering.lower_jaxpr_to_triton_module = original
+
+
+def lower_step(block_sizes, tree, total_pages: int, *, dtype: str = "float32", fp32_dot: str = "auto",
+               force: str | None = None) -> list[dict]:
+    """Lowers `shared_prefix_attention` for CUDA on the tree's step; one dict per launch, with
+    the launch's num_warps and num_stages."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxsys.pallas_kernels import shared_prefix_attention as spa
+
+    plan = spa.plan_step(tree, block_sizes=block_sizes, cost_model=spa.get_cost_model("gpu"), force=force)
+    b = plan.shape.num_requests
+    q = jax.ShapeDtypeStruct((b, HQ, HEAD_DIM), jnp.dtype(dtype))
+    kv = jax.ShapeDtypeStruct((HKV, total_pages, PAGE, HEAD_DIM), jnp.dtype(dtype))
+    step = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), plan.step)
+    f = functools.partial(spa.shared_prefix_attention, block_sizes=block_sizes, fp32_dot=fp32_dot)
+    with capture_triton_modules() as mods:
+        jax.jit(f).trace(q, kv, kv, step).lower(lowering_platforms=("cuda",))
+    split = block_sizes.split_launch()
+    params = {"shared_prefix_items": (block_sizes.num_warps, block_sizes.num_stages),
+              "shared_prefix_private_pages": (split.num_warps, split.num_stages),
+              "shared_prefix_merge": (block_sizes.num_warps, block_sizes.num_stages)}
+    for m in mods:
+        m["num_warps"], m["num_stages"] = params.get(m["name"], (block_sizes.num_warps, block_sizes.num_stages))
+    return mods
+
+
+def compile_report(mod: dict, arch: int = 90) -> dict:
+    """Compiles one captured module with the `triton` package for sm_`arch` and reads its
+    resources and loop structure."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{mod['name']}.ttir"
+        path.write_text(mod["ir"])
+        kernel = triton.compile(str(path), target=GPUTarget("cuda", arch, 32),
+                                options={"num_warps": mod["num_warps"], "num_stages": mod["num_stages"]})
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        tool = Path(os.path.dirname(triton.__file__)) / "backends" / "nvidia" / "bin" / "cuobjdump"
+        usage = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True,
+                               check=True).stdout
+    res = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+    regs, local = int(res.group(1)), int(res.group(4))
+    shared = int(kernel.metadata.shared)
+    warps = mod["num_warps"]
+    by_regs = SM_REGS // (math.ceil(regs / 8) * 8 * 32 * warps)
+    by_shared = SM_SHARED // (shared + RESERVED_SHARED)
+    loop = _kv_loop(kernel.asm["ptx"])
+    buffers = [int(n) for n in re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x\d+x\d+x(?:f32|bf16|f16)",
+                                          kernel.asm["ttgir"])]
+    out = {"regs": regs, "spill_bytes": local, "shared_bytes": shared,
+           "ctas_per_sm": min(by_regs, by_shared, SM_WARPS // warps),
+           "kv_buffers": max(buffers) if buffers else 0}
+    products = len(re.findall(r"\bmma\.sync|\bwgmma\.mma_async", loop))
+    if not products:  # the KV loop's blocks are not contiguous in the PTX (e.g. prefetch's branches)
+        return dict(out, loop_async_wait=None, loop_copies_16B=None, loop_copies_4B=None,
+                    loop_global_loads=None, loop_mma=None)
+    return dict(out, loop_async_wait=[int(n) for n in re.findall(r"cp\.async\.wait_group\s+(\d+)", loop)],
+                loop_copies_16B=len(re.findall(r"cp\.async\.\w+\.shared\.global[^;]*0x10,", loop)),
+                loop_copies_4B=len(re.findall(r"cp\.async\.\w+\.shared\.global[^;]*0x4,", loop)),
+                loop_global_loads=len(re.findall(r"ld\.global", loop)), loop_mma=products)
+
+
+def _kv_loop(ptx: str) -> str:
+    """The PTX of the KV loop: of the innermost loops (a header label to its last branch back),
+    the one with the most tensor-core products and loads."""
+    best, best_score = "", -1
+    for header in re.finditer(r"^(\$L__BB\d+_\d+):[^\n]*Inner Loop Header", ptx, re.M):
+        label = header.group(1)
+        back = [m.end() for m in re.finditer(rf"bra(?:\.uni)?\s+{re.escape(label)};", ptx)]
+        if not back:
+            continue
+        body = ptx[header.start():max(back)]
+        score = len(re.findall(r"\bmma\.sync|\bwgmma\.mma_async|cp\.async\.\w+\.shared|ld\.global", body))
+        if score > best_score:
+            best, best_score = body, score
+    return best
+
+
+def settings(quick: bool):
+    """(label, dtype, fp32_dot, BlockSizes) to report: the tuned tables and the tile variants the
+    GPU sweep tries."""
+    from jaxsys.pallas_kernels import shared_prefix_attention as spa
+
+    out = []
+    for dtype, fp32_dot in (("float32", "auto"), ("float32", "tf32"), ("bfloat16", "auto")):
+        base = spa.get_block_sizes("gpu", HQ // HKV, HEAD_DIM, PAGE, dtype, fp32_dot)
+        out.append((f"{dtype} {fp32_dot}: tuned table", dtype, fp32_dot, base))
+        if quick:
+            continue
+        for ppcb, warps, stages in ((2, 4, 3), (4, 4, 2), (4, 4, 3), (8, 4, 1), (8, 8, 2)):
+            if base.chunk_pages % ppcb or base.split_pages % ppcb:
+                continue
+            bs = dataclasses.replace(base, pages_per_compute_block=ppcb, num_warps=warps, num_stages=stages)
+            out.append((f"{dtype} {fp32_dot}: {ppcb} pages, {warps} warps, {stages} stages", dtype, fp32_dot, bs))
+        out.append((f"{dtype} {fp32_dot}: tuned table + prefetch", dtype, fp32_dot,
+                    dataclasses.replace(base, prefetch=1, num_stages=1)))
+        out.append((f"{dtype} {fp32_dot}: tuned table + split launch of 2 pages x 3 stages, >= 512 programs",
+                    dtype, fp32_dot, dataclasses.replace(base, split_pages_per_compute_block=2, split_num_stages=3,
+                                                         min_split_programs=512)))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="benchmarks/triton_static.py", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    ap.add_argument("--lower-only", action="store_true", help="lower every launch, compile nothing (no triton needed)")
+    ap.add_argument("--quick", action="store_true", help="the tuned tables only, not the tile variants")
+    ap.add_argument("--out", default=str(RESULTS / "attention_triton_static.json"))
+    args = ap.parse_args(argv)
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from attention import Config, build_tree  # the benchmark's trees
+
+    if not args.lower_only:
+        try:
+            import triton
+        except ImportError:
+            print("the `triton` package is not installed: `make kernel-report` installs it, or pass "
+                  "--lower-only", file=sys.stderr)
+            return 2
+    # the star of C1 exercises all three launches; the plain tree the split-KV launch alone
+    trees = [("star B=32 P=8192 S=128", Config("C1", "", "star", B=32, P=8192, S=128), "share"),
+             ("plain B=8 L=8192", Config("t", "", "chains", B=8, depth=0, node_tokens=8192), "plain")]
+    built = {label: build_tree(cfg, np.random.default_rng(0)) for label, cfg, _ in trees}
+    records = []
+    for label, dtype, fp32_dot, bs in settings(args.quick):
+        for tree_label, _, force in trees:
+            tree, total = built[tree_label]
+            for mod in lower_step(bs, tree, total, dtype=dtype, fp32_dot=fp32_dot, force=force):
+                if force == "plain" and mod["name"] != "shared_prefix_private_pages":
+                    continue
+                rec = {"setting": label, "tree": tree_label, "launch": mod["name"], "dtype": dtype,
+                       "fp32_dot": fp32_dot, "num_warps": mod["num_warps"], "num_stages": mod["num_stages"],
+                       "grid": mod["grid"], "block_sizes": dataclasses.asdict(bs)}
+                if not args.lower_only:
+                    rec.update(compile_report(mod))
+                records.append(rec)
+                print(json.dumps({k: v for k, v in rec.items() if k != "block_sizes"}), flush=True)
+    if args.lower_only:
+        return 0
+    doc = {
+        "what": "static analysis: the Pallas kernels lowered for CUDA by jax and compiled for sm_90 by the "
+                "triton package on a CPU machine; not a measurement (the GPU's jaxlib Triton may differ)",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "triton_version": triton.__version__,
+        "jax_version": __import__("jax").__version__,
+        "sm_limits": {"registers": SM_REGS, "shared_bytes": SM_SHARED, "warps": SM_WARPS},
+        "shape": {"Hq": HQ, "Hkv": HKV, "head_dim": HEAD_DIM, "page_size": PAGE},
+        "records": records,
+    }
+    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
