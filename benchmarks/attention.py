@@ -808,6 +808,12 @@ def main(argv=None) -> int:
                     help="tune and calibrate before the configurations and run them with the tuned block "
                          "sizes and the calibrated cost model (what `make gpu-check` does on an untuned "
                          "device); by default they run with the tables in tuned_block_sizes.py")
+    ap.add_argument("--tuned-from", default=None, metavar="JSON",
+                    help="run the configurations with the tiles (tuning.best) and the cost model "
+                         "(calibration.derived_cost_model) of an earlier run's JSON, without tuning or "
+                         "calibrating again: a GPU session split over two device calls")
+    ap.add_argument("--skip-configs", action="store_true",
+                    help="run no configuration (with --tune-first: only tune and calibrate)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="KV and query dtype of every variant (default float32, the issue's configurations)")
     ap.add_argument("--fp32-dot", choices=("auto", "tf32x3", "tf32", "ieee"), default="auto",
@@ -874,8 +880,25 @@ def main(argv=None) -> int:
         save()
         return fitted
 
-    tuning = not args.quick and not args.skip_tune
-    if args.tune_first:
+    tuning = not args.quick and not args.skip_tune and not args.tuned_from
+    if args.tuned_from:
+        earlier = json.loads(Path(args.tuned_from).read_text())
+        if (earlier.get("tuning") or {}).get("best"):
+            runner.set_block_sizes(runner.spa.BlockSizes(**earlier["tuning"]["best"]))
+            doc["block_sizes_from"] = f"tuned by the run of {earlier.get('date')} ({args.tuned_from})"
+        if earlier.get("calibration"):
+            cm = earlier["calibration"]["derived_cost_model"]
+            runner.cost_model = runner.spa.CostModel(
+                shared_token_cost=tuple(tuple(x) for x in cm["shared_token_cost"]),
+                item_overhead=cm["item_overhead"], step_overhead=cm["step_overhead"],
+                source=f"calibrated by the run of {earlier.get('date')} ({args.tuned_from})")
+        for key in ("tuning", "calibration"):
+            if key in earlier:
+                doc[key] = earlier[key]
+        doc["block_sizes"] = dataclasses.asdict(runner.block_sizes)
+        doc["cost_model"] = cost_model_dict(runner.cost_model)
+        print("configurations run with", doc["block_sizes"], "and cost model", doc["cost_model"], flush=True)
+    elif args.tune_first:
         if tuning:
             run_tuning()
             runner.set_block_sizes(runner.spa.BlockSizes(**doc["tuning"]["best"]))
@@ -887,7 +910,7 @@ def main(argv=None) -> int:
         doc["cost_model"] = cost_model_dict(runner.cost_model)
         print("configurations run with", doc["block_sizes"], "and cost model", doc["cost_model"], flush=True)
     wanted = None if not args.only else set(args.only.split(","))
-    for i, cfg in enumerate(configs(args.quick)):
+    for i, cfg in enumerate(() if args.skip_configs else configs(args.quick)):
         if wanted and cfg.name not in wanted and not any(w in cfg.label for w in wanted):
             continue
         t0 = time.perf_counter()
@@ -906,7 +929,7 @@ def main(argv=None) -> int:
               f"(target {ours['targets']['speedup_vs_naive']:.2f})  vs splitkv {fmt(ours['speedup_vs_splitkv'])}x "
               f"(target {ours['targets']['speedup_vs_splitkv'] or '-'})  sharing={ours['plan']['use_sharing']}"
               f"{extra}  [{time.perf_counter() - t0:.0f}s]", flush=True)
-    if not args.tune_first:
+    if not args.tune_first and not args.tuned_from:
         if tuning:
             run_tuning()
         if not args.skip_calibration:

@@ -35,6 +35,10 @@
 # all four sections take ~16 minutes, over one 10-minute device call: split them). E.g. the
 # like-for-like comparison with JAX's kernels, tuned and calibrated, in one call:
 #   GPU_CHECK_SECTIONS=tf32 GPU_CHECK_TF32_ARGS=--tune-first GPU_CHECK_TF32_TIMEOUT=480 make gpu-check
+# or over two calls (the second reads the first's tiles and cost model):
+#   GPU_CHECK_SECTIONS=tf32 GPU_CHECK_TF32_ARGS="--tune-first --skip-configs" make gpu-check
+#   GPU_CHECK_SECTIONS=tf32,tests GPU_CHECK_TF32_ARGS="--tuned-from benchmarks/results/attention_gpu_tf32.json" \
+#     make gpu-check      (the --out of the second pass is the same file: it keeps the tuning it read)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)

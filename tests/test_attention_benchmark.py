@@ -43,12 +43,20 @@ def test_gpu_path_in_the_interpreter(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_sweeps_in_the_interpreter(tmp_path):
-    doc = _run(tmp_path, "--only", "C1", "--tune-first", "--skip-calibration")
-    tuning = doc["tuning"]
+    """The sweeps and the calibration in one call, the configurations with their results in a
+    second (`--tuned-from`: a GPU session split over two device calls)."""
+    tuned = _run(tmp_path, "--tune-first", "--skip-configs")
+    tuning = tuned["tuning"]
     for section in ("split_pages", "split_launch_tile", "min_split_programs", "chunk_pages_x_query_block",
                     "pages_per_compute_block_x_num_warps_x_num_stages", "prefetch", "fp32_dot"):
         assert tuning[section] and all(r.get("median_s") for r in tuning[section]), section
-    assert doc["block_sizes"] == tuning["best"]
+    assert tuned["block_sizes"] == tuning["best"] and not tuned["records"]
+    out = tmp_path / "tuned.json"
+    out.write_text(json.dumps(tuned))
+    doc = _run(tmp_path, "--tuned-from", str(out), "--only", "C1")
+    assert doc["block_sizes"] == tuning["best"] and "tuned by the run" in doc["block_sizes_from"]
+    assert doc["cost_model"]["shared_token_cost"] == tuned["calibration"]["derived_cost_model"]["shared_token_cost"]
+    assert {r["variant"] for r in doc["records"]} >= {"ours", "jax_paged_attention"}
 
 
 def test_kernels_lower_for_cuda_without_a_gpu(capsys):
