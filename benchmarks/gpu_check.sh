@@ -38,7 +38,8 @@
 # or over two calls (the second reads the first's tiles and cost model):
 #   GPU_CHECK_SECTIONS=tf32 GPU_CHECK_TF32_ARGS="--tune-first --skip-configs" make gpu-check
 #   GPU_CHECK_SECTIONS=tf32,tests GPU_CHECK_TF32_ARGS="--tuned-from benchmarks/results/attention_gpu_tf32.json" \
-#     make gpu-check      (the --out of the second pass is the same file: it keeps the tuning it read)
+#     make gpu-check      (the --out of the second pass is the same file: it keeps the tuning it read;
+#     where each call gets a fresh copy of the tree, bring the first call's JSON back into it first)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
