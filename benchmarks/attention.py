@@ -358,15 +358,15 @@ def run_config(runner: Runner, cfg: Config, repeats: int, seed: int) -> list[dic
         fns["naive"] = lambda: runner.naive(q, k_c, v_c, lengths_j)
         if runner.gpu:
             fns["jax_decode_attention"] = jax_decode_attention_fn(runner, q, k_c, v_c, lengths_j)
+    else:
+        notes["naive"] = (f"skipped: duplicated KV needs {kv_bytes_naive / GIB:.1f} GiB (x2 with "
+                          f"temporaries), {avail / GIB:.1f} GiB available")
     if runner.gpu:
         paged, note = jax_paged_attention_fn(runner, q, k_pages, v_pages, table_j, lengths_j)
         if paged is None:
             notes["jax_paged_attention"] = note
         else:
             fns["jax_paged_attention"] = paged
-    else:
-        notes["naive"] = (f"skipped: duplicated KV needs {kv_bytes_naive / GIB:.1f} GiB (x2 with "
-                          f"temporaries), {avail / GIB:.1f} GiB available")
     # Warm up (compile) and check every variant against ours.
     outs = {n: np.asarray(jax.block_until_ready(f()), np.float32)[0, :b] for n, f in fns.items()}
     max_diff = {n: float(np.max(np.abs(o - outs["ours"]))) for n, o in outs.items()}
@@ -464,8 +464,8 @@ def jax_paged_attention_fn(runner: Runner, q, k_pages, v_pages, table, lengths):
     paged decode without sharing (JAX's decode_attention reads contiguous KV, which a paged
     cache does not have). Its defaults (16 splits, 8 warps, 2 stages; TF32 dots on fp32) but
     for the tile: 8 pages (its default) for 16-bit KV, 4 for fp32 (8 fp32 pages x 2 stages
-    overflow shared memory), halved while Triton cannot compile it. Its kernel takes no softmax scale: the queries are
-    scaled outside the timing. Returns (callable, None) or (None, why not)."""
+    overflow shared memory), halved while Triton cannot compile it. Its kernel takes no softmax
+    scale: the queries are scaled outside the timing. Returns (callable, None) or (None, why)."""
     import jax
     import jax.numpy as jnp
 
