@@ -5,7 +5,8 @@ jax lowers it for CUDA (Pallas -> Triton IR; no GPU needed) and, with the `trito
 installed, compiled for sm_90 (H100/H200) by Triton and ptxas. Per launch and tile setting the
 report gives:
 
-  regs, spill_bytes     registers per thread, bytes spilled to local memory
+  regs, spill_bytes     registers per thread; bytes per thread of stack frame and local memory
+                        (register spills: ptxas puts them in the stack frame)
   shared_bytes          shared memory per program (Triton's allocation)
   ctas_per_sm           programs one SM can hold at once: min over registers (64K per SM),
                         shared memory (228 KiB per SM, 1 KiB of it per program reserved) and
@@ -113,7 +114,7 @@ def compile_report(mod: dict, arch: int = 90) -> dict:
         usage = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True,
                                check=True).stdout
     res = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
-    regs, local = int(res.group(1)), int(res.group(4))
+    regs, stack, local = int(res.group(1)), int(res.group(2)), int(res.group(4))
     shared = int(kernel.metadata.shared)
     warps = mod["num_warps"]
     by_regs = SM_REGS // (math.ceil(regs / 8) * 8 * 32 * warps)
@@ -121,7 +122,7 @@ def compile_report(mod: dict, arch: int = 90) -> dict:
     loop = _kv_loop(kernel.asm["ptx"])
     buffers = [int(n) for n in re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x\d+x\d+x(?:f32|bf16|f16)",
                                           kernel.asm["ttgir"])]
-    out = {"regs": regs, "spill_bytes": local, "shared_bytes": shared,
+    out = {"regs": regs, "spill_bytes": stack + local, "shared_bytes": shared,
            "ctas_per_sm": min(by_regs, by_shared, SM_WARPS // warps),
            "kv_buffers": max(buffers) if buffers else 0}
     products = len(re.findall(r"\bmma\.sync|\bwgmma\.mma_async", loop))
