@@ -512,38 +512,46 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
     import numpy as np
 
     jax, spa = runner.jax, runner.spa
-    out = {"split_pages": [], "chunk_pages_x_query_block": []}
+    out = {}
     rng = np.random.default_rng(seed)
     base = runner.block_sizes
 
-    def sweep(variants: dict, q, k_pages, v_pages, tree, force, fp32_dot=None):
-        fns, errors = {}, {}
-        for key, bs in variants.items():
-            try:
-                plan = spa.plan_step(tree, block_sizes=bs, cost_model=runner.cost_model, force=force)
-                fns[key] = _ours_fn(runner, bs, q, k_pages, v_pages, jax.device_put(plan.step),
-                                    fp32_dot=(fp32_dot or {}).get(key))
-            except Exception as e:  # noqa: BLE001 - a setting the compiler rejects is a result
-                errors[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-        times = runner.per_call(time_round_robin(fns, repeats)) if fns else {}
-        return {key: median(times[key]) for key in fns}, errors
+    def sweep(variants: dict, trees, names, fp32_dot=None):
+        """Times `variants` (key -> BlockSizes) on each (label, tree, k, v, q, force) of `trees`.
+        Returns the records (a key's parts named by `names`) and the key fastest summed over the
+        trees (None when none ran)."""
+        records, total = [], {key: 0.0 for key in variants}
+        for label, tr, kp, vp, qq, force in trees:
+            fns, errors = {}, {}
+            for key, bs in variants.items():
+                try:
+                    plan = spa.plan_step(tr, block_sizes=bs, cost_model=runner.cost_model, force=force)
+                    fns[key] = _ours_fn(runner, bs, qq, kp, vp, jax.device_put(plan.step),
+                                        fp32_dot=(fp32_dot or {}).get(key))
+                except Exception as e:  # noqa: BLE001 - a setting the compiler rejects is a result
+                    errors[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            times = runner.per_call(time_round_robin(fns, repeats)) if fns else {}
+            med = {key: median(times[key]) for key in fns}
+            for key in variants:
+                records.append({**dict(zip(names, key if isinstance(key, tuple) else (key,))), "config": label,
+                                "median_s": med.get(key), **({"error": errors[key]} if key in errors else {})})
+            total = {key: t + med[key] for key, t in total.items() if key in med}
+        return records, (min(total, key=total.get) if total else None)
 
-    cfg = plain_cfg = Config("tune", "plain B=8 L=8192", "chains", B=8, depth=0, node_tokens=8192)
-    tree, total = runner.tree(cfg, rng)
-    k_pages, v_pages = runner.pools(total, seed)
-    q = runner.queries(8, seed)
-    plain_tree, plain_k, plain_v, plain_q = tree, k_pages, v_pages, q
+    def tree_set(cfg, seed_offset):
+        tr, n_pages = runner.tree(cfg, rng)
+        kp, vp = runner.pools(n_pages, seed + seed_offset)
+        return cfg.label, tr, kp, vp, runner.queries(cfg.B, seed)
+
+    plain = tree_set(Config("tune", "plain B=8 L=8192", "chains", B=8, depth=0, node_tokens=8192), 0) + ("plain",)
     variants = {}
     for sp in (8, 16, 32, 64, 128):
         variants[sp] = dataclasses.replace(base, split_pages=sp,
                                            pages_per_compute_block=min(base.pages_per_compute_block, sp),
                                            split_pages_per_compute_block=min(base.split_pages_per_compute_block, sp),
                                            chunk_pages=max(base.chunk_pages, sp))
-    med, err = sweep(variants, q, k_pages, v_pages, tree, "plain")
-    out["split_pages"] = [{"split_pages": sp, "config": cfg.label, "median_s": med.get(sp),
-                           **({"error": err[sp]} if sp in err else {})} for sp in variants]
-    best_sp = min(med, key=med.get) if med else base.split_pages
-    base = dataclasses.replace(variants.get(best_sp, base), chunk_pages=base.chunk_pages)
+    out["split_pages"], best = sweep(variants, [plain], ("split_pages",))
+    base = dataclasses.replace(variants.get(best, base), chunk_pages=base.chunk_pages)
 
     if runner.gpu:
         # The split-KV launch's own tile (its programs hold 16 query rows, a shared item's up to
@@ -553,47 +561,27 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
             if base.split_pages % ppcb == 0:
                 variants[(ppcb, warps, stages)] = dataclasses.replace(
                     base, split_pages_per_compute_block=ppcb, split_num_warps=warps, split_num_stages=stages)
-        med, err = sweep(variants, plain_q, plain_k, plain_v, plain_tree, "plain")
-        out["split_launch_tile"] = [
-            {"split_pages_per_compute_block": key[0], "split_num_warps": key[1], "split_num_stages": key[2],
-             "config": plain_cfg.label, "median_s": med.get(key), **({"error": err[key]} if key in err else {})}
-            for key in variants]
-        if med:
-            base = variants[min(med, key=med.get)]
+        out["split_launch_tile"], best = sweep(
+            variants, [plain], ("split_pages_per_compute_block", "split_num_warps", "split_num_stages"))
+        base = variants.get(best, base)
         # How many programs the split-KV launch needs before a small batch of long requests
         # fills the GPU (the kernel halves the split until it has them): summed over a small
         # plain batch and the private launch of a star (its suffixes are the split-KV part).
-        small = [Config("tune", "plain B=4 L=4096", "chains", B=4, depth=0, node_tokens=4096),
-                 Config("tune", "star B=8 P=4096 S=512", "star", B=8, P=4096, S=512)]
+        small = [tree_set(Config("tune", "plain B=4 L=4096", "chains", B=4, depth=0, node_tokens=4096), 2)
+                 + ("plain",),
+                 tree_set(Config("tune", "star B=8 P=4096 S=512", "star", B=8, P=4096, S=512), 2) + ("share",)]
         variants = {n: dataclasses.replace(base, min_split_programs=n) for n in (0, 512, 1024)}
-        total: dict[int, float] = {n: 0.0 for n in variants}
-        out["min_split_programs"] = []
-        for cfg, force in zip(small, ("plain", "share")):
-            tr, n_pages = runner.tree(cfg, rng)
-            kp, vp = runner.pools(n_pages, seed + 2)
-            med, err = sweep(variants, runner.queries(cfg.B, seed), kp, vp, tr, force)
-            out["min_split_programs"] += [{"min_split_programs": n, "config": cfg.label, "median_s": med.get(n),
-                                           **({"error": err[n]} if n in err else {})} for n in variants]
-            total = {n: t + med[n] for n, t in total.items() if n in med}
-        if total:
-            base = variants[min(total, key=total.get)]
+        out["min_split_programs"], best = sweep(variants, small, ("min_split_programs",))
+        base = variants.get(best, base)
 
-    cfg = Config("tune", "star B=32 P=8192 S=128", "star", B=32, P=8192, S=128)
-    tree, total = runner.tree(cfg, rng)
-    k_pages, v_pages = runner.pools(total, seed + 1)
-    q = runner.queries(32, seed)
+    star = tree_set(Config("tune", "star B=32 P=8192 S=128", "star", B=32, P=8192, S=128), 1) + ("share",)
     variants = {}
     for cp in (16, 32, 64) if runner.gpu else (16, 32, 64, 128):
         for qb in (4, 8, 16, 32) if runner.gpu else (8, 16, 32):
             if cp % base.pages_per_compute_block == 0:
                 variants[(cp, qb)] = dataclasses.replace(base, chunk_pages=cp, query_block=qb)
-    med, err = sweep(variants, q, k_pages, v_pages, tree, "share")
-    out["chunk_pages_x_query_block"] = [{"chunk_pages": cp, "query_block": qb, "config": cfg.label,
-                                         "median_s": med.get((cp, qb)),
-                                         **({"error": err[(cp, qb)]} if (cp, qb) in err else {})}
-                                        for (cp, qb) in variants]
-    if med:
-        base = variants[min(med, key=med.get)]
+    out["chunk_pages_x_query_block"], best = sweep(variants, [star], ("chunk_pages", "query_block"))
+    base = variants.get(best, base)
 
     if runner.gpu:
         variants = {}
@@ -603,35 +591,20 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
             if split_ok and base.chunk_pages % ppcb == 0 and ppcb * PAGE >= 16:
                 variants[(ppcb, warps, stages)] = dataclasses.replace(
                     base, pages_per_compute_block=ppcb, num_warps=warps, num_stages=stages)
-        med, err = sweep(variants, q, k_pages, v_pages, tree, "share")
-        out["pages_per_compute_block_x_num_warps_x_num_stages"] = [
-            {"pages_per_compute_block": key[0], "num_warps": key[1], "num_stages": key[2], "config": cfg.label,
-             "median_s": med.get(key), **({"error": err[key]} if key in err else {})} for key in variants]
-        if med:
-            base = variants[min(med, key=med.get)]
+        out["pages_per_compute_block_x_num_warps_x_num_stages"], best = sweep(
+            variants, [star], ("pages_per_compute_block", "num_warps", "num_stages"))
+        base = variants.get(best, base)
         # Software prefetch of the next KV tile, on the star and the plain tree (summed).
         variants = {n: dataclasses.replace(base, prefetch=n) for n in (0, 1)}
-        total = {n: 0.0 for n in variants}
-        out["prefetch"] = []
-        for label, tr, kp, vp, qq, force in (("star B=32 P=8192 S=128", tree, k_pages, v_pages, q, "share"),
-                                             (plain_cfg.label, plain_tree, plain_k, plain_v, plain_q, "plain")):
-            med, err = sweep(variants, qq, kp, vp, tr, force)
-            out["prefetch"] += [{"prefetch": n, "config": label, "median_s": med.get(n),
-                                 **({"error": err[n]} if n in err else {})} for n in variants]
-            total = {n: t + med[n] for n, t in total.items() if n in med}
-        if total:
-            base = variants[min(total, key=total.get)]
+        out["prefetch"], best = sweep(variants, [star, plain], ("prefetch",))
+        base = variants.get(best, base)
         # How the kernels compute fp32 dots (not a tile size: recorded, not chosen here; in the
         # default fp32 pass only).
         out["fp32_dot"] = []
-        trees = (("star B=32 P=8192 S=128", tree, k_pages, v_pages, q, "share"),
-                 (plain_cfg.label, plain_tree, plain_k, plain_v, plain_q, "plain"))
-        every_mode = runner.dtype.name == "float32" and runner.fp32_dot == "auto"
-        for label, tr, kp, vp, qq, force in trees if every_mode else ():
+        if runner.dtype.name == "float32" and runner.fp32_dot == "auto":
             modes = ("tf32x3", "tf32", "ieee")
-            med, err = sweep({m: base for m in modes}, qq, kp, vp, tr, force, fp32_dot={m: m for m in modes})
-            out["fp32_dot"] += [{"fp32_dot": m, "config": label, "median_s": med.get(m),
-                                 **({"error": err[m]} if m in err else {})} for m in modes]
+            out["fp32_dot"], _ = sweep({m: base for m in modes}, [star, plain], ("fp32_dot",),
+                                       fp32_dot={m: m for m in modes})
     out["best"] = dataclasses.asdict(base)
     return out
 

@@ -10,7 +10,8 @@
 #      runs to list every failure;
 #   3. benchmarks/attention.py in GPU mode with --tune-first: sweep the block sizes, calibrate
 #      the balancer's cost model, then run the configurations with both (Pallas kernels vs
-#      split-KV, naive and JAX's own decode_attention, plus achieved bandwidth); every variant
+#      split-KV, naive and JAX's own decode_attention and paged_attention, plus achieved
+#      bandwidth); every variant
 #      is also checked against ours (max_abs_diff_vs_ours in the JSON);
 #   4. opt-in sections: tf32 (fp32 with one TF32 product per dot, the precision of JAX's
 #      decode_attention: like for like) and bf16 (bf16 KV); each runs the configurations on its
@@ -94,10 +95,9 @@ if [ "$smoke_rc" -eq 0 ]; then
   # fp32 (3xTF32 dots): tune, calibrate, then the configurations with both
   want bench && bench fp32 "${GPU_CHECK_BENCH_TIMEOUT:-330}" --tune-first \
     --out "$OUTDIR/attention_gpu.json" ${GPU_CHECK_BENCH_ARGS:-}
-  # fp32 with one TF32 product per dot, JAX decode_attention's precision: like for like
-  # (configurations on the TF32 tiles of tuned_block_sizes.py first, then the tile sweep)
-  # (without calibration unless its arguments are set: e.g. "--tune-first" tunes, calibrates,
-  # then runs the configurations with both)
+  # fp32 with one TF32 product per dot, JAX decode_attention's precision: like for like. By
+  # default the configurations on the TF32 tiles of tuned_block_sizes.py, then the tile sweep,
+  # no calibration; GPU_CHECK_TF32_ARGS=--tune-first tunes, calibrates, then runs them with both
   want tf32 && bench tf32 "${GPU_CHECK_TF32_TIMEOUT:-240}" --fp32-dot tf32 \
     --out "$OUTDIR/attention_gpu_tf32.json" ${GPU_CHECK_TF32_ARGS---skip-calibration}
   # bf16 KV (what serving stores): the configurations on the tuned tiles, then the tile sweep

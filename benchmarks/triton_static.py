@@ -54,10 +54,9 @@ def capture_triton_modules():
 
     def capture(jaxpr, grid_mapping, *args, **kwargs):
         result = original(jaxpr, grid_mapping, *args, **kwargs)
-        module = result.module.operation
-        name = re.search(r"module @(\w+)", module.get_asm(enable_debug_info=False)[:200])
-        captured.append({"name": name.group(1) if name else "?",
-                         "ir": module.get_asm(enable_debug_info=False), "grid": list(result.grid)})
+        ir = result.module.operation.get_asm(enable_debug_info=False)
+        name = re.search(r"module @(\w+)", ir[:200])
+        captured.append({"name": name.group(1) if name else "?", "ir": ir, "grid": list(result.grid)})
         return result
 
     registration.lowering.lower_jaxpr_to_triton_module = capture

@@ -48,9 +48,10 @@ class BlockSizes:
         small batch of long requests still fills the GPU: FlashDecoding's choice of the split
         count from the batch. 0 (default) keeps `split_pages` fixed. GPU only; the XLA path
         ignores it.
-      prefetch: 1 = the Pallas kernels load the next KV tile before computing on the current
-        one (software pipelining in registers, for when Triton does not pipeline the
-        page-table-indexed loads itself); 0 (default) = one tile at a time. GPU only.
+      prefetch: 1 = the Pallas kernels load the next KV tile into registers before computing
+        on the current one (software pipelining by hand; `make kernel-report` shows it spilling
+        registers, Triton's own pipeline at num_stages >= 3 is the usual way); 0 (default) =
+        one tile at a time. GPU only.
     """
 
     chunk_pages: int
@@ -66,10 +67,10 @@ class BlockSizes:
     prefetch: int = 0
 
     def __post_init__(self):
-        inherit = ("split_pages_per_compute_block", "split_num_warps", "split_num_stages",
+        zero_ok = ("split_pages_per_compute_block", "split_num_warps", "split_num_stages",
                    "min_split_programs", "prefetch")
         for f in dataclasses.fields(self):
-            value, least = getattr(self, f.name), 0 if f.name in inherit else 1
+            value, least = getattr(self, f.name), 0 if f.name in zero_ok else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"BlockSizes.{f.name} must be {'a positive int' if least else 'an int >= 0'}"
                                  f", got {value!r}")
