@@ -497,7 +497,7 @@ def jax_paged_attention_fn(runner: Runner, q, k_pages, v_pages, table, lengths):
 # -- tuning and calibration -------------------------------------------------------------------------
 
 
-def tune(runner: Runner, repeats: int, seed: int) -> dict:
+def tune(runner: Runner, repeats: int, seed: int, budget_s: float | None = None, progress=None) -> dict:
     """Sweeps split_pages (plain path), on a GPU the split-KV launch's own tile (pages per step,
     warps, stages) and min_split_programs (small batches: the split-KV launch's smallest
     width), chunk_pages x query_block (shared path) and, on a GPU,
@@ -507,7 +507,12 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
 
     Each sweep starts from the best of the one before; a setting that does not compile (e.g.
     Triton out of shared memory) is recorded with its error and skipped. Returns the records
-    and `best`, the tuned `BlockSizes` as a dict.
+    and `best`, the tuned `BlockSizes` as a dict, and `elapsed_s` per sweep.
+
+    budget_s: once the sweeps have taken this long, the ones left are not run (listed in
+    `skipped`) and `best` is the best so far: a device call has a hard time limit, and the
+    configurations still need their share of it. progress(out), when given, is called after
+    every sweep with the results so far (`best` included), so a run cut short keeps them.
     """
     import numpy as np
 
@@ -515,6 +520,26 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
     out = {}
     rng = np.random.default_rng(seed)
     base = runner.block_sizes
+    t_start = time.perf_counter()
+    out["elapsed_s"], out["skipped"] = {}, []
+
+    def timed(name: str, variants: dict, trees, names, fp32_dot=None):
+        """Runs one sweep as out[name] (the next sweeps start from the key it returns) unless
+        the budget is spent: then it is listed in out["skipped"] and returns None."""
+        if budget_s is not None and time.perf_counter() - t_start > budget_s:
+            out["skipped"].append(name)
+            print(f"tuning: {name} skipped (the {budget_s:.0f}s tuning budget is spent)", flush=True)
+            return None
+        t0 = time.perf_counter()
+        out[name], best = sweep(variants, trees, names, fp32_dot)
+        out["elapsed_s"][name] = round(time.perf_counter() - t0, 1)
+        print(f"tuning: {name} best {best} [{out['elapsed_s'][name]:.0f}s]", flush=True)
+        return best
+
+    def checkpoint(bs):
+        out["best"] = dataclasses.asdict(bs)
+        if progress is not None:
+            progress(out)
 
     def sweep(variants: dict, trees, names, fp32_dot=None):
         """Times `variants` (key -> BlockSizes) on each (label, tree, k, v, q, force) of `trees`.
@@ -550,8 +575,9 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
                                            pages_per_compute_block=min(base.pages_per_compute_block, sp),
                                            split_pages_per_compute_block=min(base.split_pages_per_compute_block, sp),
                                            chunk_pages=max(base.chunk_pages, sp))
-    out["split_pages"], best = sweep(variants, [plain], ("split_pages",))
+    best = timed("split_pages", variants, [plain], ("split_pages",))
     base = dataclasses.replace(variants.get(best, base), chunk_pages=base.chunk_pages)
+    checkpoint(base)
 
     if runner.gpu:
         # The split-KV launch's own tile (its programs hold 16 query rows, a shared item's up to
@@ -561,9 +587,10 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
             if base.split_pages % ppcb == 0:
                 variants[(ppcb, warps, stages)] = dataclasses.replace(
                     base, split_pages_per_compute_block=ppcb, split_num_warps=warps, split_num_stages=stages)
-        out["split_launch_tile"], best = sweep(
-            variants, [plain], ("split_pages_per_compute_block", "split_num_warps", "split_num_stages"))
+        best = timed("split_launch_tile", variants, [plain],
+                     ("split_pages_per_compute_block", "split_num_warps", "split_num_stages"))
         base = variants.get(best, base)
+        checkpoint(base)
         # How many programs the split-KV launch needs before a small batch of long requests
         # fills the GPU (the kernel halves the split until it has them): summed over a small
         # plain batch and the private launch of a star (its suffixes are the split-KV part).
@@ -571,8 +598,9 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
                  + ("plain",),
                  tree_set(Config("tune", "star B=8 P=4096 S=512", "star", B=8, P=4096, S=512), 2) + ("share",)]
         variants = {n: dataclasses.replace(base, min_split_programs=n) for n in (0, 512, 1024)}
-        out["min_split_programs"], best = sweep(variants, small, ("min_split_programs",))
+        best = timed("min_split_programs", variants, small, ("min_split_programs",))
         base = variants.get(best, base)
+        checkpoint(base)
 
     star = tree_set(Config("tune", "star B=32 P=8192 S=128", "star", B=32, P=8192, S=128), 1) + ("share",)
     variants = {}
@@ -580,8 +608,9 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
         for qb in (4, 8, 16, 32) if runner.gpu else (8, 16, 32):
             if cp % base.pages_per_compute_block == 0:
                 variants[(cp, qb)] = dataclasses.replace(base, chunk_pages=cp, query_block=qb)
-    out["chunk_pages_x_query_block"], best = sweep(variants, [star], ("chunk_pages", "query_block"))
+    best = timed("chunk_pages_x_query_block", variants, [star], ("chunk_pages", "query_block"))
     base = variants.get(best, base)
+    checkpoint(base)
 
     if runner.gpu:
         variants = {}
@@ -591,21 +620,24 @@ def tune(runner: Runner, repeats: int, seed: int) -> dict:
             if split_ok and base.chunk_pages % ppcb == 0 and ppcb * PAGE >= 16:
                 variants[(ppcb, warps, stages)] = dataclasses.replace(
                     base, pages_per_compute_block=ppcb, num_warps=warps, num_stages=stages)
-        out["pages_per_compute_block_x_num_warps_x_num_stages"], best = sweep(
-            variants, [star], ("pages_per_compute_block", "num_warps", "num_stages"))
+        best = timed("pages_per_compute_block_x_num_warps_x_num_stages", variants, [star],
+                     ("pages_per_compute_block", "num_warps", "num_stages"))
         base = variants.get(best, base)
+        checkpoint(base)
         # Software prefetch of the next KV tile, on the star and the plain tree (summed).
         variants = {n: dataclasses.replace(base, prefetch=n) for n in (0, 1)}
-        out["prefetch"], best = sweep(variants, [star, plain], ("prefetch",))
+        best = timed("prefetch", variants, [star, plain], ("prefetch",))
         base = variants.get(best, base)
+        checkpoint(base)
         # How the kernels compute fp32 dots (not a tile size: recorded, not chosen here; in the
         # default fp32 pass only).
         out["fp32_dot"] = []
         if runner.dtype.name == "float32" and runner.fp32_dot == "auto":
             modes = ("tf32x3", "tf32", "ieee")
-            out["fp32_dot"], _ = sweep({m: base for m in modes}, [star, plain], ("fp32_dot",),
-                                       fp32_dot={m: m for m in modes})
-    out["best"] = dataclasses.asdict(base)
+            timed("fp32_dot", {m: base for m in modes}, [star, plain], ("fp32_dot",),
+                  fp32_dot={m: m for m in modes})
+    out["elapsed_s"]["total"] = round(time.perf_counter() - t_start, 1)
+    checkpoint(base)
     return out
 
 
@@ -785,6 +817,10 @@ def main(argv=None) -> int:
                     help="run the configurations with the tiles (tuning.best) and the cost model "
                          "(calibration.derived_cost_model) of an earlier run's JSON, without tuning or "
                          "calibrating again: a GPU session split over two device calls")
+    ap.add_argument("--tune-budget", type=float, default=None, metavar="SECONDS",
+                    help="stop sweeping block sizes once the sweeps have taken this long and keep the best so "
+                         "far (the sweeps left are listed as skipped): a device call has a hard time limit "
+                         "(default: no limit)")
     ap.add_argument("--skip-configs", action="store_true",
                     help="run no configuration (with --tune-first: only tune and calibrate)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -833,22 +869,34 @@ def main(argv=None) -> int:
                   "splitkv": "Pallas kernel" if gpu else "XLA (paged_attention_xla)"},
         "block_sizes": dataclasses.asdict(runner.block_sizes),
         "cost_model": cost_model_dict(runner.cost_model),
+        "tune_budget_s": args.tune_budget,
         "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     records: list[dict] = []
-    doc = dict(header, records=records)
+    # seconds per section (tuning, calibration, each configuration): what the next device call
+    # has to budget for
+    doc = dict(header, records=records, elapsed_s={})
 
     def save():  # after every section, so an interrupted run keeps what it measured
         doc["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
         out.write_text(json.dumps(doc, indent=1) + "\n")
 
+    def save_tuning(partial):  # after every sweep
+        doc["tuning"] = partial
+        save()
+
     def run_tuning():
-        doc["tuning"] = tune(runner, max(3, repeats // 2), args.seed)
+        t0 = time.perf_counter()
+        doc["tuning"] = tune(runner, max(3, repeats // 2), args.seed, budget_s=args.tune_budget,
+                             progress=save_tuning)
+        doc["elapsed_s"]["tuning"] = round(time.perf_counter() - t0, 1)
         print("tuning:", json.dumps(doc["tuning"]), flush=True)
         save()
 
     def run_calibration():
+        t0 = time.perf_counter()
         doc["calibration"], fitted = calibrate(runner, 2 * repeats, args.seed, args.quick)
+        doc["elapsed_s"]["calibration"] = round(time.perf_counter() - t0, 1)
         print("calibration:", json.dumps(doc["calibration"]["derived_cost_model"]), flush=True)
         save()
         return fitted
@@ -889,6 +937,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         recs = run_config(runner, cfg, repeats, args.seed + i)
         records += recs
+        doc["elapsed_s"][cfg.label] = round(time.perf_counter() - t0, 1)
         save()
         ours = next(r for r in recs if r["variant"] == "ours")
         fmt = lambda x: "  n/a" if x is None else f"{x:5.2f}"  # noqa: E731

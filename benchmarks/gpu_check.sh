@@ -25,13 +25,14 @@
 # Outputs go to $GPU_CHECK_OUT (default benchmarks/results): attention_gpu.json/.png,
 # attention_gpu_tf32.json/.png, attention_gpu_bf16.json/.png, gpu_check_tests.txt,
 # gpu_check_env.txt. The JSON is rewritten after every section, so a run
-# cut short keeps what it measured.
+# cut short keeps what it measured (the tuning after every sweep).
 # Environment: PY (python, default python3), GPU_CHECK_REPEATS (default 15),
 # GPU_CHECK_SECTIONS (default bench,tests; also tf32, bf16; the smoke test always runs),
 # GPU_CHECK_TEST_SELECT (pytest -k expression of step 5),
 # GPU_CHECK_BENCH_ARGS / _TF32_ARGS / _BF16_ARGS (extra arguments of each pass, e.g. "--tune-first";
 # tf32 and bf16 default to "--skip-calibration"),
-# GPU_CHECK_SMOKE_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT / GPU_CHECK_TF32_TIMEOUT /
+# GPU_CHECK_TUNE_BUDGET (seconds of block-size sweeps per section, default 2/5 of its timeout;
+# the JSON's elapsed_s says what each part took), GPU_CHECK_SMOKE_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT / GPU_CHECK_TF32_TIMEOUT /
 # GPU_CHECK_BF16_TIMEOUT / GPU_CHECK_TEST_TIMEOUT (seconds, default 100 / 330 / 240 / 150 / 150;
 # all four sections take ~16 minutes, over one 10-minute device call: split them). E.g. the
 # like-for-like comparison with JAX's kernels, tuned and calibrated, in one call:
@@ -81,8 +82,10 @@ want() { [[ ",$SECTIONS," == *",$1,"* ]]; }
 bench() {  # bench NAME TIMEOUT ARGS...: one benchmark pass; its rc is appended to BENCH_RCS
   local name=$1 limit=$2; shift 2
   echo "== attention benchmark (GPU): $name"
+  # the block-size sweeps stop after 2/5 of the section's time (best so far kept), so a
+  # section that tunes first leaves the calibration and the configurations theirs
   PYTHONUNBUFFERED=1 timeout "$limit" "$PY" -W "ignore:.*[Tt]riton" benchmarks/attention.py --gpu \
-    --repeats "${GPU_CHECK_REPEATS:-15}" "$@"
+    --repeats "${GPU_CHECK_REPEATS:-15}" --tune-budget "${GPU_CHECK_TUNE_BUDGET:-$((limit * 2 / 5))}" "$@"
   BENCH_RCS="$BENCH_RCS $name=$?"
 }
 set +e

@@ -41,6 +41,18 @@ def test_gpu_path_in_the_interpreter(tmp_path):
         assert r["max_abs_diff_vs_ours"] < 1e-5, r
 
 
+def test_tuning_budget_keeps_the_tables_and_says_what_it_skipped(tmp_path):
+    """A spent budget runs no sweep: the run still writes its tuning (best = the tables it started
+    from, every sweep listed as skipped), so a device call cut short has JSON to show."""
+    doc = _run(tmp_path, "--tune-first", "--tune-budget", "0", "--skip-configs", "--skip-calibration")
+    tuning = doc["tuning"]
+    assert doc["tune_budget_s"] == 0 and tuning["best"] == doc["block_sizes"]
+    assert tuning["skipped"] == ["split_pages", "split_launch_tile", "min_split_programs",
+                                 "chunk_pages_x_query_block",
+                                 "pages_per_compute_block_x_num_warps_x_num_stages", "prefetch", "fp32_dot"]
+    assert "split_pages" not in tuning and "tuning" in doc["elapsed_s"]
+
+
 @pytest.mark.slow
 def test_gpu_sweeps_in_the_interpreter(tmp_path):
     """The sweeps and the calibration in one call, the configurations with their results in a
@@ -50,6 +62,8 @@ def test_gpu_sweeps_in_the_interpreter(tmp_path):
     for section in ("split_pages", "split_launch_tile", "min_split_programs", "chunk_pages_x_query_block",
                     "pages_per_compute_block_x_num_warps_x_num_stages", "prefetch", "fp32_dot"):
         assert tuning[section] and all(r.get("median_s") for r in tuning[section]), section
+        assert tuning["elapsed_s"][section] > 0, section
+    assert not tuning["skipped"] and {"tuning", "calibration"} <= set(tuned["elapsed_s"])
     assert tuned["block_sizes"] == tuning["best"] and not tuned["records"]
     out = tmp_path / "tuned.json"
     out.write_text(json.dumps(tuned))
