@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-all bench gpu-check gpu-check-dry kernel-report venv clean
+.PHONY: demo test test-all bench gpu-check gpu-check-dry gpu-check-dry-jax kernel-report venv clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,12 @@ gpu-check:
 gpu-check-dry: $(STAMP)
 	$(BIN)/python benchmarks/attention.py --interpret --tune-first --repeats 1
 
+# The same with the GPU machine's jax version (0.11.x, Python >= 3.12) in .venv-gpujax: lowering for
+# CUDA, the kernel tests and the dry run (~8 min), so an API that moved between the versions shows
+# here and not in the GPU run.
+gpu-check-dry-jax:
+	bash benchmarks/gpu_jax_dry.sh
+
 # Static, on any machine: the attention kernels as Triton compiles them for an H100/H200 (registers,
 # spills, shared memory, programs per SM, pipelining of the KV loop). Installs `triton` (not a
 # dependency otherwise) -> benchmarks/results/attention_triton_static.json.
@@ -48,4 +54,4 @@ kernel-report: $(STAMP)
 	TRITON_DEFAULT_FP_FUSION=1 $(BIN)/python benchmarks/triton_static.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-gpujax build *.egg-info

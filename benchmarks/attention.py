@@ -14,6 +14,9 @@ median. Variants:
   jax_paged_attention   (GPU only) jax.experimental.pallas.ops.gpu.paged_attention on the same
            page pool and tables as splitkv: JAX's own paged decode, no sharing.
 
+On a GPU the "ours" record also has `launches`: each of its launches (split-KV pages, shared
+items, merge) timed alone, with the KV bandwidth of the first two (`launch_times`).
+
 On CPU "ours"/"splitkv" are the XLA paths; on a GPU they are the Pallas (Triton) kernels.
 Configurations (Hq=32, Hkv=8, head_dim=128, fp32, page_size=16; P shared prefix, S suffix,
 B requests): C1 B=32 P=8192 S=128; C2 B=8 P=16384 S=512/2048/8192; C3 B=4/16/64 P=S=2048;
@@ -243,6 +246,10 @@ class Runner:
         self.layers = (2 if interpret else GPU_LAYERS) if gpu else 1
         self.platform = "gpu" if gpu else "cpu"
         self.cost_model = spa.get_cost_model(self.platform, self.dtype.name)
+        if self.shrink > 1:  # overheads are in tokens: shrunk with the trees, so they share as on a GPU
+            self.cost_model = dataclasses.replace(self.cost_model,
+                                                  step_overhead=self.cost_model.step_overhead / self.shrink,
+                                                  item_overhead=self.cost_model.item_overhead / self.shrink)
         self.scale = 1.0 / math.sqrt(HEAD_DIM)
         from jaxsys.pallas_kernels.shared_prefix_attention import tuned_block_sizes
 
@@ -402,6 +409,8 @@ def run_config(runner: Runner, cfg: Config, repeats: int, seed: int) -> list[dic
             rec["fraction_of_peak_bandwidth"] = None if peak is None else bytes_read[n] / med[n] / peak
         if n == "ours":
             rec["plan"] = plan_info(plan)
+            if runner.gpu:
+                rec["launches"] = launch_times(runner, q, k_pages, v_pages, step, repeats)
             t_naive = cfg.vs_naive if cfg.vs_naive is not None else 0.5 * ratio
             rec["targets"] = {"speedup_vs_naive": round(t_naive, 3), "speedup_vs_splitkv": cfg.vs_splitkv}
             rec["meets_targets"] = {
@@ -411,6 +420,59 @@ def run_config(runner: Runner, cfg: Config, repeats: int, seed: int) -> list[dic
         records.append(rec)
     del k_c, v_c
     return records
+
+
+def launch_times(runner: Runner, q, k_pages, v_pages, step, repeats: int) -> dict:
+    """GPU: each launch of ours timed alone, where the time of a step goes.
+
+    The launches are the kernel module's own (`_private_partials`, `_shared_partials`,
+    `_merge`), called as `shared_prefix_attention` calls them, each in its own jit over the
+    layers (the merge over each layer's partials, computed outside the timing). Per launch: the
+    median per call and, for the two KV launches, the KV bytes it reads and the bandwidth that
+    gives. Their sum falls short of ours' time by the launches' gaps and XLA's reshapes.
+    """
+    from jaxsys.pallas_kernels.shared_prefix_attention import kernel as spk
+
+    jax, jnp = runner.jax, runner.jnp
+    bs, interpret = runner.block_sizes, runner.interpret
+    precision = spk._dot_precision(runner.fp32_dot, k_pages.dtype, interpret)
+    kw = dict(block_sizes=bs, sm_scale=runner.scale, interpret=interpret, precision=precision)
+    g = HQ // HKV
+
+    def over_layers(f):
+        return jax.jit(lambda xs, *rest: jax.lax.map(lambda x: f(x, *rest), xs))
+
+    def private(q1, k, v, st):
+        return spk._private_partials(spk._queries(q1, k)[0], k, v, st.private_pages, st.private_page_lens, **kw)
+
+    def items(q1, k, v, st):
+        return spk._shared_partials(spk._queries(q1, k)[0], k, v, st, g=g, **kw)
+
+    sharing = step.item_pages.shape[0] > 0 and step.merge_rows.shape[1] > 0
+    parts = {"private_pages": over_layers(private)}
+    if sharing:
+        parts["items"] = over_layers(items)
+    partials = {n: jax.block_until_ready(f(q, k_pages, v_pages, step)) for n, f in parts.items()}
+    merge_kw = dict(gm=1 << (g - 1).bit_length(), out_dtype=q.dtype, block_sizes=bs, interpret=interpret)
+    if sharing:
+        merge = over_layers(lambda ps, st: spk._merge(st.merge_rows, *ps[2:], *ps[:2], query_block=st.item_queries.shape[1],
+                                                      group=g, **merge_kw))
+        merge_in = (partials["private_pages"] + partials["items"], step)
+    else:
+        merge = over_layers(lambda ps: spk._merge(None, None, None, *ps, **merge_kw))
+        merge_in = (partials["private_pages"],)
+    jax.block_until_ready(merge(*merge_in))
+    fns = {n: functools.partial(f, q, k_pages, v_pages, step) for n, f in parts.items()}
+    fns["merge"] = functools.partial(merge, *merge_in)
+    times = runner.per_call(time_round_robin(fns, repeats))
+    kv_bytes = lambda lens: 2.0 * float(jnp.sum(lens)) * HKV * HEAD_DIM * runner.dtype.itemsize  # noqa: E731
+    read = {"private_pages": kv_bytes(step.private_page_lens), "items": kv_bytes(step.item_page_lens)}
+    out = {}
+    for n, ts in times.items():
+        out[n] = {"median_s": median(ts)}
+        if n in read:
+            out[n].update(kv_bytes_read=read[n], achieved_bandwidth_Bps=read[n] / median(ts))
+    return out
 
 
 def peak_bandwidth() -> float | None:
@@ -606,9 +668,14 @@ def tune(runner: Runner, repeats: int, seed: int, budget_s: float | None = None,
     variants = {}
     for cp in (16, 32, 64) if runner.gpu else (16, 32, 64, 128):
         for qb in (4, 8, 16, 32) if runner.gpu else (8, 16, 32):
-            if cp % base.pages_per_compute_block == 0:
-                variants[(cp, qb)] = dataclasses.replace(base, chunk_pages=cp, query_block=qb)
-    best = timed("chunk_pages_x_query_block", variants, [star], ("chunk_pages", "query_block"))
+            # on a GPU, items of >= 64 query rows also with 8 warps: at 4, 128 rows spill
+            # registers (`make kernel-report`), which would rule out reading a chunk once for 32
+            # requests before the warp count is swept
+            for warps in (base.num_warps, 8) if runner.gpu and qb * (HQ // HKV) >= 64 else (base.num_warps,):
+                if cp % base.pages_per_compute_block == 0:
+                    variants[(cp, qb, warps)] = dataclasses.replace(base, chunk_pages=cp, query_block=qb,
+                                                                    num_warps=warps)
+    best = timed("chunk_pages_x_query_block", variants, [star], ("chunk_pages", "query_block", "num_warps"))
     base = variants.get(best, base)
     checkpoint(base)
 
@@ -946,7 +1013,8 @@ def main(argv=None) -> int:
             for v in ("jax_decode_attention", "jax_paged_attention"):
                 t = next((r["median_s"] for r in recs if r["variant"] == v and r["median_s"]), None)
                 extra += f"  vs {v} {fmt(t and t / ours['median_s'])}x"
-            extra += f"  {ours['achieved_bandwidth_Bps'] / 1e12:.2f} TB/s"
+            extra += f"  {ours['achieved_bandwidth_Bps'] / 1e12:.2f} TB/s  launches (ms):"
+            extra += ",".join(f" {n} {t['median_s'] * 1e3:.3f}" for n, t in ours["launches"].items())
         print(f"{cfg.label:40s} ours {ours['median_s'] * 1e3:8.3f} ms  vs naive {fmt(ours['speedup_vs_naive'])}x "
               f"(target {ours['targets']['speedup_vs_naive']:.2f})  vs splitkv {fmt(ours['speedup_vs_splitkv'])}x "
               f"(target {ours['targets']['speedup_vs_splitkv'] or '-'})  sharing={ours['plan']['use_sharing']}"

@@ -11,8 +11,8 @@
 #   3. benchmarks/attention.py in GPU mode with --tune-first: sweep the block sizes, calibrate
 #      the balancer's cost model, then run the configurations with both (Pallas kernels vs
 #      split-KV, naive and JAX's own decode_attention and paged_attention, plus achieved
-#      bandwidth); every variant
-#      is also checked against ours (max_abs_diff_vs_ours in the JSON);
+#      bandwidth, and each of ours' launches timed alone); every variant is also checked
+#      against ours (max_abs_diff_vs_ours in the JSON);
 #   4. opt-in sections: tf32 (fp32 with one TF32 product per dot, the precision of JAX's
 #      decode_attention: like for like) and bf16 (bf16 KV); each runs the configurations on its
 #      tuned tiles, then its own tile sweep (--tune-first: before);
@@ -20,7 +20,8 @@
 #      the `gpu`-marked tests add model-sized shapes).
 #
 # Before a GPU run, `make gpu-check-dry` runs the benchmark's GPU path in the Pallas interpreter on
-# CPU (every sweep and configuration, shrunk), so a Python error does not cost GPU time.
+# CPU (every sweep and configuration, shrunk), so a Python error does not cost GPU time;
+# `make gpu-check-dry-jax` does it with this image's jax version (0.11.x) in a venv of its own.
 #
 # Outputs go to $GPU_CHECK_OUT (default benchmarks/results): attention_gpu.json/.png,
 # attention_gpu_tf32.json/.png, attention_gpu_bf16.json/.png, gpu_check_tests.txt,

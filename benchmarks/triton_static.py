@@ -60,10 +60,18 @@ def capture_triton_modules():
         return result
 
     registration.lowering.lower_jaxpr_to_triton_module = capture
+    # jax >= 0.11 asks the device which GPU it lowers for (and refuses on a machine without
+    # one): an H100/H200 (sm_90), the target this report is for. jax 0.10 does not ask.
+    gpu_info = getattr(registration, "gpu_info_lib", None)
+    asked = gpu_info and gpu_info.get_gpu_info
+    if asked:
+        gpu_info.get_gpu_info = lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
     try:
         yield captured
     finally:
         registration.lowering.lower_jaxpr_to_triton_module = original
+        if asked:
+            gpu_info.get_gpu_info = asked
 
 
 def lower_step(block_sizes, tree, total_pages: int, *, dtype: str = "float32", fp32_dot: str = "auto",

@@ -39,6 +39,14 @@ def test_gpu_path_in_the_interpreter(tmp_path):
     assert variants == {"ours", "splitkv", "naive", "jax_decode_attention", "jax_paged_attention"}
     for r in doc["records"]:
         assert r["max_abs_diff_vs_ours"] < 1e-5, r
+    # ours' launches timed one by one: the shared items where the step shares, never where not
+    launches = {r["label"]: r["launches"] for r in doc["records"] if r["variant"] == "ours"}
+    share = {r["label"]: r["plan"]["use_sharing"] for r in doc["records"] if r["variant"] == "ours"}
+    assert share == {"C1 B=32 P=8192 S=128": True, "C4 chain (16 x 7 nodes, no sharing)": False}
+    for label, parts in launches.items():
+        assert set(parts) == ({"private_pages", "items", "merge"} if share[label] else {"private_pages", "merge"})
+        assert all(t["median_s"] > 0 for t in parts.values())
+        assert parts["private_pages"]["kv_bytes_read"] > 0
 
 
 def test_tuning_budget_keeps_the_tables_and_says_what_it_skipped(tmp_path):
