@@ -992,8 +992,13 @@ def main(argv=None) -> int:
             runner.set_block_sizes(runner.spa.BlockSizes(**doc["tuning"]["best"]))
             doc["block_sizes_from"] = "tuned in this run"
         if not args.skip_calibration:
-            runner.cost_model = dataclasses.replace(
-                run_calibration(), source=f"calibrated in this run ({dev.device_kind}, {header['date']})")
+            fitted = run_calibration()
+            if args.interpret:  # interpreter timings calibrate nothing: the configurations share as on a GPU
+                print("--interpret: the configurations keep the tables' cost model (overheads scaled to the "
+                      "shrunk trees), not the one fitted to interpreter timings", flush=True)
+            else:
+                runner.cost_model = dataclasses.replace(
+                    fitted, source=f"calibrated in this run ({dev.device_kind}, {header['date']})")
         doc["block_sizes"] = dataclasses.asdict(runner.block_sizes)
         doc["cost_model"] = cost_model_dict(runner.cost_model)
         print("configurations run with", doc["block_sizes"], "and cost model", doc["cost_model"], flush=True)
