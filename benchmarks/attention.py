@@ -229,7 +229,8 @@ class Runner:
     On CPU, `layers` is 1.
     """
 
-    def __init__(self, gpu: bool, dtype: str = "float32", fp32_dot: str = "auto", interpret: bool = False):
+    def __init__(self, gpu: bool, dtype: str = "float32", fp32_dot: str = "auto", interpret: bool = False,
+                 unrolled: bool = False):
         import jax
         import jax.numpy as jnp
 
@@ -244,6 +245,7 @@ class Runner:
         self.dtype = jnp.dtype(dtype)
         self.fp32_dot = fp32_dot
         self.layers = (2 if interpret else GPU_LAYERS) if gpu else 1
+        self.unrolled = unrolled
         self.platform = "gpu" if gpu else "cpu"
         self.cost_model = spa.get_cost_model(self.platform, self.dtype.name)
         if self.shrink > 1:  # overheads are in tokens: shrunk with the trees, so they share as on a GPU
@@ -291,6 +293,8 @@ class Runner:
         many layers."""
         if self.layers == 1:
             return self.jax.jit(lambda qs, *rest: f(qs[0], *rest)[None])
+        if self.unrolled:  # --unrolled: the layers one after another, no device loop between them
+            return self.jax.jit(lambda qs, *rest: self.jnp.stack([f(qs[i], *rest) for i in range(self.layers)]))
         return self.jax.jit(lambda qs, *rest: self.jax.lax.map(lambda q: f(q, *rest), qs))
 
     def pools(self, total_pages, seed):
@@ -439,7 +443,12 @@ def launch_times(runner: Runner, q, k_pages, v_pages, step, repeats: int) -> dic
     kw = dict(block_sizes=bs, sm_scale=runner.scale, interpret=interpret, precision=precision)
     g = HQ // HKV
 
-    def over_layers(f):
+    def over_layers(f):  # as runner.layered, for functions of pytrees
+        if runner.unrolled:
+            def unrolled(xs, *rest):
+                outs = [f(jax.tree.map(lambda x: x[i], xs), *rest) for i in range(runner.layers)]
+                return jax.tree.map(lambda *ys: jnp.stack(ys), *outs)
+            return jax.jit(unrolled)
         return jax.jit(lambda xs, *rest: jax.lax.map(lambda x: f(x, *rest), xs))
 
     def private(q1, k, v, st):
@@ -726,8 +735,12 @@ def calibrate(runner: Runner, repeats: int, seed: int, quick: bool) -> dict:
     and kappa(s) = sigma_s / tau_s is the cost of one shared chunk token for an item of s
     requests in plain request-token units: `CostModel.shared_token_cost`. The intercept
     difference (a_s - a_p) / tau_s estimates `CostModel.step_overhead` (tokens); it is taken
-    from the smallest estimate over s (the plain time grows slightly faster than linearly with
-    many requests, which biases the plain intercept down, and the estimate up, at large s).
+    from the s whose plain times lie closest to their line (smallest relative RMS residual):
+    an intercept is only as good as the line through it, and the plain time is not linear in
+    the tokens everywhere (more requests, or the split-KV launch's split count changing with
+    the batch, bend it). (Until the H200 run of 2026-11-27 this took the smallest estimate over
+    s; there two bent plain fits gave negative estimates, so the overhead came out 0 and steps
+    shared where sharing lost.)
     Ratios come from the same tree timed round-robin, and the fit uses the fastest of the
     repeats (the medians are recorded too): the model describes the kernels, not the load that
     other processes put on a shared machine.
@@ -767,22 +780,25 @@ def calibrate(runner: Runner, repeats: int, seed: int, quick: bool) -> dict:
     for p in points:
         p["median_s"] = median(times[p["key"]])
         p["min_s"] = min(times[p["key"]])
-    kappa, overhead, fits = {}, [], {}
+    kappa, overhead, residual, fits = {}, [], [], {}
     for s in sizes:
         pl = [p for p in points if p["key"][0] == "plain" and p["key"][1] == s]
         sh = [p for p in points if p["key"][0] == "share" and p["key"][1] == s]
-        tau, a_p = np.polyfit([p["request_tokens"] for p in pl], [p["min_s"] for p in pl], 1)
+        x_p, y_p = np.array([p["request_tokens"] for p in pl], float), np.array([p["min_s"] for p in pl])
+        tau, a_p = np.polyfit(x_p, y_p, 1)
         sigma, a_s = np.polyfit([p["chunk_tokens"] for p in sh], [p["min_s"] for p in sh], 1)
         kappa[s] = float(sigma / tau)
         overhead.append(float((a_s - a_p) / tau))
+        residual.append(float(np.sqrt(np.mean((y_p - (tau * x_p + a_p)) ** 2)) / np.mean(y_p)))
         fits[str(s)] = {"tau_s_per_request_token": float(tau), "plain_intercept_s": float(a_p),
                         "sigma_s_per_chunk_token": float(sigma), "shared_intercept_s": float(a_s),
-                        "kappa_raw": float(sigma / tau)}
+                        "kappa_raw": float(sigma / tau), "plain_fit_relative_rms": residual[-1]}
     run = 0.0
     for s in sizes:
         run = max(run, kappa[s])
         kappa[s] = run
-    step_overhead = max(0.0, float(min(overhead)))
+    straightest = int(np.argmin(residual))
+    step_overhead = max(0.0, overhead[straightest])
     fitted = spa.CostModel(shared_token_cost=tuple((s, round(max(kappa[s], 1e-3), 3)) for s in sizes),
                            step_overhead=round(step_overhead, 1))
     return {
@@ -793,6 +809,7 @@ def calibrate(runner: Runner, repeats: int, seed: int, quick: bool) -> dict:
                     "median_s": p["median_s"], "min_s": p["min_s"]} for p in points],
         "fits": fits,
         "step_overhead_per_s": overhead,
+        "step_overhead_from_s": sizes[straightest],
         "derived_cost_model": cost_model_dict(fitted),
         "derived_sharing_threshold": fitted.sharing_threshold(),
         "tuned_cost_model_in_use": cost_model_dict(runner.cost_model),
@@ -896,6 +913,10 @@ def main(argv=None) -> int:
                     help="GPU, fp32: how our kernels (ours and split-KV) compute dots. auto = tf32x3 (three "
                          "TF32 products, fp32 accuracy); tf32 = one TF32 product, the precision of JAX's "
                          "decode_attention (a like-for-like comparison); ieee = FMA units")
+    ap.add_argument("--unrolled", action="store_true",
+                    help="GPU: run a sample's query batches one after another in the jit instead of in a device "
+                         "loop (lax.map), whose per-iteration cost every variant otherwise pays "
+                         "(`harness_floor_s` in the JSON)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -917,7 +938,7 @@ def main(argv=None) -> int:
         stem += "_interpret"
     out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) if args.interpret else RESULTS) / f"{stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    runner = Runner(gpu, args.dtype, args.fp32_dot, interpret=args.interpret)
+    runner = Runner(gpu, args.dtype, args.fp32_dot, interpret=args.interpret, unrolled=args.unrolled)
     header = {
         "benchmark": "attention",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -927,7 +948,8 @@ def main(argv=None) -> int:
         "quick": args.quick, "interpret": args.interpret, "repeats": repeats,
         "statistic": "median of round-robin repeats",
         "timing": (f"per call: one sample runs the variant on {runner.layers} query batches inside one "
-                   "jit (a lax.map, like the layers of a decode step) and is divided by that") if gpu else
+                   "jit (" + ("one after another, unrolled" if args.unrolled else "a lax.map, like the layers of "
+                   "a decode step") + ") and is divided by that") if gpu else
                   "per call: one call per sample, block_until_ready",
         "shape": {"Hq": HQ, "Hkv": HKV, "head_dim": HEAD_DIM, "page_size": PAGE, "dtype": args.dtype},
         "fp32_dot": args.fp32_dot if gpu and args.dtype == "float32" else None,
@@ -939,6 +961,17 @@ def main(argv=None) -> int:
         "tune_budget_s": args.tune_budget,
         "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
+    if gpu:
+        # what the harness alone costs per call (a trivial function in its place), for this run's
+        # harness and for the other one
+        q_floor, floors = runner.queries(32, args.seed), {}
+        for unrolled in (runner.unrolled, not runner.unrolled):
+            runner.unrolled, fn = unrolled, runner.layered(lambda q: q * 2)
+            jax.block_until_ready(fn(q_floor))
+            floors["unrolled" if unrolled else "lax.map"] = functools.partial(fn, q_floor)
+        runner.unrolled = args.unrolled
+        header["harness_floor_s"] = {n: median(t) for n, t in
+                                     runner.per_call(time_round_robin(floors, repeats)).items()}
     records: list[dict] = []
     # seconds per section (tuning, calibration, each configuration): what the next device call
     # has to budget for

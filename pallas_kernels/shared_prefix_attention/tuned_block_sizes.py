@@ -197,13 +197,22 @@ _GPU_H200_BF16_BLOCKS = BlockSizes(chunk_pages=32, query_block=16, split_pages=6
                                    pages_per_compute_block=8, num_warps=4, num_stages=1)
 
 # fp32 with one TF32 product per dot (`fp32_dot="tf32"`, opt-in): `make gpu-check` section tf32
-# with --tune-first on the same H200 (benchmarks/results/attention_gpu_tf32.json, section
-# "tuning", medians of 7): split_pages 64 on the plain B=8 x 8192 tree (217 us; 32: +6%, 16: +11%,
-# 128: +17%); chunk_pages 32 x query_block 16 on the star B=32 P=8192 S=128 tree (149 us; 64 x 16
-# and 16 x 16: +9-12%; query_block 4/8: +23-62%); pages_per_compute_block 2 with 4 warps and 2
-# stages (145 us; 3 stages within 1%; 4 or 8 pages: +13-24%; 8 warps: +13-34%).
-_GPU_H200_TF32_BLOCKS = BlockSizes(chunk_pages=32, query_block=16, split_pages=64,
-                                   pages_per_compute_block=2, num_warps=4, num_stages=2)
+# with --tune-first on one H200, jax 0.11.2, after the KV loop stopped reading the page table
+# (benchmarks/results/attention_gpu_tf32.json, section "tuning", medians of 7):
+# - split-KV launch, plain B=8 x 8192 tree: split_pages 64 (214 us; 32: +4%, 16: +11%, 128:
+#   +16%), its own tile 2 pages x 4 warps x 2 stages (222 us; 4 pages: +1-3%; 3 stages at 2
+#   pages: +16%; 8 warps: +15-18%); min_split_programs 512 (-10% on plain B=4 x 4096 and -15%
+#   on the star B=8 P=4096 S=512 against 0; 1024: -4% / -4%);
+# - shared items, star B=32 P=8192 S=128: chunk_pages 32 x query_block 32 with 8 warps (125 us;
+#   query_block 16 with 4 warps: 136 us, the tile of the run before; 32 rows x 4 warps: 163 us,
+#   registers spill), then 4 pages x 8 warps x 3 stages (114 us; 2 stages: +3%; 2 pages x 8 x 2:
+#   +12%; 4 warps: +24-26%; 8 pages x 2 stages: over shared memory); prefetch off (+28%).
+# Before (page table read in the loop): 2 pages x 4 warps x 2 stages for both launches and
+# query_block 16, 149 us on the same star; 3 stages then measured within 1% of 2.
+_GPU_H200_TF32_BLOCKS = BlockSizes(chunk_pages=32, query_block=32, split_pages=64,
+                                   pages_per_compute_block=4, num_warps=8, num_stages=3,
+                                   split_pages_per_compute_block=2, split_num_warps=4, split_num_stages=2,
+                                   min_split_programs=512)
 
 TUNED_BLOCK_SIZES: dict[str, dict[tuple, BlockSizes]] = {
     "cpu": {
