@@ -247,7 +247,7 @@ class Runner:
         self.layers = (2 if interpret else GPU_LAYERS) if gpu else 1
         self.unrolled = unrolled
         self.platform = "gpu" if gpu else "cpu"
-        self.cost_model = spa.get_cost_model(self.platform, self.dtype.name)
+        self.cost_model = spa.get_cost_model(self.platform, self.dtype.name, fp32_dot)
         if self.shrink > 1:  # overheads are in tokens: shrunk with the trees, so they share as on a GPU
             self.cost_model = dataclasses.replace(self.cost_model,
                                                   step_overhead=self.cost_model.step_overhead / self.shrink,

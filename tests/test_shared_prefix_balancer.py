@@ -307,6 +307,10 @@ def test_tuned_tables_are_valid():
     assert "H200" in get_cost_model("gpu").source  # measured, not a guess
     # a dtype without its own calibration uses the platform's fp32 model
     assert get_cost_model("gpu", "bfloat16") is get_cost_model("gpu", "float32")
+    # a dot mode with its own calibration has its own model; the others share the dtype's
+    assert "TF32" in get_cost_model("gpu", "float32", "tf32").source
+    assert get_cost_model("gpu", "float32", "tf32x3") is get_cost_model("gpu", "float32")
+    assert get_cost_model("gpu", "bfloat16", "tf32") is get_cost_model("gpu", "float32")
     assert get_cost_model("tpu", "bfloat16") is get_cost_model("cpu")
     assert get_block_sizes("gpu", 4, 128, 16, "float32") != get_block_sizes("gpu", 4, 128, 16, "bfloat16")
     # a dot mode with tiles of its own; the others use the dtype's

@@ -256,11 +256,32 @@ _GPU_COST = CostModel(
     source="gpu: NVIDIA H200, jax 0.11.2, fp32 (3xTF32 dots) Hq=32 Hkv=8 D=128 page 16, chunk 64 "
            "pages x 16 requests, split 32 pages; calibration of `make gpu-check` of 2026-11-27",
 )
-# Keyed by platform, then by KV dtype name: a dtype without its own calibration (bf16 on the
-# GPU so far: `make gpu-check` section bf16 calibrates it when run without --skip-calibration)
-# uses the platform's fp32 model, whose kernels it shares.
-COST_MODELS: dict[str, dict[str, CostModel]] = {"cpu": {"float32": _CPU_COST},
-                                                "gpu": {"float32": _GPU_COST}}
+# GPU, fp32 with one TF32 product per dot (`fp32_dot="tf32"`), with the TF32 tiles above (after
+# the KV loop stopped reading the page table): `make gpu-check` section tf32 with
+# --tune-first --skip-tune on one H200 (attention_gpu_tf32.json, "calibration"). A shared chunk
+# token costs 0.4 of a plain request-token for items of 2-4 requests (plain decode of a small
+# batch is latency bound: 5.3-5.6 ns per request-token, against 2.4 ns from 8 requests on) and
+# 0.87-1.3 for 8-32. The sharing path's fixed extra cost is ~46 us at the intercepts (70 against
+# 24 us), 8.6k request-tokens, taken from the straightest plain fit (4 requests, 1.1% RMS; the
+# 8-request plain times bend at 20%). That keeps C3 B=4 and the depth-2 binary tree plain: with
+# the overhead at 0 (the old smallest-estimate rule on the same kind of data) both shared and
+# were 0.66-0.73x the plain kernel.
+_GPU_TF32_COST = CostModel(
+    shared_token_cost=((2, 0.4), (4, 0.4), (8, 0.871), (16, 0.952), (32, 1.315)),
+    item_overhead=0.0,
+    step_overhead=8637.3,
+    source="gpu: NVIDIA H200, jax 0.11.2, fp32 (one TF32 product per dot) Hq=32 Hkv=8 D=128 page 16, "
+           "chunk 32 pages x 32 requests, split 64 pages; calibration of `make gpu-check` section tf32 "
+           "of 2026-11-27 (11:17 UTC)",
+)
+# Keyed by platform, then by KV dtype name, or (dtype name, fp32 dot mode) for a mode with its
+# own calibration. A dtype without one (bf16 on the GPU so far: `make gpu-check` section bf16
+# calibrates it when run without --skip-calibration) uses the platform's fp32 model, whose
+# kernels it shares.
+COST_MODELS: dict[str, dict[str | tuple[str, str], CostModel]] = {
+    "cpu": {"float32": _CPU_COST},
+    "gpu": {"float32": _GPU_COST, ("float32", "tf32"): _GPU_TF32_COST},
+}
 
 
 def get_block_sizes(platform: str, num_q_heads_per_kv_head: int, head_dim: int, page_size: int,
@@ -277,8 +298,9 @@ def get_block_sizes(platform: str, num_q_heads_per_kv_head: int, head_dim: int, 
     return DEFAULT_BLOCK_SIZES.get(platform, _CPU_DEFAULT_BLOCKS)
 
 
-def get_cost_model(platform: str, dtype_name: str = "float32") -> CostModel:
-    """The balancer's `CostModel` for a platform and KV dtype (the platform's fp32 model for a
-    dtype it has none for; CPU's when the platform is unknown)."""
+def get_cost_model(platform: str, dtype_name: str = "float32", fp32_dot: str = "auto") -> CostModel:
+    """The balancer's `CostModel` for a platform, KV dtype and fp32 dot mode: the mode's own
+    model where it has one, else the dtype's, else the platform's fp32 model; CPU's when the
+    platform is unknown."""
     table = COST_MODELS.get(platform, COST_MODELS["cpu"])
-    return table.get(dtype_name, table["float32"])
+    return table.get((dtype_name, fp32_dot), table.get(dtype_name, table["float32"]))
