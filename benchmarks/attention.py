@@ -573,8 +573,9 @@ def tune(runner: Runner, repeats: int, seed: int, budget_s: float | None = None,
     warps, stages) and min_split_programs (small batches: the split-KV launch's smallest
     width), chunk_pages x query_block (shared path) and, on a GPU,
     pages_per_compute_block x num_warps x num_stages (the kernels' inner tile, launch width and
-    pipelining depth) and prefetch (the next KV tile loaded before the current one is used),
-    then times the best setting with 3xTF32, one TF32 and IEEE fp32 dots.
+    pipelining depth), prefetch (the next KV tile loaded before the current one is used) and
+    merge_block (shared partials the merge gathers per step), then times the best setting with
+    3xTF32, one TF32 and IEEE fp32 dots.
 
     Each sweep starts from the best of the one before; a setting that does not compile (e.g.
     Triton out of shared memory) is recorded with its error and skipped. Returns the records
@@ -703,6 +704,12 @@ def tune(runner: Runner, repeats: int, seed: int, budget_s: float | None = None,
         # Software prefetch of the next KV tile, on the star and the plain tree (summed).
         variants = {n: dataclasses.replace(base, prefetch=n) for n in (0, 1)}
         best = timed("prefetch", variants, [star, plain], ("prefetch",))
+        base = variants.get(best, base)
+        checkpoint(base)
+        # The merge's shared partials one at a time or gathered several per step (the star's
+        # requests each merge 16 or more chunk partials).
+        variants = {n: dataclasses.replace(base, merge_block=n) for n in (1, 4, 16)}
+        best = timed("merge_block", variants, [star], ("merge_block",))
         base = variants.get(best, base)
         checkpoint(base)
         # How the kernels compute fp32 dots (not a tile size: recorded, not chosen here; in the

@@ -70,6 +70,8 @@ export JAXSYS_PALLAS_COMPILED=1
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv || true
   "$PY" -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
+  # profilers a later run could use to see why a kernel stalls (Nsight Compute / Systems)
+  for tool in ncu nsys nvcc; do echo "$tool: $(command -v "$tool" || echo not found)"; done
 } 2>&1 | tee "$OUTDIR/gpu_check_env.txt"
 "$PY" -c "import jax; d = jax.devices()[0]; print('gpu-check on', d.device_kind, '| jax', jax.__version__); \
 assert d.platform == 'gpu', 'no GPU visible to jax'"

@@ -176,6 +176,8 @@ def settings(quick: bool):
             out.append((f"{dtype} {fp32_dot}: {ppcb} pages, {warps} warps, {stages} stages", dtype, fp32_dot, bs))
         out.append((f"{dtype} {fp32_dot}: tuned table + prefetch", dtype, fp32_dot,
                     dataclasses.replace(base, prefetch=1, num_stages=1)))
+        out.append((f"{dtype} {fp32_dot}: tuned table + merge of 8 partials per step", dtype, fp32_dot,
+                    dataclasses.replace(base, merge_block=8)))
         out.append((f"{dtype} {fp32_dot}: tuned table + split launch of 2 pages x 3 stages, >= 512 programs",
                     dtype, fp32_dot, dataclasses.replace(base, split_pages_per_compute_block=2, split_num_stages=3,
                                                          min_split_programs=512)))

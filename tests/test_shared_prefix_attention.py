@@ -218,6 +218,19 @@ def test_kernel_with_prefetch_matches_reference(name, force):
     _tol_check(out, _reference(tree, q, k, v), v, jnp.float32)
 
 
+@pytest.mark.parametrize("name,merge_block", [("deep3_fan2_gqa8", 2), ("internal_requests_padded", 4),
+                                              ("long_nodes_short_suffix", 64)])
+def test_kernel_with_block_merge_matches_reference(name, merge_block):
+    """`merge_block`: the merge gathers that many shared partials per step (padding merge rows
+    and empty partials weigh 0; a block wider than the step's merge rows is cut to them)."""
+    tree, q, k, v = _setup(name, jnp.float32)
+    bs = dataclasses.replace(kernel_block_sizes(tree.page_size), merge_block=merge_block)
+    plan, q = _plan(tree, q, "share", bs)
+    assert plan.use_sharing and plan.step.merge_rows.shape[1] >= 2
+    out = shared_prefix_attention(q, k, v, plan.step, block_sizes=bs, interpret=INTERPRET)
+    _tol_check(out, _reference(tree, q, k, v), v, jnp.float32)
+
+
 def test_kernel_merge_reads_odd_groups_in_place():
     """G = 5 query heads per KV head in items of 3 requests: the merge reads each request's Gm = 8
     rows where the shared launch wrote them (rows 10..17 for the last slot: past 3 x 5 = 15, so
@@ -235,11 +248,11 @@ def test_kernel_merge_reads_odd_groups_in_place():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_kernel_with_every_launch_option_matches_reference(dtype):
-    """Prefetch, more and shorter splits with their own tile, and a non-power-of-two query block,
-    together, with return_lse: one configuration the GPU sweep may pick."""
+    """Prefetch, more and shorter splits with their own tile, a block merge and a non-power-of-two
+    query block, together, with return_lse: one configuration the GPU sweep may pick."""
     tree, q, k, v = _setup("internal_requests_padded", dtype)
     base = kernel_block_sizes(tree.page_size)
-    bs = dataclasses.replace(base, query_block=3, split_pages=4 * base.split_pages, prefetch=1,
+    bs = dataclasses.replace(base, query_block=3, split_pages=4 * base.split_pages, prefetch=1, merge_block=2,
                              min_split_programs=10**6, split_pages_per_compute_block=2 * base.pages_per_compute_block)
     plan, q = _plan(tree, q, "share", bs)
     out, lse = shared_prefix_attention(q, k, v, plan.step, block_sizes=bs, interpret=INTERPRET, return_lse=True)

@@ -224,7 +224,7 @@ def _item_kernel(pages_ref, page_lens_ref, queries_ref, q_ref, k_pages_ref, v_pa
 
 
 def _merge_kernel(merge_rows_ref, o_sh_ref, lse_sh_ref, o_pr_ref, lse_pr_ref, out_ref, lse_out_ref=None,
-                  *, query_block=1, group=1):
+                  *, query_block=1, group=1, merge_block=1):
     """LSE-merge one request's partials for one KV head.
 
     merge_rows_ref: i32[M] shared partials as `item * query_block + slot` (>= W * query_block:
@@ -232,6 +232,10 @@ def _merge_kernel(merge_rows_ref, o_sh_ref, lse_sh_ref, o_pr_ref, lse_pr_ref, ou
     output as it wrote it, slot s of an item in rows [s * group, s * group + Gm); o_pr_ref:
     f32[S, Gp, D], lse_pr_ref: f32[S, Gp] (first Gm rows used); out_ref: [Gm, D]; lse_out_ref
     (optional): f32[Gm]. Rows past `group` (Gm > G) are another slot's: the caller drops them.
+    merge_block (a power of two dividing M): shared partials folded per step; > 1 loads that
+    many merge rows, then their partials with one [merge_block, Gm(, D)] gather each, so the
+    loads of a step are independent of each other (at 1 every step waits for its merge row,
+    then for its partial).
     """
     n_split = o_pr_ref.shape[0]
     n_merge = 0 if merge_rows_ref is None else merge_rows_ref.shape[0]
@@ -256,10 +260,29 @@ def _merge_kernel(merge_rows_ref, o_sh_ref, lse_sh_ref, o_pr_ref, lse_pr_ref, ou
         lse = jnp.where(valid, lse_sh_ref[item, pl.ds(first, gm)], -jnp.inf)
         return fold(o_sh_ref[item, pl.ds(first, gm), :], lse, carry)
 
+    def shared_block(j, carry):  # merge_block partials at once: [K, Gm] and [K, Gm, D] gathers
+        acc, m, den = carry
+        n_items, k = o_sh_ref.shape[0], merge_block
+        rows = merge_rows_ref[pl.ds(pl.multiple_of(j * k, k), k)]
+        valid = rows < n_items * query_block
+        rows = jnp.minimum(rows, n_items * query_block - 1)
+        item = lax.broadcast_in_dim(lax.div(rows, query_block), (k, gm), (0,))
+        row = (lax.broadcast_in_dim(lax.rem(rows, query_block) * group, (k, gm), (0,))
+               + lax.broadcasted_iota(jnp.int32, (k, gm), 1))
+        lse = jnp.where(valid[:, None], lse_sh_ref[item, row], -jnp.inf)  # [K, Gm]
+        o_part = o_sh_ref[item, row, :]  # [K, Gm, D]
+        m_new = jnp.maximum(m, jnp.max(lse, axis=0))
+        a = jnp.exp(m - m_new)
+        b = jnp.exp(lse - m_new[None, :])  # 0 for padding rows and empty partials
+        acc = a[:, None] * acc + jnp.sum(b[:, :, None] * o_part, axis=0)
+        return acc, m_new, a * den + jnp.sum(b, axis=0)
+
     carry = (jnp.zeros((gm, d), jnp.float32), jnp.full((gm,), _MASK_VALUE, jnp.float32),
              jnp.zeros((gm,), jnp.float32))
     carry = lax.fori_loop(0, n_split, private, carry)
-    if n_merge:
+    if n_merge and merge_block > 1:
+        carry = lax.fori_loop(0, n_merge // merge_block, shared_block, carry)
+    elif n_merge:
         carry = lax.fori_loop(0, n_merge, shared, carry)
     acc, m, den = carry
     out_ref[...] = (acc / jnp.where(den > 0, den, 1.0)[:, None]).astype(out_ref.dtype)
@@ -398,7 +421,9 @@ def _merge(merge_rows, o_sh, lse_sh, o_pr, lse_pr, *, gm, out_dtype, block_sizes
             pl.BlockSpec((w, None, rows), lambda i, h: (0, h, 0)),
         ] + in_specs
         args = [merge_rows, o_sh, lse_sh] + args
-        kernel = functools.partial(_merge_kernel, query_block=query_block, group=group)
+        kernel = functools.partial(_merge_kernel, query_block=query_block, group=group,
+                                   # a power of two dividing M (a pinned step shape need not be one)
+                                   merge_block=min(block_sizes.merge_block, merge_rows.shape[1] & -merge_rows.shape[1]))
     else:
         kernel = functools.partial(_merge_kernel, None, None, None)
     out_specs = pl.BlockSpec((None, None, gm, d), lambda i, h: (i, h, 0, 0))

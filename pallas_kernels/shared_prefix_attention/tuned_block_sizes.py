@@ -52,6 +52,11 @@ class BlockSizes:
         on the current one (software pipelining by hand; `make kernel-report` shows it spilling
         registers, Triton's own pipeline at num_stages >= 3 is the usual way); 0 (default) =
         one tile at a time. GPU only.
+      merge_block: shared partials the Pallas merge folds per step, a power of two. 1 (default)
+        = one at a time: a serial loop whose every step loads a merge row and then the partial
+        it names, latency bound (24-84 us a call on the H200, `launches` in
+        benchmarks/results/attention_gpu_tf32.json); > 1 = that many rows and partials with one
+        gather each, folded together. GPU only; the XLA path merges all at once anyway.
     """
 
     chunk_pages: int
@@ -65,6 +70,7 @@ class BlockSizes:
     split_num_stages: int = 0
     min_split_programs: int = 0
     prefetch: int = 0
+    merge_block: int = 1
 
     def __post_init__(self):
         zero_ok = ("split_pages_per_compute_block", "split_num_warps", "split_num_stages",
@@ -77,7 +83,7 @@ class BlockSizes:
         if self.prefetch > 1:
             raise ValueError(f"BlockSizes.prefetch must be 0 or 1, got {self.prefetch}")
         for name in ("chunk_pages", "split_pages", "pages_per_compute_block", "num_warps",
-                     "split_pages_per_compute_block", "split_num_warps"):
+                     "split_pages_per_compute_block", "split_num_warps", "merge_block"):
             if getattr(self, name) and not _is_pow2(getattr(self, name)):
                 raise ValueError(f"BlockSizes.{name} must be a power of two (Triton tiles), "
                                  f"got {getattr(self, name)}")
