@@ -573,8 +573,9 @@ def tune(runner: Runner, repeats: int, seed: int, budget_s: float | None = None,
     warps, stages) and min_split_programs (small batches: the split-KV launch's smallest
     width), chunk_pages x query_block (shared path) and, on a GPU,
     pages_per_compute_block x num_warps x num_stages (the kernels' inner tile, launch width and
-    pipelining depth), prefetch (the next KV tile loaded before the current one is used) and
-    merge_block (shared partials the merge gathers per step), then times the best setting with
+    pipelining depth), prefetch (the next KV tile loaded before the current one is used),
+    min_shared_items (shorter shared items where a step has few) and merge_block (shared
+    partials the merge gathers per step), then times the best setting with
     3xTF32, one TF32 and IEEE fp32 dots.
 
     Each sweep starts from the best of the one before; a setting that does not compile (e.g.
@@ -706,10 +707,16 @@ def tune(runner: Runner, repeats: int, seed: int, budget_s: float | None = None,
         best = timed("prefetch", variants, [star, plain], ("prefetch",))
         base = variants.get(best, base)
         checkpoint(base)
-        # The merge's shared partials one at a time or gathered several per step (the star's
-        # requests each merge 16 or more chunk partials).
+        # Shorter shared items where a step has few (a 2k-token prefix is 4 items of 32 pages:
+        # 32 programs), then the merge's shared partials one at a time or several per step (the
+        # star's requests each merge 16 or more).
+        short = tree_set(Config("tune", "star B=16 P=2048 S=512", "star", B=16, P=2048, S=512), 3) + ("share",)
+        variants = {n: dataclasses.replace(base, min_shared_items=n) for n in (0, 32, 128)}
+        best = timed("min_shared_items", variants, [short, star], ("min_shared_items",))
+        base = variants.get(best, base)
+        checkpoint(base)
         variants = {n: dataclasses.replace(base, merge_block=n) for n in (1, 4, 16)}
-        best = timed("merge_block", variants, [star], ("merge_block",))
+        best = timed("merge_block", variants, [star, short], ("merge_block",))
         base = variants.get(best, base)
         checkpoint(base)
         # How the kernels compute fp32 dots (not a tile size: recorded, not chosen here; in the

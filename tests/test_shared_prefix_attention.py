@@ -231,6 +231,22 @@ def test_kernel_with_block_merge_matches_reference(name, merge_block):
     _tol_check(out, _reference(tree, q, k, v), v, jnp.float32)
 
 
+@pytest.mark.parametrize("name", ["long_nodes_short_suffix", "deep3_fan2_gqa8"])
+def test_short_items_match_reference(name):
+    """`min_shared_items`: shared nodes cut into items shorter than `chunk_pages` (the rest of each
+    item padding, never loaded), more merge rows per request; the kernels, with a block merge,
+    and the XLA path give the same attention."""
+    tree, q, k, v = _setup(name, jnp.float32)
+    base = kernel_block_sizes(tree.page_size)
+    bs = dataclasses.replace(base, min_shared_items=10**6, merge_block=4)
+    plan, q = _plan(tree, q, "share", bs)
+    longer, _ = _plan(tree, q, "share", base)
+    assert plan.step.item_pages.shape[0] > longer.step.item_pages.shape[0]
+    ref = _reference(tree, q, k, v)
+    _tol_check(shared_prefix_attention(q, k, v, plan.step, block_sizes=bs, interpret=INTERPRET), ref, v, jnp.float32)
+    _tol_check(shared_prefix_attention_xla(q, k, v, plan.step, block_sizes=bs), ref, v, jnp.float32)
+
+
 def test_kernel_merge_reads_odd_groups_in_place():
     """G = 5 query heads per KV head in items of 3 requests: the merge reads each request's Gm = 8
     rows where the shared launch wrote them (rows 10..17 for the last slot: past 3 x 5 = 15, so

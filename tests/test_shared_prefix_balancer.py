@@ -4,6 +4,8 @@ builder, static shapes. numpy only, except one end-to-end check through the XLA 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -99,12 +101,13 @@ def check_plan_invariants(tree, plan, block_sizes):
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 10_000), depth=st.integers(0, 3), fanout=st.integers(1, 4),
        page_size=st.sampled_from([1, 4, 16]), chunk=st.sampled_from([1, 2, 4]),
-       qblock=st.integers(1, 5), internal=st.integers(0, 2), force=st.sampled_from(EVERY_FORCE))
-def test_plan_covers_every_token_once(seed, depth, fanout, page_size, chunk, qblock, internal, force):
+       qblock=st.integers(1, 5), internal=st.integers(0, 2), force=st.sampled_from(EVERY_FORCE),
+       min_items=st.sampled_from([0, 0, 8, 64]))
+def test_plan_covers_every_token_once(seed, depth, fanout, page_size, chunk, qblock, internal, force, min_items):
     rng = np.random.default_rng(seed)
     tree, _ = make_tree(rng, depth=depth, fanout=fanout, page_size=page_size, node_tokens=(0, 50),
                         suffix_tokens=(0, 10), requests_at_internal=internal)
-    bs = BlockSizes(chunk_pages=chunk, query_block=qblock, split_pages=2)
+    bs = BlockSizes(chunk_pages=chunk, query_block=qblock, split_pages=2, min_shared_items=min_items)
     cost = CostModel(shared_token_cost=((1, float(rng.uniform(0.2, 3))),), item_overhead=1.0)
     plan = plan_step(tree, block_sizes=bs, cost_model=cost, force=force, min_requests=int(rng.integers(1, 9)))
     check_plan_invariants(tree, plan, bs)
@@ -229,6 +232,28 @@ def test_pinned_shape_drops_least_valuable_nodes(seed, items, slots):
     check_plan_invariants(tree, plan, bs)
     if free.shape.num_items <= items and free.shape.merge_slots <= slots:
         assert plan.shared_nodes == free.shared_nodes
+
+
+def test_min_shared_items_shortens_items():
+    """A 64-page prefix shared by 4 requests is 2 items of 32 pages; asked for 8 items the balancer
+    halves the pages per item twice (8 pages each, the rest of each item padding), never below one
+    compute tile, and a pinned shape caps it."""
+    tree = _star(4, prefix=64 * 16, suffix=16)
+    base = BlockSizes(chunk_pages=32, query_block=4, split_pages=8, pages_per_compute_block=4)
+
+    def items(bs, **kw):
+        step = plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE, force="share", **kw).step
+        valid = (step.item_page_lens > 0).sum(axis=1)
+        return int((valid > 0).sum()), int(valid.max()), step
+
+    assert items(base)[:2] == (2, 32)
+    n, longest, step = items(dataclasses.replace(base, min_shared_items=8))
+    assert (n, longest) == (8, 8) and step.item_pages.shape[1] == 32 and step.merge_rows.shape[1] == 8
+    assert items(dataclasses.replace(base, min_shared_items=10**6))[:2] == (16, 4)  # one 4-page tile each
+    pinned = StepShape(num_requests=4, num_items=4, private_pages=8, merge_slots=4)
+    assert items(dataclasses.replace(base, min_shared_items=8), shape=pinned)[:2] == (4, 16)
+    check_plan_invariants(tree, plan_step(tree, block_sizes=dataclasses.replace(base, min_shared_items=8),
+                                          cost_model=ALWAYS_SHARE, force="share"), base)
 
 
 def test_plan_from_page_tables_matches_reference():

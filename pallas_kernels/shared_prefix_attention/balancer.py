@@ -389,6 +389,23 @@ def plan_step(tree: PrefixTree, *, block_sizes: BlockSizes, cost_model: CostMode
     shared_set = set(shared)
     cost_shared_nodes = sum(cost_sh[n] for n in shared)
 
+    # Pages per work item: `chunk_pages`, or shorter where the step has too few items to fill
+    # the GPU (`BlockSizes.min_shared_items`), as long as a pinned shape still holds them.
+    item_len = cp
+    if block_sizes.min_shared_items and shared:
+        def items_of(length):
+            return sum(-(-tree.node_pages[n].shape[0] // length) * -(-len(reqs_below[n]) // qb) for n in shared)
+
+        def merge_of(length):
+            return max(sum(-(-tree.node_pages[n].shape[0] // length) for n in path if n in shared_set)
+                       for path in paths)
+
+        while (item_len // 2 >= block_sizes.pages_per_compute_block
+               and items_of(item_len) < block_sizes.min_shared_items
+               and (shape is None or (items_of(item_len // 2) <= shape.num_items
+                                      and merge_of(item_len // 2) <= shape.merge_slots))):
+            item_len //= 2
+
     # Work items: node-major, then query block, then KV chunk.
     item_pages, item_lens, item_queries = [], [], []
     merge: list[list[int]] = [[] for _ in range(n_req)]
@@ -398,10 +415,10 @@ def plan_step(tree: PrefixTree, *, block_sizes: BlockSizes, cost_model: CostMode
         plens = tree.node_page_lens(n)
         for q0 in range(0, len(rs), qb):
             block = rs[q0:q0 + qb]
-            for c0 in range(0, pages.shape[0], cp):
+            for c0 in range(0, pages.shape[0], item_len):
                 w = len(item_pages)
-                item_pages.append(pages[c0:c0 + cp])
-                item_lens.append(plens[c0:c0 + cp])
+                item_pages.append(pages[c0:c0 + item_len])
+                item_lens.append(plens[c0:c0 + item_len])
                 item_queries.append(block)
                 for slot, r in enumerate(block):
                     merge[r].append(w * qb + slot)

@@ -52,6 +52,13 @@ class BlockSizes:
         on the current one (software pipelining by hand; `make kernel-report` shows it spilling
         registers, Triton's own pipeline at num_stages >= 3 is the usual way); 0 (default) =
         one tile at a time. GPU only.
+      min_shared_items: the balancer cuts shared nodes into shorter work items (halving the
+        pages per item, down to one compute tile; the item width `chunk_pages` stays, the rest
+        is padding that is not loaded) until the step has at least this many items, so a step
+        whose shared nodes are few and short still spreads them over the GPU (on the H200 a
+        node of 4 chunks gave 32 programs and streamed at 0.2 TB/s). More items mean more merge
+        rows. 0 (default) = items of `chunk_pages`. For the Pallas kernels: the XLA path
+        computes padded items in full, so on CPU it only costs.
       merge_block: shared partials the Pallas merge folds per step, a power of two. 1 (default)
         = one at a time: a serial loop whose every step loads a merge row and then the partial
         it names, latency bound (24-84 us a call on the H200, `launches` in
@@ -71,10 +78,11 @@ class BlockSizes:
     min_split_programs: int = 0
     prefetch: int = 0
     merge_block: int = 1
+    min_shared_items: int = 0
 
     def __post_init__(self):
         zero_ok = ("split_pages_per_compute_block", "split_num_warps", "split_num_stages",
-                   "min_split_programs", "prefetch")
+                   "min_split_programs", "prefetch", "min_shared_items")
         for f in dataclasses.fields(self):
             value, least = getattr(self, f.name), 0 if f.name in zero_ok else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
