@@ -212,7 +212,8 @@ _GPU_H200_BF16_BLOCKS = BlockSizes(chunk_pages=32, query_block=16, split_pages=6
 
 # fp32 with one TF32 product per dot (`fp32_dot="tf32"`, opt-in): `make gpu-check` section tf32
 # with --tune-first on one H200, jax 0.11.2, after the KV loop stopped reading the page table
-# (benchmarks/results/attention_gpu_tf32.json, section "tuning", medians of 7):
+# (benchmarks/results/attention_gpu_tf32_tuning_run.json, section "tuning", medians of 7; the
+# configurations of attention_gpu_tf32.json ran on these tiles):
 # - split-KV launch, plain B=8 x 8192 tree: split_pages 64 (214 us; 32: +4%, 16: +11%, 128:
 #   +16%), its own tile 2 pages x 4 warps x 2 stages (222 us; 4 pages: +1-3%; 3 stages at 2
 #   pages: +16%; 8 warps: +15-18%); min_split_programs 512 (-10% on plain B=4 x 4096 and -15%
@@ -220,7 +221,7 @@ _GPU_H200_BF16_BLOCKS = BlockSizes(chunk_pages=32, query_block=16, split_pages=6
 # - shared items, star B=32 P=8192 S=128: chunk_pages 32 x query_block 32 with 8 warps (125 us;
 #   query_block 16 with 4 warps: 136 us, the tile of the run before; 32 rows x 4 warps: 163 us,
 #   registers spill), then 4 pages x 8 warps x 3 stages (114 us; 2 stages: +3%; 2 pages x 8 x 2:
-#   +12%; 4 warps: +24-26%; 8 pages x 2 stages: over shared memory); prefetch off (+28%).
+#   +12%; 4 warps: +24-27%; 8 pages x 2 stages: over shared memory); prefetch off (+28%).
 # Before (page table read in the loop): 2 pages x 4 warps x 2 stages for both launches and
 # query_block 16, 149 us on the same star; 3 stages then measured within 1% of 2.
 _GPU_H200_TF32_BLOCKS = BlockSizes(chunk_pages=32, query_block=32, split_pages=64,
