@@ -35,13 +35,13 @@ gpu-check:
 	bash benchmarks/gpu_check.sh
 
 # Before spending GPU time, on any machine: the GPU benchmark's whole path (sweeps, calibration,
-# every configuration, JAX's kernels) in the Pallas interpreter on shrunk trees (~5 min on 2 cores;
+# every configuration, JAX's kernels) in the Pallas interpreter on shrunk trees (~5-10 min on 2 cores;
 # the timings mean nothing, the outputs are checked against ours).
 gpu-check-dry: $(STAMP)
 	$(BIN)/python benchmarks/attention.py --interpret --tune-first --repeats 1
 
 # The same with the GPU machine's jax version (0.11.x, Python >= 3.12) in .venv-gpujax: lowering for
-# CUDA, the kernel tests and the dry run (~8 min), so an API that moved between the versions shows
+# CUDA, the kernel tests and the dry run (~10 min), so an API that moved between the versions shows
 # here and not in the GPU run.
 gpu-check-dry-jax:
 	bash benchmarks/gpu_jax_dry.sh

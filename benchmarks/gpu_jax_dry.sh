@@ -9,7 +9,7 @@
 #   2. the kernel tests pass in the Pallas interpreter;
 #   3. the GPU benchmark's whole path (sweeps, calibration, every configuration, JAX's own
 #      decode_attention and paged_attention of that version) runs in the interpreter on shrunk
-#      trees, as `make gpu-check-dry` (~6 minutes on 2 cores; timings mean nothing, every
+#      trees, as `make gpu-check-dry` (5-10 minutes on 2 cores; timings mean nothing, every
 #      variant's output is checked against ours).
 # A Python >= 3.12: GPU_JAX_PY, else python3.13/python3.12 on PATH, else pyenv's.
 set -euo pipefail
