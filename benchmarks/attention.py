@@ -286,16 +286,21 @@ class Runner:
                                                                   interpret=self.interpret)
         return lambda q, k, v, s: spa.shared_prefix_attention_xla(q, k, v, s, block_sizes=bs)
 
-    def layered(self, f):
-        """jit of (qs [layers, B, Hq, D], *rest) -> [layers, B, Hq, D], f(qs[i], *rest) per layer.
+    def layered(self, f, unrolled: bool | None = None):
+        """jit of (xs, *rest) -> f(xs[i], *rest) per layer, stacked; xs and f's output are
+        arrays or pytrees of them with a leading [layers] axis (qs [layers, B, Hq, D] -> [layers,
+        B, Hq, D] for the attention variants).
 
-        A loop (`lax.map`), not an unrolled sequence: one compilation of each kernel however
-        many layers."""
-        if self.layers == 1:
-            return self.jax.jit(lambda qs, *rest: f(qs[0], *rest)[None])
-        if self.unrolled:  # --unrolled: the layers one after another, no device loop between them
-            return self.jax.jit(lambda qs, *rest: self.jnp.stack([f(qs[i], *rest) for i in range(self.layers)]))
-        return self.jax.jit(lambda qs, *rest: self.jax.lax.map(lambda q: f(q, *rest), qs))
+        A loop (`lax.map`): one compilation of each kernel however many layers; or, with
+        `unrolled` (default: --unrolled), the layers one after another, no device loop between
+        them."""
+        jax = self.jax
+        if self.layers == 1 or (self.unrolled if unrolled is None else unrolled):
+            def run(xs, *rest):
+                outs = [f(jax.tree.map(lambda x: x[i], xs), *rest) for i in range(self.layers)]
+                return jax.tree.map(lambda *ys: self.jnp.stack(ys), *outs)
+            return jax.jit(run)
+        return jax.jit(lambda xs, *rest: jax.lax.map(lambda x: f(x, *rest), xs))
 
     def pools(self, total_pages, seed):
         jax, jnp = self.jax, self.jnp
@@ -317,6 +322,11 @@ class Runner:
 
     def per_call(self, times: dict[str, list[float]]) -> dict[str, list[float]]:
         return {n: [t / self.layers for t in ts] for n, ts in times.items()}
+
+
+def kv_bytes(tokens: float, itemsize: int) -> float:
+    """Bytes of K and V for `tokens` tokens of every KV head."""
+    return 2.0 * tokens * HKV * HEAD_DIM * itemsize
 
 
 def cost_model_dict(cm) -> dict:
@@ -383,13 +393,9 @@ def run_config(runner: Runner, cfg: Config, repeats: int, seed: int) -> list[dic
     max_diff = {n: float(np.max(np.abs(o - outs["ours"]))) for n, o in outs.items()}
     times = runner.per_call(time_round_robin(fns, repeats))
     med = {n: median(t) for n, t in times.items()}
-    bytes_read = {
-        "ours": 2.0 * plan.kv_tokens_read * HKV * HEAD_DIM * itemsize,
-        "splitkv": 2.0 * float(lengths.sum()) * HKV * HEAD_DIM * itemsize,
-        "naive": 2.0 * float(lengths.sum()) * HKV * HEAD_DIM * itemsize,
-        "jax_decode_attention": 2.0 * float(lengths.sum()) * HKV * HEAD_DIM * itemsize,
-        "jax_paged_attention": 2.0 * float(lengths.sum()) * HKV * HEAD_DIM * itemsize,
-    }
+    every_token = kv_bytes(float(lengths.sum()), itemsize)  # what a variant that shares nothing reads
+    bytes_read = {"ours": kv_bytes(plan.kv_tokens_read, itemsize), "splitkv": every_token, "naive": every_token,
+                  "jax_decode_attention": every_token, "jax_paged_attention": every_token}
     records = []
     for n in list(fns) + [n for n in notes if n not in fns]:
         rec = {"config": cfg.name, "label": cfg.label, "variant": n, "byte_ratio": round(ratio, 4),
@@ -443,14 +449,6 @@ def launch_times(runner: Runner, q, k_pages, v_pages, step, repeats: int) -> dic
     kw = dict(block_sizes=bs, sm_scale=runner.scale, interpret=interpret, precision=precision)
     g = HQ // HKV
 
-    def over_layers(f):  # as runner.layered, for functions of pytrees
-        if runner.unrolled:
-            def unrolled(xs, *rest):
-                outs = [f(jax.tree.map(lambda x: x[i], xs), *rest) for i in range(runner.layers)]
-                return jax.tree.map(lambda *ys: jnp.stack(ys), *outs)
-            return jax.jit(unrolled)
-        return jax.jit(lambda xs, *rest: jax.lax.map(lambda x: f(x, *rest), xs))
-
     def private(q1, k, v, st):
         return spk._private_partials(spk._queries(q1, k)[0], k, v, st.private_pages, st.private_page_lens, **kw)
 
@@ -458,24 +456,24 @@ def launch_times(runner: Runner, q, k_pages, v_pages, step, repeats: int) -> dic
         return spk._shared_partials(spk._queries(q1, k)[0], k, v, st, g=g, **kw)
 
     sharing = step.item_pages.shape[0] > 0 and step.merge_rows.shape[1] > 0
-    parts = {"private_pages": over_layers(private)}
+    parts = {"private_pages": runner.layered(private)}
     if sharing:
-        parts["items"] = over_layers(items)
+        parts["items"] = runner.layered(items)
     partials = {n: jax.block_until_ready(f(q, k_pages, v_pages, step)) for n, f in parts.items()}
     merge_kw = dict(gm=1 << (g - 1).bit_length(), out_dtype=q.dtype, block_sizes=bs, interpret=interpret)
     if sharing:
-        merge = over_layers(lambda ps, st: spk._merge(st.merge_rows, *ps[2:], *ps[:2], query_block=st.item_queries.shape[1],
+        merge = runner.layered(lambda ps, st: spk._merge(st.merge_rows, *ps[2:], *ps[:2], query_block=st.item_queries.shape[1],
                                                       group=g, **merge_kw))
         merge_in = (partials["private_pages"] + partials["items"], step)
     else:
-        merge = over_layers(lambda ps: spk._merge(None, None, None, *ps, **merge_kw))
+        merge = runner.layered(lambda ps: spk._merge(None, None, None, *ps, **merge_kw))
         merge_in = (partials["private_pages"],)
     jax.block_until_ready(merge(*merge_in))
     fns = {n: functools.partial(f, q, k_pages, v_pages, step) for n, f in parts.items()}
     fns["merge"] = functools.partial(merge, *merge_in)
     times = runner.per_call(time_round_robin(fns, repeats))
-    kv_bytes = lambda lens: 2.0 * float(jnp.sum(lens)) * HKV * HEAD_DIM * runner.dtype.itemsize  # noqa: E731
-    read = {"private_pages": kv_bytes(step.private_page_lens), "items": kv_bytes(step.item_page_lens)}
+    read = {"private_pages": kv_bytes(float(jnp.sum(step.private_page_lens)), runner.dtype.itemsize),
+            "items": kv_bytes(float(jnp.sum(step.item_page_lens)), runner.dtype.itemsize)}
     out = {}
     for n, ts in times.items():
         out[n] = {"median_s": median(ts)}
@@ -614,6 +612,13 @@ def tune(runner: Runner, repeats: int, seed: int, budget_s: float | None = None,
         if progress is not None:
             progress(out)
 
+    def choose(name: str, variants: dict, trees, names) -> None:
+        """One sweep (`timed`); the next ones start from its fastest variant (from the sizes so
+        far when it was skipped or nothing ran), recorded as `best`."""
+        nonlocal base
+        base = variants.get(timed(name, variants, trees, names), base)
+        checkpoint(base)
+
     def sweep(variants: dict, trees, names, fp32_dot=None):
         """Times `variants` (key -> BlockSizes) on each (label, tree, k, v, q, force) of `trees`.
         Returns the records (a key's parts named by `names`) and the key fastest summed over the
@@ -648,8 +653,9 @@ def tune(runner: Runner, repeats: int, seed: int, budget_s: float | None = None,
                                            pages_per_compute_block=min(base.pages_per_compute_block, sp),
                                            split_pages_per_compute_block=min(base.split_pages_per_compute_block, sp),
                                            chunk_pages=max(base.chunk_pages, sp))
-    best = timed("split_pages", variants, [plain], ("split_pages",))
-    base = dataclasses.replace(variants.get(best, base), chunk_pages=base.chunk_pages)
+    chunk_pages = base.chunk_pages  # raised in the variants only to keep them valid
+    choose("split_pages", variants, [plain], ("split_pages",))
+    base = dataclasses.replace(base, chunk_pages=chunk_pages)
     checkpoint(base)
 
     if runner.gpu:
@@ -660,10 +666,8 @@ def tune(runner: Runner, repeats: int, seed: int, budget_s: float | None = None,
             if base.split_pages % ppcb == 0:
                 variants[(ppcb, warps, stages)] = dataclasses.replace(
                     base, split_pages_per_compute_block=ppcb, split_num_warps=warps, split_num_stages=stages)
-        best = timed("split_launch_tile", variants, [plain],
-                     ("split_pages_per_compute_block", "split_num_warps", "split_num_stages"))
-        base = variants.get(best, base)
-        checkpoint(base)
+        choose("split_launch_tile", variants, [plain],
+               ("split_pages_per_compute_block", "split_num_warps", "split_num_stages"))
         # How many programs the split-KV launch needs before a small batch of long requests
         # fills the GPU (the kernel halves the split until it has them): summed over a small
         # plain batch and the private launch of a star (its suffixes are the split-KV part).
@@ -671,9 +675,7 @@ def tune(runner: Runner, repeats: int, seed: int, budget_s: float | None = None,
                  + ("plain",),
                  tree_set(Config("tune", "star B=8 P=4096 S=512", "star", B=8, P=4096, S=512), 2) + ("share",)]
         variants = {n: dataclasses.replace(base, min_split_programs=n) for n in (0, 512, 1024)}
-        best = timed("min_split_programs", variants, small, ("min_split_programs",))
-        base = variants.get(best, base)
-        checkpoint(base)
+        choose("min_split_programs", variants, small, ("min_split_programs",))
 
     star = tree_set(Config("tune", "star B=32 P=8192 S=128", "star", B=32, P=8192, S=128), 1) + ("share",)
     variants = {}
@@ -686,9 +688,7 @@ def tune(runner: Runner, repeats: int, seed: int, budget_s: float | None = None,
                 if cp % base.pages_per_compute_block == 0:
                     variants[(cp, qb, warps)] = dataclasses.replace(base, chunk_pages=cp, query_block=qb,
                                                                     num_warps=warps)
-    best = timed("chunk_pages_x_query_block", variants, [star], ("chunk_pages", "query_block", "num_warps"))
-    base = variants.get(best, base)
-    checkpoint(base)
+    choose("chunk_pages_x_query_block", variants, [star], ("chunk_pages", "query_block", "num_warps"))
 
     if runner.gpu:
         variants = {}
@@ -698,27 +698,19 @@ def tune(runner: Runner, repeats: int, seed: int, budget_s: float | None = None,
             if split_ok and base.chunk_pages % ppcb == 0 and ppcb * PAGE >= 16:
                 variants[(ppcb, warps, stages)] = dataclasses.replace(
                     base, pages_per_compute_block=ppcb, num_warps=warps, num_stages=stages)
-        best = timed("pages_per_compute_block_x_num_warps_x_num_stages", variants, [star],
-                     ("pages_per_compute_block", "num_warps", "num_stages"))
-        base = variants.get(best, base)
-        checkpoint(base)
+        choose("pages_per_compute_block_x_num_warps_x_num_stages", variants, [star],
+               ("pages_per_compute_block", "num_warps", "num_stages"))
         # Software prefetch of the next KV tile, on the star and the plain tree (summed).
         variants = {n: dataclasses.replace(base, prefetch=n) for n in (0, 1)}
-        best = timed("prefetch", variants, [star, plain], ("prefetch",))
-        base = variants.get(best, base)
-        checkpoint(base)
+        choose("prefetch", variants, [star, plain], ("prefetch",))
         # Shorter shared items where a step has few (a 2k-token prefix is 4 items of 32 pages:
         # 32 programs), then the merge's shared partials one at a time or several per step (the
         # star's requests each merge 16 or more).
         short = tree_set(Config("tune", "star B=16 P=2048 S=512", "star", B=16, P=2048, S=512), 3) + ("share",)
         variants = {n: dataclasses.replace(base, min_shared_items=n) for n in (0, 32, 128)}
-        best = timed("min_shared_items", variants, [short, star], ("min_shared_items",))
-        base = variants.get(best, base)
-        checkpoint(base)
+        choose("min_shared_items", variants, [short, star], ("min_shared_items",))
         variants = {n: dataclasses.replace(base, merge_block=n) for n in (1, 4, 16)}
-        best = timed("merge_block", variants, [star, short], ("merge_block",))
-        base = variants.get(best, base)
-        checkpoint(base)
+        choose("merge_block", variants, [star, short], ("merge_block",))
         # How the kernels compute fp32 dots (not a tile size: recorded, not chosen here; in the
         # default fp32 pass only).
         out["fp32_dot"] = []
@@ -979,11 +971,10 @@ def main(argv=None) -> int:
         # what the harness alone costs per call (a trivial function in its place), for this run's
         # harness and for the other one
         q_floor, floors = runner.queries(32, args.seed), {}
-        for unrolled in (runner.unrolled, not runner.unrolled):
-            runner.unrolled, fn = unrolled, runner.layered(lambda q: q * 2)
+        for unrolled in (False, True):
+            fn = runner.layered(lambda q: q * 2, unrolled=unrolled)
             jax.block_until_ready(fn(q_floor))
             floors["unrolled" if unrolled else "lax.map"] = functools.partial(fn, q_floor)
-        runner.unrolled = args.unrolled
         header["harness_floor_s"] = {n: median(t) for n, t in
                                      runner.per_call(time_round_robin(floors, repeats)).items()}
     records: list[dict] = []
@@ -1030,9 +1021,6 @@ def main(argv=None) -> int:
         for key in ("tuning", "calibration"):
             if key in earlier:
                 doc[key] = earlier[key]
-        doc["block_sizes"] = dataclasses.asdict(runner.block_sizes)
-        doc["cost_model"] = cost_model_dict(runner.cost_model)
-        print("configurations run with", doc["block_sizes"], "and cost model", doc["cost_model"], flush=True)
     elif args.tune_first:
         if tuning:
             run_tuning()
@@ -1046,6 +1034,7 @@ def main(argv=None) -> int:
             else:
                 runner.cost_model = dataclasses.replace(
                     fitted, source=f"calibrated in this run ({dev.device_kind}, {header['date']})")
+    if args.tuned_from or args.tune_first:
         doc["block_sizes"] = dataclasses.asdict(runner.block_sizes)
         doc["cost_model"] = cost_model_dict(runner.cost_model)
         print("configurations run with", doc["block_sizes"], "and cost model", doc["cost_model"], flush=True)

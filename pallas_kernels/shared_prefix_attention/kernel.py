@@ -251,24 +251,24 @@ def _merge_kernel(merge_rows_ref, o_sh_ref, lse_sh_ref, o_pr_ref, lse_pr_ref, ou
     def private(s, carry):
         return fold(o_pr_ref[s, pl.ds(0, gm), :], lse_pr_ref[s, pl.ds(0, gm)], carry)
 
+    def locate(rows):
+        """Merge rows (scalar or [K]) -> (valid, item, first row of the slot in the item)."""
+        n_rows = o_sh_ref.shape[0] * query_block
+        valid = rows < n_rows
+        rows = jnp.minimum(rows, n_rows - 1)
+        return valid, lax.div(rows, query_block), lax.rem(rows, query_block) * group
+
     def shared(j, carry):
-        n_items = o_sh_ref.shape[0]
-        row = merge_rows_ref[j]
-        valid = row < n_items * query_block
-        row = jnp.minimum(row, n_items * query_block - 1)
-        item, first = lax.div(row, query_block), lax.rem(row, query_block) * group
+        valid, item, first = locate(merge_rows_ref[j])
         lse = jnp.where(valid, lse_sh_ref[item, pl.ds(first, gm)], -jnp.inf)
         return fold(o_sh_ref[item, pl.ds(first, gm), :], lse, carry)
 
     def shared_block(j, carry):  # merge_block partials at once: [K, Gm] and [K, Gm, D] gathers
         acc, m, den = carry
-        n_items, k = o_sh_ref.shape[0], merge_block
-        rows = merge_rows_ref[pl.ds(pl.multiple_of(j * k, k), k)]
-        valid = rows < n_items * query_block
-        rows = jnp.minimum(rows, n_items * query_block - 1)
-        item = lax.broadcast_in_dim(lax.div(rows, query_block), (k, gm), (0,))
-        row = (lax.broadcast_in_dim(lax.rem(rows, query_block) * group, (k, gm), (0,))
-               + lax.broadcasted_iota(jnp.int32, (k, gm), 1))
+        k = merge_block
+        valid, item, first = locate(merge_rows_ref[pl.ds(pl.multiple_of(j * k, k), k)])
+        item = lax.broadcast_in_dim(item, (k, gm), (0,))
+        row = lax.broadcast_in_dim(first, (k, gm), (0,)) + lax.broadcasted_iota(jnp.int32, (k, gm), 1)
         lse = jnp.where(valid[:, None], lse_sh_ref[item, row], -jnp.inf)  # [K, Gm]
         o_part = o_sh_ref[item, row, :]  # [K, Gm, D]
         m_new = jnp.maximum(m, jnp.max(lse, axis=0))
