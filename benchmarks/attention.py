@@ -572,8 +572,9 @@ def tune(runner: Runner, repeats: int, seed: int, budget_s: float | None = None,
     width), chunk_pages x query_block (shared path) and, on a GPU,
     pages_per_compute_block x num_warps x num_stages (the kernels' inner tile, launch width and
     pipelining depth), prefetch (the next KV tile loaded before the current one is used),
-    min_shared_items (shorter shared items where a step has few) and merge_block (shared
-    partials the merge gathers per step), then times the best setting with
+    row_tiers (items with few requests on fewer rows), min_shared_items (shorter shared items
+    where a step has few) and merge_block (partials the merge folds per step), then times the
+    best setting with
     3xTF32, one TF32 and IEEE fp32 dots.
 
     Each sweep starts from the best of the one before; a setting that does not compile (e.g.
@@ -703,9 +704,15 @@ def tune(runner: Runner, repeats: int, seed: int, budget_s: float | None = None,
         # Software prefetch of the next KV tile, on the star and the plain tree (summed).
         variants = {n: dataclasses.replace(base, prefetch=n) for n in (0, 1)}
         choose("prefetch", variants, [star, plain], ("prefetch",))
+        # Items on fewer rows where they hold fewer requests (8 requests under a query block of
+        # 32 fill 32 of its 128 rows, as in C2): a star of 8, and the B=32 star, whose full items
+        # show what the branch itself costs.
+        few = tree_set(Config("tune", "star B=8 P=8192 S=512", "star", B=8, P=8192, S=512), 4) + ("share",)
+        variants = {n: dataclasses.replace(base, row_tiers=n) for n in (1, 3)}
+        choose("row_tiers", variants, [few, star], ("row_tiers",))
         # Shorter shared items where a step has few (a 2k-token prefix is 4 items of 32 pages:
-        # 32 programs), then the merge's shared partials one at a time or several per step (the
-        # star's requests each merge 16 or more).
+        # 32 programs), then the merge's partials one at a time or several per step (the star's
+        # requests each merge 16 or more shared ones).
         short = tree_set(Config("tune", "star B=16 P=2048 S=512", "star", B=16, P=2048, S=512), 3) + ("share",)
         variants = {n: dataclasses.replace(base, min_shared_items=n) for n in (0, 32, 128)}
         choose("min_shared_items", variants, [short, star], ("min_shared_items",))

@@ -17,6 +17,8 @@ report gives:
                         (None where the loop's blocks could not be told apart in the PTX)
   loop_copies_16B / 4B  cp.async instructions of 16 and of 4 bytes per thread in the loop (the
                         fp32 V tile is stored transposed for the tensor cores: 4-byte copies)
+  kv_loops              where a launch has several KV loops (`BlockSizes.row_tiers`: one per
+                        branch), the same loop figures for each, in program order
 
 This is a static check of what the code asks the compiler for, not a measurement: the GPU's
 Triton (inside jaxlib) is another version and may decide differently. `make kernel-report`
@@ -126,36 +128,43 @@ def compile_report(mod: dict, arch: int = 90) -> dict:
     warps = mod["num_warps"]
     by_regs = SM_REGS // (math.ceil(regs / 8) * 8 * 32 * warps)
     by_shared = SM_SHARED // (shared + RESERVED_SHARED)
-    loop = _kv_loop(kernel.asm["ptx"])
+    loops = _kv_loops(kernel.asm["ptx"])
     buffers = [int(n) for n in re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x\d+x\d+x(?:f32|bf16|f16)",
                                           kernel.asm["ttgir"])]
     out = {"regs": regs, "spill_bytes": stack + local, "shared_bytes": shared,
            "ctas_per_sm": min(by_regs, by_shared, SM_WARPS // warps),
            "kv_buffers": max(buffers) if buffers else 0}
+    out.update({f"loop_{k}": v for k, v in _loop_stats(max(loops, key=_loop_score) if loops else "").items()})
+    with_mma = [loop for loop in loops if _loop_stats(loop)["mma"]]
+    if len(with_mma) > 1:  # one KV loop per branch (row_tiers): each, in program order
+        out["kv_loops"] = [_loop_stats(loop) for loop in with_mma]
+    return out
+
+
+def _loop_stats(loop: str) -> dict:
     products = len(re.findall(r"\bmma\.sync|\bwgmma\.mma_async", loop))
     if not products:  # the KV loop's blocks are not contiguous in the PTX (e.g. prefetch's branches)
-        return dict(out, loop_async_wait=None, loop_copies_16B=None, loop_copies_4B=None,
-                    loop_global_loads=None, loop_mma=None)
-    return dict(out, loop_async_wait=[int(n) for n in re.findall(r"cp\.async\.wait_group\s+(\d+)", loop)],
-                loop_copies_16B=len(re.findall(r"cp\.async\.\w+\.shared\.global[^;]*0x10,", loop)),
-                loop_copies_4B=len(re.findall(r"cp\.async\.\w+\.shared\.global[^;]*0x4,", loop)),
-                loop_global_loads=len(re.findall(r"ld\.global", loop)), loop_mma=products)
+        return {"async_wait": None, "copies_16B": None, "copies_4B": None, "global_loads": None, "mma": None}
+    return {"async_wait": [int(n) for n in re.findall(r"cp\.async\.wait_group\s+(\d+)", loop)],
+            "copies_16B": len(re.findall(r"cp\.async\.\w+\.shared\.global[^;]*0x10,", loop)),
+            "copies_4B": len(re.findall(r"cp\.async\.\w+\.shared\.global[^;]*0x4,", loop)),
+            "global_loads": len(re.findall(r"ld\.global", loop)), "mma": products}
 
 
-def _kv_loop(ptx: str) -> str:
-    """The PTX of the KV loop: of the innermost loops (a header label to its last branch back),
-    the one with the most tensor-core products and loads."""
-    best, best_score = "", -1
+def _loop_score(loop: str) -> int:
+    return len(re.findall(r"\bmma\.sync|\bwgmma\.mma_async|cp\.async\.\w+\.shared|ld\.global", loop))
+
+
+def _kv_loops(ptx: str) -> list[str]:
+    """The PTX of the innermost loops (a header label to its last branch back), in program
+    order; the KV loop is the one with the most tensor-core products and loads (`_loop_score`)."""
+    loops = []
     for header in re.finditer(r"^(\$L__BB\d+_\d+):[^\n]*Inner Loop Header", ptx, re.M):
         label = header.group(1)
         back = [m.end() for m in re.finditer(rf"bra(?:\.uni)?\s+{re.escape(label)};", ptx)]
-        if not back:
-            continue
-        body = ptx[header.start():max(back)]
-        score = len(re.findall(r"\bmma\.sync|\bwgmma\.mma_async|cp\.async\.\w+\.shared|ld\.global", body))
-        if score > best_score:
-            best, best_score = body, score
-    return best
+        if back:
+            loops.append(ptx[header.start():max(back)])
+    return loops
 
 
 def settings(quick: bool):
@@ -178,6 +187,8 @@ def settings(quick: bool):
                     dataclasses.replace(base, prefetch=1, num_stages=1)))
         out.append((f"{dtype} {fp32_dot}: tuned table + merge of 8 partials per step", dtype, fp32_dot,
                     dataclasses.replace(base, merge_block=8)))
+        out.append((f"{dtype} {fp32_dot}: tuned table + 3 row tiers", dtype, fp32_dot,
+                    dataclasses.replace(base, row_tiers=3)))
         out.append((f"{dtype} {fp32_dot}: tuned table + split launch of 2 pages x 3 stages, >= 512 programs",
                     dtype, fp32_dot, dataclasses.replace(base, split_pages_per_compute_block=2, split_num_stages=3,
                                                          min_split_programs=512)))

@@ -57,8 +57,8 @@ def test_tuning_budget_keeps_the_tables_and_says_what_it_skipped(tmp_path):
     assert doc["tune_budget_s"] == 0 and tuning["best"] == doc["block_sizes"]
     assert tuning["skipped"] == ["split_pages", "split_launch_tile", "min_split_programs",
                                  "chunk_pages_x_query_block",
-                                 "pages_per_compute_block_x_num_warps_x_num_stages", "prefetch", "min_shared_items",
-                                 "merge_block", "fp32_dot"]
+                                 "pages_per_compute_block_x_num_warps_x_num_stages", "prefetch", "row_tiers",
+                                 "min_shared_items", "merge_block", "fp32_dot"]
     assert "split_pages" not in tuning and "tuning" in doc["elapsed_s"]
 
 
@@ -69,8 +69,8 @@ def test_gpu_sweeps_in_the_interpreter(tmp_path):
     tuned = _run(tmp_path, "--tune-first", "--skip-configs")
     tuning = tuned["tuning"]
     for section in ("split_pages", "split_launch_tile", "min_split_programs", "chunk_pages_x_query_block",
-                    "pages_per_compute_block_x_num_warps_x_num_stages", "prefetch", "min_shared_items", "merge_block",
-                    "fp32_dot"):
+                    "pages_per_compute_block_x_num_warps_x_num_stages", "prefetch", "row_tiers", "min_shared_items",
+                    "merge_block", "fp32_dot"):
         assert tuning[section] and all(r.get("median_s") for r in tuning[section]), section
         assert tuning["elapsed_s"][section] > 0, section
     assert not tuning["skipped"] and {"tuning", "calibration"} <= set(tuned["elapsed_s"])

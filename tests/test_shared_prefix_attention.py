@@ -33,7 +33,7 @@ from jaxsys.pallas_kernels.shared_prefix_attention import (
     shared_prefix_attention_reference,
     shared_prefix_attention_xla,
 )
-from jaxsys.pallas_kernels.shared_prefix_attention.kernel import _split_pages
+from jaxsys.pallas_kernels.shared_prefix_attention.kernel import _queries, _row_tiers, _shared_partials, _split_pages
 
 INTERPRET = os.environ.get("JAXSYS_PALLAS_COMPILED", "0") != "1"
 
@@ -229,6 +229,63 @@ def test_kernel_with_block_merge_matches_reference(name, merge_block):
     assert plan.use_sharing and plan.step.merge_rows.shape[1] >= 2
     out = shared_prefix_attention(q, k, v, plan.step, block_sizes=bs, interpret=INTERPRET)
     _tol_check(out, _reference(tree, q, k, v), v, jnp.float32)
+
+
+@pytest.mark.parametrize("pages_per_seq,merge_block", [(16, 4), (32, 2), (12, 4), (9, 8)])
+def test_kernel_with_block_merge_of_private_partials_matches_reference(pages_per_seq, merge_block):
+    """`merge_block` also folds a request's private partials that many at a time: 4 splits of 4
+    pages 4 at a time, 8 two at a time; 3 splits one at a time (the block must divide them)."""
+    rng = np.random.default_rng(pages_per_seq)
+    page_size, split = 4, 4
+    lengths = np.array([0, 1, page_size * pages_per_seq, 5 * page_size + 3, page_size * pages_per_seq - 2], np.int32)
+    page_indices = np.stack([rng.permutation(64)[:pages_per_seq] for _ in lengths]).astype(np.int32)
+    q, k, v = make_inputs(rng, num_requests=len(lengths), total_pages=64, num_kv_heads=2,
+                          group=4, head_dim=16, page_size=page_size, dtype=jnp.float32)
+    bs = BlockSizes(chunk_pages=split, query_block=1, split_pages=split, pages_per_compute_block=4,
+                    merge_block=merge_block)
+    out = paged_attention(q, k, v, jnp.asarray(page_indices), jnp.asarray(lengths), block_sizes=bs,
+                          interpret=INTERPRET)
+    _tol_check(out, np.asarray(paged_attention_reference(q, k, v, page_indices, lengths)), v, jnp.float32)
+
+
+def test_row_tiers():
+    assert _row_tiers(128, 1) == [128]
+    assert _row_tiers(128, 3) == [32, 64, 128]
+    assert _row_tiers(32, 4) == [16, 32]  # never below Triton's 16-row dot
+
+
+@pytest.mark.parametrize("name,group,query_block", [("deep3_fan2_gqa8", 8, 8), ("fan3_gqa5", 5, 8)])
+def test_kernel_with_row_tiers_matches_reference(name, group, query_block):
+    """`row_tiers`: an item runs on the fewest rows that hold its requests. Nodes shared by 8, 4
+    and 2 requests (G = 8: 64, 32 and 16 rows), or, with G = 5 (Gm = 8), by 9 = 8 + 1 and 3: a
+    3-request item needs rows 0..17 (the last slot's Gm rows from 10), so it takes 32 rows, not
+    16. Rows past an item's tier are never written (NaN in the interpreter): the merge must not
+    read them."""
+    if name == "fan3_gqa5":
+        rng = np.random.default_rng(7)
+        tree, total_pages = make_tree(rng, depth=2, fanout=3, page_size=4)
+        q, k, v = make_inputs(rng, num_requests=tree.num_requests, total_pages=total_pages,
+                              num_kv_heads=2, group=group, head_dim=16, page_size=4, dtype=jnp.float32)
+    else:
+        tree, q, k, v = _setup(name, jnp.float32)
+    bs = dataclasses.replace(kernel_block_sizes(tree.page_size), query_block=query_block, row_tiers=4)
+    plan, q = _plan(tree, q, "share", bs)
+    ref = _reference(tree, q, k, v)
+    _tol_check(shared_prefix_attention(q, k, v, plan.step, block_sizes=bs, interpret=INTERPRET), ref, v,
+               jnp.float32)
+    if INTERPRET:  # the tiers are used (some rows unwritten), and cover every row the merge reads
+        q_pad, g = _queries(q, k)
+        _, lse_sh = _shared_partials(q_pad, k, v, jax.tree.map(jnp.asarray, plan.step), g=g, block_sizes=bs,
+                                     sm_scale=1.0, interpret=True, precision=None)
+        lse_sh = np.asarray(lse_sh)  # [W, Hkv, rows]
+        gm = 1 << (group - 1).bit_length()
+        assert np.isnan(lse_sh).any()
+        tiers = set()
+        for row in plan.step.merge_rows[plan.step.merge_rows < lse_sh.shape[0] * query_block]:
+            item, slot = divmod(int(row), query_block)
+            assert not np.isnan(lse_sh[item, :, slot * group:slot * group + gm]).any()
+            tiers.add(int((~np.isnan(lse_sh[item, 0])).sum()))
+        assert len(tiers) >= 2
 
 
 @pytest.mark.parametrize("name", ["long_nodes_short_suffix", "deep3_fan2_gqa8"])

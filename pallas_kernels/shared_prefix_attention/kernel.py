@@ -134,13 +134,13 @@ def _validate_step(q, k_pages, step: SharedPrefixStep, block_sizes: BlockSizes, 
 # -- kernel bodies -------------------------------------------------------------------------------
 
 
-def _attend(q, pages_ref, page_lens_ref, k_pages_ref, v_pages_ref, o_ref, lse_ref, *, sm_scale: float,
+def _attend(q, pages_ref, page_lens_ref, k_pages_ref, v_pages_ref, *, sm_scale: float,
             pages_per_compute_block: int, precision, prefetch: bool = False):
     """Attention of one program's query rows over one program's list of pages (one KV head).
 
     q: [rows, D] (loaded); pages_ref, page_lens_ref: i32[n_pages] (valid pages first, then
-    padding with length 0); k/v_pages_ref: [NP, ps, D] (this KV head); o_ref: f32[rows, D];
-    lse_ref: f32[rows].
+    padding with length 0); k/v_pages_ref: [NP, ps, D] (this KV head). Returns the partial:
+    o f32[rows, D] (normalized) and lse f32[rows] (-inf for a row with no keys).
 
     The page table is read once, before the loop: each tile picks its pages from registers, so
     the only loads in the loop are the KV tiles, whose addresses depend on the loop index alone,
@@ -200,27 +200,54 @@ def _attend(q, pages_ref, page_lens_ref, k_pages_ref, v_pages_ref, o_ref, lse_re
         o, m, l = lax.fori_loop(0, n_iter, lambda i, c: attend(c, load(i)), carry)
     nonempty = l > 0.0
     l_safe = jnp.where(nonempty, l, 1.0)
-    o_ref[...] = (o / l_safe[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(nonempty, m + jnp.log(l_safe), -jnp.inf)
+    return o / l_safe[:, None], jnp.where(nonempty, m + jnp.log(l_safe), -jnp.inf)
 
 
 def _split_kernel(pages_ref, page_lens_ref, q_ref, k_pages_ref, v_pages_ref, o_ref, lse_ref, **kw):
     """One split of one request's pages for one KV head. q_ref: [Gp, D], the request's rows."""
-    _attend(q_ref[...], pages_ref, page_lens_ref, k_pages_ref, v_pages_ref, o_ref, lse_ref, **kw)
+    o, lse = _attend(q_ref[...], pages_ref, page_lens_ref, k_pages_ref, v_pages_ref, **kw)
+    o_ref[...] = o.astype(o_ref.dtype)
+    lse_ref[...] = lse
+
+
+def _row_tiers(rows: int, row_tiers: int) -> list[int]:
+    """The row counts an item program can run on, ascending: `rows` and up to `row_tiers` - 1
+    halvings of it, none below Triton's smallest dot."""
+    return sorted({max(rows >> i, _MIN_DOT) for i in range(row_tiers)})
 
 
 def _item_kernel(pages_ref, page_lens_ref, queries_ref, q_ref, k_pages_ref, v_pages_ref, o_ref, lse_ref,
-                 *, group: int, rows: int, **kw):
+                 *, group: int, rows: int, slot_rows: int, row_tiers: int = 1, **kw):
     """One shared work item for one KV head: its chunk's pages against the stacked query rows of
     every request in it, gathered here. queries_ref: i32[Qb] (request B: an empty slot);
     q_ref: [(B + 1) * G, D], request b's rows at [b * G, b * G + G) (request B: zeros). Row
-    s * G + j of the program is query head j of slot s; rows past Qb slots read zeros."""
+    s * G + j of the program is query head j of slot s; rows past Qb slots read zeros.
+
+    row_tiers > 1: the item runs on the smallest tier (`_row_tiers`) that holds the rows of its
+    last non-empty slot (its slot_rows = Gm rows from s * G, which the merge reads), so an item
+    with few requests multiplies a few rows instead of `rows` mostly zero ones; rows past the
+    tier are not written (no merge row names them).
+    """
     qb = queries_ref.shape[0]
-    r = lax.broadcasted_iota(jnp.int32, (rows,), 0)
-    slot = lax.div(r, group)
-    request = queries_ref[jnp.minimum(slot, qb - 1)]
-    row = jnp.where(slot < qb, request * group + lax.rem(r, group), q_ref.shape[0] - 1)
-    _attend(q_ref[row], pages_ref, page_lens_ref, k_pages_ref, v_pages_ref, o_ref, lse_ref, **kw)
+
+    def run(n_rows):
+        r = lax.broadcasted_iota(jnp.int32, (n_rows,), 0)
+        slot = lax.div(r, group)
+        request = queries_ref[jnp.minimum(slot, qb - 1)]
+        row = jnp.where(slot < qb, request * group + lax.rem(r, group), q_ref.shape[0] - 1)
+        o, lse = _attend(q_ref[row], pages_ref, page_lens_ref, k_pages_ref, v_pages_ref, **kw)
+        o_ref[pl.ds(0, n_rows), :] = o.astype(o_ref.dtype)
+        lse_ref[pl.ds(0, n_rows)] = lse
+
+    tiers = _row_tiers(rows, row_tiers)
+    if len(tiers) == 1:
+        return run(rows)
+    empty = q_ref.shape[0] // group - 1  # request B
+    used = lax.broadcasted_iota(jnp.int32, (qb,), 0) + 1
+    n_slots = jnp.max(jnp.where(queries_ref[...] != empty, used, 0))  # through the last non-empty slot
+    need = jnp.maximum(n_slots - 1, 0) * group + slot_rows
+    tier = sum((need > t).astype(jnp.int32) for t in tiers[:-1])
+    lax.switch(tier, [functools.partial(run, t) for t in tiers])
 
 
 def _merge_kernel(merge_rows_ref, o_sh_ref, lse_sh_ref, o_pr_ref, lse_pr_ref, out_ref, lse_out_ref=None,
@@ -232,10 +259,11 @@ def _merge_kernel(merge_rows_ref, o_sh_ref, lse_sh_ref, o_pr_ref, lse_pr_ref, ou
     output as it wrote it, slot s of an item in rows [s * group, s * group + Gm); o_pr_ref:
     f32[S, Gp, D], lse_pr_ref: f32[S, Gp] (first Gm rows used); out_ref: [Gm, D]; lse_out_ref
     (optional): f32[Gm]. Rows past `group` (Gm > G) are another slot's: the caller drops them.
-    merge_block (a power of two dividing M): shared partials folded per step; > 1 loads that
-    many merge rows, then their partials with one [merge_block, Gm(, D)] gather each, so the
-    loads of a step are independent of each other (at 1 every step waits for its merge row,
-    then for its partial).
+    merge_block (a power of two): partials folded per step; > 1 loads that many private
+    partials with one [K, Gm(, D)] load each (K = the largest power of two <= merge_block
+    dividing S), and that many merge rows, then their shared partials with one gather each (K
+    dividing M), so the loads of a step are independent of each other (at 1 every step waits
+    for its loads, and a shared step for its merge row first, then for the partial it names).
     """
     n_split = o_pr_ref.shape[0]
     n_merge = 0 if merge_rows_ref is None else merge_rows_ref.shape[0]
@@ -248,14 +276,29 @@ def _merge_kernel(merge_rows_ref, o_sh_ref, lse_sh_ref, o_pr_ref, lse_pr_ref, ou
         b = jnp.exp(lse_part - m_new)  # 0 for an empty partial (lse = -inf)
         return a[:, None] * acc + b[:, None] * o_part, m_new, a * den + b
 
+    def fold_block(o_part, lse_part, carry):  # o_part [K, Gm, D], lse_part [K, Gm]
+        acc, m, den = carry
+        m_new = jnp.maximum(m, jnp.max(lse_part, axis=0))
+        a = jnp.exp(m - m_new)
+        b = jnp.exp(lse_part - m_new[None, :])  # 0 for padding rows and empty partials
+        acc = a[:, None] * acc + jnp.sum(b[:, :, None] * o_part, axis=0)
+        return acc, m_new, a * den + jnp.sum(b, axis=0)
+
     def private(s, carry):
         return fold(o_pr_ref[s, pl.ds(0, gm), :], lse_pr_ref[s, pl.ds(0, gm)], carry)
 
+    k_private = min(merge_block, n_split & -n_split)
+
+    def private_block(j, carry):  # k_private partials at once: [K, Gm] and [K, Gm, D] loads
+        first = pl.ds(pl.multiple_of(j * k_private, k_private), k_private)
+        return fold_block(o_pr_ref[first, pl.ds(0, gm), :], lse_pr_ref[first, pl.ds(0, gm)], carry)
+
     def locate(rows):
-        """Merge rows (scalar or [K]) -> (valid, item, first row of the slot in the item)."""
+        """Merge rows (scalar or [K]) -> (valid, item, first row of the slot in the item).
+        A padding row reads item 0's slot 0 (weight 0): always written, whatever its tier."""
         n_rows = o_sh_ref.shape[0] * query_block
         valid = rows < n_rows
-        rows = jnp.minimum(rows, n_rows - 1)
+        rows = jnp.where(valid, rows, 0)
         return valid, lax.div(rows, query_block), lax.rem(rows, query_block) * group
 
     def shared(j, carry):
@@ -263,25 +306,24 @@ def _merge_kernel(merge_rows_ref, o_sh_ref, lse_sh_ref, o_pr_ref, lse_pr_ref, ou
         lse = jnp.where(valid, lse_sh_ref[item, pl.ds(first, gm)], -jnp.inf)
         return fold(o_sh_ref[item, pl.ds(first, gm), :], lse, carry)
 
-    def shared_block(j, carry):  # merge_block partials at once: [K, Gm] and [K, Gm, D] gathers
-        acc, m, den = carry
-        k = merge_block
+    k_shared = min(merge_block, n_merge & -n_merge)  # (a pinned step's M need not be a power of two)
+
+    def shared_block(j, carry):  # k_shared partials at once: [K, Gm] and [K, Gm, D] gathers
+        k = k_shared
         valid, item, first = locate(merge_rows_ref[pl.ds(pl.multiple_of(j * k, k), k)])
         item = lax.broadcast_in_dim(item, (k, gm), (0,))
         row = lax.broadcast_in_dim(first, (k, gm), (0,)) + lax.broadcasted_iota(jnp.int32, (k, gm), 1)
         lse = jnp.where(valid[:, None], lse_sh_ref[item, row], -jnp.inf)  # [K, Gm]
-        o_part = o_sh_ref[item, row, :]  # [K, Gm, D]
-        m_new = jnp.maximum(m, jnp.max(lse, axis=0))
-        a = jnp.exp(m - m_new)
-        b = jnp.exp(lse - m_new[None, :])  # 0 for padding rows and empty partials
-        acc = a[:, None] * acc + jnp.sum(b[:, :, None] * o_part, axis=0)
-        return acc, m_new, a * den + jnp.sum(b, axis=0)
+        return fold_block(o_sh_ref[item, row, :], lse, carry)
 
     carry = (jnp.zeros((gm, d), jnp.float32), jnp.full((gm,), _MASK_VALUE, jnp.float32),
              jnp.zeros((gm,), jnp.float32))
-    carry = lax.fori_loop(0, n_split, private, carry)
-    if n_merge and merge_block > 1:
-        carry = lax.fori_loop(0, n_merge // merge_block, shared_block, carry)
+    if k_private > 1:
+        carry = lax.fori_loop(0, n_split // k_private, private_block, carry)
+    else:
+        carry = lax.fori_loop(0, n_split, private, carry)
+    if n_merge and k_shared > 1:
+        carry = lax.fori_loop(0, n_merge // k_shared, shared_block, carry)
     elif n_merge:
         carry = lax.fori_loop(0, n_merge, shared, carry)
     acc, m, den = carry
@@ -375,7 +417,8 @@ def _shared_partials(q_bhgd, k_pages, v_pages, step: SharedPrefixStep, *, g, blo
     # Triton blocks are powers of two: extra slots hold request B (zeros), as empty slots do
     queries = jnp.pad(step.item_queries, ((0, 0), (0, _pow2_at_least(qb, 1) - qb)), constant_values=b)
     ppcb = min(block_sizes.pages_per_compute_block, c)
-    kernel = functools.partial(_item_kernel, group=g, rows=rows, sm_scale=sm_scale,
+    kernel = functools.partial(_item_kernel, group=g, rows=rows, slot_rows=gm,
+                               row_tiers=block_sizes.row_tiers, sm_scale=sm_scale,
                                pages_per_compute_block=ppcb, precision=precision,
                                prefetch=bool(block_sizes.prefetch))
     return pl.pallas_call(
@@ -422,10 +465,9 @@ def _merge(merge_rows, o_sh, lse_sh, o_pr, lse_pr, *, gm, out_dtype, block_sizes
         ] + in_specs
         args = [merge_rows, o_sh, lse_sh] + args
         kernel = functools.partial(_merge_kernel, query_block=query_block, group=group,
-                                   # a power of two dividing M (a pinned step shape need not be one)
-                                   merge_block=min(block_sizes.merge_block, merge_rows.shape[1] & -merge_rows.shape[1]))
+                                   merge_block=block_sizes.merge_block)
     else:
-        kernel = functools.partial(_merge_kernel, None, None, None)
+        kernel = functools.partial(_merge_kernel, None, None, None, merge_block=block_sizes.merge_block)
     out_specs = pl.BlockSpec((None, None, gm, d), lambda i, h: (i, h, 0, 0))
     out_shape = jax.ShapeDtypeStruct((b, hkv, gm, d), out_dtype)
     if return_lse:

@@ -59,11 +59,20 @@ class BlockSizes:
         node of 4 chunks gave 32 programs and streamed at 0.2 TB/s). More items mean more merge
         rows. 0 (default) = items of `chunk_pages`. For the Pallas kernels: the XLA path
         computes padded items in full, so on CPU it only costs.
-      merge_block: shared partials the Pallas merge folds per step, a power of two. 1 (default)
-        = one at a time: a serial loop whose every step loads a merge row and then the partial
-        it names, latency bound (24-84 us a call on the H200, `launches` in
-        benchmarks/results/attention_gpu_tf32.json); > 1 = that many rows and partials with one
-        gather each, folded together. GPU only; the XLA path merges all at once anyway.
+      merge_block: partials the Pallas merge folds per step, a power of two. 1 (default)
+        = one at a time: a serial loop whose every step waits for its loads (a shared step for
+        a merge row, then for the partial it names), latency bound (24-84 us a call on the
+        H200, 24-32 us with private partials alone; `launches` in
+        benchmarks/results/attention_gpu_tf32.json); > 1 = that many private partials with one
+        load, and that many merge rows and shared partials with one gather each, folded
+        together. GPU only; the XLA path merges all at once anyway.
+      row_tiers: row counts an item program may run on: its full `query_block` x G rows (padded
+        to a power of two) and up to `row_tiers` - 1 halvings of it (>= 16 rows). Each item
+        takes the smallest that holds its requests, so a node shared by 8 requests under a
+        query_block of 32 multiplies 32 rows, not 128 of which 96 are zeros (the C2 tree's
+        items on the H200 in benchmarks/results/attention_gpu_tf32.json: 8 requests, 128-row
+        items, 1.0 TB/s). 1 (default) = always the full rows. Costs one branch per tier in the
+        compiled kernel. GPU only; the XLA path computes an item's rows in full.
     """
 
     chunk_pages: int
@@ -79,6 +88,7 @@ class BlockSizes:
     prefetch: int = 0
     merge_block: int = 1
     min_shared_items: int = 0
+    row_tiers: int = 1
 
     def __post_init__(self):
         zero_ok = ("split_pages_per_compute_block", "split_num_warps", "split_num_stages",
