@@ -568,10 +568,10 @@ def jax_paged_attention_fn(runner: Runner, q, k_pages, v_pages, table, lengths):
 
 def tune(runner: Runner, repeats: int, seed: int, budget_s: float | None = None, progress=None) -> dict:
     """Sweeps split_pages (plain path), on a GPU the split-KV launch's own tile (pages per step,
-    warps, stages) and min_split_programs (small batches: the split-KV launch's smallest
+    warps, stages, 3D or flat KV tiles) and min_split_programs (small batches: the split-KV launch's smallest
     width), chunk_pages x query_block (shared path) and, on a GPU,
-    pages_per_compute_block x num_warps x num_stages (the kernels' inner tile, launch width and
-    pipelining depth), prefetch (the next KV tile loaded before the current one is used),
+    pages_per_compute_block x num_warps x num_stages x flat_kv (the kernels' inner tile, launch
+    width, pipelining depth and tile shape), prefetch (the next KV tile loaded before the current one is used),
     row_tiers (items with few requests on fewer rows), min_shared_items (shorter shared items
     where a step has few) and merge_block (partials the merge folds per step), then times the
     best setting with
@@ -662,13 +662,17 @@ def tune(runner: Runner, repeats: int, seed: int, budget_s: float | None = None,
     if runner.gpu:
         # The split-KV launch's own tile (its programs hold 16 query rows, a shared item's up to
         # query_block x G): on the same plain tree.
+        # Each as [pages, page_size, D] blocks and as flat token rows (`split_flat_kv`): which of
+        # the two Triton copies 16 bytes at a time depends on the tile.
         variants = {}
         for ppcb, warps, stages in ((2, 4, 2), (2, 4, 3), (4, 4, 2), (4, 4, 3), (4, 8, 3), (8, 8, 1), (8, 8, 2)):
-            if base.split_pages % ppcb == 0:
-                variants[(ppcb, warps, stages)] = dataclasses.replace(
-                    base, split_pages_per_compute_block=ppcb, split_num_warps=warps, split_num_stages=stages)
+            for flat in (0, 1):
+                if base.split_pages % ppcb == 0:
+                    variants[(ppcb, warps, stages, flat)] = dataclasses.replace(
+                        base, split_pages_per_compute_block=ppcb, split_num_warps=warps, split_num_stages=stages,
+                        split_flat_kv=flat)
         choose("split_launch_tile", variants, [plain],
-               ("split_pages_per_compute_block", "split_num_warps", "split_num_stages"))
+               ("split_pages_per_compute_block", "split_num_warps", "split_num_stages", "split_flat_kv"))
         # How many programs the split-KV launch needs before a small batch of long requests
         # fills the GPU (the kernel halves the split until it has them): summed over a small
         # plain batch and the private launch of a star (its suffixes are the split-KV part).
@@ -696,11 +700,12 @@ def tune(runner: Runner, repeats: int, seed: int, budget_s: float | None = None,
         for ppcb, warps, stages in ((2, 4, 2), (2, 4, 3), (2, 8, 2), (4, 4, 2), (4, 4, 3), (4, 8, 2),
                                     (4, 8, 3), (8, 4, 1), (8, 8, 1), (8, 8, 2)):
             split_ok = base.split_pages_per_compute_block or base.split_pages % ppcb == 0
-            if split_ok and base.chunk_pages % ppcb == 0 and ppcb * PAGE >= 16:
-                variants[(ppcb, warps, stages)] = dataclasses.replace(
-                    base, pages_per_compute_block=ppcb, num_warps=warps, num_stages=stages)
+            for flat in (0, 1):
+                if split_ok and base.chunk_pages % ppcb == 0 and ppcb * PAGE >= 16:
+                    variants[(ppcb, warps, stages, flat)] = dataclasses.replace(
+                        base, pages_per_compute_block=ppcb, num_warps=warps, num_stages=stages, flat_kv=flat)
         choose("pages_per_compute_block_x_num_warps_x_num_stages", variants, [star],
-               ("pages_per_compute_block", "num_warps", "num_stages"))
+               ("pages_per_compute_block", "num_warps", "num_stages", "flat_kv"))
         # Software prefetch of the next KV tile, on the star and the plain tree (summed).
         variants = {n: dataclasses.replace(base, prefetch=n) for n in (0, 1)}
         choose("prefetch", variants, [star, plain], ("prefetch",))

@@ -129,7 +129,7 @@ def compile_report(mod: dict, arch: int = 90) -> dict:
     by_regs = SM_REGS // (math.ceil(regs / 8) * 8 * 32 * warps)
     by_shared = SM_SHARED // (shared + RESERVED_SHARED)
     loops = _kv_loops(kernel.asm["ptx"])
-    buffers = [int(n) for n in re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x\d+x\d+x(?:f32|bf16|f16)",
+    buffers = [int(n) for n in re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x\d+(?:x\d+)?x(?:f32|bf16|f16)",
                                           kernel.asm["ttgir"])]
     out = {"regs": regs, "spill_bytes": stack + local, "shared_bytes": shared,
            "ctas_per_sm": min(by_regs, by_shared, SM_WARPS // warps),
@@ -189,6 +189,8 @@ def settings(quick: bool):
                     dataclasses.replace(base, merge_block=8)))
         out.append((f"{dtype} {fp32_dot}: tuned table + 3 row tiers", dtype, fp32_dot,
                     dataclasses.replace(base, row_tiers=3)))
+        out.append((f"{dtype} {fp32_dot}: tuned table + flat KV tiles in both launches", dtype, fp32_dot,
+                    dataclasses.replace(base, flat_kv=1, split_flat_kv=1)))
         out.append((f"{dtype} {fp32_dot}: tuned table + split launch of 2 pages x 3 stages, >= 512 programs",
                     dtype, fp32_dot, dataclasses.replace(base, split_pages_per_compute_block=2, split_num_stages=3,
                                                          min_split_programs=512)))

@@ -248,6 +248,20 @@ def test_kernel_with_block_merge_of_private_partials_matches_reference(pages_per
     _tol_check(out, np.asarray(paged_attention_reference(q, k, v, page_indices, lengths)), v, jnp.float32)
 
 
+@pytest.mark.parametrize("name,force,prefetch", [("fan2_gqa3_page16", "share", 0), ("deep3_fan2_gqa8", "share", 1),
+                                                  ("internal_requests_padded", "plain", 0)])
+@pytest.mark.parametrize("flat,split_flat", [(1, 1), (1, 0), (0, 1)])
+def test_kernel_with_flat_kv_tiles_matches_reference(name, force, prefetch, flat, split_flat):
+    """`flat_kv` / `split_flat_kv`: a launch reads the cache as [pages x page_size, D] token rows
+    and gathers each tile as one 2D block; the same attention (padding pages never loaded)."""
+    tree, q, k, v = _setup(name, jnp.float32)
+    bs = dataclasses.replace(kernel_block_sizes(tree.page_size), flat_kv=flat, split_flat_kv=split_flat,
+                             prefetch=prefetch)
+    plan, q = _plan(tree, q, force, bs)
+    out = shared_prefix_attention(q, k, v, plan.step, block_sizes=bs, interpret=INTERPRET)
+    _tol_check(out, _reference(tree, q, k, v), v, jnp.float32)
+
+
 def test_row_tiers():
     assert _row_tiers(128, 1) == [128]
     assert _row_tiers(128, 3) == [32, 64, 128]
@@ -321,12 +335,14 @@ def test_kernel_merge_reads_odd_groups_in_place():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_kernel_with_every_launch_option_matches_reference(dtype):
-    """Prefetch, more and shorter splits with their own tile, a block merge and a non-power-of-two
-    query block, together, with return_lse: one configuration the GPU sweep may pick."""
+    """Prefetch, more and shorter splits with their own tile, a block merge, a non-power-of-two
+    query block, row tiers and flat KV tiles, together, with return_lse: one configuration the
+    GPU sweep may pick."""
     tree, q, k, v = _setup("internal_requests_padded", dtype)
     base = kernel_block_sizes(tree.page_size)
     bs = dataclasses.replace(base, query_block=3, split_pages=4 * base.split_pages, prefetch=1, merge_block=2,
-                             min_split_programs=10**6, split_pages_per_compute_block=2 * base.pages_per_compute_block)
+                             min_split_programs=10**6, split_pages_per_compute_block=2 * base.pages_per_compute_block,
+                             row_tiers=2, flat_kv=1, split_flat_kv=1)
     plan, q = _plan(tree, q, "share", bs)
     out, lse = shared_prefix_attention(q, k, v, plan.step, block_sizes=bs, interpret=INTERPRET, return_lse=True)
     assert out.dtype == dtype and lse.dtype == jnp.float32

@@ -135,12 +135,15 @@ def _validate_step(q, k_pages, step: SharedPrefixStep, block_sizes: BlockSizes, 
 
 
 def _attend(q, pages_ref, page_lens_ref, k_pages_ref, v_pages_ref, *, sm_scale: float,
-            pages_per_compute_block: int, precision, prefetch: bool = False):
+            pages_per_compute_block: int, page_size: int, precision, prefetch: bool = False):
     """Attention of one program's query rows over one program's list of pages (one KV head).
 
     q: [rows, D] (loaded); pages_ref, page_lens_ref: i32[n_pages] (valid pages first, then
-    padding with length 0); k/v_pages_ref: [NP, ps, D] (this KV head). Returns the partial:
-    o f32[rows, D] (normalized) and lse f32[rows] (-inf for a row with no keys).
+    padding with length 0); k/v_pages_ref: [NP, ps, D] (this KV head), or [NP * ps, D] (the
+    same memory as token rows, `BlockSizes.flat_kv`: a tile is then one 2D gather of token rows,
+    which Triton copies to shared memory 16 bytes at a time; a [pages, ps, D] fp32 V tile it
+    copies 4 bytes at a time, `make kernel-report`). Returns the partial: o f32[rows, D]
+    (normalized) and lse f32[rows] (-inf for a row with no keys).
 
     The page table is read once, before the loop: each tile picks its pages from registers, so
     the only loads in the loop are the KV tiles, whose addresses depend on the loop index alone,
@@ -152,7 +155,8 @@ def _attend(q, pages_ref, page_lens_ref, k_pages_ref, v_pages_ref, *, sm_scale: 
     """
     rows, d = q.shape
     n_pages = pages_ref.shape[0]
-    ps = k_pages_ref.shape[1]
+    flat = len(k_pages_ref.shape) == 2
+    ps = page_size
     ppcb = pages_per_compute_block
     block_k = ppcb * ps
     all_pages, all_lens = pages_ref[...], page_lens_ref[...]
@@ -166,6 +170,9 @@ def _attend(q, pages_ref, page_lens_ref, k_pages_ref, v_pages_ref, *, sm_scale: 
         pages = jnp.sum(jnp.where(pick, all_pages[None, :], 0), axis=1)
         lens = jnp.sum(jnp.where(pick, all_lens[None, :], 0), axis=1)
         valid = (in_page < lens[:, None]).astype(jnp.int32).reshape(block_k)
+        if flat:
+            tokens = (pages[:, None] * ps + in_page).reshape(block_k)
+            return k_pages_ref[tokens], v_pages_ref[tokens], valid
         return k_pages_ref[pages].reshape(block_k, d), v_pages_ref[pages].reshape(block_k, d), valid
 
     def attend(carry, tile):
@@ -362,6 +369,18 @@ def _compiler_params(block_sizes: BlockSizes):
     return plgpu.CompilerParams(num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages)
 
 
+def _kv_operands(k_pages, v_pages, flat: int, head):
+    """The caches as a launch reads them and their BlockSpecs (one KV head's pages per program):
+    [Hkv, NP, ps, D], or when `flat` (`BlockSizes.flat_kv`) [Hkv, NP * ps, D] (a reshape of
+    contiguous memory, no copy). head: the grid indices -> the program's KV head."""
+    if flat:
+        hkv, n, ps, d = k_pages.shape
+        k_pages, v_pages = k_pages.reshape(hkv, n * ps, d), v_pages.reshape(hkv, n * ps, d)
+    rest = (0,) * (k_pages.ndim - 1)
+    spec = pl.BlockSpec((None,) + k_pages.shape[1:], lambda *idx: (head(*idx),) + rest)
+    return [k_pages, v_pages], [spec, spec]
+
+
 def _private_partials(q_bhgd, k_pages, v_pages, pages, page_lens, *, block_sizes, sm_scale,
                       interpret, precision):
     """q_bhgd: [B, Hkv, Gp, D] -> o f32[B, S, Hkv, Gp, D], lse f32[B, S, Hkv, Gp]."""
@@ -376,7 +395,8 @@ def _private_partials(q_bhgd, k_pages, v_pages, pages, page_lens, *, block_sizes
     n_split = pp // sp
     ppcb = min(block_sizes.pages_per_compute_block, sp)
     kernel = functools.partial(_split_kernel, sm_scale=sm_scale, pages_per_compute_block=ppcb,
-                               precision=precision, prefetch=bool(block_sizes.prefetch))
+                               page_size=ps, precision=precision, prefetch=bool(block_sizes.prefetch))
+    kv, kv_specs = _kv_operands(k_pages, v_pages, block_sizes.split_flat_kv, lambda i, s, h: h)
     return pl.pallas_call(
         kernel,
         grid=(b, n_split, hkv),
@@ -384,9 +404,7 @@ def _private_partials(q_bhgd, k_pages, v_pages, pages, page_lens, *, block_sizes
             pl.BlockSpec((None, sp), lambda i, s, h: (i, s)),  # pages
             pl.BlockSpec((None, sp), lambda i, s, h: (i, s)),  # page_lens
             pl.BlockSpec((None, None, gp, d), lambda i, s, h: (i, h, 0, 0)),  # q
-            pl.BlockSpec((None,) + k_pages.shape[1:], lambda i, s, h: (h, 0, 0, 0)),  # k_pages
-            pl.BlockSpec((None,) + v_pages.shape[1:], lambda i, s, h: (h, 0, 0, 0)),  # v_pages
-        ],
+        ] + kv_specs,
         out_specs=[
             pl.BlockSpec((None, None, None, gp, d), lambda i, s, h: (i, s, h, 0, 0)),
             pl.BlockSpec((None, None, None, gp), lambda i, s, h: (i, s, h, 0)),
@@ -398,7 +416,7 @@ def _private_partials(q_bhgd, k_pages, v_pages, pages, page_lens, *, block_sizes
         compiler_params=_compiler_params(block_sizes),
         interpret=interpret,
         name="shared_prefix_private_pages",
-    )(pages, page_lens, q_bhgd, k_pages, v_pages)
+    )(pages, page_lens, q_bhgd, *kv)
 
 
 def _shared_partials(q_bhgd, k_pages, v_pages, step: SharedPrefixStep, *, g, block_sizes,
@@ -419,8 +437,9 @@ def _shared_partials(q_bhgd, k_pages, v_pages, step: SharedPrefixStep, *, g, blo
     ppcb = min(block_sizes.pages_per_compute_block, c)
     kernel = functools.partial(_item_kernel, group=g, rows=rows, slot_rows=gm,
                                row_tiers=block_sizes.row_tiers, sm_scale=sm_scale,
-                               pages_per_compute_block=ppcb, precision=precision,
+                               pages_per_compute_block=ppcb, page_size=k_pages.shape[2], precision=precision,
                                prefetch=bool(block_sizes.prefetch))
+    kv, kv_specs = _kv_operands(k_pages, v_pages, block_sizes.flat_kv, lambda i, h: h)
     return pl.pallas_call(
         kernel,
         grid=(w, hkv),
@@ -429,9 +448,7 @@ def _shared_partials(q_bhgd, k_pages, v_pages, step: SharedPrefixStep, *, g, blo
             pl.BlockSpec((None, c), lambda i, h: (i, 0)),  # item_page_lens
             pl.BlockSpec((None, queries.shape[1]), lambda i, h: (i, 0)),  # item_queries
             pl.BlockSpec((None, (b + 1) * g, d), lambda i, h: (h, 0, 0)),  # every request's rows
-            pl.BlockSpec((None,) + k_pages.shape[1:], lambda i, h: (h, 0, 0, 0)),
-            pl.BlockSpec((None,) + v_pages.shape[1:], lambda i, h: (h, 0, 0, 0)),
-        ],
+        ] + kv_specs,
         out_specs=[
             pl.BlockSpec((None, None, rows, d), lambda i, h: (i, h, 0, 0)),
             pl.BlockSpec((None, None, rows), lambda i, h: (i, h, 0)),
@@ -443,7 +460,7 @@ def _shared_partials(q_bhgd, k_pages, v_pages, step: SharedPrefixStep, *, g, blo
         compiler_params=_compiler_params(block_sizes),
         interpret=interpret,
         name="shared_prefix_items",
-    )(step.item_pages, step.item_page_lens, queries, q_rows, k_pages, v_pages)
+    )(step.item_pages, step.item_page_lens, queries, q_rows, *kv)
 
 
 def _merge(merge_rows, o_sh, lse_sh, o_pr, lse_pr, *, gm, out_dtype, block_sizes, interpret,

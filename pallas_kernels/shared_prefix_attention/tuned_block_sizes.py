@@ -73,6 +73,14 @@ class BlockSizes:
         items on the H200 in benchmarks/results/attention_gpu_tf32.json: 8 requests, 128-row
         items, 1.0 TB/s). 1 (default) = always the full rows. Costs one branch per tier in the
         compiled kernel. GPU only; the XLA path computes an item's rows in full.
+      flat_kv, split_flat_kv: 1 = the shared-items launch (flat_kv) or the split-KV launch
+        (split_flat_kv) reads the cache as [pages x page_size, D] token rows (a reshape, no
+        copy) and gathers each KV tile as one 2D [tokens, D] block, as JAX's contiguous decode
+        kernel reads its tiles; 0 (default) = as [pages, page_size, D] blocks. Which one
+        Triton copies to shared memory 16 bytes at a time and which 4 depends on the tile
+        (it may lay the fp32 V tile out token-fastest for the tensor cores): in
+        `make kernel-report`, flat tiles make the TF32 split-KV launch's V copies 16-byte
+        and the tuned TF32 items' 4-byte, and the 3D tiles the other way round. GPU only.
     """
 
     chunk_pages: int
@@ -89,17 +97,21 @@ class BlockSizes:
     merge_block: int = 1
     min_shared_items: int = 0
     row_tiers: int = 1
+    flat_kv: int = 0
+    split_flat_kv: int = 0
 
     def __post_init__(self):
         zero_ok = ("split_pages_per_compute_block", "split_num_warps", "split_num_stages",
-                   "min_split_programs", "prefetch", "min_shared_items")
+                   "min_split_programs", "prefetch", "min_shared_items", "flat_kv",
+                   "split_flat_kv")
         for f in dataclasses.fields(self):
             value, least = getattr(self, f.name), 0 if f.name in zero_ok else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"BlockSizes.{f.name} must be {'a positive int' if least else 'an int >= 0'}"
                                  f", got {value!r}")
-        if self.prefetch > 1:
-            raise ValueError(f"BlockSizes.prefetch must be 0 or 1, got {self.prefetch}")
+        for name in ("prefetch", "flat_kv", "split_flat_kv"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"BlockSizes.{name} must be 0 or 1, got {getattr(self, name)}")
         for name in ("chunk_pages", "split_pages", "pages_per_compute_block", "num_warps",
                      "split_pages_per_compute_block", "split_num_warps", "merge_block"):
             if getattr(self, name) and not _is_pow2(getattr(self, name)):
