@@ -15,7 +15,9 @@
 #      against ours (max_abs_diff_vs_ours in the JSON);
 #   4. opt-in sections: tf32 (fp32 with one TF32 product per dot, the precision of JAX's
 #      decode_attention: like for like) and bf16 (bf16 KV); each runs the configurations on its
-#      tuned tiles, then its own tile sweep (--tune-first: before);
+#      tuned tiles, then its own tile sweep (--tune-first: before); profile (Nsight Compute, where
+#      the image has `ncu`, on one configuration: benchmarks/profile_step.py; by default C2 S=512
+#      with TF32 dots, GPU_CHECK_PROFILE_ARGS e.g. "--tuned-from F.json" to pick other tiles);
 #   5. the kernel tests compiled (JAXSYS_PALLAS_COMPILED=1 flips INTERPRET in the test module;
 #      the `gpu`-marked tests add model-sized shapes).
 #
@@ -25,17 +27,18 @@
 #
 # Outputs go to $GPU_CHECK_OUT (default benchmarks/results): attention_gpu.json/.png,
 # attention_gpu_tf32.json/.png, attention_gpu_bf16.json/.png, gpu_check_tests.txt,
-# gpu_check_env.txt. The JSON is rewritten after every section, so a run
+# gpu_check_env.txt, ncu_profile.csv (section profile). The JSON is rewritten after every section, so a run
 # cut short keeps what it measured (the tuning after every sweep).
 # Environment: PY (python, default python3), GPU_CHECK_REPEATS (default 15),
-# GPU_CHECK_SECTIONS (default bench,tests; also tf32, bf16; the smoke test always runs),
+# GPU_CHECK_SECTIONS (default bench,tests; also tf32, bf16, profile; the smoke test always runs),
 # GPU_CHECK_TEST_SELECT (pytest -k expression of step 5),
 # GPU_CHECK_BENCH_ARGS / _TF32_ARGS / _BF16_ARGS (extra arguments of each pass, e.g. "--tune-first";
 # tf32 and bf16 default to "--skip-calibration"),
 # GPU_CHECK_TUNE_BUDGET (seconds of block-size sweeps per section, default 2/5 of its timeout;
 # the JSON's elapsed_s says what each part took), GPU_CHECK_SMOKE_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT / GPU_CHECK_TF32_TIMEOUT /
-# GPU_CHECK_BF16_TIMEOUT / GPU_CHECK_TEST_TIMEOUT (seconds, default 100 / 330 / 240 / 150 / 150;
-# all four sections take ~16 minutes, over one 10-minute device call: split them). E.g. the
+# GPU_CHECK_BF16_TIMEOUT / GPU_CHECK_TEST_TIMEOUT / GPU_CHECK_PROFILE_TIMEOUT (seconds, default
+# 100 / 330 / 240 / 150 / 150 / 150; the four benchmark and test sections take ~16 minutes, over
+# one 10-minute device call: split them), GPU_CHECK_PROFILE_ARGS (profile_step.py's). E.g. the
 # like-for-like comparison with JAX's kernels, tuned and calibrated, in one call:
 #   GPU_CHECK_SECTIONS=tf32 GPU_CHECK_TF32_ARGS=--tune-first GPU_CHECK_TF32_TIMEOUT=480 make gpu-check
 # or over two calls (the second reads the first's tiles and cost model):
@@ -112,6 +115,20 @@ if [ "$smoke_rc" -eq 0 ]; then
     --out "$OUTDIR/attention_gpu_bf16.json" ${GPU_CHECK_BF16_ARGS---skip-calibration}
 else
   echo "gpu-check: the smoke test failed (kernels do not compile or are wrong on this GPU): no benchmark" >&2
+fi
+if want profile; then
+  # Nsight Compute on one configuration (benchmarks/profile_step.py): per launch of ours and of
+  # JAX's decode kernel, memory throughput, warp stalls and occupancy. The warm-up call of each
+  # (3 launches of ours when it shares, 1 of JAX's) is skipped; the next call's are profiled.
+  echo "== profile: $(command -v ncu || echo 'ncu not found: skipped')"
+  if command -v ncu >/dev/null; then
+    timeout "${GPU_CHECK_PROFILE_TIMEOUT:-150}" ncu --target-processes all -k "regex:shared_prefix|mha_forward" \
+      --launch-skip 4 --launch-count 4 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      --section WarpStateStats --section Occupancy --section LaunchStats --csv --page details \
+      "$PY" -W "ignore:.*[Tt]riton" benchmarks/profile_step.py --with-jax ${GPU_CHECK_PROFILE_ARGS:-} \
+      > "$OUTDIR/ncu_profile.csv" 2> "$OUTDIR/ncu_profile_stderr.txt" \
+      || echo "gpu-check: ncu failed (rc=$?; $OUTDIR/ncu_profile_stderr.txt): no profile, not an error" >&2
+  fi
 fi
 tests_rc=0
 if want tests; then

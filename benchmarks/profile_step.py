@@ -1,0 +1,84 @@
+"""One configuration of the attention benchmark, called a few times, for a GPU profiler.
+
+`make gpu-check` section `profile` runs this under Nsight Compute (`ncu`, where the GPU image has
+it) to see what each launch waits on: memory throughput against the peak, warp stall reasons,
+occupancy. The benchmark (`benchmarks/attention.py`) says how long each launch takes; this says
+why. It runs our step (split-KV pages, shared items, merge) on the configuration's tree with the
+tiles of `tuned_block_sizes.py` or of a `--tuned-from` JSON, then, with `--with-jax`, JAX's
+contiguous `decode_attention` on the same KV for comparison; each once to compile and warm up and
+then `--calls` more. With `ncu --launch-skip`, profile the calls after the warm-up.
+
+Also runs without a profiler: it prints the launches' wall time per call (no profiler overhead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="benchmarks/profile_step.py", description=__doc__.splitlines()[0],
+                                 epilog="\n".join(__doc__.splitlines()[2:]),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="C2 B=8 P=16384 S=512",
+                    help="a configuration label of benchmarks/attention.py (default: %(default)s)")
+    ap.add_argument("--fp32-dot", choices=("auto", "tf32x3", "tf32", "ieee"), default="tf32")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--tuned-from", default=None, metavar="JSON",
+                    help="take the tiles from this benchmark JSON's tuning (default: tuned_block_sizes.py)")
+    ap.add_argument("--calls", type=int, default=1, help="calls after the warm-up (default 1)")
+    ap.add_argument("--with-jax", action="store_true", help="also JAX's decode_attention on the same KV")
+    ap.add_argument("--interpret", action="store_true", help="the Pallas interpreter on CPU, shrunk trees "
+                                                                "(checks the script)")
+    args = ap.parse_args(argv)
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import attention as bench
+
+    cfg = next((c for c in bench.configs(False) if c.label == args.config), None)
+    if cfg is None:
+        ap.error(f"unknown --config {args.config!r}; one of: {', '.join(c.label for c in bench.configs(False))}")
+    runner = bench.Runner(gpu=True, dtype=args.dtype, fp32_dot=args.fp32_dot, interpret=args.interpret)
+    runner.layers = 1  # one launch of each kernel per call
+    bs = runner.block_sizes
+    if args.tuned_from:
+        bs = runner.spa.BlockSizes(**json.loads(Path(args.tuned_from).read_text())["tuning"]["best"])
+    runner.set_block_sizes(bs)
+    jax, jnp = runner.jax, runner.jnp
+    tree, total_pages = runner.tree(cfg, np.random.default_rng(0))
+    k_pages, v_pages = runner.pools(total_pages, 0)
+    plan = runner.spa.plan_step(tree, block_sizes=bs, cost_model=runner.cost_model)
+    q = runner.queries(plan.shape.num_requests, 0)
+    step = jax.device_put(plan.step)
+    fns = {"ours": lambda: runner.ours(q, k_pages, v_pages, step)}
+    if args.with_jax:
+        table, lengths = bench.page_tables(tree)
+        bp = plan.shape.num_requests
+        table_p = np.zeros((bp, table.shape[1]), np.int32)
+        table_p[:table.shape[0]] = table
+        lengths_p = np.zeros((bp,), np.int32)
+        lengths_p[:lengths.shape[0]] = lengths
+        k_c = runner.contiguous(k_pages, table_p, int(lengths.max()))
+        v_c = runner.contiguous(v_pages, table_p, int(lengths.max()))
+        fns["jax_decode_attention"] = bench.jax_decode_attention_fn(runner, q, k_c, v_c, jnp.asarray(lengths_p))
+    print(f"profile_step: {cfg.label}, {args.fp32_dot} dots, sharing={plan.use_sharing}, "
+          f"step {plan.shape}, tiles {bs}", flush=True)
+    for name, f in fns.items():  # compile and warm up: the launches a profiler should skip
+        jax.block_until_ready(f())
+    for name, f in fns.items():
+        t0 = time.perf_counter()
+        for _ in range(args.calls):
+            jax.block_until_ready(f())
+        print(f"{name}: {(time.perf_counter() - t0) / args.calls * 1e6:.1f} us per call (wall, one layer)",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
