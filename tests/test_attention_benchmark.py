@@ -90,3 +90,14 @@ def test_kernels_lower_for_cuda_without_a_gpu(capsys):
     assert triton_static.main(["--lower-only"]) == 0
     launches = [json.loads(line)["launch"] for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert set(launches) == set(triton_static.LAUNCHES) and len(launches) > 50
+
+
+def test_profile_step_in_the_interpreter(capsys):
+    """`benchmarks/profile_step.py` (what `make gpu-check` section profile runs under ncu): ours on a
+    sharing configuration and JAX's kernel, with tiles from the tables."""
+    profile_step = _load("profile_step")
+    assert profile_step.main(["--interpret", "--with-jax", "--config", "C1 B=32 P=8192 S=128"]) == 0
+    out = capsys.readouterr().out
+    assert "sharing=True" in out and "ours:" in out and "jax_decode_attention:" in out
+    with pytest.raises(SystemExit):
+        profile_step.main(["--interpret", "--config", "C9"])
