@@ -140,10 +140,10 @@ def _attend(q, pages_ref, page_lens_ref, k_pages_ref, v_pages_ref, *, sm_scale: 
 
     q: [rows, D] (loaded); pages_ref, page_lens_ref: i32[n_pages] (valid pages first, then
     padding with length 0); k/v_pages_ref: [NP, ps, D] (this KV head), or [NP * ps, D] (the
-    same memory as token rows, `BlockSizes.flat_kv`: a tile is then one 2D gather of token rows,
-    which Triton copies to shared memory 16 bytes at a time; a [pages, ps, D] fp32 V tile it
-    copies 4 bytes at a time, `make kernel-report`). Returns the partial: o f32[rows, D]
-    (normalized) and lse f32[rows] (-inf for a row with no keys).
+    same memory as token rows, `BlockSizes.flat_kv` / `split_flat_kv`: a tile is then one 2D
+    gather of token rows; which of the two shapes' fp32 V tile Triton copies to shared memory
+    16 bytes at a time, and which 4, depends on the tile: `make kernel-report`). Returns the
+    partial: o f32[rows, D] (normalized) and lse f32[rows] (-inf for a row with no keys).
 
     The page table is read once, before the loop: each tile picks its pages from registers, so
     the only loads in the loop are the KV tiles, whose addresses depend on the loop index alone,
@@ -371,8 +371,8 @@ def _compiler_params(block_sizes: BlockSizes):
 
 def _kv_operands(k_pages, v_pages, flat: int, head):
     """The caches as a launch reads them and their BlockSpecs (one KV head's pages per program):
-    [Hkv, NP, ps, D], or when `flat` (`BlockSizes.flat_kv`) [Hkv, NP * ps, D] (a reshape of
-    contiguous memory, no copy). head: the grid indices -> the program's KV head."""
+    [Hkv, NP, ps, D], or when `flat` (`BlockSizes.flat_kv` / `split_flat_kv`) [Hkv, NP * ps, D]
+    (a reshape of contiguous memory, no copy). head: the grid indices -> the program's KV head."""
     if flat:
         hkv, n, ps, d = k_pages.shape
         k_pages, v_pages = k_pages.reshape(hkv, n * ps, d), v_pages.reshape(hkv, n * ps, d)
