@@ -439,7 +439,9 @@ def launch_times(runner: Runner, q, k_pages, v_pages, step, repeats: int) -> dic
     `_merge`), called as `shared_prefix_attention` calls them, each in its own jit over the
     layers (the merge over each layer's partials, computed outside the timing). Per launch: the
     median per call and, for the two KV launches, the KV bytes it reads and the bandwidth that
-    gives. Their sum falls short of ours' time by the launches' gaps and XLA's reshapes.
+    gives; for the items, `query_row_tokens` (`kernel.item_rows`: query rows x KV tokens that
+    hold a query, that the kernel multiplies, and that it would multiply untiered). Their sum
+    falls short of ours' time by the launches' gaps and XLA's reshapes.
     """
     from jaxsys.pallas_kernels.shared_prefix_attention import kernel as spk
 
@@ -479,6 +481,8 @@ def launch_times(runner: Runner, q, k_pages, v_pages, step, repeats: int) -> dic
         out[n] = {"median_s": median(ts)}
         if n in read:
             out[n].update(kv_bytes_read=read[n], achieved_bandwidth_Bps=read[n] / median(ts))
+    if sharing:  # what the items multiply: rows that hold a query, rows run (row_tiers), all rows
+        out["items"]["query_row_tokens"] = spk.item_rows(step, g, bs)
     return out
 
 
@@ -645,7 +649,7 @@ def tune(runner: Runner, repeats: int, seed: int, budget_s: float | None = None,
     def tree_set(cfg, seed_offset):
         tr, n_pages = runner.tree(cfg, rng)
         kp, vp = runner.pools(n_pages, seed + seed_offset)
-        return cfg.label, tr, kp, vp, runner.queries(cfg.B, seed)
+        return cfg.label, tr, kp, vp, runner.queries(spa.bucket(tr.num_requests), seed)
 
     plain = tree_set(Config("tune", "plain B=8 L=8192", "chains", B=8, depth=0, node_tokens=8192), 0) + ("plain",)
     variants = {}
@@ -710,11 +714,12 @@ def tune(runner: Runner, repeats: int, seed: int, budget_s: float | None = None,
         variants = {n: dataclasses.replace(base, prefetch=n) for n in (0, 1)}
         choose("prefetch", variants, [star, plain], ("prefetch",))
         # Items on fewer rows where they hold fewer requests (8 requests under a query block of
-        # 32 fill 32 of its 128 rows, as in C2): a star of 8, and the B=32 star, whose full items
-        # show what the branch itself costs.
+        # 32 fill 32 of its 128 rows, as in C2; a binary tree's nodes 2-16): a star of 8, a
+        # depth-4 binary tree, and the B=32 star, whose full items show what the branches cost.
         few = tree_set(Config("tune", "star B=8 P=8192 S=512", "star", B=8, P=8192, S=512), 4) + ("share",)
-        variants = {n: dataclasses.replace(base, row_tiers=n) for n in (1, 3)}
-        choose("row_tiers", variants, [few, star], ("row_tiers",))
+        tree4 = tree_set(Config("tune", "binary depth 4", "binary", depth=4), 5) + ("share",)
+        variants = {n: dataclasses.replace(base, row_tiers=n) for n in (1, 2, 4)}
+        choose("row_tiers", variants, [few, tree4, star], ("row_tiers",))
         # Shorter shared items where a step has few (a 2k-token prefix is 4 items of 32 pages:
         # 32 programs), then the merge's partials one at a time or several per step (the star's
         # requests each merge 16 or more shared ones).

@@ -187,13 +187,42 @@ def settings(quick: bool):
                     dataclasses.replace(base, prefetch=1, num_stages=1)))
         out.append((f"{dtype} {fp32_dot}: tuned table + merge of 8 partials per step", dtype, fp32_dot,
                     dataclasses.replace(base, merge_block=8)))
-        out.append((f"{dtype} {fp32_dot}: tuned table + 3 row tiers", dtype, fp32_dot,
-                    dataclasses.replace(base, row_tiers=3)))
+        out.append((f"{dtype} {fp32_dot}: tuned table + 4 row tiers", dtype, fp32_dot,
+                    dataclasses.replace(base, row_tiers=4)))
         out.append((f"{dtype} {fp32_dot}: tuned table + flat KV tiles in both launches", dtype, fp32_dot,
                     dataclasses.replace(base, flat_kv=1, split_flat_kv=1)))
         out.append((f"{dtype} {fp32_dot}: tuned table + split launch of 2 pages x 3 stages, >= 512 programs",
                     dtype, fp32_dot, dataclasses.replace(base, split_pages_per_compute_block=2, split_num_stages=3,
                                                          min_split_programs=512)))
+    return out
+
+
+def item_row_use() -> dict:
+    """Per benchmark configuration, on the step the TF32 table plans: how much of the shared-items
+    launch's product work is on rows that hold a query (`kernel.item_rows`), untiered and with
+    `row_tiers` 2 and 4. Host-side arithmetic on the plan, no GPU."""
+    import numpy as np
+
+    from attention import build_tree, configs
+    from jaxsys.pallas_kernels import shared_prefix_attention as spa
+    from jaxsys.pallas_kernels.shared_prefix_attention.kernel import item_rows
+
+    base = spa.get_block_sizes("gpu", HQ // HKV, HEAD_DIM, PAGE, "float32", "tf32")
+    cost_model = spa.get_cost_model("gpu", "float32", "tf32")
+    out = {"block_sizes": "tuned_block_sizes.py ('gpu', 4, 128, 16, 'float32', 'tf32')",
+           "how": "query rows x KV tokens over the step's items: useful = rows holding a query head; "
+                  "products_vs_untiered[n] = what row_tiers=n multiplies / what row_tiers=1 does",
+           "configs": {}}
+    for cfg in configs(False):
+        tree, _ = build_tree(cfg, np.random.default_rng(0))
+        plan = spa.plan_step(tree, block_sizes=base, cost_model=cost_model)
+        if not plan.use_sharing:
+            out["configs"][cfg.label] = "does not share"
+            continue
+        use = {n: item_rows(plan.step, HQ // HKV, dataclasses.replace(base, row_tiers=n)) for n in (1, 2, 4)}
+        out["configs"][cfg.label] = {
+            "useful_fraction_untiered": round(use[1]["useful"] / use[1]["full"], 3),
+            "products_vs_untiered": {n: round(u["computed"] / u["full"], 3) for n, u in use.items()}}
     return out
 
 
@@ -241,6 +270,7 @@ def main(argv=None) -> int:
     doc = {
         "what": "static analysis: the Pallas kernels lowered for CUDA by jax and compiled for sm_90 by the "
                 "triton package on a CPU machine; not a measurement (the GPU's jaxlib Triton may differ)",
+        "item_rows": item_row_use(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "triton_version": triton.__version__,
         "jax_version": __import__("jax").__version__,

@@ -47,6 +47,8 @@ def test_gpu_path_in_the_interpreter(tmp_path):
         assert set(parts) == ({"private_pages", "items", "merge"} if share[label] else {"private_pages", "merge"})
         assert all(t["median_s"] > 0 for t in parts.values())
         assert parts["private_pages"]["kv_bytes_read"] > 0
+    rows = launches["C1 B=32 P=8192 S=128"]["items"]["query_row_tokens"]  # 32 requests x G=4 in 128 rows
+    assert rows["useful"] == rows["computed"] == rows["full"] > 0
 
 
 def test_tuning_budget_keeps_the_tables_and_says_what_it_skipped(tmp_path):

@@ -33,7 +33,8 @@ from jaxsys.pallas_kernels.shared_prefix_attention import (
     shared_prefix_attention_reference,
     shared_prefix_attention_xla,
 )
-from jaxsys.pallas_kernels.shared_prefix_attention.kernel import _queries, _row_tiers, _shared_partials, _split_pages
+from jaxsys.pallas_kernels.shared_prefix_attention.kernel import (_queries, _row_tiers, _shared_partials,
+                                                                  _split_pages, item_rows)
 
 INTERPRET = os.environ.get("JAXSYS_PALLAS_COMPILED", "0") != "1"
 
@@ -300,6 +301,14 @@ def test_kernel_with_row_tiers_matches_reference(name, group, query_block):
             assert not np.isnan(lse_sh[item, :, slot * group:slot * group + gm]).any()
             tiers.add(int((~np.isnan(lse_sh[item, 0])).sum()))
         assert len(tiers) >= 2
+    # the host-side account of the same tiers (benchmark JSON): each item's rows x its tokens
+    acct = item_rows(plan.step, group, bs)
+    tokens = plan.step.item_page_lens.sum(axis=1)
+    filled = (plan.step.item_queries != plan.step.private_pages.shape[0]).sum(axis=1)
+    assert acct["useful"] == int((filled * group * tokens).sum()) <= acct["computed"] < acct["full"]
+    assert item_rows(plan.step, group, dataclasses.replace(bs, row_tiers=1))["computed"] == acct["full"]
+    if INTERPRET:
+        assert acct["computed"] == int(((~np.isnan(lse_sh[:, 0])).sum(axis=1) * tokens).sum())
 
 
 @pytest.mark.parametrize("name", ["long_nodes_short_suffix", "deep3_fan2_gqa8"])

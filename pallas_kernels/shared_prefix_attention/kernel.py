@@ -223,6 +223,35 @@ def _row_tiers(rows: int, row_tiers: int) -> list[int]:
     return sorted({max(rows >> i, _MIN_DOT) for i in range(row_tiers)})
 
 
+def _tier_index(n_slots, group: int, slot_rows: int, tiers: list[int], xp=jnp):
+    """Index in `tiers` of the smallest that holds rows [0, (n_slots - 1) * group + slot_rows):
+    every row the merge reads of an item whose last non-empty slot is n_slots - 1. jnp in the
+    kernel, numpy (xp=np) on the host."""
+    need = xp.maximum(n_slots - 1, 0) * group + slot_rows
+    return sum((need > t).astype(xp.int32) for t in tiers[:-1])
+
+
+def item_rows(step: SharedPrefixStep, group: int, block_sizes: BlockSizes) -> dict:
+    """What the shared-items launch multiplies, on the host (numpy): query rows x KV tokens summed
+    over the step's items, as `useful` (rows that hold a request's query head), `computed` (the
+    rows the kernel runs each item on, with `block_sizes.row_tiers`) and `full` (every item on
+    all of its rows, row_tiers=1). computed / full is the launch's product work relative to
+    untiered; useful / computed how much of it is not zero rows."""
+    import numpy as np
+
+    item_queries, page_lens = np.asarray(step.item_queries), np.asarray(step.item_page_lens)
+    qb, b = item_queries.shape[1], np.asarray(step.private_pages).shape[0]
+    gm = _pow2_at_least(group, 1)
+    rows = _pow2_at_least(qb * group + gm - group, _MIN_DOT)
+    tiers = _row_tiers(rows, block_sizes.row_tiers)
+    tokens = page_lens.sum(axis=1)
+    filled = item_queries != b
+    n_slots = np.max(np.where(filled, np.arange(1, qb + 1)[None, :], 0), axis=1, initial=0)
+    tier_rows = np.asarray(tiers)[_tier_index(n_slots, group, gm, tiers, xp=np)]
+    return {"useful": int((filled.sum(axis=1) * group * tokens).sum()), "computed": int((tier_rows * tokens).sum()),
+            "full": int(rows * tokens.sum())}
+
+
 def _item_kernel(pages_ref, page_lens_ref, queries_ref, q_ref, k_pages_ref, v_pages_ref, o_ref, lse_ref,
                  *, group: int, rows: int, slot_rows: int, row_tiers: int = 1, **kw):
     """One shared work item for one KV head: its chunk's pages against the stacked query rows of
@@ -252,9 +281,7 @@ def _item_kernel(pages_ref, page_lens_ref, queries_ref, q_ref, k_pages_ref, v_pa
     empty = q_ref.shape[0] // group - 1  # request B
     used = lax.broadcasted_iota(jnp.int32, (qb,), 0) + 1
     n_slots = jnp.max(jnp.where(queries_ref[...] != empty, used, 0))  # through the last non-empty slot
-    need = jnp.maximum(n_slots - 1, 0) * group + slot_rows
-    tier = sum((need > t).astype(jnp.int32) for t in tiers[:-1])
-    lax.switch(tier, [functools.partial(run, t) for t in tiers])
+    lax.switch(_tier_index(n_slots, group, slot_rows, tiers), [functools.partial(run, t) for t in tiers])
 
 
 def _merge_kernel(merge_rows_ref, o_sh_ref, lse_sh_ref, o_pr_ref, lse_pr_ref, out_ref, lse_out_ref=None,
