@@ -572,14 +572,13 @@ def jax_paged_attention_fn(runner: Runner, q, k_pages, v_pages, table, lengths):
 
 def tune(runner: Runner, repeats: int, seed: int, budget_s: float | None = None, progress=None) -> dict:
     """Sweeps split_pages (plain path), on a GPU the split-KV launch's own tile (pages per step,
-    warps, stages, 3D or flat KV tiles) and min_split_programs (small batches: the split-KV launch's smallest
-    width), chunk_pages x query_block (shared path) and, on a GPU,
+    warps, stages, 3D or flat KV tiles) and min_split_programs (small batches: the split-KV
+    launch's smallest width), chunk_pages x query_block (shared path) and, on a GPU,
     pages_per_compute_block x num_warps x num_stages x flat_kv (the kernels' inner tile, launch
-    width, pipelining depth and tile shape), prefetch (the next KV tile loaded before the current one is used),
-    row_tiers (items with few requests on fewer rows), min_shared_items (shorter shared items
-    where a step has few) and merge_block (partials the merge folds per step), then times the
-    best setting with
-    3xTF32, one TF32 and IEEE fp32 dots.
+    width, pipelining depth and tile shape), prefetch (the next KV tile loaded before the current
+    one is used), row_tiers (items with few requests on fewer rows), min_shared_items (shorter
+    shared items where a step has few) and merge_block (partials the merge folds per step), then
+    times the best setting with 3xTF32, one TF32 and IEEE fp32 dots.
 
     Each sweep starts from the best of the one before; a setting that does not compile (e.g.
     Triton out of shared memory) is recorded with its error and skipped. Returns the records

@@ -129,8 +129,8 @@ def compile_report(mod: dict, arch: int = 90) -> dict:
     by_regs = SM_REGS // (math.ceil(regs / 8) * 8 * 32 * warps)
     by_shared = SM_SHARED // (shared + RESERVED_SHARED)
     loops = _kv_loops(kernel.asm["ptx"])
-    buffers = [int(n) for n in re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x\d+(?:x\d+)?x(?:f32|bf16|f16)",
-                                          kernel.asm["ttgir"])]
+    buffers = [int(n) for n in re.findall(
+        r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x\d+(?:x\d+)?x(?:f32|bf16|f16)", kernel.asm["ttgir"])]
     out = {"regs": regs, "spill_bytes": stack + local, "shared_bytes": shared,
            "ctas_per_sm": min(by_regs, by_shared, SM_WARPS // warps),
            "kv_buffers": max(buffers) if buffers else 0}
