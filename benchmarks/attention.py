@@ -150,18 +150,21 @@ def byte_ratio(tree) -> float:
     return float(tree.request_lengths().sum()) / float(sum(int(tree.node_lens[n]) for n in used))
 
 
-def page_tables(tree):
-    """Classic per-request page tables (the nodes here are page aligned) and lengths."""
+def page_tables(tree, num_rows: int | None = None):
+    """Classic per-request page tables (the nodes here are page aligned) and lengths (i32),
+    with `num_rows` rows (default: one per request; padding rows have no pages, length 0)."""
     import numpy as np
 
     from jaxsys.pallas_kernels.shared_prefix_attention import bucket
 
     tables = [np.concatenate([tree.node_pages[n] for n in tree.path(r)]) for r in range(tree.num_requests)]
-    width = bucket(max(t.shape[0] for t in tables))
-    out = np.zeros((len(tables), width), np.int32)
+    rows = len(tables) if num_rows is None else num_rows
+    out = np.zeros((rows, bucket(max(t.shape[0] for t in tables))), np.int32)
     for r, t in enumerate(tables):
         out[r, :t.shape[0]] = t
-    return out, tree.request_lengths()
+    lengths = np.zeros((rows,), np.int32)
+    lengths[:len(tables)] = tree.request_lengths()
+    return out, lengths
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -357,11 +360,8 @@ def run_config(runner: Runner, cfg: Config, repeats: int, seed: int) -> list[dic
     bp = plan.shape.num_requests
     q = runner.queries(bp, seed)
     step = jax.device_put(plan.step)
-    table, lengths = page_tables(tree)
-    table_p = np.zeros((bp, table.shape[1]), np.int32)
-    table_p[:b] = table
-    lengths_p = np.zeros((bp,), np.int32)
-    lengths_p[:b] = lengths
+    table_p, lengths_p = page_tables(tree, bp)
+    lengths = lengths_p[:b]
     table_j, lengths_j = jnp.asarray(table_p), jnp.asarray(lengths_p)
     fns = {
         "ours": lambda: runner.ours(q, k_pages, v_pages, step),
@@ -462,7 +462,7 @@ def launch_times(runner: Runner, q, k_pages, v_pages, step, repeats: int) -> dic
     if sharing:
         parts["items"] = runner.layered(items)
     partials = {n: jax.block_until_ready(f(q, k_pages, v_pages, step)) for n, f in parts.items()}
-    merge_kw = dict(gm=1 << (g - 1).bit_length(), out_dtype=q.dtype, block_sizes=bs, interpret=interpret)
+    merge_kw = dict(gm=spk._pow2_at_least(g, 1), out_dtype=q.dtype, block_sizes=bs, interpret=interpret)
     if sharing:
         merge = runner.layered(lambda ps, st: spk._merge(st.merge_rows, *ps[2:], *ps[:2], query_block=st.item_queries.shape[1],
                                                       group=g, **merge_kw))
@@ -669,11 +669,12 @@ def tune(runner: Runner, repeats: int, seed: int, budget_s: float | None = None,
         # the two Triton copies 16 bytes at a time depends on the tile.
         variants = {}
         for ppcb, warps, stages in ((2, 4, 2), (2, 4, 3), (4, 4, 2), (4, 4, 3), (4, 8, 3), (8, 8, 1), (8, 8, 2)):
+            if base.split_pages % ppcb:
+                continue
             for flat in (0, 1):
-                if base.split_pages % ppcb == 0:
-                    variants[(ppcb, warps, stages, flat)] = dataclasses.replace(
-                        base, split_pages_per_compute_block=ppcb, split_num_warps=warps, split_num_stages=stages,
-                        split_flat_kv=flat)
+                variants[(ppcb, warps, stages, flat)] = dataclasses.replace(
+                    base, split_pages_per_compute_block=ppcb, split_num_warps=warps, split_num_stages=stages,
+                    split_flat_kv=flat)
         choose("split_launch_tile", variants, [plain],
                ("split_pages_per_compute_block", "split_num_warps", "split_num_stages", "split_flat_kv"))
         # How many programs the split-KV launch needs before a small batch of long requests
@@ -703,10 +704,11 @@ def tune(runner: Runner, repeats: int, seed: int, budget_s: float | None = None,
         for ppcb, warps, stages in ((2, 4, 2), (2, 4, 3), (2, 8, 2), (4, 4, 2), (4, 4, 3), (4, 8, 2),
                                     (4, 8, 3), (8, 4, 1), (8, 8, 1), (8, 8, 2)):
             split_ok = base.split_pages_per_compute_block or base.split_pages % ppcb == 0
+            if not (split_ok and base.chunk_pages % ppcb == 0 and ppcb * PAGE >= 16):
+                continue
             for flat in (0, 1):
-                if split_ok and base.chunk_pages % ppcb == 0 and ppcb * PAGE >= 16:
-                    variants[(ppcb, warps, stages, flat)] = dataclasses.replace(
-                        base, pages_per_compute_block=ppcb, num_warps=warps, num_stages=stages, flat_kv=flat)
+                variants[(ppcb, warps, stages, flat)] = dataclasses.replace(
+                    base, pages_per_compute_block=ppcb, num_warps=warps, num_stages=stages, flat_kv=flat)
         choose("pages_per_compute_block_x_num_warps_x_num_stages", variants, [star],
                ("pages_per_compute_block", "num_warps", "num_stages", "flat_kv"))
         # Software prefetch of the next KV tile, on the star and the plain tree (summed).

@@ -58,14 +58,9 @@ def main(argv=None) -> int:
     step = jax.device_put(plan.step)
     fns = {"ours": lambda: runner.ours(q, k_pages, v_pages, step)}
     if args.with_jax:
-        table, lengths = bench.page_tables(tree)
-        bp = plan.shape.num_requests
-        table_p = np.zeros((bp, table.shape[1]), np.int32)
-        table_p[:table.shape[0]] = table
-        lengths_p = np.zeros((bp,), np.int32)
-        lengths_p[:lengths.shape[0]] = lengths
-        k_c = runner.contiguous(k_pages, table_p, int(lengths.max()))
-        v_c = runner.contiguous(v_pages, table_p, int(lengths.max()))
+        table_p, lengths_p = bench.page_tables(tree, plan.shape.num_requests)
+        k_c = runner.contiguous(k_pages, table_p, int(lengths_p.max()))
+        v_c = runner.contiguous(v_pages, table_p, int(lengths_p.max()))
         fns["jax_decode_attention"] = bench.jax_decode_attention_fn(runner, q, k_c, v_c, jnp.asarray(lengths_p))
     print(f"profile_step: {cfg.label}, {args.fp32_dot} dots, sharing={plan.use_sharing}, "
           f"step {plan.shape}, tiles {bs}", flush=True)

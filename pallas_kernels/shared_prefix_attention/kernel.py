@@ -217,6 +217,13 @@ def _split_kernel(pages_ref, page_lens_ref, q_ref, k_pages_ref, v_pages_ref, o_r
     lse_ref[...] = lse
 
 
+def _item_rows(query_block: int, group: int) -> int:
+    """Query rows of an item program: slot s's G rows from s * G, plus room for the last slot's
+    Gm (G padded to a power of two) rows that the merge reads; a power of two >= 16."""
+    gm = _pow2_at_least(group, 1)
+    return _pow2_at_least(query_block * group + gm - group, _MIN_DOT)
+
+
 def _row_tiers(rows: int, row_tiers: int) -> list[int]:
     """The row counts an item program can run on, ascending: `rows` and up to `row_tiers` - 1
     halvings of it, none below Triton's smallest dot."""
@@ -242,7 +249,7 @@ def item_rows(step: SharedPrefixStep, group: int, block_sizes: BlockSizes) -> di
     item_queries, page_lens = np.asarray(step.item_queries), np.asarray(step.item_page_lens)
     qb, b = item_queries.shape[1], np.asarray(step.private_pages).shape[0]
     gm = _pow2_at_least(group, 1)
-    rows = _pow2_at_least(qb * group + gm - group, _MIN_DOT)
+    rows = _item_rows(qb, group)
     tiers = _row_tiers(rows, block_sizes.row_tiers)
     tokens = page_lens.sum(axis=1)
     filled = item_queries != b
@@ -455,7 +462,7 @@ def _shared_partials(q_bhgd, k_pages, v_pages, step: SharedPrefixStep, *, g, blo
     w, c = step.item_pages.shape
     qb = step.item_queries.shape[1]
     gm = _pow2_at_least(g, 1)
-    rows = _pow2_at_least(qb * g + gm - g, _MIN_DOT)
+    rows = _item_rows(qb, g)
     # [Hkv, (B + 1) * G, D]: request b's query heads in rows [b * G, b * G + G), then G zero rows
     q_rows = jnp.pad(jnp.transpose(q_bhgd[:, :, :g], (1, 0, 2, 3)), ((0, 0), (0, 1), (0, 0), (0, 0)))
     q_rows = q_rows.reshape(hkv, (b + 1) * g, d)
