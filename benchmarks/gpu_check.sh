@@ -120,9 +120,13 @@ if want profile; then
   # Nsight Compute on one configuration (benchmarks/profile_step.py): per launch of ours and of
   # JAX's decode kernel, memory throughput, warp stalls and occupancy. The warm-up call of each
   # (3 launches of ours when it shares, 1 of JAX's) is skipped; the next call's are profiled.
-  echo "== profile: $(command -v ncu || echo 'ncu not found: skipped')"
-  if command -v ncu >/dev/null; then
-    timeout "${GPU_CHECK_PROFILE_TIMEOUT:-150}" ncu --target-processes all -k "regex:shared_prefix|mha_forward" \
+  # (the CUDA image keeps ncu under /opt/nvidia/nsight-compute/<version>/, not always on PATH;
+  # the clocks are left as they are, as in the timed runs)
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1 || true)
+  echo "== profile: ${NCU:-ncu not found: skipped}"
+  if [ -n "$NCU" ]; then
+    timeout "${GPU_CHECK_PROFILE_TIMEOUT:-150}" "$NCU" --clock-control none --target-processes all \
+      -k "regex:shared_prefix|mha_forward" \
       --launch-skip 4 --launch-count 4 --section SpeedOfLight --section MemoryWorkloadAnalysis \
       --section WarpStateStats --section Occupancy --section LaunchStats --csv --page details \
       "$PY" -W "ignore:.*[Tt]riton" benchmarks/profile_step.py --with-jax ${GPU_CHECK_PROFILE_ARGS:-} \
