@@ -722,10 +722,11 @@ def tune(runner: Runner, repeats: int, seed: int, budget_s: float | None = None,
         variants = {n: dataclasses.replace(base, row_tiers=n) for n in (1, 2, 4)}
         choose("row_tiers", variants, [few, tree4, star], ("row_tiers",))
         # Shorter shared items where a step has few (a 2k-token prefix is 4 items of 32 pages:
-        # 32 programs), then the merge's partials one at a time or several per step (the star's
+        # 32 programs; 16 leaves the B=32 star's 16 items whole, which 32 cut and slowed by 17%
+        # on the H200), then the merge's partials one at a time or several per step (the star's
         # requests each merge 16 or more shared ones).
         short = tree_set(Config("tune", "star B=16 P=2048 S=512", "star", B=16, P=2048, S=512), 3) + ("share",)
-        variants = {n: dataclasses.replace(base, min_shared_items=n) for n in (0, 32, 128)}
+        variants = {n: dataclasses.replace(base, min_shared_items=n) for n in (0, 16, 32, 128)}
         choose("min_shared_items", variants, [short, star], ("min_shared_items",))
         variants = {n: dataclasses.replace(base, merge_block=n) for n in (1, 4, 16)}
         choose("merge_block", variants, [star, short], ("merge_block",))
@@ -747,6 +748,74 @@ def _ours_fn(runner: Runner, bs, q, k_pages, v_pages, step, fp32_dot: str | None
     return lambda: f(q, k_pages, v_pages, step)
 
 
+def decision_loss(cases, overhead: float) -> float:
+    """Seconds lost on `cases` ((saving, t_plain, t_share) each) by the balancer's rule with this
+    step overhead: share iff saving > overhead, and a wrong choice costs the difference."""
+    return sum(max(0.0, (ts - tp) if sv > overhead else (tp - ts)) for sv, tp, ts in cases)
+
+
+def min_regret_overhead(cases) -> tuple[float, float]:
+    """The step overhead whose sharing decisions lose the least time on timed cases.
+
+    cases: (saving, t_plain, t_share) per step timed both ways, `saving` the model's plain cost
+    minus its shared cost without overhead (tokens). The balancer shares a step iff
+    saving > overhead; a case decided wrongly loses |t_plain - t_share|. The loss is a step
+    function of the overhead that changes only at the savings, so each interval between them
+    is tried. Returns (overhead, loss in seconds): the middle of the first interval that loses
+    least (a quarter above the largest saving when it is the last, unbounded one).
+    """
+    edges = sorted({0.0} | {max(0.0, float(sv)) for sv, _, _ in cases})
+    losses = [decision_loss(cases, e) for e in edges]
+    i = min(range(len(edges)), key=lambda j: losses[j])
+    overhead = (edges[i] + edges[i + 1]) / 2 if i + 1 < len(edges) else edges[i] * 1.25
+    return overhead, losses[i]
+
+
+def fit_cost_model(points: list[dict]) -> tuple[dict, "CostModel"]:
+    """The balancer's `CostModel` from calibration points (see `calibrate`; pure, so a stored
+    calibration can be refitted): dicts with mode ("plain"/"share"), s, P, request_tokens,
+    chunk_tokens and min_s. Returns (the fit's JSON record, the model)."""
+    import numpy as np
+
+    from jaxsys.pallas_kernels.shared_prefix_attention import CostModel
+
+    sizes = sorted({p["s"] for p in points})
+    kappa, overhead, residual, fits = {}, [], [], {}
+    for s in sizes:
+        pl = sorted((p for p in points if p["mode"] == "plain" and p["s"] == s), key=lambda p: p["P"])
+        sh = sorted((p for p in points if p["mode"] == "share" and p["s"] == s), key=lambda p: p["P"])
+        x_p, y_p = np.array([p["request_tokens"] for p in pl], float), np.array([p["min_s"] for p in pl])
+        tau, a_p = np.polyfit(x_p, y_p, 1)
+        sigma, a_s = np.polyfit([p["chunk_tokens"] for p in sh], [p["min_s"] for p in sh], 1)
+        kappa[s] = float(sigma / tau)
+        overhead.append(float((a_s - a_p) / tau))
+        residual.append(float(np.sqrt(np.mean((y_p - (tau * x_p + a_p)) ** 2)) / np.mean(y_p)))
+        fits[str(s)] = {"tau_s_per_request_token": float(tau), "plain_intercept_s": float(a_p),
+                        "sigma_s_per_chunk_token": float(sigma), "shared_intercept_s": float(a_s),
+                        "kappa_raw": float(sigma / tau), "plain_fit_relative_rms": residual[-1]}
+    run = 0.0
+    for s in sizes:
+        run = max(run, kappa[s])
+        kappa[s] = round(max(run, 1e-3), 3)
+    # the decisions: a star's only shared node saves s * P request-tokens for chunk_tokens at
+    # kappa(s) each (the balancer's own arithmetic for an item of s <= query_block requests)
+    by = {(p["mode"], p["s"], p["P"]): p for p in points}
+    cases = [(p["request_tokens"] - by[("share", s, length)]["chunk_tokens"] * kappa[s], p["min_s"],
+              by[("share", s, length)]["min_s"])
+             for (mode, s, length), p in sorted(by.items()) if mode == "plain" and ("share", s, length) in by]
+    step_overhead, lost = min_regret_overhead(cases)
+    fitted = CostModel(shared_token_cost=tuple((s, kappa[s]) for s in sizes), step_overhead=round(step_overhead, 1))
+    straightest = int(np.argmin(residual))
+    return {
+        "fits": fits,
+        "step_overhead_per_s": overhead,
+        "step_overhead_straightest_fit": {"s": sizes[straightest], "tokens": max(0.0, overhead[straightest]),
+                                          "lost_s": decision_loss(cases, max(0.0, overhead[straightest]))},
+        "step_overhead_fit": {"tokens": step_overhead, "lost_s": lost,
+                              "cases": [{"saving": sv, "plain_s": tp, "share_s": ts} for sv, tp, ts in cases]},
+    }, fitted
+
+
 def calibrate(runner: Runner, repeats: int, seed: int, quick: bool) -> dict:
     """Measures the balancer's cost model and derives the sharing threshold.
 
@@ -758,13 +827,16 @@ def calibrate(runner: Runner, repeats: int, seed: int, quick: bool) -> dict:
       shared: t = a_s + sigma_s * chunk_tokens(P)       (sigma_s: seconds per padded chunk token)
     and kappa(s) = sigma_s / tau_s is the cost of one shared chunk token for an item of s
     requests in plain request-token units: `CostModel.shared_token_cost`. The intercept
-    difference (a_s - a_p) / tau_s estimates `CostModel.step_overhead` (tokens); it is taken
-    from the s whose plain times lie closest to their line (smallest relative RMS residual):
-    an intercept is only as good as the line through it, and the plain time is not linear in
-    the tokens everywhere (more requests, or the split-KV launch's split count changing with
-    the batch, bend it). (Until the H200 run of 2026-11-27 this took the smallest estimate over
-    s; there two bent plain fits gave negative estimates, so the overhead came out 0 and steps
-    shared where sharing lost.)
+    difference (a_s - a_p) / tau_s estimates the sharing path's fixed extra cost per s (recorded
+    as `step_overhead_per_s`). `CostModel.step_overhead` is what decides a step, so it is fitted
+    to the decisions instead (`fit_cost_model`): every calibration tree was timed both ways, so
+    for each overhead one can count the time its decisions would lose on those trees, and the
+    overhead that loses least is taken. (Earlier rules, both on H200 data of 2026-11-27: the
+    smallest intercept estimate over s came out 0, as two bent plain fits gave negative ones;
+    the estimate of the s with the straightest plain fit came out 6.5k tokens in the TF32 run
+    that timed row tiers, and let C3 B=4, C3 B=16 and the depth-2 tree share where the plain
+    kernel was 8-18% faster. On those trees' own calibration points it loses 17 us where the
+    fitted overhead loses 14.5.)
     Ratios come from the same tree timed round-robin, and the fit uses the fastest of the
     repeats (the medians are recorded too): the model describes the kernels, not the load that
     other processes put on a shared machine.
@@ -797,43 +869,19 @@ def calibrate(runner: Runner, repeats: int, seed: int, quick: bool) -> dict:
                 plan = spa.plan_step(tree, block_sizes=bs, cost_model=runner.cost_model, force=mode)
                 st = plan.step
                 chunk_tokens = int((st.item_page_lens.sum(axis=1) > 0).sum()) * bs.chunk_pages * PAGE
-                key = (mode, s, length)
-                fns[key] = _ours_fn(runner, bs, q, k_pages, v_pages, jax.device_put(st))
-                points.append({"key": key, "request_tokens": s * length, "chunk_tokens": chunk_tokens})
+                fns[(mode, s, length)] = _ours_fn(runner, bs, q, k_pages, v_pages, jax.device_put(st))
+                points.append({"mode": mode, "s": s, "P": length, "request_tokens": s * length,
+                               "chunk_tokens": chunk_tokens})
     times = runner.per_call(time_round_robin(fns, repeats))
     for p in points:
-        p["median_s"] = median(times[p["key"]])
-        p["min_s"] = min(times[p["key"]])
-    kappa, overhead, residual, fits = {}, [], [], {}
-    for s in sizes:
-        pl = [p for p in points if p["key"][0] == "plain" and p["key"][1] == s]
-        sh = [p for p in points if p["key"][0] == "share" and p["key"][1] == s]
-        x_p, y_p = np.array([p["request_tokens"] for p in pl], float), np.array([p["min_s"] for p in pl])
-        tau, a_p = np.polyfit(x_p, y_p, 1)
-        sigma, a_s = np.polyfit([p["chunk_tokens"] for p in sh], [p["min_s"] for p in sh], 1)
-        kappa[s] = float(sigma / tau)
-        overhead.append(float((a_s - a_p) / tau))
-        residual.append(float(np.sqrt(np.mean((y_p - (tau * x_p + a_p)) ** 2)) / np.mean(y_p)))
-        fits[str(s)] = {"tau_s_per_request_token": float(tau), "plain_intercept_s": float(a_p),
-                        "sigma_s_per_chunk_token": float(sigma), "shared_intercept_s": float(a_s),
-                        "kappa_raw": float(sigma / tau), "plain_fit_relative_rms": residual[-1]}
-    run = 0.0
-    for s in sizes:
-        run = max(run, kappa[s])
-        kappa[s] = run
-    straightest = int(np.argmin(residual))
-    step_overhead = max(0.0, overhead[straightest])
-    fitted = spa.CostModel(shared_token_cost=tuple((s, round(max(kappa[s], 1e-3), 3)) for s in sizes),
-                           step_overhead=round(step_overhead, 1))
+        p["median_s"] = median(times[(p["mode"], p["s"], p["P"])])
+        p["min_s"] = min(times[(p["mode"], p["s"], p["P"])])
+    record, fitted = fit_cost_model(points)
     return {
         "how": calibrate.__doc__.strip(),
         "block_sizes": dataclasses.asdict(bs),
-        "points": [{"mode": p["key"][0], "s": p["key"][1], "P": p["key"][2],
-                    "request_tokens": p["request_tokens"], "chunk_tokens": p["chunk_tokens"],
-                    "median_s": p["median_s"], "min_s": p["min_s"]} for p in points],
-        "fits": fits,
-        "step_overhead_per_s": overhead,
-        "step_overhead_from_s": sizes[straightest],
+        "points": points,
+        **record,
         "derived_cost_model": cost_model_dict(fitted),
         "derived_sharing_threshold": fitted.sharing_threshold(),
         "tuned_cost_model_in_use": cost_model_dict(runner.cost_model),

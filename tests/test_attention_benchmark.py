@@ -103,3 +103,54 @@ def test_profile_step_in_the_interpreter(capsys):
     assert "sharing=True" in out and "ours:" in out and "jax_decode_attention:" in out
     with pytest.raises(SystemExit):
         profile_step.main(["--interpret", "--config", "C9"])
+
+
+def test_step_overhead_is_the_one_that_loses_least():
+    """The balancer shares a step iff its saving exceeds the step overhead: the fitted overhead is
+    the middle of the interval whose decisions lose the least time on steps timed both ways."""
+    # (saving, t_plain, t_share): sharing wins exactly from 7000 on -> any overhead in [3000, 7000)
+    cases = [(1000, 1.0, 2.0), (3000, 1.0, 1.5), (7000, 2.0, 1.0), (20000, 5.0, 1.0)]
+    assert attention.min_regret_overhead(cases) == (5000.0, 0.0)
+    assert attention.decision_loss(cases, 0.0) == 1.5 and attention.decision_loss(cases, 1e9) == 5.0
+    # noisy: a small win at 2000 and a loss at 9000 on the wrong sides; no overhead decides all
+    # six right, and [3000, 7000) loses least (0.1 + 0.5; [1000, 2000) would lose 0.5 + 0.5)
+    noisy = cases + [(2000, 1.1, 1.0), (9000, 3.0, 3.5)]
+    overhead, lost = attention.min_regret_overhead(noisy)
+    assert (overhead, round(lost, 6)) == (5000.0, 0.6)
+    assert attention.decision_loss(noisy, overhead) == pytest.approx(lost)
+    # sharing always wins: below the smallest saving; never: a quarter above the largest
+    assert attention.min_regret_overhead([(400, 2.0, 1.0), (800, 3.0, 1.0)]) == (200.0, 0.0)
+    assert attention.min_regret_overhead([(400, 1.0, 2.0), (800, 1.0, 3.0)]) == (1000.0, 0.0)
+
+
+def _star_points(tau, a_p, sigma, a_s, sizes=(2, 4), lengths=(1024, 4096, 8192), chunk=512):
+    return [p for s in sizes for length in lengths for p in (
+        {"mode": "plain", "s": s, "P": length, "request_tokens": s * length, "chunk_tokens": 0,
+         "min_s": a_p + tau * s * length},
+        {"mode": "share", "s": s, "P": length, "request_tokens": s * length,
+         "chunk_tokens": -(-length // chunk) * chunk, "min_s": a_s + sigma * length})]
+
+
+def test_fit_cost_model_recovers_a_linear_machine():
+    """On times that are exactly linear, kappa is sigma / tau, and the overhead decides every
+    calibration step as the times do."""
+    points = _star_points(tau=1e-9, a_p=20e-6, sigma=0.5e-9, a_s=30e-6)
+    record, model = attention.fit_cost_model(points)
+    assert dict(model.shared_token_cost) == {2: 0.5, 4: 0.5}
+    assert record["step_overhead_per_s"] == pytest.approx([10000.0, 10000.0])
+    assert record["step_overhead_fit"]["lost_s"] == 0.0
+    for c in record["step_overhead_fit"]["cases"]:
+        assert (c["saving"] > model.step_overhead) == (c["share_s"] < c["plain_s"]), c
+
+
+def test_tuned_tf32_cost_model_is_the_fit_of_its_calibration():
+    """The TF32 GPU cost model in tuned_block_sizes.py is what `fit_cost_model` derives from the
+    calibration points stored with the run it cites, so the table and the code agree."""
+    from jaxsys.pallas_kernels.shared_prefix_attention import get_cost_model
+
+    doc = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+                      / "attention_gpu_tf32.json").read_text())
+    _, fitted = attention.fit_cost_model(doc["calibration"]["points"])
+    table = get_cost_model("gpu", "float32", "tf32")
+    assert table.shared_token_cost == fitted.shared_token_cost
+    assert table.step_overhead == fitted.step_overhead

@@ -63,16 +63,18 @@ class BlockSizes:
         = one at a time: a serial loop whose every step waits for its loads (a shared step for
         a merge row, then for the partial it names), latency bound (24-84 us a call on the
         H200, 24-32 us with private partials alone; `launches` in
-        benchmarks/results/attention_gpu_tf32.json); > 1 = that many private partials with one
-        load, and that many merge rows and shared partials with one gather each, folded
-        together. GPU only; the XLA path merges all at once anyway.
+        benchmarks/results/attention_gpu_tf32_before_row_tiers.json); > 1 = that many private
+        partials with one load, and that many merge rows and shared partials with one gather
+        each, folded together (16 took 4-7% off a TF32 step on the H200 against 1). GPU only;
+        the XLA path merges all at once anyway.
       row_tiers: row counts an item program may run on: its full `query_block` x G rows (padded
         to a power of two) and up to `row_tiers` - 1 halvings of it (>= 16 rows). Each item
         takes the smallest that holds its requests, so a node shared by 8 requests under a
-        query_block of 32 multiplies 32 rows, not 128 of which 96 are zeros (the C2 tree's
-        items on the H200 in benchmarks/results/attention_gpu_tf32.json: 8 requests, 128-row
-        items, 1.0 TB/s). 1 (default) = always the full rows. Costs one branch per tier in the
-        compiled kernel. GPU only; the XLA path computes an item's rows in full.
+        query_block of 32 multiplies 32 rows, not 128 of which 96 are zeros. On the H200 at
+        TF32 the C2 tree's items (8 requests) took 0.149 ms on 128 rows and 0.087 ms with 4
+        tiers (`launches` in benchmarks/results/attention_gpu_tf32{_before_row_tiers,}.json).
+        1 (default) = always the full rows. Costs one branch per tier in the compiled kernel.
+        GPU only; the XLA path computes an item's rows in full.
       flat_kv, split_flat_kv: 1 = the shared-items launch (flat_kv) or the split-KV launch
         (split_flat_kv) reads the cache as [pages x page_size, D] token rows (a reshape, no
         copy) and gathers each KV tile as one 2D [tokens, D] block, as JAX's contiguous decode
@@ -80,7 +82,9 @@ class BlockSizes:
         Triton copies to shared memory 16 bytes at a time and which 4 depends on the tile
         (it may lay the fp32 V tile out token-fastest for the tensor cores): in
         `make kernel-report`, flat tiles make the TF32 split-KV launch's V copies 16-byte
-        and the tuned TF32 items' 4-byte, and the 3D tiles the other way round. GPU only.
+        and the tuned TF32 items' 4-byte, and the 3D tiles the other way round. On the H200
+        flat tiles made the split-KV launch 24-31% faster at TF32 and 37% in bf16; the items
+        within 1% (TF32) and 4% (bf16). GPU only.
     """
 
     chunk_pages: int
@@ -223,33 +227,47 @@ _GPU_DEFAULT_BLOCKS = BlockSizes(chunk_pages=16, query_block=4, split_pages=16,
 _GPU_H200_BLOCKS = BlockSizes(chunk_pages=64, query_block=16, split_pages=32,
                               pages_per_compute_block=2, num_warps=4, num_stages=2)
 # bf16 KV: the same H200 and shapes, `make gpu-check` section bf16 with --tune-first
-# (benchmarks/results/attention_gpu_bf16.json, section "tuning", medians of 7): split_pages 64
-# (163 us; 16: +19%, 32: +31%, 128: +17%); chunk_pages 32 x query_block 16 (95 us; 32 x 32
-# within 1%, 64 x 16: +10%, query_block 4/8: +45-120%);
-# pages_per_compute_block 8 with 4 warps and 1 stage (84 us; 4 pages x 3 stages: +1%; 2 pages:
-# +12%; 8 warps: +20-28%): bf16 tiles take half the shared memory, so 128-token tiles fit.
+# (benchmarks/results/attention_gpu_bf16.json, section "tuning", 2026-11-27, medians of 9; the
+# sweeps had 70 s and stopped before min_shared_items and merge_block, which keep their
+# defaults):
+# - split-KV launch, plain B=8 x 8192 tree: split_pages 128 (120 us; 64: +8%, 32: +19%), its own
+#   tile 8 pages x 8 warps x 2 stages as flat token rows (97 us; the same as 3D tiles: 155 us;
+#   2 pages x 4 warps x 3 stages flat: 98 us); min_split_programs 512 (-22% on plain B=4 x 4096);
+# - shared items, star B=32 P=8192 S=128: chunk_pages 32 x query_block 32 with 8 warps (77 us;
+#   32 x 16 with 4 warps: 78 us), then 8 pages x 8 warps x 2 stages, flat (66 us; 3D: +4%;
+#   2 pages x 4 warps x 3 stages: +5%); prefetch off (+34%); row_tiers 4 (star B=8 P=8192
+#   S=512: 59 against 76 us untiered; depth-4 binary tree: 100 against 119 us; the B=32 star,
+#   whose items are full: 79 against 81 us).
 # Other shapes fall back to the platform default, which is untuned.
-_GPU_H200_BF16_BLOCKS = BlockSizes(chunk_pages=32, query_block=16, split_pages=64,
-                                   pages_per_compute_block=8, num_warps=4, num_stages=1)
+_GPU_H200_BF16_BLOCKS = BlockSizes(chunk_pages=32, query_block=32, split_pages=128,
+                                   pages_per_compute_block=8, num_warps=8, num_stages=2,
+                                   split_pages_per_compute_block=8, split_num_warps=8, split_num_stages=2,
+                                   min_split_programs=512, row_tiers=4, flat_kv=1, split_flat_kv=1)
 
 # fp32 with one TF32 product per dot (`fp32_dot="tf32"`, opt-in): `make gpu-check` section tf32
-# with --tune-first on one H200, jax 0.11.2, after the KV loop stopped reading the page table
-# (benchmarks/results/attention_gpu_tf32_tuning_run.json, section "tuning", medians of 7; the
-# configurations of attention_gpu_tf32.json ran on these tiles):
-# - split-KV launch, plain B=8 x 8192 tree: split_pages 64 (214 us; 32: +4%, 16: +11%, 128:
-#   +16%), its own tile 2 pages x 4 warps x 2 stages (222 us; 4 pages: +1-3%; 3 stages at 2
-#   pages: +16%; 8 warps: +15-18%); min_split_programs 512 (-10% on plain B=4 x 4096 and -15%
-#   on the star B=8 P=4096 S=512 against 0; 1024: -4% / -4%);
-# - shared items, star B=32 P=8192 S=128: chunk_pages 32 x query_block 32 with 8 warps (125 us;
-#   query_block 16 with 4 warps: 136 us, the tile of the run before; 32 rows x 4 warps: 163 us,
-#   registers spill), then 4 pages x 8 warps x 3 stages (114 us; 2 stages: +3%; 2 pages x 8 x 2:
-#   +12%; 4 warps: +24-27%; 8 pages x 2 stages: over shared memory); prefetch off (+28%).
-# Before (page table read in the loop): 2 pages x 4 warps x 2 stages for both launches and
-# query_block 16, 149 us on the same star; 3 stages then measured within 1% of 2.
+# with --tune-first on one H200, jax 0.11.2 (benchmarks/results/attention_gpu_tf32.json,
+# section "tuning", 2026-11-27, medians of 7; its configurations ran on these tiles):
+# - split-KV launch, plain B=8 x 8192 tree: split_pages 64 (217 us; 32: +3%, 16: +11%), its own
+#   tile 2 pages x 4 warps x 2 stages as flat token rows (`split_flat_kv`: 165 us; the same as
+#   [pages, page_size, D] blocks: 220 us, the tile of the run before; every tile but 8 pages x 8
+#   warps x 1 stage gains 24-31% from flat rows); min_split_programs 512 (-8% on plain
+#   B=4 x 4096 and -12% on the star B=8 P=4096 S=512 against 0);
+# - shared items, star B=32 P=8192 S=128: chunk_pages 32 x query_block 32 with 8 warps (113 us;
+#   query_block 16: +39%), then 4 pages x 8 warps x 3 stages, flat (111 us; 3D tiles +1%, within
+#   noise; 2 stages: +2-3%; 4 warps: +27-30%; 8 pages x 2 stages: over shared memory); prefetch off
+#   (+35%; +48% on the plain tree);
+# - row_tiers 4: star B=8 P=8192 S=512 (8 requests in 128-row items) 77 against 106 us
+#   untiered, depth-4 binary tree 159 against 190 us, the B=32 star (full items) 106.5 against
+#   108 us; 2 tiers: within 5% of 1;
+# - merge_block 16: -7% on the B=32 star, -4% on the star B=16 P=2048 S=512 (4: about the
+#   same); min_shared_items 0: 32 was -14% on that short star but +17% on the B=32 star.
+# The run before (page-table change, no tiers, 3D tiles, merge one partial at a time) had the same
+# tiles otherwise (benchmarks/results/attention_gpu_tf32_tuning_run.json).
 _GPU_H200_TF32_BLOCKS = BlockSizes(chunk_pages=32, query_block=32, split_pages=64,
                                    pages_per_compute_block=4, num_warps=8, num_stages=3,
                                    split_pages_per_compute_block=2, split_num_warps=4, split_num_stages=2,
-                                   min_split_programs=512)
+                                   min_split_programs=512, merge_block=16, row_tiers=4, flat_kv=1,
+                                   split_flat_kv=1)
 
 TUNED_BLOCK_SIZES: dict[str, dict[tuple, BlockSizes]] = {
     "cpu": {
@@ -293,23 +311,25 @@ _GPU_COST = CostModel(
     source="gpu: NVIDIA H200, jax 0.11.2, fp32 (3xTF32 dots) Hq=32 Hkv=8 D=128 page 16, chunk 64 "
            "pages x 16 requests, split 32 pages; calibration of `make gpu-check` of 2026-11-27",
 )
-# GPU, fp32 with one TF32 product per dot (`fp32_dot="tf32"`), with the TF32 tiles above (after
-# the KV loop stopped reading the page table): `make gpu-check` section tf32 with
-# --tune-first --skip-tune on one H200 (attention_gpu_tf32.json, "calibration"). A shared chunk
-# token costs 0.4 of a plain request-token for items of 2-4 requests (plain decode of a small
-# batch is latency bound: 5.3-5.6 ns per request-token, against 2.4 ns from 8 requests on) and
-# 0.87-1.3 for 8-32. The sharing path's fixed extra cost is ~46 us at the intercepts (70 against
-# 24 us), 8.6k request-tokens, taken from the straightest plain fit (4 requests, 1.1% RMS; the
-# 8-request plain times bend at 20%). That keeps C3 B=4 and the depth-2 binary tree plain: with
-# the overhead at 0 (the old smallest-estimate rule on the same kind of data) both shared and
-# were 0.66-0.73x the plain kernel.
+# GPU, fp32 with one TF32 product per dot (`fp32_dot="tf32"`), with the TF32 tiles above:
+# `make gpu-check` section tf32 with --tune-first on one H200 (attention_gpu_tf32.json,
+# "calibration", 2026-11-27 14:53 UTC). A shared chunk token costs 0.48 of a plain request-token
+# for items of 2-4 requests (plain decode of a small batch is latency bound: 2.3-2.5 ns per
+# request-token, against 1.0-1.2 from 8 requests on), 0.70 for 8, and 2.1-2.2 for 16-32 (items
+# of 64-128 rows). The step overhead, 10.0k request-tokens, is the one whose decisions lose the
+# least time on the calibration's own trees, each timed both ways (`fit_cost_model` in
+# benchmarks/attention.py; those points refitted): 14.6 us in all, against 19.9 us for the
+# 6.5k the run itself derived from one intercept and used for its configurations. With it the
+# balancer keeps C3 B=4 and the depth-2 binary tree plain, where the run's sharing was 8% and
+# 19% slower than the plain kernel; C3 B=16 still shares and is 22% slower (its 2k-token
+# prefix is 4 items, 32 programs: a launch-latency cost the linear model does not have).
 _GPU_TF32_COST = CostModel(
-    shared_token_cost=((2, 0.4), (4, 0.4), (8, 0.871), (16, 0.952), (32, 1.315)),
+    shared_token_cost=((2, 0.479), (4, 0.479), (8, 0.698), (16, 2.108), (32, 2.187)),
     item_overhead=0.0,
-    step_overhead=8637.3,
+    step_overhead=9968.6,
     source="gpu: NVIDIA H200, jax 0.11.2, fp32 (one TF32 product per dot) Hq=32 Hkv=8 D=128 page 16, "
-           "chunk 32 pages x 32 requests, split 64 pages; calibration of `make gpu-check` section tf32 "
-           "of 2026-11-27 (11:17 UTC)",
+           "chunk 32 pages x 32 requests, split 64 pages, 4 row tiers, flat KV tiles; calibration of "
+           "`make gpu-check` section tf32 of 2026-11-27 (14:53 UTC), overhead by least lost time",
 )
 # Keyed by platform, then by KV dtype name, or (dtype name, fp32 dot mode) for a mode with its
 # own calibration. A dtype without one (bf16 on the GPU so far: `make gpu-check` section bf16
