@@ -37,7 +37,7 @@
 # GPU_CHECK_TUNE_BUDGET (seconds of block-size sweeps per section, default 2/5 of its timeout;
 # the JSON's elapsed_s says what each part took), GPU_CHECK_SMOKE_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT / GPU_CHECK_TF32_TIMEOUT /
 # GPU_CHECK_BF16_TIMEOUT / GPU_CHECK_TEST_TIMEOUT / GPU_CHECK_PROFILE_TIMEOUT (seconds, default
-# 100 / 330 / 240 / 150 / 150 / 150; the four benchmark and test sections take ~16 minutes, over
+# 100 / 330 / 240 / 150 / 150 / 300; the four benchmark and test sections take ~16 minutes, over
 # one 10-minute device call: split them), GPU_CHECK_PROFILE_ARGS (profile_step.py's). E.g. the
 # like-for-like comparison with JAX's kernels, tuned and calibrated, in one call:
 #   GPU_CHECK_SECTIONS=tf32 GPU_CHECK_TF32_ARGS=--tune-first GPU_CHECK_TF32_TIMEOUT=480 make gpu-check
@@ -125,7 +125,9 @@ if want profile; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1 || true)
   echo "== profile: ${NCU:-ncu not found: skipped}"
   if [ -n "$NCU" ]; then
-    timeout "${GPU_CHECK_PROFILE_TIMEOUT:-150}" "$NCU" --clock-control none --target-processes all \
+    # (the H200 run of 2026-11-27 gave it 100 s, and ncu had not profiled a launch when it was cut
+    # off: the whole program runs under ncu's interception, compiles included)
+    timeout "${GPU_CHECK_PROFILE_TIMEOUT:-300}" "$NCU" --clock-control none --target-processes all \
       -k "regex:shared_prefix|mha_forward" \
       --launch-skip 4 --launch-count 4 --section SpeedOfLight --section MemoryWorkloadAnalysis \
       --section WarpStateStats --section Occupancy --section LaunchStats --csv --page details \
