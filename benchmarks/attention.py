@@ -834,9 +834,9 @@ def calibrate(runner: Runner, repeats: int, seed: int, quick: bool) -> dict:
     overhead that loses least is taken. (Earlier rules, both on H200 data of 2026-11-27: the
     smallest intercept estimate over s came out 0, as two bent plain fits gave negative ones;
     the estimate of the s with the straightest plain fit came out 6.5k tokens in the TF32 run
-    that timed row tiers, and let C3 B=4, C3 B=16 and the depth-2 tree share where the plain
-    kernel was 8-18% faster. On those trees' own calibration points it loses 17 us where the
-    fitted overhead loses 14.5.)
+    that timed row tiers, and let C3 B=4, C3 B=16 and the depth-2 tree share where sharing was
+    8-22% slower than the plain kernel. On that run's own calibration points it loses 19.9 us
+    where the fitted overhead, 10.0k, loses 14.6.)
     Ratios come from the same tree timed round-robin, and the fit uses the fastest of the
     repeats (the medians are recorded too): the model describes the kernels, not the load that
     other processes put on a shared machine.
