@@ -252,9 +252,10 @@ class Runner:
         self.platform = "gpu" if gpu else "cpu"
         self.cost_model = spa.get_cost_model(self.platform, self.dtype.name, fp32_dot)
         if self.shrink > 1:  # overheads are in tokens: shrunk with the trees, so they share as on a GPU
-            self.cost_model = dataclasses.replace(self.cost_model,
-                                                  step_overhead=self.cost_model.step_overhead / self.shrink,
-                                                  item_overhead=self.cost_model.item_overhead / self.shrink)
+            cm = self.cost_model
+            self.cost_model = dataclasses.replace(
+                cm, step_overhead=cm.step_overhead / self.shrink, item_overhead=cm.item_overhead / self.shrink,
+                step_overhead_by_size=tuple((n, o / self.shrink) for n, o in cm.step_overhead_by_size))
         self.scale = 1.0 / math.sqrt(HEAD_DIM)
         from jaxsys.pallas_kernels.shared_prefix_attention import tuned_block_sizes
 
@@ -335,6 +336,7 @@ def kv_bytes(tokens: float, itemsize: int) -> float:
 def cost_model_dict(cm) -> dict:
     return {"shared_token_cost": [list(x) for x in cm.shared_token_cost],
             "item_overhead": cm.item_overhead, "step_overhead": cm.step_overhead,
+            "step_overhead_by_size": [list(x) for x in cm.step_overhead_by_size],
             "source": cm.source, "sharing_threshold": cm.sharing_threshold()}
 
 
@@ -800,19 +802,28 @@ def fit_cost_model(points: list[dict]) -> tuple[dict, "CostModel"]:
     # the decisions: a star's only shared node saves s * P request-tokens for chunk_tokens at
     # kappa(s) each (the balancer's own arithmetic for an item of s <= query_block requests)
     by = {(p["mode"], p["s"], p["P"]): p for p in points}
-    cases = [(p["request_tokens"] - by[("share", s, length)]["chunk_tokens"] * kappa[s], p["min_s"],
-              by[("share", s, length)]["min_s"])
-             for (mode, s, length), p in sorted(by.items()) if mode == "plain" and ("share", s, length) in by]
-    step_overhead, lost = min_regret_overhead(cases)
-    fitted = CostModel(shared_token_cost=tuple((s, kappa[s]) for s in sizes), step_overhead=round(step_overhead, 1))
+    cases = {s: [] for s in sizes}
+    for (mode, s, length), p in sorted(by.items()):
+        if mode == "plain" and ("share", s, length) in by:
+            share = by[("share", s, length)]
+            cases[s].append((p["request_tokens"] - share["chunk_tokens"] * kappa[s], p["min_s"], share["min_s"]))
+    every = [c for s in sizes for c in cases[s]]
+    step_overhead, lost = min_regret_overhead(every)
+    # ...and per item size: the sharing path's fixed cost grows with its items' rows, so each
+    # size's trees get the overhead that decides them best (`CostModel.step_overhead_by_size`)
+    by_size = {s: min_regret_overhead(cases[s]) for s in sizes if cases[s]}
+    fitted = CostModel(shared_token_cost=tuple((s, kappa[s]) for s in sizes), step_overhead=round(step_overhead, 1),
+                       step_overhead_by_size=tuple((s, round(o, 1)) for s, (o, _) in by_size.items()))
     straightest = int(np.argmin(residual))
     return {
         "fits": fits,
         "step_overhead_per_s": overhead,
         "step_overhead_straightest_fit": {"s": sizes[straightest], "tokens": max(0.0, overhead[straightest]),
-                                          "lost_s": decision_loss(cases, max(0.0, overhead[straightest]))},
+                                          "lost_s": decision_loss(every, max(0.0, overhead[straightest]))},
         "step_overhead_fit": {"tokens": step_overhead, "lost_s": lost,
-                              "cases": [{"saving": sv, "plain_s": tp, "share_s": ts} for sv, tp, ts in cases]},
+                              "cases": [{"s": s, "saving": sv, "plain_s": tp, "share_s": ts}
+                                        for s in sizes for sv, tp, ts in cases[s]]},
+        "step_overhead_by_size_fit": {str(s): {"tokens": o, "lost_s": lo} for s, (o, lo) in by_size.items()},
     }, fitted
 
 
@@ -820,7 +831,7 @@ def calibrate(runner: Runner, repeats: int, seed: int, quick: bool) -> dict:
     """Measures the balancer's cost model and derives the sharing threshold.
 
     How: for each item size s in 2, 4, ..., query_block, take a star tree (one node of P tokens
-    shared by s requests, each with a 64-token private suffix) at P = 1024, 4096, 8192 and time
+    shared by s requests, each with a 64-token private suffix) at P = 1024, 2048, 4096, 8192 and time
     the SAME step both ways with the tuned block sizes: plain (force="plain") and shared
     (force="share"). Per s, least-squares lines give
       plain:  t = a_p + tau_s * (s * P)                 (tau_s: seconds per request-token)
@@ -831,7 +842,12 @@ def calibrate(runner: Runner, repeats: int, seed: int, quick: bool) -> dict:
     as `step_overhead_per_s`). `CostModel.step_overhead` is what decides a step, so it is fitted
     to the decisions instead (`fit_cost_model`): every calibration tree was timed both ways, so
     for each overhead one can count the time its decisions would lose on those trees, and the
-    overhead that loses least is taken. (Earlier rules, both on H200 data of 2026-11-27: the
+    overhead that loses least is taken: over all trees (`step_overhead`) and per item size s
+    (`step_overhead_by_size`, what the balancer uses: the sharing path's extra cost is mostly its
+    items launch, whose floor grows with the items' rows). A size whose trees all share
+    profitably only bounds its overhead from above (half the smallest saving is taken), and two
+    lengths bound it only to the interval between their savings: P = 2048 was added after the
+    TF32 run of 2026-11-27, whose s = 16 overhead lay somewhere in [14k, 57k) tokens. (Earlier rules, both on H200 data of 2026-11-27: the
     smallest intercept estimate over s came out 0, as two bent plain fits gave negative ones;
     the estimate of the s with the straightest plain fit came out 6.5k tokens in the TF32 run
     that timed row tiers, and let C3 B=4, C3 B=16 and the depth-2 tree share where sharing was
@@ -857,7 +873,7 @@ def calibrate(runner: Runner, repeats: int, seed: int, quick: bool) -> dict:
     # quick (and --interpret, whose trees are shrunk): the smallest lengths that still give the
     # shared fit two distinct chunk counts
     lengths = ([n * runner.shrink for n in (chunk // 2, chunk, 2 * chunk)] if quick or runner.interpret
-               else [1024, 4096, 8192])
+               else [1024, 2048, 4096, 8192])
     points, fns = [], {}
     for s in sizes:
         for length in lengths:
@@ -1083,6 +1099,7 @@ def main(argv=None) -> int:
             runner.cost_model = runner.spa.CostModel(
                 shared_token_cost=tuple(tuple(x) for x in cm["shared_token_cost"]),
                 item_overhead=cm["item_overhead"], step_overhead=cm["step_overhead"],
+                step_overhead_by_size=tuple(tuple(x) for x in cm.get("step_overhead_by_size", ())),
                 source=f"calibrated by the run of {earlier.get('date')} ({args.tuned_from})")
         for key in ("tuning", "calibration"):
             if key in earlier:

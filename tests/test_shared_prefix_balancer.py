@@ -151,6 +151,27 @@ def test_fallback_decision():
     assert not plan_step(chain, block_sizes=bs, cost_model=cost).use_sharing
 
 
+def test_step_overhead_by_the_largest_item():
+    """With `step_overhead_by_size`, a step pays the overhead of its largest work item: the same
+    saving shares under small items and not under big ones (the items launch of more rows has the
+    higher floor), and a step past the largest size pays the largest entry."""
+    cost = CostModel(shared_token_cost=((4, 1.0), (16, 1.0)), step_overhead=1e9,
+                     step_overhead_by_size=((4, 1000.0), (16, 50000.0)))
+    assert cost.overhead(2) == cost.overhead(4) == 1000.0 and cost.overhead(5) == cost.overhead(64) == 50000.0
+    assert CostModel(shared_token_cost=((4, 1.0),), step_overhead=7.0).overhead(64) == 7.0
+    bs = BlockSizes(chunk_pages=64, query_block=16, split_pages=64)
+    # 4 requests below 4096 tokens: saving 4 * 4096 - 4096 = 12288 > 1000
+    plan = plan_step(_star(4, 4096, 64), block_sizes=bs, cost_model=cost)
+    assert plan.use_sharing and plan.cost_chosen == plan.cost_plain - 12288 + 1000
+    # 16 requests below 1024: saving 15 * 1024 = 15360, under the 16-request item's 50000
+    assert not plan_step(_star(16, 1024, 64), block_sizes=bs, cost_model=cost).use_sharing
+    # ...and 16 below 4096 (61440) clear it
+    assert plan_step(_star(16, 4096, 64), block_sizes=bs, cost_model=cost).use_sharing
+    for bad in (((0, 1.0),), ((4, -1.0),)):
+        with pytest.raises(ValueError, match="step_overhead_by_size"):
+            CostModel(shared_token_cost=((4, 1.0),), step_overhead_by_size=bad)
+
+
 def test_cost_model_lookup():
     cost = CostModel(shared_token_cost=((4, 1.0), (16, 4.0)))
     assert cost.token_cost(4) == 1.0 and cost.token_cost(16) == 4.0

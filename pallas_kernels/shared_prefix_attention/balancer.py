@@ -382,8 +382,10 @@ def plan_step(tree: PrefixTree, *, block_sizes: BlockSizes, cost_model: CostMode
         while shared and (sum(n_items[n] for n in shared) > shape.num_items
                           or merge_need(shared) > shape.merge_slots):
             shared.remove(min(shared, key=lambda n: saving[n] / n_items[n]))
+    # the step's fixed extra cost depends on its largest work item (`CostModel.overhead`)
+    step_overhead = cost_model.overhead(max([min(qb, len(reqs_below[n])) for n in shared] + [0]))
     use_sharing = bool(shared) and force != "plain" and (
-        force == "share" or sum(saving[n] for n in shared) > cost_model.step_overhead)
+        force == "share" or sum(saving[n] for n in shared) > step_overhead)
     if not use_sharing:
         shared = []
     shared_set = set(shared)
@@ -469,8 +471,7 @@ def plan_step(tree: PrefixTree, *, block_sizes: BlockSizes, cost_model: CostMode
         step.merge_rows[r, :len(merge[r])] = merge[r]
 
     private_tokens = float(sum(int(pl_.sum()) for pl_ in private_lens))
-    cost_chosen = (private_tokens + cost_shared_nodes + cost_model.step_overhead
-                   if use_sharing else cost_plain)
+    cost_chosen = (private_tokens + cost_shared_nodes + step_overhead if use_sharing else cost_plain)
     kv_read = int(private_tokens) + int(sum(int(pl_.sum()) for pl_ in item_lens))
     return StepPlan(step=step, use_sharing=use_sharing, shared_nodes=tuple(shared),
                     num_requests=n_req, cost_plain=cost_plain, cost_chosen=float(cost_chosen),

@@ -154,7 +154,12 @@ class CostModel:
 
     where `chunk_tokens = chunk_pages * page_size` (padded: a partly filled chunk costs a full
     one). The balancer shares a node iff its shared cost is below its plain cost, and uses the
-    sharing path for a step iff the summed saving exceeds `step_overhead`.
+    sharing path for a step iff the summed saving exceeds the step's overhead,
+    `overhead(largest item)`: `step_overhead`, or where `step_overhead_by_size` is given, the
+    entry for the step's largest work item (its requests). The sharing path's extra cost is
+    mostly its items launch, which takes at least as long as one item program, and an item of
+    more requests has more rows to multiply (on the H200 at TF32: ~36 us for a launch of
+    16-row items, 72-88 us for 64-128 rows, however few programs).
 
     So for a long node with R <= query_block requests the decision threshold is a sharing
     degree: the node is shared iff R > token_cost(R).
@@ -166,12 +171,16 @@ class CostModel:
         extrapolated linearly past the largest.
       item_overhead: fixed cost of one work item, in tokens.
       step_overhead: fixed extra cost of the sharing path for a step (items loop, merge).
+      step_overhead_by_size: ((requests in the step's largest item, overhead), ...), measured;
+        empty (default) = `step_overhead` for every step. `overhead(n)` is the entry of the
+        smallest size >= n, and the largest entry past it (a fixed cost: not extrapolated).
       source: where the numbers came from (device, date, benchmark), or why they are a guess.
     """
 
     shared_token_cost: tuple[tuple[int, float], ...]
     item_overhead: float = 0.0
     step_overhead: float = 0.0
+    step_overhead_by_size: tuple[tuple[int, float], ...] = ()
     source: str = ""
 
     def __post_init__(self):
@@ -182,6 +191,19 @@ class CostModel:
                 raise ValueError(f"CostModel.shared_token_cost entry ({n}, {cost}) must be positive")
         if self.item_overhead < 0 or self.step_overhead < 0:
             raise ValueError("CostModel overheads must be >= 0")
+        for n, cost in self.step_overhead_by_size:
+            if n <= 0 or not cost >= 0:
+                raise ValueError(f"CostModel.step_overhead_by_size entry ({n}, {cost}) needs a positive "
+                                 "size and an overhead >= 0")
+
+    def overhead(self, requests: int) -> float:
+        """Fixed extra cost of the sharing path for a step whose largest work item holds
+        `requests` requests."""
+        pts = sorted(self.step_overhead_by_size)
+        for n, cost in pts:
+            if requests <= n:
+                return cost
+        return pts[-1][1] if pts else self.step_overhead
 
     def token_cost(self, requests: int) -> float:
         """Cost per padded chunk token of a work item holding `requests` requests."""
@@ -318,17 +340,23 @@ _GPU_COST = CostModel(
 # "calibration", 2026-11-27 14:53 UTC). A shared chunk token costs 0.48 of a plain request-token
 # for items of 2-4 requests (plain decode of a small batch is latency bound: 2.3-2.5 ns per
 # request-token, against 1.0-1.2 from 8 requests on), 0.70 for 8, and 2.1-2.2 for 16-32 (items
-# of 64-128 rows). The step overhead, 10.0k request-tokens, is the one whose decisions lose the
-# least time on the calibration's own trees, each timed both ways (`fit_cost_model` in
-# benchmarks/attention.py; those points refitted): 14.6 us in all, against 19.9 us for the
-# 6.5k the run itself derived from one intercept and used for its configurations. With it the
-# balancer keeps C3 B=4 and the depth-2 binary tree plain, where the run's sharing was 8% and
-# 19% slower than the plain kernel; C3 B=16 still shares and is 22% slower (its 2k-token
-# prefix is 4 items, 32 programs: a launch-latency cost the linear model does not have).
+# of 64-128 rows). The step overheads are the ones whose decisions lose the least time on the
+# calibration's own trees, each timed both ways (`fit_cost_model` in benchmarks/attention.py;
+# those points refitted after the run): per size of the step's largest item 3.9k request-tokens
+# (2 requests), 9.0k (4), 18.7k (8), 35.6k (16) and 15.3k (32: every one of its trees shared
+# profitably, so half its smallest saving), deciding every calibration tree as it measured;
+# over all sizes 10.0k, which loses 14.6 us on them. The run itself used 6.5k for all, from one
+# intercept (19.9 us lost), and so shared in C3 B=4, C3 B=16 and the depth-2 binary tree, where
+# sharing was 8%, 22% and 19% slower than the plain kernel. With the per-size overheads the
+# balancer (`plan_step` on the benchmark's trees) runs those three plain and shares in the
+# other eight where the run shared and won: every configuration decided as measured, by a
+# model fitted on other trees. The s = 16 overhead is bounded only to [14k, 57k) by its trees,
+# and C3 B=16's saving, 28k, lies inside: the next calibration times P = 2048 too.
 _GPU_TF32_COST = CostModel(
     shared_token_cost=((2, 0.479), (4, 0.479), (8, 0.698), (16, 2.108), (32, 2.187)),
     item_overhead=0.0,
     step_overhead=9968.6,
+    step_overhead_by_size=((2, 3893.8), (4, 9013.8), (8, 18693.1), (16, 35563.5), (32, 15264.3)),
     source="gpu: NVIDIA H200, jax 0.11.2, fp32 (one TF32 product per dot) Hq=32 Hkv=8 D=128 page 16, "
            "chunk 32 pages x 32 requests, split 64 pages, 4 row tiers, flat KV tiles; calibration of "
            "`make gpu-check` section tf32 of 2026-11-27 (14:53 UTC), overhead by least lost time",
