@@ -334,10 +334,16 @@ def kv_bytes(tokens: float, itemsize: int) -> float:
 
 
 def cost_model_dict(cm) -> dict:
-    return {"shared_token_cost": [list(x) for x in cm.shared_token_cost],
-            "item_overhead": cm.item_overhead, "step_overhead": cm.step_overhead,
-            "step_overhead_by_size": [list(x) for x in cm.step_overhead_by_size],
-            "source": cm.source, "sharing_threshold": cm.sharing_threshold()}
+    """A `CostModel` as JSON (its fields, and the sharing threshold they imply)."""
+    return {**dataclasses.asdict(cm), "sharing_threshold": cm.sharing_threshold()}
+
+
+def cost_model_from_dict(d: dict, spa, **replace):
+    """The `CostModel` of a `cost_model_dict` (JSON lists back to tuples), fields in `replace`
+    replaced."""
+    fields = {f.name for f in dataclasses.fields(spa.CostModel)}
+    kw = {k: tuple(map(tuple, v)) if isinstance(v, list) else v for k, v in d.items() if k in fields}
+    return spa.CostModel(**{**kw, **replace})
 
 
 def plan_info(plan) -> dict:
@@ -466,8 +472,8 @@ def launch_times(runner: Runner, q, k_pages, v_pages, step, repeats: int) -> dic
     partials = {n: jax.block_until_ready(f(q, k_pages, v_pages, step)) for n, f in parts.items()}
     merge_kw = dict(gm=spk._pow2_at_least(g, 1), out_dtype=q.dtype, block_sizes=bs, interpret=interpret)
     if sharing:
-        merge = runner.layered(lambda ps, st: spk._merge(st.merge_rows, *ps[2:], *ps[:2], query_block=st.item_queries.shape[1],
-                                                      group=g, **merge_kw))
+        merge = runner.layered(lambda ps, st: spk._merge(st.merge_rows, *ps[2:], *ps[:2],
+                                                         query_block=st.item_queries.shape[1], group=g, **merge_kw))
         merge_in = (partials["private_pages"] + partials["items"], step)
     else:
         merge = runner.layered(lambda ps: spk._merge(None, None, None, *ps, **merge_kw))
@@ -807,12 +813,13 @@ def fit_cost_model(points: list[dict]) -> tuple[dict, "CostModel"]:
         if mode == "plain" and ("share", s, length) in by:
             share = by[("share", s, length)]
             cases[s].append((p["request_tokens"] - share["chunk_tokens"] * kappa[s], p["min_s"], share["min_s"]))
+    # per item size (the sharing path's fixed cost grows with its items' rows): each size's trees
+    # get the overhead that decides them best, `CostModel.step_overhead_by_size`, which the
+    # balancer uses; one overhead for all trees is fitted too, for the record
     every = [c for s in sizes for c in cases[s]]
     step_overhead, lost = min_regret_overhead(every)
-    # ...and per item size: the sharing path's fixed cost grows with its items' rows, so each
-    # size's trees get the overhead that decides them best (`CostModel.step_overhead_by_size`)
     by_size = {s: min_regret_overhead(cases[s]) for s in sizes if cases[s]}
-    fitted = CostModel(shared_token_cost=tuple((s, kappa[s]) for s in sizes), step_overhead=round(step_overhead, 1),
+    fitted = CostModel(shared_token_cost=tuple((s, kappa[s]) for s in sizes),
                        step_overhead_by_size=tuple((s, round(o, 1)) for s, (o, _) in by_size.items()))
     straightest = int(np.argmin(residual))
     return {
@@ -839,20 +846,21 @@ def calibrate(runner: Runner, repeats: int, seed: int, quick: bool) -> dict:
     and kappa(s) = sigma_s / tau_s is the cost of one shared chunk token for an item of s
     requests in plain request-token units: `CostModel.shared_token_cost`. The intercept
     difference (a_s - a_p) / tau_s estimates the sharing path's fixed extra cost per s (recorded
-    as `step_overhead_per_s`). `CostModel.step_overhead` is what decides a step, so it is fitted
-    to the decisions instead (`fit_cost_model`): every calibration tree was timed both ways, so
-    for each overhead one can count the time its decisions would lose on those trees, and the
-    overhead that loses least is taken: over all trees (`step_overhead`) and per item size s
-    (`step_overhead_by_size`, what the balancer uses: the sharing path's extra cost is mostly its
-    items launch, whose floor grows with the items' rows). A size whose trees all share
-    profitably only bounds its overhead from above (half the smallest saving is taken), and two
-    lengths bound it only to the interval between their savings: P = 2048 was added after the
-    TF32 run of 2026-11-27, whose s = 16 overhead lay somewhere in [14k, 57k) tokens. (Earlier rules, both on H200 data of 2026-11-27: the
+    as `step_overhead_per_s`). The overhead is what decides a step, so it is fitted to the
+    decisions instead (`fit_cost_model`): every calibration tree was timed both ways, so for
+    each overhead one can count the time its decisions would lose on those trees, and the
+    overhead that loses least is taken, per item size s (`CostModel.step_overhead_by_size`: the
+    sharing path's extra cost is mostly its items launch, whose floor grows with the items'
+    rows; the one overhead for all sizes that loses least is recorded as `step_overhead_fit`).
+    A size whose trees all share profitably only bounds its overhead from above (half the
+    smallest saving is taken), and two lengths bound it only to the interval between their
+    savings: P = 2048 was added after the TF32 run of 2026-11-27, whose s = 16 overhead lay
+    somewhere in [14k, 57k) tokens. (Earlier rules, both on H200 data of 2026-11-27: the
     smallest intercept estimate over s came out 0, as two bent plain fits gave negative ones;
     the estimate of the s with the straightest plain fit came out 6.5k tokens in the TF32 run
     that timed row tiers, and let C3 B=4, C3 B=16 and the depth-2 tree share where sharing was
     8-22% slower than the plain kernel. On that run's own calibration points it loses 19.9 us
-    where the fitted overhead, 10.0k, loses 14.6.)
+    where one fitted overhead for all sizes, 10.0k, loses 14.6 and the per-size ones nothing.)
     Ratios come from the same tree timed round-robin, and the fit uses the fastest of the
     repeats (the medians are recorded too): the model describes the kernels, not the load that
     other processes put on a shared machine.
@@ -1095,11 +1103,8 @@ def main(argv=None) -> int:
             runner.set_block_sizes(runner.spa.BlockSizes(**earlier["tuning"]["best"]))
             doc["block_sizes_from"] = f"tuned by the run of {earlier.get('date')} ({args.tuned_from})"
         if earlier.get("calibration"):
-            cm = earlier["calibration"]["derived_cost_model"]
-            runner.cost_model = runner.spa.CostModel(
-                shared_token_cost=tuple(tuple(x) for x in cm["shared_token_cost"]),
-                item_overhead=cm["item_overhead"], step_overhead=cm["step_overhead"],
-                step_overhead_by_size=tuple(tuple(x) for x in cm.get("step_overhead_by_size", ())),
+            runner.cost_model = cost_model_from_dict(
+                earlier["calibration"]["derived_cost_model"], runner.spa,
                 source=f"calibrated by the run of {earlier.get('date')} ({args.tuned_from})")
         for key in ("tuning", "calibration"):
             if key in earlier:

@@ -344,9 +344,9 @@ _GPU_COST = CostModel(
 # calibration's own trees, each timed both ways (`fit_cost_model` in benchmarks/attention.py;
 # those points refitted after the run): per size of the step's largest item 3.9k request-tokens
 # (2 requests), 9.0k (4), 18.7k (8), 35.6k (16) and 15.3k (32: every one of its trees shared
-# profitably, so half its smallest saving), deciding every calibration tree as it measured;
-# over all sizes 10.0k, which loses 14.6 us on them. The run itself used 6.5k for all, from one
-# intercept (19.9 us lost), and so shared in C3 B=4, C3 B=16 and the depth-2 binary tree, where
+# profitably, so half its smallest saving), deciding every calibration tree as it measured
+# (one overhead for all sizes, 10.0k, would lose 14.6 us on them). The run itself used 6.5k for
+# all, from one intercept (19.9 us lost), and so shared in C3 B=4, C3 B=16 and the depth-2 tree, where
 # sharing was 8%, 22% and 19% slower than the plain kernel. With the per-size overheads the
 # balancer (`plan_step` on the benchmark's trees) runs those three plain and shares in the
 # other eight where the run shared and won: every configuration decided as measured, by a
@@ -355,7 +355,6 @@ _GPU_COST = CostModel(
 _GPU_TF32_COST = CostModel(
     shared_token_cost=((2, 0.479), (4, 0.479), (8, 0.698), (16, 2.108), (32, 2.187)),
     item_overhead=0.0,
-    step_overhead=9968.6,
     step_overhead_by_size=((2, 3893.8), (4, 9013.8), (8, 18693.1), (16, 35563.5), (32, 15264.3)),
     source="gpu: NVIDIA H200, jax 0.11.2, fp32 (one TF32 product per dot) Hq=32 Hkv=8 D=128 page 16, "
            "chunk 32 pages x 32 requests, split 64 pages, 4 row tiers, flat KV tiles; calibration of "
