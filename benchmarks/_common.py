@@ -1,17 +1,31 @@
-"""Shared benchmark plumbing: device description, medians, JSON output."""
+"""Shared benchmark plumbing: device description, medians, geometric means, targets, JSON records.
+
+Every record written by `write_results` carries, at the top level: `commit` (the git hash the code
+ran at, and `dirty` if the tree had uncommitted changes), `device`, `loadavg` (`start`, `end`: the
+1/5/15-minute load averages when the benchmark started and when it wrote the record), `noisy`
+(true when either 1-minute load average exceeded the core count: such a record must not back a
+README number), `targets` (a list of `{name, value, target, met}`), and the benchmark's `records`.
+
+The start load average is read when this module is imported (a benchmark imports it first thing);
+a benchmark that runs several phases may pass its own `loadavg_start`.
+"""
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+LOADAVG_AT_IMPORT: tuple[float, float, float] = os.getloadavg()
 
 
 def device_info() -> dict[str, Any]:
@@ -23,6 +37,18 @@ def device_info() -> dict[str, Any]:
             "python": platform.python_version()}
 
 
+def git_commit() -> tuple[str, bool]:
+    """(HEAD's hash, whether tracked files differ from it); ("unknown", True) outside a checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout
+        return head, bool(status.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", True
+
+
 def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
     times = []
     for _ in range(repeats):
@@ -32,12 +58,44 @@ def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]
     return statistics.median(times), times
 
 
-def write_results(name: str, records: list[dict[str, Any]], out: str | os.PathLike | None = None,
+def geomean(values: Iterable[float]) -> float:
+    vals = [float(v) for v in values]
+    if not vals or any(v <= 0 for v in vals):
+        raise ValueError(f"geometric mean needs positive values, got {vals}")
+    return math.exp(sum(math.log(v) for v in vals) / len(vals))
+
+
+def target(name: str, value: float, goal: float, *, higher_is_better: bool = True) -> dict[str, Any]:
+    """One entry of a record's `targets`: met when value >= goal (or <= goal when lower is better)."""
+    value = float(value)
+    met = value >= goal if higher_is_better else value <= goal
+    return {"name": name, "value": value, "target": goal,
+            "direction": ">=" if higher_is_better else "<=", "met": bool(met)}
+
+
+def is_noisy(loadavg_start: Sequence[float], loadavg_end: Sequence[float]) -> bool:
+    cores = os.cpu_count() or 1
+    return max(loadavg_start[0], loadavg_end[0]) > cores
+
+
+def write_results(name: str, records: list[dict[str, Any]], out: str | os.PathLike | None = None, *,
+                  targets: list[dict[str, Any]], loadavg_start: Sequence[float] | None = None,
                   **header: Any) -> Path:
+    """Write `benchmarks/results/<name>.json` (or `out`) with the top-level fields described above."""
+    for t in targets:
+        missing = {"name", "value", "target", "met"} - set(t)
+        if missing:
+            raise ValueError(f"target {t} lacks {sorted(missing)}")
+    start = tuple(loadavg_start or LOADAVG_AT_IMPORT)
+    end = os.getloadavg()
+    commit, dirty = git_commit()
     path = Path(out) if out else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"benchmark": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "device": device_info(), **header, "records": records}
+    doc = {"benchmark": name, "commit": commit, "dirty": dirty,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "device": device_info(), "loadavg": {"start": list(start), "end": list(end)},
+           "noisy": is_noisy(start, end), "targets": targets, **header, "records": records}
     path.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {path}")
+    flag = " (NOISY: load average above the core count; do not cite)" if doc["noisy"] else ""
+    print(f"wrote {path}{flag}")
     return path

@@ -1018,7 +1018,7 @@ def main(argv=None) -> int:
 
     import jax
 
-    from jaxsys.cli import enable_compilation_cache
+    from jaxsys.runtime import enable_compilation_cache
 
     enable_compilation_cache()
     dev = jax.devices()[0]

@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    from jaxsys.cli import enable_compilation_cache
+    from jaxsys.runtime import enable_compilation_cache
 
     enable_compilation_cache()
     import jaxsys

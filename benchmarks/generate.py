@@ -25,7 +25,7 @@ def main() -> None:
     import numpy as np
 
     import jaxsys
-    from jaxsys.cli import enable_compilation_cache
+    from jaxsys.runtime import enable_compilation_cache
 
     enable_compilation_cache()
     model = jaxsys.load_model("smollm2-135m-instruct", dtype="float32")

@@ -490,7 +490,7 @@ def main() -> None:
 
     import jax
 
-    from jaxsys.cli import enable_compilation_cache
+    from jaxsys.runtime import enable_compilation_cache
 
     enable_compilation_cache()
     suffix = "_quick" if args.quick else ""

@@ -11,7 +11,6 @@ of the installed package; they write JSON under `benchmarks/results/`).
 from __future__ import annotations
 
 import importlib
-import os
 import runpy
 import sys
 from pathlib import Path
@@ -118,25 +117,6 @@ def main(argv: list[str] | None = None) -> int:
             continue
         module = importlib.import_module(entry[0])
         return int(module.main(argv) or 0)
-
-
-def enable_compilation_cache() -> None:
-    """Turn on JAX's persistent compilation cache under the user's cache directory.
-
-    Only on GPU/TPU: a CI run on jax 0.10's CPU backend, with this cache on, failed with
-    ``NOT_FOUND: Function <fusion> not found`` from a deserialized executable (not reproduced on
-    our dev box), so CPU runs compile afresh unless the user opts in with
-    ``JAXSYS_CPU_COMPILE_CACHE=1``.
-    """
-    import jax
-
-    if jax.default_backend() == "cpu" and os.environ.get("JAXSYS_CPU_COMPILE_CACHE") != "1":
-        return
-    cache = os.environ.get("JAXSYS_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxsys", "xla")
-    os.makedirs(cache, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 if __name__ == "__main__":

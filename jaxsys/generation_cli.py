@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"jaxsys generate: {e}", file=sys.stderr)
         return 2
-    from jaxsys.cli import enable_compilation_cache
+    from jaxsys.runtime import enable_compilation_cache
 
     enable_compilation_cache()
     import importlib

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from jaxsys.cli import enable_compilation_cache
+    from jaxsys.runtime import enable_compilation_cache
 
     enable_compilation_cache()
     import jax

@@ -53,11 +53,11 @@ def test_cli_dataset_without_labels(capsys):
 
 
 def test_cli_trains_and_writes_metrics(tmp_path, monkeypatch, capsys):
-    import jaxsys.cli
+    import jaxsys.runtime
 
     monkeypatch.setenv("JAXSYS_CACHE_DIR", str(tmp_path / "cache"))
     # The CLI turns on JAX's persistent compilation cache globally; keep it out of this process.
-    monkeypatch.setattr(jaxsys.cli, "enable_compilation_cache", lambda: None)
+    monkeypatch.setattr(jaxsys.runtime, "enable_compilation_cache", lambda: None)
     out = tmp_path / "m.json"
     rc = main(["--config", "csl", "-q", "--out", str(out), "train.epochs=2",
                "train.max_folds=1", "model.width=8", "model.depth=1", "train.batch_size=30"])

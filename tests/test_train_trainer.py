@@ -78,7 +78,7 @@ def test_cli_trains_and_writes_metrics(tmp_path, capsys, monkeypatch):
     from jaxsys.train.cli import main
 
     # the CLI turns on jax's persistent compilation cache; keep this test process as it was
-    monkeypatch.setattr("jaxsys.cli.enable_compilation_cache", lambda: None)
+    monkeypatch.setattr("jaxsys.runtime.enable_compilation_cache", lambda: None)
 
     out = tmp_path / "m.jsonl"
     assert main(["--config", "tiny", "--steps", "3", "--metrics-out", str(out), "--no-progress",

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jaxsys train gnn: bad config: {e}", file=sys.stderr)
         return 2
 
-    from jaxsys.cli import enable_compilation_cache
+    from jaxsys.runtime import enable_compilation_cache
     from jaxsys.gnn._datasets import load_dataset
     from jaxsys.gnn._train import run_experiment
 
