@@ -5,12 +5,14 @@ runs under jit with explicit in/out shardings inside `jaxsys.sharding.activate(m
 must equal the single-device forward (fp32, atol 1e-5). Tiny configs are chosen so head counts,
 widths and expert counts divide the mesh axes: the sharding is real, and asserted to be.
 
-Golden snapshot: `tests/golden/param_specs.json` pins every parameter's PartitionSpec for a fixed
-set of (config, mesh) pairs. Regenerate after an intended rules change with
+Expected partition specs: every parameter's PartitionSpec, for a fixed set of (config, mesh) pairs,
+is derived in this file from hand-written tables (which mesh axes each dimension of each parameter
+may use, and each parameter's shape written out from the config), with the rule stated in
+`jaxsys/sharding/rules.py` applied by a separate small function here. The code under test never
+writes the expectation. `tests/golden/param_specs.json` is that expectation, checked in so a change
+shows up as a reviewable diff; regenerate it (from the hand tables, not from the code) with
 
     JAXSYS_UPDATE_GOLDEN=1 pytest tests/test_sharding.py -k golden
-
-and review the diff.
 """
 
 from __future__ import annotations
@@ -168,30 +170,105 @@ def test_tree_shardings_accepts_shapes_arrays_and_abstract():
     assert from_shapes["layers"]["wq"].spec == P(None, "fsdp", "tensor")
 
 
-# ---------------------------------------------------------------------- golden snapshot
+# ---------------------------------------------------------------------- expected specs, by hand
 
-def _golden_now() -> dict[str, dict[str, str]]:
+# Which mesh axes each dimension of each parameter may use, in order of preference, written out by
+# hand from the design (vocab and heads and MLP widths on `tensor`, the model width on `fsdp`,
+# experts on `expert`, the stacked-layers axis, head_dim and norms never split).
+HAND_DIMS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "embed": (("tensor",), ("fsdp",)),                      # [V, D]
+    "final_norm": ((),),                                     # [D]
+    "lm_head": (("fsdp",), ("tensor",)),                    # [D, V]
+    "attn_norm": ((), ()), "mlp_norm": ((), ()),            # [L, D]
+    "wq": ((), ("fsdp",), ("tensor",), ()),                 # [L, D, Hq, Dh]
+    "wk": ((), ("fsdp",), ("tensor",), ()), "wv": ((), ("fsdp",), ("tensor",), ()),
+    "wo": ((), ("tensor",), (), ("fsdp",)),                 # [L, Hq, Dh, D]
+    "bq": ((), ("tensor",), ()), "bk": ((), ("tensor",), ()), "bv": ((), ("tensor",), ()),
+    "w_gate": ((), ("fsdp",), ("tensor",)), "w_up": ((), ("fsdp",), ("tensor",)),   # [L, D, F]
+    "w_down": ((), ("tensor",), ("fsdp",)),                 # [L, F, D]
+    "router": ((), ("fsdp",), ()),                          # [L, D, E]
+    "we_gate": ((), ("expert",), ("fsdp",), ("tensor",)),   # [L, E, D, Fe]
+    "we_up": ((), ("expert",), ("fsdp",), ("tensor",)),
+    "we_down": ((), ("expert",), ("tensor",), ("fsdp",)),   # [L, E, Fe, D]
+    "ws_gate": ((), ("fsdp",), ("tensor",)), "ws_up": ((), ("fsdp",), ("tensor",)),
+    "ws_down": ((), ("tensor",), ("fsdp",)), "ws_router": ((), ("fsdp",)),
+}
+
+
+def _hand_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """Every parameter's shape, written out from the config fields (not from `decoder`)."""
+    L, D, V, Hq, Hkv, Dh = (cfg.num_layers, cfg.hidden_size, cfg.vocab_size, cfg.num_heads,
+                            cfg.num_kv_heads, cfg.head_dim)
+    s = {"embed": (V, D), "final_norm": (D,), "attn_norm": (L, D), "mlp_norm": (L, D),
+         "wq": (L, D, Hq, Dh), "wk": (L, D, Hkv, Dh), "wv": (L, D, Hkv, Dh), "wo": (L, Hq, Dh, D)}
+    if not cfg.tie_word_embeddings:
+        s["lm_head"] = (D, V)
+    if cfg.attention_bias:
+        s.update(bq=(L, Hq, Dh), bk=(L, Hkv, Dh), bv=(L, Hkv, Dh))
+    if cfg.num_experts:
+        E, Fe = cfg.num_experts, cfg.moe_intermediate_size
+        s.update(router=(L, D, E), we_gate=(L, E, D, Fe), we_up=(L, E, D, Fe), we_down=(L, E, Fe, D))
+        if cfg.shared_expert_intermediate_size:
+            Fs = cfg.shared_expert_intermediate_size
+            s.update(ws_gate=(L, D, Fs), ws_up=(L, D, Fs), ws_down=(L, Fs, D), ws_router=(L, D))
+    else:
+        F = cfg.intermediate_size
+        s.update(w_gate=(L, D, F), w_up=(L, D, F), w_down=(L, F, D))
+    return s
+
+
+def _hand_spec(dims: tuple[tuple[str, ...], ...], shape: tuple[int, ...], mesh_sizes: dict[str, int]) -> str:
+    """The stated rule: a dimension takes a candidate mesh axis when that axis has more than one
+    device, no earlier dimension of the array took it, and it divides the dimension (together with
+    the axes this dimension already took); trailing unsplit dimensions are dropped."""
+    used: set[str] = set()
+    entries: list[str] = []
+    for cands, size in zip(dims, shape, strict=True):
+        took: list[str] = []
+        for a in cands:
+            n = mesh_sizes.get(a, 1)
+            if n > 1 and a not in used and size % (math.prod(mesh_sizes[t] for t in took) * n) == 0:
+                took.append(a)
+        used.update(took)
+        entries.append("None" if not took else repr(took[0]) if len(took) == 1
+                       else "(" + ", ".join(repr(t) for t in took) + ")")
+    while entries and entries[-1] == "None":
+        entries.pop()
+    return "P(" + ", ".join(entries) + ")"
+
+
+def _hand_expected() -> dict[str, dict[str, str]]:
     out = {}
     for cname, cfg in GOLDEN_CONFIGS.items():
-        for mname, mesh_cfg in MESHES.items():
-            out[f"{cname}@{mname}"] = _specs(cfg, make_mesh(mesh_cfg))
+        for mname, mesh_sizes in MESHES.items():
+            specs = {}
+            for name, shape in _hand_shapes(cfg).items():
+                key = f"['{name}']" if name in ("embed", "final_norm", "lm_head") else f"['layers']['{name}']"
+                specs[key] = _hand_spec(HAND_DIMS[name], shape, mesh_sizes)
+            out[f"{cname}@{mname}"] = specs
     return out
 
 
+def _code_now() -> dict[str, dict[str, str]]:
+    return {f"{c}@{m}": _specs(cfg, make_mesh(mesh_cfg))
+            for c, cfg in GOLDEN_CONFIGS.items() for m, mesh_cfg in MESHES.items()}
+
+
 def test_golden_param_specs():
-    now = _golden_now()
+    """The rules table, applied by the code, gives the specs derived by hand."""
+    expected = _hand_expected()
     if os.environ.get("JAXSYS_UPDATE_GOLDEN") == "1":
         GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(json.dumps(now, indent=1, sort_keys=True) + "\n")
-    if not GOLDEN.exists():
-        pytest.fail(f"{GOLDEN} is missing; create it with JAXSYS_UPDATE_GOLDEN=1")
-    golden = json.loads(GOLDEN.read_text())
-    assert sorted(golden) == sorted(now)
-    diffs = [f"{pair} {param}: golden {golden[pair].get(param)} now {spec}"
-             for pair in now for param, spec in now[pair].items() if golden[pair].get(param) != spec]
-    diffs += [f"{pair} {param}: in golden, gone now" for pair in golden for param in golden[pair]
-              if param not in now[pair]]
-    assert not diffs, "param specs changed (JAXSYS_UPDATE_GOLDEN=1 to accept):\n" + "\n".join(diffs)
+        GOLDEN.write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
+    assert json.loads(GOLDEN.read_text()) == expected, (
+        "the checked-in snapshot differs from the hand tables (JAXSYS_UPDATE_GOLDEN=1 after review)")
+    now = _code_now()
+    assert sorted(now) == sorted(expected)
+    diffs = [f"{pair} {param}: expected {expected[pair].get(param)} code {spec}"
+             for pair in now for param, spec in now[pair].items() if expected[pair].get(param) != spec]
+    diffs += [f"{pair} {param}: expected, but the code has no such parameter" for pair in expected
+              for param in expected[pair] if param not in now[pair]]
+    assert not diffs, "param specs differ from the hand-derived expectation:\n" + "\n".join(diffs)
 
 
 def test_golden_snapshot_spot_checks():
