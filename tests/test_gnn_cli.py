@@ -86,3 +86,16 @@ def test_structure_cache_roundtrip_and_keys(tmp_path):
     dataset_relations(ds, cfg.model_copy(update={"hops": 5}), cache_root=tmp_path,
                       progress=False)
     assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_config_sections_share_the_one_base_and_names_say_what_they_configure():
+    import jaxsys.gnn
+    import jaxsys.train.config
+    from jaxsys.config_base import ConfigSection
+
+    sections = [getattr(jaxsys.gnn, n) for n in jaxsys.gnn.__all__ if n.endswith("Config")]
+    assert sections and all(issubclass(c, ConfigSection) for c in sections)
+    train_names = {n for n in dir(jaxsys.train.config) if n.endswith("Config")}
+    assert not {c.__name__ for c in sections} & train_names
+    with pytest.raises(ValidationError, match="frozen"):
+        load_config(None, ["data.name=csl"]).train.epochs = 3

@@ -20,11 +20,11 @@ Quick start::
 from jaxsys.gnn._batching import GraphBatcher as GraphBatcher
 from jaxsys.gnn._batching import PadSizes as PadSizes
 from jaxsys.gnn._batching import dense_layout_pays as dense_layout_pays
-from jaxsys.gnn._config import DataConfig as DataConfig
-from jaxsys.gnn._config import ExperimentConfig as ExperimentConfig
-from jaxsys.gnn._config import ModelConfig as ModelConfig
+from jaxsys.gnn._config import GNNExperimentConfig as GNNExperimentConfig
+from jaxsys.gnn._config import GNNModelConfig as GNNModelConfig
+from jaxsys.gnn._config import GNNTrainConfig as GNNTrainConfig
+from jaxsys.gnn._config import GraphDataConfig as GraphDataConfig
 from jaxsys.gnn._config import StructureConfig as StructureConfig
-from jaxsys.gnn._config import TrainConfig as TrainConfig
 from jaxsys.gnn._config import load_config as load_config
 from jaxsys.gnn._cycles import CycleCountExceeded as CycleCountExceeded
 from jaxsys.gnn._cycles import canonical_cycle as canonical_cycle
@@ -57,18 +57,17 @@ from jaxsys.gnn._wl import wl_distinguishes as wl_distinguishes
 __all__ = [
     "DATASETS",
     "CycleCountExceeded",
-    "DataConfig",
     "Dataset",
-    "ExperimentConfig",
+    "GNNExperimentConfig",
+    "GNNModelConfig",
+    "GNNTrainConfig",
     "Graph",
     "GraphBatcher",
+    "GraphDataConfig",
     "GraphNet",
-    "ModelConfig",
     "PadSizes",
-    "dense_layout_pays",
     "Relations",
     "StructureConfig",
-    "TrainConfig",
     "brec_pairs",
     "build_relations",
     "cache_dir",
@@ -81,6 +80,7 @@ __all__ = [
     "count_substructures",
     "data_dir",
     "dataset_relations",
+    "dense_layout_pays",
     "embed_graphs",
     "kfold_splits",
     "load_config",

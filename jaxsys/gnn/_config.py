@@ -18,24 +18,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from jaxsys.config_base import ConfigSection
 
 __all__ = [
-    "DataConfig",
-    "ExperimentConfig",
-    "ModelConfig",
+    "GNNExperimentConfig",
+    "GNNModelConfig",
+    "GNNTrainConfig",
+    "GraphDataConfig",
     "StructureConfig",
-    "TrainConfig",
     "apply_overrides",
     "load_config",
 ]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class GraphDataConfig(ConfigSection):
+    """Which graph dataset `run_experiment` loads, and what to do with graphs that are not simple."""
 
-
-class DataConfig(_Strict):
     name: str = Field(description="dataset: csl, exp, cexp, counting, mutag, proteins, "
                                   "micro_zinc, sr25, brec_{basic,regular,str,extension}")
     seed: int = Field(0, description="seed of generated datasets (CSL relabellings, counting)")
@@ -43,7 +43,7 @@ class DataConfig(_Strict):
     multi_edges: Literal["error", "merge"] = "error"
 
 
-class StructureConfig(_Strict):
+class StructureConfig(ConfigSection):
     """Which relations the host builds (see `jaxsys.gnn.build_relations`)."""
 
     kind: Literal["csgnn", "kpgnn", "gin"] = "csgnn"
@@ -78,14 +78,24 @@ class StructureConfig(_Strict):
         return self.model_dump(exclude={"hops", "peripheral"})
 
 
-class ModelConfig(_Strict):
+class GNNModelConfig(ConfigSection):
+    """The message-passing network (`GraphNet`) run over the relations of `structure`."""
+
     width: int = Field(64, ge=1)
     depth: int = Field(4, ge=1, description="message-passing layers")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     norm: Literal["batch", "layer", "none"] = "batch"
 
 
-class TrainConfig(_Strict):
+class GNNTrainConfig(ConfigSection):
+    """Optimiser, early stopping and evaluation protocol of `run_experiment`.
+
+    Model selection is on validation data only: with k folds, fold i is the test fold and fold
+    i+1 (one of the k-1 non-test folds) the validation fold; the reported test score is the test
+    fold's at the epoch with the best validation score. `test_curve` adds the test-fold-selected
+    figure of Xu et al. (2019), for comparison with results published that way.
+    """
+
     epochs: int = Field(200, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -109,7 +119,7 @@ class TrainConfig(_Strict):
                              "validation-selected result is unchanged")
 
     @model_validator(mode="after")
-    def _check(self) -> TrainConfig:
+    def _check(self) -> GNNTrainConfig:
         if self.folds == 1 or (self.folds and self.folds < 3):
             raise ValueError("folds must be 0 (one split) or >= 3 (test fold, validation fold, "
                              "training folds)")
@@ -120,11 +130,13 @@ class TrainConfig(_Strict):
         return self
 
 
-class ExperimentConfig(_Strict):
-    data: DataConfig
+class GNNExperimentConfig(ConfigSection):
+    """One graph experiment (`jaxsys train gnn --config ...`): the four sections and an output."""
+
+    data: GraphDataConfig
     structure: StructureConfig = StructureConfig()
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
+    model: GNNModelConfig = GNNModelConfig()
+    train: GNNTrainConfig = GNNTrainConfig()
     output: str | None = Field(None, description="metrics JSON path (default: print only)")
 
 
@@ -136,7 +148,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return dotted_overrides(out, overrides, example="structure.kind=gin")
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> GNNExperimentConfig:
     """Read a YAML config (or start empty), apply overrides, validate."""
     raw: dict = {}
     if path is not None:
@@ -146,4 +158,4 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
         raw = yaml.safe_load(p.read_text()) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{p}: a config is a mapping with sections data/structure/model/train")
-    return ExperimentConfig.model_validate(apply_overrides(raw, list(overrides)))
+    return GNNExperimentConfig.model_validate(apply_overrides(raw, list(overrides)))

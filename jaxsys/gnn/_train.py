@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from jaxsys.gnn._batching import GraphBatcher
-from jaxsys.gnn._config import ExperimentConfig
+from jaxsys.gnn._config import GNNExperimentConfig
 from jaxsys.gnn._datasets import Dataset, load_dataset
 from jaxsys.gnn._models import GraphNet
 from jaxsys.gnn._structures import dataset_relations
@@ -222,7 +222,7 @@ def best_mean_epoch(curves: list[list[float]], regression: bool) -> dict[str, fl
     return {"epoch": e + 1, "mean": float(mean[e]), "std": float(scores[:, e].std())}
 
 
-def run_experiment(cfg: ExperimentConfig, *, dataset: Dataset | None = None,
+def run_experiment(cfg: GNNExperimentConfig, *, dataset: Dataset | None = None,
                    progress: bool = True, use_cache: bool = True,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train and test one configuration; returns the metrics dict (also the CLI's JSON)."""
