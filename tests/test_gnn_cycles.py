@@ -124,3 +124,25 @@ def test_small_state_slices_give_the_same_cycles():
     for length in full:
         assert sorted(map(tuple, full[length].tolist())) == sorted(
             map(tuple, sliced[length].tolist()))
+
+
+def test_cycle_check_compares_canonical_sets_and_catches_a_difference():
+    from jaxsys.gnn import (
+        Graph,
+        ReferenceMismatch,
+        canonical_cycles,
+        check_same_cycles,
+        networkx_chordless_cycles,
+    )
+
+    gs = [Graph.create(12, list(nx.gnp_random_graph(12, 0.4, seed=s).edges())) for s in range(4)]
+    ours = chordless_cycles_batch([(g.num_nodes, g.edges) for g in gs], length_bound=6)
+    theirs = [networkx_chordless_cycles(g, 6) for g in gs]
+    assert check_same_cycles(ours, theirs) == sum(len(t) for t in theirs) > 0
+    # The same cycle in another rotation and direction is the same cycle ...
+    assert canonical_cycles([[3, 1, 0, 2]]) == canonical_cycles([[0, 2, 3, 1]]) == [(0, 1, 3, 2)]
+    # ... but a missing or a repeated cycle is a difference, named by its graph.
+    with pytest.raises(ReferenceMismatch, match="graph 2"):
+        check_same_cycles(ours, theirs[:2] + [theirs[2][1:]] + theirs[3:])
+    with pytest.raises(ReferenceMismatch, match="graph 0"):
+        check_same_cycles(ours, [theirs[0] + theirs[0][:1]] + theirs[1:])

@@ -1,5 +1,6 @@
 """Relations of CSGNN / KP-GNN / GIN against literal reference constructions; bad input."""
 
+import dataclasses
 from collections import Counter
 
 import networkx as nx
@@ -12,34 +13,24 @@ import jaxsys.gnn._relations as rel_mod
 from jaxsys.gnn import (
     CycleCountExceeded,
     Graph,
+    ReferenceMismatch,
+    Relations,
     StructureConfig,
     build_relations,
+    check_same_relations,
     colour_refinement,
+    make_counting,
+    make_csl,
+    networkx_csgnn_relations,
     normalize_edges,
     num_relation_types,
+    relation_set,
 )
 
 
 def _as_counter(r):
     return Counter({(int(s), int(v), int(t)): float(w) for s, v, t, w in
                     zip(r.senders, r.receivers, r.types, r.weights)})
-
-
-def _reference_csgnn(g: nx.Graph, bound: int, dmax: int) -> Counter:
-    """The definition, literally: graph edges (type 0) + for every chordless cycle (networkx)
-    and every ordered pair of its nodes at cyclic distance d <= dmax, one relation of type 1 + d."""
-    out = Counter()
-    for u, v in g.edges():
-        out[(u, v, 0)] += 1
-        out[(v, u, 0)] += 1
-    for cyc in nx.chordless_cycles(g, bound):
-        length = len(cyc)
-        for i, u in enumerate(cyc):
-            for j, v in enumerate(cyc):
-                d = min(abs(i - j), length - abs(i - j))
-                if d <= dmax:
-                    out[(u, v, 1 + d)] += 1
-    return out
 
 
 @st.composite
@@ -51,15 +42,66 @@ def small_graphs(draw):
     return Graph.create(n, np.asarray(edges, np.int64).reshape(-1, 2))
 
 
+def test_networkx_reference_on_hand_computed_graphs():
+    """The reference itself, against relation sets worked out by hand."""
+    # A square 0-1-2-3 with the chord 0-2: two chordless triangles, (0, 1, 2) and (0, 2, 3).
+    g = Graph.create(4, [(0, 1), (1, 2), (2, 3), (3, 0), (0, 2)])
+    edges = {(u, v, 0, 1) for a, b in [(0, 1), (1, 2), (2, 3), (3, 0), (0, 2)]
+             for u, v in [(a, b), (b, a)]}
+    self_pairs = {(0, 0, 1, 2), (1, 1, 1, 1), (2, 2, 1, 2), (3, 3, 1, 1)}
+    apart = {(0, 1, 2, 1), (1, 0, 2, 1), (1, 2, 2, 1), (2, 1, 2, 1), (0, 2, 2, 2), (2, 0, 2, 2),
+             (2, 3, 2, 1), (3, 2, 2, 1), (0, 3, 2, 1), (3, 0, 2, 1)}
+    expected = edges | self_pairs | apart
+    cfg = StructureConfig(kind="csgnn", length_bound=4)
+    assert networkx_csgnn_relations(g, cfg) == expected
+    # A plain 5-cycle: nothing with length_bound 4; distances 0, 1, 2 with length_bound 5.
+    c5 = Graph.create(5, [(i, (i + 1) % 5) for i in range(5)])
+    c5_edges = {(u, v, 0, 1) for i in range(5) for u, v in [(i, (i + 1) % 5), ((i + 1) % 5, i)]}
+    assert networkx_csgnn_relations(c5, StructureConfig(kind="csgnn", length_bound=4)) == c5_edges
+    ring = {(i, j, 1 + min((i - j) % 5, (j - i) % 5), 1) for i in range(5) for j in range(5)}
+    assert networkx_csgnn_relations(c5, StructureConfig(kind="csgnn", length_bound=5)) == (
+        c5_edges | ring)
+    with pytest.raises(ValueError, match="networkx reference covers"):
+        networkx_csgnn_relations(g, StructureConfig(kind="csgnn", typed_by_length=True))
+
+
 @settings(max_examples=60, deadline=None)
-@given(g=small_graphs(), bound=st.sampled_from([4, 6, 8]))
-def test_csgnn_relations_match_the_definition(g, bound):
-    cfg = StructureConfig(kind="csgnn", length_bound=bound)
+@given(g=small_graphs(), bound=st.sampled_from([4, 6, 8]),
+       max_distance=st.sampled_from([None, 0, 1, 2]))
+def test_our_relations_are_the_networkx_pipelines_as_sets(g, bound, max_distance):
+    cfg = StructureConfig(kind="csgnn", length_bound=bound, max_distance=max_distance)
     (r,) = build_relations([g], cfg)
-    assert _as_counter(r) == _reference_csgnn(g.to_networkx(), bound, bound // 2)
-    assert r.num_types == num_relation_types(cfg) == 1 + bound // 2 + 1
+    assert relation_set(r) == networkx_csgnn_relations(g, cfg)
+    dmax = bound // 2 if max_distance is None else max_distance
+    assert r.num_types == num_relation_types(cfg) == 1 + dmax + 1
     seg = r.receivers.astype(np.int64) * r.num_types + r.types
     assert (np.diff(seg) >= 0).all()  # sorted (receiver, type) segments: one sorted segment sum
+
+
+def test_our_relations_are_the_networkx_pipelines_on_benchmark_graphs():
+    """Every graph of generated benchmark sets, built as one block (as the benchmark does)."""
+    cfg = StructureConfig(kind="csgnn", length_bound=10)
+    graphs = make_csl(seed=0, per_class=1).graphs + make_counting(seed=0, num_graphs=40).graphs
+    ours = build_relations(graphs, cfg)
+    assert check_same_relations(ours, [networkx_csgnn_relations(g, cfg) for g in graphs]) > 0
+
+
+def test_the_relation_check_catches_a_difference():
+    g = Graph.create(4, [(0, 1), (1, 2), (2, 3), (3, 0), (0, 2)])
+    cfg = StructureConfig(kind="csgnn", length_bound=4)
+    (r,) = build_relations([g], cfg)
+    ref = networkx_csgnn_relations(g, cfg)
+    assert check_same_relations([r], [ref]) == len(ref)
+    heavier = dataclasses.replace(r, weights=r.weights + (np.arange(r.num_relations) == 0))
+    with pytest.raises(ReferenceMismatch, match="graph 0"):
+        check_same_relations([heavier], [ref])
+    with pytest.raises(ReferenceMismatch, match="graph 1"):
+        check_same_relations([r, r], [ref, ref - {next(iter(ref))}])
+    doubled = Relations(np.r_[r.senders, r.senders[:1]], np.r_[r.receivers, r.receivers[:1]],
+                        np.r_[r.types, r.types[:1]], np.r_[r.weights, np.float32(5.0)],
+                        r.node_features, r.num_types)
+    with pytest.raises(ValueError, match="more than once"):
+        relation_set(doubled)
 
 
 def test_block_build_equals_one_by_one_and_sparse_merge(monkeypatch):

@@ -6,7 +6,10 @@ d on a shared chordless cycle"; shortest-path hops give KP-GNN; plain edges give
 message-passing network (`GraphNet`, Flax over padded `jraph.GraphsTuple`s from `GraphBatcher`)
 runs all three with one segment sum per layer. `run_experiment` trains a YAML-configured model
 (`jaxsys train gnn`); `count_distinguished` runs the float64 expressiveness protocol and
-`colour_refinement` gives its upper bound (`jaxsys bench gnn`).
+`colour_refinement` gives its upper bound (`jaxsys bench gnn`). `networkx_chordless_cycles` and
+`networkx_csgnn_relations` are the authors' networkx pipeline: the reference our structures are
+checked against (`check_same_cycles`, `check_same_relations`) and the baseline they are timed
+against.
 
 Quick start::
 
@@ -44,6 +47,13 @@ from jaxsys.gnn._expressiveness import embed_graphs as embed_graphs
 from jaxsys.gnn._graph import Graph as Graph
 from jaxsys.gnn._graph import normalize_edges as normalize_edges
 from jaxsys.gnn._models import GraphNet as GraphNet
+from jaxsys.gnn._reference import ReferenceMismatch as ReferenceMismatch
+from jaxsys.gnn._reference import canonical_cycles as canonical_cycles
+from jaxsys.gnn._reference import check_same_cycles as check_same_cycles
+from jaxsys.gnn._reference import check_same_relations as check_same_relations
+from jaxsys.gnn._reference import networkx_chordless_cycles as networkx_chordless_cycles
+from jaxsys.gnn._reference import networkx_csgnn_relations as networkx_csgnn_relations
+from jaxsys.gnn._reference import relation_set as relation_set
 from jaxsys.gnn._relations import Relations as Relations
 from jaxsys.gnn._relations import build_relations as build_relations
 from jaxsys.gnn._relations import num_relation_types as num_relation_types
@@ -66,12 +76,16 @@ __all__ = [
     "GraphDataConfig",
     "GraphNet",
     "PadSizes",
+    "ReferenceMismatch",
     "Relations",
     "StructureConfig",
     "brec_pairs",
     "build_relations",
     "cache_dir",
     "canonical_cycle",
+    "canonical_cycles",
+    "check_same_cycles",
+    "check_same_relations",
     "chordless_cycle_arrays",
     "chordless_cycles",
     "chordless_cycles_batch",
@@ -87,8 +101,11 @@ __all__ = [
     "load_dataset",
     "make_counting",
     "make_csl",
+    "networkx_chordless_cycles",
+    "networkx_csgnn_relations",
     "normalize_edges",
     "num_relation_types",
+    "relation_set",
     "run_experiment",
     "wl_distinguishes",
 ]
