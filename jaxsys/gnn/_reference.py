@@ -60,17 +60,17 @@ def networkx_chordless_cycles(graph: Graph, length_bound: int | None) -> list[li
     return [list(c) for c in nx.chordless_cycles(graph.to_networkx(), length_bound)]
 
 
-def networkx_csgnn_relations(graph: Graph, cfg: StructureConfig) -> RelationSet:
+def networkx_csgnn_relations(graph: Graph, cfg: StructureConfig) -> Counter:
     """CSGNN's relations the authors' way: networkx chordless cycles + Python pair loops.
 
-    Type 0 is each edge in both directions; type 1 + d holds the ordered pairs at cyclic distance
-    d <= max_distance on a shared chordless cycle, counted once per such cycle (d = 0: a node
-    with itself, once per cycle through it). Covers the plain CSGNN spec: one type per distance,
-    no complement graph, no node flags.
+    Returns `{(sender, receiver, type): count}`. Type 0 is each edge in both directions; type
+    1 + d holds the ordered pairs at cyclic distance d <= max_distance on a shared chordless
+    cycle, counted once per such cycle (d = 0: a node with itself, once per cycle through it).
+    Covers the plain CSGNN spec: one type per distance, no complement graph, no node flags.
     """
     import networkx as nx
 
-    if (cfg.kind != "csgnn" or cfg.typed_by_length or cfg.complement or cfg.flag_lengths):
+    if cfg.kind != "csgnn" or cfg.typed_by_length or cfg.complement or cfg.flag_lengths:
         raise ValueError("the networkx reference covers kind='csgnn' with one type per distance, "
                          f"no complement and no flags; got {cfg}")
     dmax = cfg.length_bound // 2 if cfg.max_distance is None else cfg.max_distance
@@ -86,22 +86,27 @@ def networkx_csgnn_relations(graph: Graph, cfg: StructureConfig) -> RelationSet:
                 d = min(abs(i - j), length - abs(i - j))
                 if d <= dmax:
                     out[(u, v, 1 + d)] += 1
-    return frozenset((int(s), int(r), t, w) for (s, r, t), w in out.items())
+    return out
 
 
-def relation_set(relations: Relations) -> RelationSet:
-    """Our relations of one graph as `(sender, receiver, type, weight)` tuples.
+def relation_set(relations: Relations | Mapping[tuple[int, int, int], int]) -> RelationSet:
+    """One graph's relations as `(sender, receiver, type, weight)` tuples.
 
-    Raises ValueError when a (sender, receiver, type) key repeats (the builder merges them).
+    Takes our `Relations` or the reference's `{(sender, receiver, type): count}`. Raises
+    ValueError when a weight is not a whole number or a (sender, receiver, type) key repeats.
     """
-    weights = relations.weights.astype(np.float64)
+    if isinstance(relations, Mapping):
+        keys = [tuple(int(x) for x in k) for k in relations]
+        weights = np.asarray(list(relations.values()), np.float64)
+    else:
+        keys = list(zip(relations.senders.tolist(), relations.receivers.tolist(),
+                        relations.types.tolist()))
+        weights = relations.weights.astype(np.float64)
     if (weights != np.round(weights)).any():
         raise ValueError("relation weights are cycle counts and must be whole numbers")
-    out = frozenset(zip(relations.senders.tolist(), relations.receivers.tolist(),
-                        relations.types.tolist(), np.round(weights).astype(np.int64).tolist()))
-    if len({k[:3] for k in out}) != relations.num_relations:
+    if len(set(keys)) != len(keys):
         raise ValueError("a (sender, receiver, type) relation is listed more than once")
-    return out
+    return frozenset((*k, w) for k, w in zip(keys, np.round(weights).astype(np.int64).tolist()))
 
 
 class ReferenceMismatch(AssertionError):
@@ -129,16 +134,18 @@ def check_same_cycles(ours: Sequence[Mapping[int, np.ndarray]],
     return total
 
 
-def check_same_relations(ours: Sequence[Relations], reference: Sequence[RelationSet]) -> int:
+def check_same_relations(ours: Sequence[Relations],
+                         reference: Sequence[Mapping[tuple[int, int, int], int]]) -> int:
     """Raise `ReferenceMismatch` unless every graph has the same relation set in both.
 
-    Returns the number of relations compared.
+    `reference` is `networkx_csgnn_relations`' output per graph. Returns the number of
+    relations compared.
     """
     if len(ours) != len(reference):
         raise ReferenceMismatch(f"{len(ours)} graphs against {len(reference)} in the reference")
     total = 0
     for i, (r, ref) in enumerate(zip(ours, reference)):
-        mine = relation_set(r)
+        mine, ref = relation_set(r), relation_set(ref)
         if mine != ref:
             raise ReferenceMismatch(
                 f"graph {i}: {len(mine)} relations against the reference's {len(ref)}; only "
