@@ -34,11 +34,15 @@ def test_canonical_norm_is_the_same_bits_on_any_device_count(chunk):
     np.testing.assert_allclose(got[1], np.sum(x.astype(np.float64) ** 2), rtol=1e-5)
 
 
-def test_tree_sum_fixed_order():
+@pytest.mark.parametrize("n", [1, 2, 8, 13])
+def test_tree_sum_fixed_order(n):
+    """Pad to the next power of two with zeros, then halve: x[:h] + x[h:]."""
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((13, 7)).astype(np.float32)
-    ref = x.copy()
-    ref = np.concatenate([ref, np.zeros((3, 7), np.float32)])
+    x = rng.standard_normal((n, 7)).astype(np.float32)
+    p2 = 1
+    while p2 < n:
+        p2 *= 2
+    ref = np.concatenate([x, np.zeros((p2 - n, 7), np.float32)])
     while ref.shape[0] > 1:
         h = ref.shape[0] // 2
         ref = ref[:h] + ref[h:]

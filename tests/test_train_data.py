@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxsys.train.config import DataConfig, TrainConfigError
+from jaxsys.train.config import LMDataConfig, TrainConfigError
 from jaxsys.train.data import BYTES_EOS, SyntheticSource, batch_for_step, make_source
 
 
@@ -27,7 +27,7 @@ def test_token_files(tmp_path):
     stream.tofile(tmp_path / "a.bin")
     np.save(tmp_path / "b.npy", stream.astype(np.int32))
     for name, dtype in [("a.bin", "uint16"), ("b.npy", "uint16")]:
-        cfg = DataConfig(source="tokens", paths=(str(tmp_path / name),), seq_len=16, global_batch=8,
+        cfg = LMDataConfig(source="tokens", paths=(str(tmp_path / name),), seq_len=16, global_batch=8,
                          micro_batches=4, token_dtype=dtype)
         src = make_source(cfg, vocab_size=256)
         windows = {tuple(src.sample(i)) for i in range(src.num_windows)}
@@ -37,15 +37,15 @@ def test_token_files(tmp_path):
             np.testing.assert_array_equal(np.diff(w) % 250, 1)  # contiguous slices of the stream
         assert not np.array_equal(src.sample(0), src.sample(src.num_windows))  # epoch 2 reshuffles
     with pytest.raises(TrainConfigError, match="outside the model's vocab_size 100"):
-        make_source(DataConfig(source="tokens", paths=(str(tmp_path / "a.bin"),), seq_len=16), vocab_size=100)
+        make_source(LMDataConfig(source="tokens", paths=(str(tmp_path / "a.bin"),), seq_len=16), vocab_size=100)
     with pytest.raises(TrainConfigError, match="no file matches"):
-        make_source(DataConfig(source="tokens", paths=(str(tmp_path / "none*.bin"),)), vocab_size=256)
+        make_source(LMDataConfig(source="tokens", paths=(str(tmp_path / "none*.bin"),)), vocab_size=256)
 
 
 def test_text_files_bytes_tokenizer(tmp_path):
     (tmp_path / "x.txt").write_text("hello world " * 20)
     (tmp_path / "y.txt").write_text("jax " * 30)
-    cfg = DataConfig(source="text", paths=(str(tmp_path / "*.txt"),), seq_len=8, global_batch=4, micro_batches=2)
+    cfg = LMDataConfig(source="text", paths=(str(tmp_path / "*.txt"),), seq_len=8, global_batch=4, micro_batches=2)
     src = make_source(cfg, vocab_size=257)
     toks = np.concatenate([src.sample(i) for i in range(src.num_windows)])
     assert BYTES_EOS in src.stream and set(toks) <= set(src.stream)

@@ -14,7 +14,8 @@ from __future__ import annotations
 from jaxsys._lazy import lazy_exports
 
 _LAZY = {
-    "TrainConfig": "jaxsys.train.config",
+    "LMTrainConfig": "jaxsys.train.config",
+    "LMDataConfig": "jaxsys.train.config",
     "TrainConfigError": "jaxsys.train.config",
     "load_config": "jaxsys.train.config",
     "apply_overrides": "jaxsys.train.config",

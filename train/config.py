@@ -18,18 +18,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from jaxsys._overrides import dotted_overrides, set_dotted
+from jaxsys.config_base import ConfigSection
 from jaxsys.models.config import ConfigError, ModelConfig, RopeScaling
+from jaxsys.shapes import pow2_bucket
 
 
 class TrainConfigError(ValueError):
     """A training configuration that cannot run; the message says which key and why."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-
-class DataConfig(_Section):
+class LMDataConfig(ConfigSection):
     """Where samples come from. Sample `i` of the run is a pure function of (seed, i)."""
 
     source: Literal["synthetic", "tokens", "text"] = "synthetic"
@@ -46,7 +44,7 @@ class DataConfig(_Section):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _check(self) -> "DataConfig":
+    def _check(self) -> "LMDataConfig":
         if self.global_batch % self.micro_batches:
             raise ValueError(f"data.global_batch ({self.global_batch}) must be a multiple of "
                              f"data.micro_batches ({self.micro_batches})")
@@ -59,7 +57,7 @@ class DataConfig(_Section):
         return self.global_batch // self.micro_batches
 
 
-class OptimConfig(_Section):
+class OptimConfig(ConfigSection):
     """optax AdamW (decoupled weight decay on matrices, not on norms/biases), warmup + schedule,
     gradient clipping by global norm."""
 
@@ -76,8 +74,9 @@ class OptimConfig(_Section):
     clip_norm: float | None = Field(1.0, gt=0)
 
 
-class MeshSection(_Section):
-    """Mesh axis sizes for the GSPMD trainer; -1 takes the remaining devices."""
+class MeshAxesConfig(ConfigSection):
+    """Mesh axis sizes for the GSPMD step; -1 takes the remaining devices. (The elastic step lays
+    its devices on one axis and only needs `tensor` to be 1.)"""
 
     data: int = 1
     fsdp: int = -1
@@ -91,7 +90,7 @@ class MeshSection(_Section):
         return v
 
 
-class CheckpointConfig(_Section):
+class CheckpointConfig(ConfigSection):
     """Orbax checkpoints: async save, keep-N, atomic commit; restorable onto any mesh."""
 
     dir: str | None = None
@@ -103,7 +102,7 @@ class CheckpointConfig(_Section):
     """Start from the latest committed checkpoint in `dir` when there is one."""
 
 
-class ElasticConfig(_Section):
+class ElasticConfig(ConfigSection):
     """Elastic training (see `jaxsys.train.elastic`)."""
 
     enabled: bool = False
@@ -153,17 +152,20 @@ class ElasticConfig(_Section):
 
     @field_validator("chunk_size")
     @classmethod
-    def _pow2(cls, v: int) -> int:
-        if v & (v - 1):
+    def _power_of_two(cls, v: int) -> int:
+        if pow2_bucket(v) != v:
             raise ValueError(f"chunk_size must be a power of two, got {v}")
         return v
 
 
-class TrainConfig(_Section):
+class LMTrainConfig(ConfigSection):
+    """A causal-LM training run: the model, its data, optimizer, mesh, checkpoints and elastic
+    behaviour (`load_config` builds one from YAML plus `key=value` overrides)."""
+
     model: ModelConfig
-    data: DataConfig = DataConfig()
+    data: LMDataConfig = LMDataConfig()
     optim: OptimConfig = OptimConfig()
-    mesh: MeshSection = MeshSection()
+    mesh: MeshAxesConfig = MeshAxesConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     elastic: ElasticConfig = ElasticConfig()
     steps: int = Field(100, gt=0)
@@ -175,7 +177,7 @@ class TrainConfig(_Section):
     metrics_out: str | None = None
     progress: bool = True
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True)  # merged with ConfigSection's
 
     @field_validator("model", mode="before")
     @classmethod
@@ -199,7 +201,7 @@ class TrainConfig(_Section):
             raise ValueError(str(e)) from None
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> "LMTrainConfig":
         if self.data.source == "synthetic" and self.model.vocab_size < 4:
             raise ValueError("the synthetic source needs vocab_size >= 4")
         if self.checkpoint.every and not self.checkpoint.dir:
@@ -218,7 +220,7 @@ class TrainConfig(_Section):
         d["model"] = m
         return d
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> "LMTrainConfig":
         """A validated copy with dotted keys changed: `cfg.replace(**{"optim.lr": 1e-3})`."""
         d = self.to_dict()
         for key, value in changes.items():
@@ -249,7 +251,7 @@ def _format_validation_error(e: ValidationError) -> str:
         loc = ".".join(str(x) for x in err["loc"])
         if err["type"] == "extra_forbidden":
             section = loc.rsplit(".", 1)[0] if "." in loc else ""
-            model = TrainConfig
+            model = LMTrainConfig
             for part in section.split(".") if section else []:
                 field = model.model_fields.get(part)
                 model = field.annotation if field is not None else None
@@ -263,14 +265,14 @@ def _format_validation_error(e: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+def config_from_dict(d: dict[str, Any]) -> LMTrainConfig:
     try:
-        return TrainConfig.model_validate(d)
+        return LMTrainConfig.model_validate(d)
     except ValidationError as e:
         raise TrainConfigError(_format_validation_error(e)) from None
 
 
-def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> LMTrainConfig:
     """Read a YAML config and apply `key=value` overrides; raises TrainConfigError on bad input."""
     path = resolve_config_path(name_or_path)
     try:
@@ -283,7 +285,7 @@ def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Trai
     return config_from_dict(d)
 
 
-def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
+def apply_overrides(cfg: LMTrainConfig, overrides: Sequence[str]) -> LMTrainConfig:
     d = dotted_overrides(cfg.to_dict(), overrides, error=TrainConfigError, example="optim.lr=1e-3")
     return config_from_dict(d)
 
@@ -306,14 +308,10 @@ def lr_schedule(optim: OptimConfig, total_steps: int):
     return optax.join_schedules([warm, main], [optim.warmup_steps])
 
 
-def tokens_per_step(cfg: TrainConfig) -> int:
+def tokens_per_step(cfg: LMTrainConfig) -> int:
     return cfg.data.global_batch * cfg.data.seq_len
 
 
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-__all__ = ["CheckpointConfig", "DataConfig", "ElasticConfig", "MeshSection", "OptimConfig", "TrainConfig",
+__all__ = ["CheckpointConfig", "ElasticConfig", "LMDataConfig", "LMTrainConfig", "MeshAxesConfig", "OptimConfig",
            "TrainConfigError", "apply_overrides", "config_from_dict", "load_config", "lr_schedule",
-           "resolve_config_path", "tokens_per_step", "ceil_div"]
+           "resolve_config_path", "tokens_per_step"]

@@ -27,7 +27,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from jaxsys.train.config import DataConfig, TrainConfigError
+from jaxsys.train.config import LMDataConfig, TrainConfigError
 
 BYTES_EOS = 256
 
@@ -119,7 +119,7 @@ def _tokenize(paths: list[Path], tokenizer: str) -> np.ndarray:
     return np.asarray(ids, np.int32)
 
 
-def make_source(data: DataConfig, *, vocab_size: int) -> DataSource:
+def make_source(data: LMDataConfig, *, vocab_size: int) -> DataSource:
     if data.source == "synthetic":
         return SyntheticSource(vocab_size=vocab_size, seq_len=data.seq_len, seed=data.seed)
     paths = _expand(data.paths)

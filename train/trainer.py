@@ -35,7 +35,7 @@ from jaxsys.sharding import MeshConfig, activate, logical_sharding, make_mesh, t
 from jaxsys.sharding import axes as ax
 from jaxsys.train import objective
 from jaxsys.train.checkpoint import CheckpointManager
-from jaxsys.train.config import TrainConfig, TrainConfigError
+from jaxsys.train.config import LMTrainConfig, TrainConfigError
 from jaxsys.train.data import batch_for_step, make_source
 from jaxsys.train.optim import clip_by_norm, lr_table, make_optimizer, opt_state_from, opt_state_parts
 
@@ -105,7 +105,7 @@ def _progress(total: int, initial: int, enabled: bool):
                 dynamic_ncols=True, leave=True)
 
 
-def select_devices(cfg: TrainConfig, devices: Sequence[jax.Device] | None = None) -> list[jax.Device]:
+def select_devices(cfg: LMTrainConfig, devices: Sequence[jax.Device] | None = None) -> list[jax.Device]:
     devs = list(jax.devices() if devices is None else devices)
     if cfg.devices is not None:
         if cfg.devices > len(devs):
@@ -114,13 +114,13 @@ def select_devices(cfg: TrainConfig, devices: Sequence[jax.Device] | None = None
     return devs
 
 
-def init_params_f32(cfg: TrainConfig) -> Any:
+def init_params_f32(cfg: LMTrainConfig) -> Any:
     """float32 master parameters from `seed` (the same tree on every layout)."""
     model32 = cfg.model.replace(dtype="float32")
     return jax.device_get(jax.jit(lambda k: decoder.init_params(model32, k))(jax.random.key(cfg.seed)))
 
 
-def decay_mask_tree(cfg: TrainConfig) -> Any:
+def decay_mask_tree(cfg: LMTrainConfig) -> Any:
     from jaxsys.train.elastic.layout import FlatSpec
 
     spec = FlatSpec.from_shapes(decoder.param_shapes(cfg.model))
@@ -130,7 +130,7 @@ def decay_mask_tree(cfg: TrainConfig) -> Any:
 class Trainer:
     """GSPMD causal-LM trainer over a (data, fsdp, tensor) mesh."""
 
-    def __init__(self, cfg: TrainConfig, *, devices: Sequence[jax.Device] | None = None):
+    def __init__(self, cfg: LMTrainConfig, *, devices: Sequence[jax.Device] | None = None):
         self.cfg = cfg
         self.devices = select_devices(cfg, devices)
         self.source = make_source(cfg.data, vocab_size=cfg.model.vocab_size)
@@ -329,7 +329,7 @@ class Trainer:
             self.ckpt = None
 
 
-def make_trainer(cfg: TrainConfig, *, devices: Sequence[jax.Device] | None = None) -> Trainer:
+def make_trainer(cfg: LMTrainConfig, *, devices: Sequence[jax.Device] | None = None) -> Trainer:
     """`ElasticTrainer` when `elastic.enabled`, else the GSPMD `Trainer`."""
     if cfg.elastic.enabled:
         from jaxsys.train.elastic.runtime import ElasticTrainer

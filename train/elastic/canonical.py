@@ -39,6 +39,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxsys.models.config import ModelConfig
+from jaxsys.shapes import pow2_bucket
 from jaxsys.train import objective
 from jaxsys.train.config import OptimConfig
 from jaxsys.train.elastic.layout import FlatSpec, ceil_div
@@ -57,7 +58,7 @@ def tree_sum(x: jax.Array) -> jax.Array:
     (x[:h] + x[h:]) until one row is left. Elementwise adds only, so the bits depend only on the
     values and the length of axis 0, never on the device layout."""
     n = x.shape[0]
-    p2 = 1 << max(0, (n - 1).bit_length())
+    p2 = pow2_bucket(n)
     if p2 != n:
         x = jnp.concatenate([x, jnp.zeros((p2 - n,) + x.shape[1:], x.dtype)], axis=0)
     while x.shape[0] > 1:

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsys.models import decoder
-from jaxsys.train.config import TrainConfig, TrainConfigError
+from jaxsys.train.config import LMTrainConfig, TrainConfigError
 from jaxsys.train.elastic import canonical
 from jaxsys.train.elastic.compile import ExecutableCache, global_cache
 from jaxsys.train.elastic.events import EventSchedule, EventSpecError
@@ -117,7 +117,7 @@ class Recovery:
 class ElasticTrainer(Trainer):
     """Elastic causal-LM trainer (see the module docstring)."""
 
-    def __init__(self, cfg: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
+    def __init__(self, cfg: LMTrainConfig, *, devices: Sequence[jax.Device] | None = None,
                  cache: ExecutableCache | None = None, membership: Any = None,
                  faults: Sequence[BitFlip] = (), log: Callable[[str], None] | None = None):
         if not cfg.elastic.enabled:
