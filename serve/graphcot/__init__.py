@@ -1,0 +1,1 @@
+"""GLM (multi-agent Graph Chain-of-Thought) and the single-agent Graph-CoT baseline."""
