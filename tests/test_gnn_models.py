@@ -260,11 +260,28 @@ def test_test_curve_reports_xu_protocol_without_changing_the_selected_result(tmp
         assert (a["best_epoch"], a["epochs_run"]) == (b["best_epoch"], b["epochs_run"])
         assert a["test"]["accuracy"] == b["test"]["accuracy"]
         assert len(b["test_curve"]) == 12 and "test_curve" not in a
+        # The reported test score is the test fold's at the validation-selected epoch.
+        assert b["test"]["accuracy"] == b["test_curve"][b["best_epoch"]]
     assert any(f["epochs_run"] < 12 for f in plain["folds"])  # patience 2 stopped early
     best = curved["summary"]["xu_protocol"]
     curves = np.asarray([f["test_curve"] for f in curved["folds"]])
     assert best["mean"] == pytest.approx(curves.mean(0).max())
     assert curves[:, best["epoch"] - 1].mean() == pytest.approx(best["mean"])
+
+
+def test_kfold_validation_fold_is_an_inner_split_of_the_training_folds():
+    from jaxsys.gnn import kfold_splits
+
+    labels = np.repeat([0, 1, 2], [40, 25, 35])
+    splits = kfold_splits(labels, 100, 10, seed=3)
+    tests = np.concatenate([te for _, _, te in splits])
+    assert sorted(tests.tolist()) == list(range(100))  # every graph is tested exactly once
+    for i, (tr, va, te) in enumerate(splits):
+        assert not set(va) & set(te) and not set(tr) & set(va) and not set(tr) & set(te)
+        assert sorted(np.r_[tr, va].tolist()) == sorted(set(range(100)) - set(te.tolist()))
+        np.testing.assert_array_equal(va, splits[(i + 1) % 10][2])  # fold i+1
+        for c, n in ((0, 40), (1, 25), (2, 35)):  # stratified: each fold holds ~1/10 per class
+            assert abs((labels[va] == c).sum() - n / 10) <= 1
 
 
 def test_best_mean_epoch_picks_the_best_mean_epoch():
