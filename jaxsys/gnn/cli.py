@@ -20,7 +20,11 @@ A config has the sections data, structure, model and train (see jaxsys/gnn/_conf
 field and its default); key=value arguments override any field with a YAML value. Structures
 (chordless cycles, hop distances) are cached per dataset under $JAXSYS_CACHE_DIR/gnn or
 ~/.cache/jaxsys/gnn. The metrics JSON holds per-fold train/val/test metrics, their mean and std,
-the train throughput and the number of compilations (2: one train step, one eval step).
+the train throughput and the number of compilations (2: one train step, one eval step). Each
+fold's test score is taken at its best validation epoch (k-fold: fold i tests, fold i+1
+validates); with train.test_curve=true the summary adds `xu_protocol`, the epoch with the best
+mean test score (Xu et al., 2019), which selects on test data and is only for comparison with
+results published that way.
 """
 
 
@@ -90,12 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     s = metrics["summary"]
     print(f"{metrics['model']} on {metrics['dataset']}: test {s['metric']} "
-          f"{s['test_mean']:.4f} +- {s['test_std']:.4f} over {len(metrics['folds'])} fold(s); "
-          f"{metrics['train_graphs_per_s']:.0f} train graphs/s; {metrics['seconds']:.1f} s")
+          f"{s['test_mean']:.4f} +- {s['test_std']:.4f} over {len(metrics['folds'])} fold(s), "
+          f"each at its best validation epoch; {metrics['train_graphs_per_s']:.0f} train "
+          f"graphs/s; {metrics['seconds']:.1f} s")
     if "xu_protocol" in s:
         b = s["xu_protocol"]
-        print(f"  Xu et al. (2019) protocol (epoch with the best mean test {s['metric']}, "
-              f"selected on test folds): {b['mean']:.4f} +- {b['std']:.4f} at epoch {b['epoch']}")
+        print(f"  for comparison with Xu et al. (2019) only, their protocol (the epoch with the "
+              f"best mean test {s['metric']}, selected on test folds): {b['mean']:.4f} +- "
+              f"{b['std']:.4f} at epoch {b['epoch']}")
     out = args.out or cfg.output
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
