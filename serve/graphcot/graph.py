@@ -110,6 +110,7 @@ class Graph:
                 self._type_of[str(nid)] = t
                 self._nodes[str(nid)] = node
         self.text_feature = {t: self._pick_text_feature(t, (text_features or {}).get(t)) for t in self.types}
+        self._schema: dict[str, dict[str, list[str]]] | None = None
         self._index_lock = threading.Lock()
         self._bm25 = None
         self._ids: list[str] = []
@@ -160,6 +161,8 @@ class Graph:
 
     def schema(self) -> dict[str, dict[str, list[str]]]:
         """Per node type: the feature names and neighbor types its nodes have (first-seen order)."""
+        if self._schema is not None:
+            return self._schema
         out = {}
         for t in self.types:
             feats: dict[str, None] = {}
@@ -168,6 +171,7 @@ class Graph:
                 feats.update(dict.fromkeys(node["features"]))
                 rels.update(dict.fromkeys(node["neighbors"]))
             out[t] = {"features": list(feats), "neighbors": list(rels)}
+        self._schema = out
         return out
 
     def definition(self) -> str:

@@ -9,8 +9,8 @@ ones a graph with book, author and series nodes and year / language / rating fea
 worded as GRBench words them.
 
 Answers are computed from the graph, never sampled: a candidate whose answer is not unique (a tie
-for "the earliest book", two books with the same title) is skipped, so every question has one
-correct answer. Generation is deterministic by seed; each template's instances are split
+for "the earliest book") or whose name does not lead back to it (two books with the same title, a
+series named like a book) is skipped, so every question has one correct answer. Generation is deterministic by seed; each template's instances are split
 train/dev/test by fraction, so every split holds every template and no entity appears twice within
 a template. Files are GRBench's JSON lines `{"qid", "question", "answer"}` plus our own fields
 (`difficulty`, `template`, `split`, `params`), so GRBench's own `data.json` loads as well.
@@ -256,6 +256,9 @@ def generate_questions(graph: Graph, *, per_template: int = 40, seed: int = 0,
         rng.shuffle(candidates)
         instances = []
         for node in candidates:
+            text = graph.text(node)
+            if "[" in text or "]" in text or graph.retrieve_node(text) != node:  # unquotable, or names another node
+                continue
             solved = t.solve(graph, node, ix)
             if solved is None:
                 continue
