@@ -95,7 +95,8 @@ PUBLISHED_GIN = {"mutag": 0.894, "proteins": 0.762}  # GIN-0, Xu et al. 2019 (10
 SELECTION = ("validation-selected: per fold, the test fold's score at the epoch with the best "
              "validation score (fold i+1, taken from the non-test folds; early stopping)")
 XU_SELECTION = ("test-fold-selected (Xu et al. 2019): the epoch with the best mean test-fold "
-                "accuracy over the folds; selects on test data, for comparison with that paper only")
+                "accuracy over the folds; selects on test data, for comparison with that paper "
+                "only")
 CYCLE_TARGETS = ("triangle", "cycle4", "cycle5", "cycle6")
 
 SPEED_SETS = ["csl", "exp", "cexp", "sr25", "brec_str", "brec_extension", "mutag", "proteins",

@@ -34,7 +34,7 @@ __all__ = [
 
 
 class GraphDataConfig(ConfigSection):
-    """Which graph dataset `run_experiment` loads, and what to do with graphs that are not simple."""
+    """Which graph dataset `run_experiment` loads, and what to do with non-simple graphs."""
 
     name: str = Field(description="dataset: csl, exp, cexp, counting, mutag, proteins, "
                                   "micro_zinc, sr25, brec_{basic,regular,str,extension}")
