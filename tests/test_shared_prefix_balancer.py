@@ -11,27 +11,32 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_shared_prefix_attention import (
-    ALWAYS_SHARE,
-    EVERY_FORCE,
-    _tol_check,
-    kernel_block_sizes,
-    make_inputs,
-    make_tree,
-)
+from shared_prefix_cases import ALWAYS_SHARE, EVERY_DECISION, block_sizes, check_close, make_inputs, make_tree, star
 
+from jaxsys.pallas_kernels.shapes import pow2_bucket
 from jaxsys.pallas_kernels.shared_prefix_attention import (
     BlockSizes,
     CostModel,
+    ItemsLaunch,
+    MergeLaunch,
     PrefixTree,
+    SplitLaunch,
     StepShape,
-    bucket,
-    get_block_sizes,
-    get_cost_model,
+    forced_plan,
     paged_attention_reference,
     plan_step,
     shared_prefix_attention_xla,
 )
+
+
+def _bs(chunk, qblock, split=2):
+    return BlockSizes(items=ItemsLaunch(chunk_pages=chunk, query_block=qblock), split=SplitLaunch(pages_per_split=split))
+
+
+def _plan(tree, decision, bs, cost_model=ALWAYS_SHARE, **kw):
+    if decision is None:
+        return plan_step(tree, block_sizes=bs, cost_model=cost_model, **kw)
+    return forced_plan(tree, share=decision == "share", block_sizes=bs, **kw)
 
 
 def _tokens_of_request(tree, r):
@@ -63,7 +68,7 @@ def check_plan_invariants(tree, plan, block_sizes):
     w, c = s.item_pages.shape
     qb = s.item_queries.shape[1]
     b = s.private_pages.shape[0]
-    assert c == block_sizes.chunk_pages and qb == block_sizes.query_block
+    assert c == block_sizes.items.chunk_pages and qb == block_sizes.items.query_block
     assert all(x.dtype == np.int32 for x in s)
     # Every KV token of every request is covered exactly once.
     for r in range(tree.num_requests):
@@ -79,7 +84,7 @@ def check_plan_invariants(tree, plan, block_sizes):
             assert np.all(s.item_queries[i] == b)
             continue
         assert np.all(valid[:valid.sum()]), "padding pages only at the end of a chunk"
-        assert valid.sum() <= block_sizes.chunk_pages
+        assert valid.sum() <= block_sizes.items.chunk_pages
         nodes = {page_node[int(p)] for p in s.item_pages[i][valid]}
         assert len(nodes) == 1
         (node,) = nodes
@@ -101,50 +106,52 @@ def check_plan_invariants(tree, plan, block_sizes):
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 10_000), depth=st.integers(0, 3), fanout=st.integers(1, 4),
        page_size=st.sampled_from([1, 4, 16]), chunk=st.sampled_from([1, 2, 4]),
-       qblock=st.integers(1, 5), internal=st.integers(0, 2), force=st.sampled_from(EVERY_FORCE),
-       min_items=st.sampled_from([0, 0, 8, 64]))
-def test_plan_covers_every_token_once(seed, depth, fanout, page_size, chunk, qblock, internal, force, min_items):
+       qblock=st.integers(1, 5), internal=st.integers(0, 2), decision=st.sampled_from(EVERY_DECISION))
+def test_plan_covers_every_token_once(seed, depth, fanout, page_size, chunk, qblock, internal, decision):
     rng = np.random.default_rng(seed)
     tree, _ = make_tree(rng, depth=depth, fanout=fanout, page_size=page_size, node_tokens=(0, 50),
                         suffix_tokens=(0, 10), requests_at_internal=internal)
-    bs = BlockSizes(chunk_pages=chunk, query_block=qblock, split_pages=2, min_shared_items=min_items)
+    bs = _bs(chunk, qblock)
     cost = CostModel(shared_token_cost=((1, float(rng.uniform(0.2, 3))),), item_overhead=1.0)
-    plan = plan_step(tree, block_sizes=bs, cost_model=cost, force=force, min_requests=int(rng.integers(1, 9)))
+    plan = _plan(tree, decision, bs, cost, min_requests=int(rng.integers(1, 9)))
     check_plan_invariants(tree, plan, bs)
+    if decision == "plain":
+        assert not plan.use_sharing
+    if decision == "share":  # every node below >= 2 requests with tokens, paying or not
+        sharable = {n for n in range(tree.num_nodes) if tree.node_lens[n] > 0
+                    and sum(n in tree.path(r) for r in range(tree.num_requests)) >= 2}
+        assert set(plan.shared_nodes) == sharable and plan.cost_chosen is None
 
 
-def _star(num_requests, prefix, suffix, page_size=16):
-    pages_prefix = np.arange(-(-prefix // page_size))
-    nxt = pages_prefix.shape[0]
-    node_pages, lens, parent = [pages_prefix], [prefix], [-1]
-    for _ in range(num_requests):
-        n = -(-suffix // page_size)
-        node_pages.append(np.arange(nxt, nxt + n))
-        nxt += n
-        lens.append(suffix)
-        parent.append(0)
-    return PrefixTree(page_size=page_size, node_parent=np.array(parent), node_pages=tuple(node_pages),
-                      node_lens=np.array(lens), request_nodes=np.arange(1, num_requests + 1))
+def test_padded_batch_is_the_engine_bucket():
+    """The step's batch is the requests' power-of-two bucket, or `min_requests` (the engine's
+    bucket) where that is larger."""
+    tree = star(3, 64, 8)
+    bs = _bs(2, 2)
+    assert plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE).shape.num_requests == 4
+    assert plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE, min_requests=16).shape.num_requests == 16
+    assert plan_step(star(9, 64, 8), block_sizes=bs, cost_model=ALWAYS_SHARE,
+                     min_requests=4).shape.num_requests == 16
 
 
 def test_fallback_decision():
-    bs = BlockSizes(chunk_pages=64, query_block=16, split_pages=64)
+    bs = _bs(64, 16, 64)
     cost = CostModel(shared_token_cost=((2, 2.5), (4, 3.0), (16, 6.0)), item_overhead=8.0,
                      step_overhead=512.0)
     assert cost.sharing_threshold() == 4
     # Long prefix, many requests: sharing pays.
-    plan = plan_step(_star(16, 8192, 128), block_sizes=bs, cost_model=cost)
+    plan = plan_step(star(16, 8192, 128), block_sizes=bs, cost_model=cost)
     assert plan.use_sharing and plan.shared_nodes == (0,)
     assert plan.cost_chosen < plan.cost_plain
     # Two requests: an item of 2 costs 2.5 plain tokens per token, more than reading twice.
-    plan = plan_step(_star(2, 8192, 128), block_sizes=bs, cost_model=cost)
+    plan = plan_step(star(2, 8192, 128), block_sizes=bs, cost_model=cost)
     assert not plan.use_sharing and plan.step.item_pages.shape[0] == 0
     assert plan.cost_chosen == plan.cost_plain
     # Three requests (an item of 4 rows: cost 3.0) break even; four clear the threshold.
-    assert not plan_step(_star(3, 8192, 128), block_sizes=bs, cost_model=cost).use_sharing
-    assert plan_step(_star(4, 8192, 128), block_sizes=bs, cost_model=cost).use_sharing
+    assert not plan_step(star(3, 8192, 128), block_sizes=bs, cost_model=cost).use_sharing
+    assert plan_step(star(4, 8192, 128), block_sizes=bs, cost_model=cost).use_sharing
     # A short shared prefix does not pay for the step overhead.
-    assert not plan_step(_star(8, 32, 128), block_sizes=bs, cost_model=cost).use_sharing
+    assert not plan_step(star(8, 32, 128), block_sizes=bs, cost_model=cost).use_sharing
     # No sharing in the tree at all: plain.
     chain = PrefixTree(page_size=16, node_parent=np.array([-1, 0]), node_pages=(np.arange(4), np.arange(4, 6)),
                        node_lens=np.array([64, 20]), request_nodes=np.array([1]))
@@ -159,14 +166,14 @@ def test_step_overhead_by_the_largest_item():
                      step_overhead_by_size=((4, 1000.0), (16, 50000.0)))
     assert cost.overhead(2) == cost.overhead(4) == 1000.0 and cost.overhead(5) == cost.overhead(64) == 50000.0
     assert CostModel(shared_token_cost=((4, 1.0),), step_overhead=7.0).overhead(64) == 7.0
-    bs = BlockSizes(chunk_pages=64, query_block=16, split_pages=64)
+    bs = _bs(64, 16, 64)
     # 4 requests below 4096 tokens: saving 4 * 4096 - 4096 = 12288 > 1000
-    plan = plan_step(_star(4, 4096, 64), block_sizes=bs, cost_model=cost)
+    plan = plan_step(star(4, 4096, 64), block_sizes=bs, cost_model=cost)
     assert plan.use_sharing and plan.cost_chosen == plan.cost_plain - 12288 + 1000
     # 16 requests below 1024: saving 15 * 1024 = 15360, under the 16-request item's 50000
-    assert not plan_step(_star(16, 1024, 64), block_sizes=bs, cost_model=cost).use_sharing
+    assert not plan_step(star(16, 1024, 64), block_sizes=bs, cost_model=cost).use_sharing
     # ...and 16 below 4096 (61440) clear it
-    assert plan_step(_star(16, 4096, 64), block_sizes=bs, cost_model=cost).use_sharing
+    assert plan_step(star(16, 4096, 64), block_sizes=bs, cost_model=cost).use_sharing
     for bad in (((0, 1.0),), ((4, -1.0),)):
         with pytest.raises(ValueError, match="step_overhead_by_size"):
             CostModel(shared_token_cost=((4, 1.0),), step_overhead_by_size=bad)
@@ -183,7 +190,7 @@ def test_cost_model_lookup():
 
 def test_from_page_tables_recovers_the_tree():
     ps = 4
-    tree = _star(3, 10 * ps, 5, page_size=ps)  # page-aligned shared prefix, ragged suffixes
+    tree = star(3, 10 * ps, 5, page_size=ps)  # page-aligned shared prefix, ragged suffixes
     tables = [np.concatenate([tree.node_pages[n] for n in tree.path(r)]) for r in range(3)]
     got = PrefixTree.from_page_tables(tables, tree.request_lengths(), ps)
     assert sorted(got.node_lens.tolist()) == sorted(tree.node_lens.tolist())
@@ -232,7 +239,7 @@ def test_from_page_tables_property(seed, depth, fanout, page_size, internal):
         padded[r, :len(t)] = t
     again = PrefixTree.from_page_tables(padded, tree.request_lengths(), page_size)
     assert again.num_nodes == got.num_nodes
-    bs = BlockSizes(chunk_pages=2, query_block=2, split_pages=2)
+    bs = _bs(2, 2)
     check_plan_invariants(got, plan_step(got, block_sizes=bs, cost_model=ALWAYS_SHARE), bs)
 
 
@@ -241,11 +248,11 @@ def test_from_page_tables_property(seed, depth, fanout, page_size, internal):
 def test_pinned_shape_drops_least_valuable_nodes(seed, items, slots):
     rng = np.random.default_rng(seed)
     tree, _ = make_tree(rng, depth=2, fanout=3, page_size=4, node_tokens=(1, 40), suffix_tokens=(1, 9))
-    bs = BlockSizes(chunk_pages=2, query_block=2, split_pages=2)
+    bs = _bs(2, 2)
     cost = CostModel(shared_token_cost=((1, 0.5), (2, 0.9)))
     free = plan_step(tree, block_sizes=bs, cost_model=cost)
     shape = StepShape(num_requests=free.shape.num_requests, num_items=items,
-                      private_pages=bucket(int(tree.request_lengths().max())), merge_slots=slots)
+                      private_pages=pow2_bucket(int(tree.request_lengths().max())), merge_slots=slots)
     plan = plan_step(tree, block_sizes=bs, cost_model=cost, shape=shape)
     assert plan.shape == shape
     assert set(plan.shared_nodes) <= set(free.shared_nodes)
@@ -253,28 +260,6 @@ def test_pinned_shape_drops_least_valuable_nodes(seed, items, slots):
     check_plan_invariants(tree, plan, bs)
     if free.shape.num_items <= items and free.shape.merge_slots <= slots:
         assert plan.shared_nodes == free.shared_nodes
-
-
-def test_min_shared_items_shortens_items():
-    """A 64-page prefix shared by 4 requests is 2 items of 32 pages; asked for 8 items the balancer
-    halves the pages per item twice (8 pages each, the rest of each item padding), never below one
-    compute tile, and a pinned shape caps it."""
-    tree = _star(4, prefix=64 * 16, suffix=16)
-    base = BlockSizes(chunk_pages=32, query_block=4, split_pages=8, pages_per_compute_block=4)
-
-    def items(bs, **kw):
-        step = plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE, force="share", **kw).step
-        valid = (step.item_page_lens > 0).sum(axis=1)
-        return int((valid > 0).sum()), int(valid.max()), step
-
-    assert items(base)[:2] == (2, 32)
-    n, longest, step = items(dataclasses.replace(base, min_shared_items=8))
-    assert (n, longest) == (8, 8) and step.item_pages.shape[1] == 32 and step.merge_rows.shape[1] == 8
-    assert items(dataclasses.replace(base, min_shared_items=10**6))[:2] == (16, 4)  # one 4-page tile each
-    pinned = StepShape(num_requests=4, num_items=4, private_pages=8, merge_slots=4)
-    assert items(dataclasses.replace(base, min_shared_items=8), shape=pinned)[:2] == (4, 16)
-    check_plan_invariants(tree, plan_step(tree, block_sizes=dataclasses.replace(base, min_shared_items=8),
-                                          cost_model=ALWAYS_SHARE, force="share"), base)
 
 
 def test_plan_from_page_tables_matches_reference():
@@ -288,7 +273,7 @@ def test_plan_from_page_tables_matches_reference():
         tables.append(np.concatenate([shared[:split], own]))
         lengths.append(split * ps + int(rng.integers(1, 30)))
     tree = PrefixTree.from_page_tables(tables, lengths, ps)
-    bs = kernel_block_sizes(ps)
+    bs = block_sizes(ps)
     plan = plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE)
     assert plan.use_sharing and len(plan.shared_nodes) == 2
     q, k, v = make_inputs(rng, num_requests=plan.shape.num_requests, total_pages=100, num_kv_heads=2,
@@ -296,12 +281,12 @@ def test_plan_from_page_tables_matches_reference():
     out = shared_prefix_attention_xla(q, k, v, plan.step, block_sizes=bs)
     table = np.stack([np.pad(t, (0, 16 - len(t))) for t in tables])
     ref = paged_attention_reference(q[:5], k, v, table, np.array(lengths))
-    _tol_check(out[:5], np.asarray(ref)[:5], v, jnp.float32)
+    check_close(out[:5], np.asarray(ref)[:5], v, jnp.float32)
 
 
-def test_shape_forcing_and_validation():
-    tree = _star(3, 64, 8, page_size=16)
-    bs = BlockSizes(chunk_pages=2, query_block=2, split_pages=2)
+def test_shape_pinning_and_validation():
+    tree = star(3, 64, 8, page_size=16)
+    bs = _bs(2, 2)
     plan = plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE)
     big = StepShape(num_requests=8, num_items=16, private_pages=8, merge_slots=8)
     assert plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE, shape=big).shape == big
@@ -310,58 +295,58 @@ def test_shape_forcing_and_validation():
     fitted = plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE, shape=small)
     assert fitted.shape == small and not fitted.use_sharing
     check_plan_invariants(tree, fitted, bs)
+    # ... a forced plan does not: it fails
     with pytest.raises(ValueError, match="num_items"):
-        plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE, shape=small, force="share")
+        forced_plan(tree, share=True, block_sizes=bs, shape=small)
     with pytest.raises(ValueError, match="private_pages"):
         plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE,
                   shape=StepShape(num_requests=4, num_items=1, private_pages=2, merge_slots=8))
-    assert plan.shape.num_items == bucket(plan.shape.num_items)
-    with pytest.raises(ValueError, match="force"):
-        plan_step(tree, block_sizes=bs, cost_model=ALWAYS_SHARE, force="always")
-    with pytest.raises(ValueError, match="power of two"):
-        BlockSizes(chunk_pages=3, query_block=2, split_pages=2)
-    with pytest.raises(ValueError, match="divide"):
-        BlockSizes(chunk_pages=2, query_block=2, split_pages=2, pages_per_compute_block=4)
-    with pytest.raises(ValueError, match="positive"):
-        BlockSizes(chunk_pages=2, query_block=0, split_pages=2)
-    with pytest.raises(ValueError, match="split_pages_per_compute_block=4 must divide split_pages=2"):
-        BlockSizes(chunk_pages=4, query_block=2, split_pages=2, split_pages_per_compute_block=4)
-    with pytest.raises(ValueError, match="prefetch must be 0 or 1"):
-        BlockSizes(chunk_pages=2, query_block=2, split_pages=2, prefetch=2)
-    with pytest.raises(ValueError, match="split_num_warps"):
-        BlockSizes(chunk_pages=2, query_block=2, split_pages=2, split_num_warps=3)
-    # the split-KV launch's own tile: it divides split_pages, not chunk_pages
-    bs = BlockSizes(chunk_pages=2, query_block=2, split_pages=8, pages_per_compute_block=2,
-                    split_pages_per_compute_block=8, split_num_stages=1)
-    launch = bs.split_launch()
-    assert (launch.pages_per_compute_block, launch.num_warps, launch.num_stages) == (8, 4, 1)
-    assert BlockSizes(chunk_pages=2, query_block=2, split_pages=2).split_launch().pages_per_compute_block == 1
+    assert plan.shape.num_items == pow2_bucket(plan.shape.num_items)
+
+
+def test_block_sizes_are_validated():
+    with pytest.raises(ValueError, match="chunk_pages must be a power of two"):
+        ItemsLaunch(chunk_pages=3, query_block=2)
+    with pytest.raises(ValueError, match="pages_per_compute_block=4 must divide chunk_pages=2"):
+        ItemsLaunch(chunk_pages=2, query_block=2, pages_per_compute_block=4)
+    with pytest.raises(ValueError, match="query_block must be a positive int"):
+        ItemsLaunch(chunk_pages=2, query_block=0)
+    with pytest.raises(ValueError, match="flat_kv must be a bool"):
+        ItemsLaunch(chunk_pages=2, query_block=2, flat_kv=1)
+    with pytest.raises(ValueError, match="row_tiers must be a positive int"):
+        ItemsLaunch(chunk_pages=2, query_block=2, row_tiers=True)
+    with pytest.raises(ValueError, match="pages_per_compute_block=4 must divide pages_per_split=2"):
+        SplitLaunch(pages_per_split=2, pages_per_compute_block=4)
+    with pytest.raises(ValueError, match="num_warps must be a power of two"):
+        SplitLaunch(pages_per_split=2, num_warps=3)
+    with pytest.raises(ValueError, match="min_programs must be an int >= 0"):
+        SplitLaunch(pages_per_split=2, min_programs=-1)
+    with pytest.raises(ValueError, match="partials_per_step must be a power of two"):
+        MergeLaunch(partials_per_step=3)
+    with pytest.raises(TypeError, match="BlockSizes.split must be a SplitLaunch"):
+        BlockSizes(items=ItemsLaunch(chunk_pages=2, query_block=2), split=ItemsLaunch(chunk_pages=2, query_block=2))
+    # each launch its own tile: the split-KV tile divides pages_per_split, not chunk_pages
+    bs = BlockSizes(items=ItemsLaunch(chunk_pages=2, query_block=2, pages_per_compute_block=2),
+                    split=SplitLaunch(pages_per_split=8, pages_per_compute_block=8, num_stages=1))
+    assert BlockSizes.from_dict(bs.to_dict()) == bs and hash(BlockSizes.from_dict(bs.to_dict())) == hash(bs)
+
+
+def test_prefix_tree_is_validated():
     with pytest.raises(ValueError, match="cycle"):
         PrefixTree(page_size=4, node_parent=np.array([1, 0]), node_pages=(np.arange(1), np.arange(1, 2)),
                    node_lens=np.array([3, 3]), request_nodes=np.array([0]))
-    with pytest.raises(ValueError, match="pages"):
+    with pytest.raises(ValueError, match="cycle through node 1"):  # a root, and a cycle beside it
+        PrefixTree(page_size=4, node_parent=np.array([-1, 2, 1]), node_pages=(np.arange(1),) * 3,
+                   node_lens=np.array([3, 3, 3]), request_nodes=np.array([0]))
+    with pytest.raises(ValueError, match="node 0 has 9 tokens but 1 pages"):
         PrefixTree(page_size=4, node_parent=np.array([-1]), node_pages=(np.arange(1),),
                    node_lens=np.array([9]), request_nodes=np.array([0]))
-
-
-def test_tuned_tables_are_valid():
-    for platform in ("cpu", "gpu", "tpu"):
-        bs = get_block_sizes(platform, 4, 128, 16, "float32")
-        assert isinstance(bs, BlockSizes)
-        cost = get_cost_model(platform)
-        assert cost.token_cost(bs.query_block) > 0
-    assert "H200" in get_cost_model("gpu").source  # measured, not a guess
-    # a dtype without its own calibration uses the platform's fp32 model
-    assert get_cost_model("gpu", "bfloat16") is get_cost_model("gpu", "float32")
-    # a dot mode with its own calibration has its own model; the others share the dtype's
-    assert "TF32" in get_cost_model("gpu", "float32", "tf32").source
-    assert get_cost_model("gpu", "float32", "tf32x3") is get_cost_model("gpu", "float32")
-    assert get_cost_model("gpu", "bfloat16", "tf32") is get_cost_model("gpu", "float32")
-    assert get_cost_model("tpu", "bfloat16") is get_cost_model("cpu")
-    assert get_block_sizes("gpu", 4, 128, 16, "float32") != get_block_sizes("gpu", 4, 128, 16, "bfloat16")
-    # a dot mode with tiles of its own; the others use the dtype's
-    assert get_block_sizes("gpu", 4, 128, 16, "float32", "tf32").chunk_pages == 32
-    for mode in ("auto", "tf32x3", "ieee"):
-        assert get_block_sizes("gpu", 4, 128, 16, "float32", mode) == get_block_sizes("gpu", 4, 128, 16, "float32")
-
-
+    with pytest.raises(ValueError, match="node 1 has a negative page id"):
+        PrefixTree(page_size=4, node_parent=np.array([-1, 0]), node_pages=(np.arange(1), np.array([-3])),
+                   node_lens=np.array([4, 2]), request_nodes=np.array([1]))
+    # a deep chain: depth by pointer jumping, paths root first
+    n = 300
+    chain = PrefixTree(page_size=4, node_parent=np.arange(-1, n - 1), node_pages=tuple(np.array([i]) for i in range(n)),
+                       node_lens=np.full(n, 4), request_nodes=np.array([n - 1, 5]))
+    assert chain.path(0) == list(range(n)) and chain.path(1) == list(range(6))
+    assert chain.request_lengths().tolist() == [4 * n, 24]

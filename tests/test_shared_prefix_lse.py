@@ -11,7 +11,7 @@ import pytest
 
 from jaxsys.pallas_kernels.shared_prefix_attention import shared_prefix_attention, shared_prefix_attention_xla
 from jaxsys.serve.engine.shared_decode import merge_self_token
-from test_shared_prefix_attention import INTERPRET, _plan, _setup, kernel_block_sizes
+from shared_prefix_cases import INTERPRET, block_sizes, plan, setup
 
 CASES = ("fan4_gqa4", "deep3_fan2_gqa8", "internal_requests_padded", "chain_no_sharing")
 
@@ -44,16 +44,16 @@ def _reference_lse(tree, q, k, v):
 @pytest.mark.parametrize("path", ["xla", "kernel"])
 @pytest.mark.parametrize("name", CASES)
 def test_return_lse_matches_reference(name, path):
-    tree, q, k, v = _setup(name, jnp.float32)
-    bs = kernel_block_sizes(tree.page_size)
-    plan, q = _plan(tree, q, "share", bs)
+    tree, q, k, v = setup(name, jnp.float32)
+    bs = block_sizes(tree.page_size)
+    p, q = plan(tree, q, "share", bs)
     if path == "xla":
-        out, lse = shared_prefix_attention_xla(q, k, v, plan.step, block_sizes=bs, return_lse=True)
-        plain = shared_prefix_attention_xla(q, k, v, plan.step, block_sizes=bs)
+        out, lse = shared_prefix_attention_xla(q, k, v, p.step, block_sizes=bs, return_lse=True)
+        plain = shared_prefix_attention_xla(q, k, v, p.step, block_sizes=bs)
     else:
-        out, lse = shared_prefix_attention(q, k, v, plan.step, block_sizes=bs, interpret=INTERPRET,
+        out, lse = shared_prefix_attention(q, k, v, p.step, block_sizes=bs, interpret=INTERPRET,
                                            return_lse=True)
-        plain = shared_prefix_attention(q, k, v, plan.step, block_sizes=bs, interpret=INTERPRET)
+        plain = shared_prefix_attention(q, k, v, p.step, block_sizes=bs, interpret=INTERPRET)
     ref_lse, ref_out = _reference_lse(tree, q, k, v)
     assert lse.shape == q.shape[:2] and lse.dtype == jnp.float32
     np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), np.isneginf(ref_lse))
@@ -64,15 +64,15 @@ def test_return_lse_matches_reference(name, path):
 
 
 def test_merge_self_token_equals_attention_over_cache_and_token():
-    tree, q, k, v = _setup("deep3_fan2_gqa8", jnp.float32)
-    bs = kernel_block_sizes(tree.page_size)
-    plan, q = _plan(tree, q, "share", bs)
+    tree, q, k, v = setup("deep3_fan2_gqa8", jnp.float32)
+    bs = block_sizes(tree.page_size)
+    p, q = plan(tree, q, "share", bs)
     rng = np.random.default_rng(3)
     b, hq, d = q.shape
     hkv = k.shape[0]
     k_self = rng.standard_normal((b, hkv, d)).astype(np.float32)
     v_self = rng.standard_normal((b, hkv, d)).astype(np.float32)
-    o, lse = shared_prefix_attention_xla(q, k, v, plan.step, block_sizes=bs, return_lse=True)
+    o, lse = shared_prefix_attention_xla(q, k, v, p.step, block_sizes=bs, return_lse=True)
     merged = np.asarray(merge_self_token(o, lse, q, jnp.asarray(k_self), jnp.asarray(v_self), 1 / math.sqrt(d)))
     qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
     g = hq // hkv

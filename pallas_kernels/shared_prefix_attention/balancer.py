@@ -1,9 +1,10 @@
 """Host side of shared-prefix decode attention: the prefix tree, the workload balancer, the builder.
 
 A serving engine calls this once per decode step, on the host, with numpy only (no jax, no
-device round trip). It turns the batch's prefix tree into a `SharedPrefixStep`: a handful of
-int32 arrays padded to static buckets, which `shared_prefix_attention_xla` (CPU) and
-`shared_prefix_attention` (Pallas, GPU) consume inside one compiled function.
+device round trip), and the step it builds serves every layer. It turns the batch's prefix tree
+into a `SharedPrefixStep`: a handful of int32 arrays padded to static buckets, which
+`shared_prefix_attention_xla` (CPU) and `shared_prefix_attention` (Pallas, GPU) consume inside
+one compiled function.
 
 The tree (`PrefixTree`) is what a radix prefix cache already has: nodes that own a run of KV
 tokens in physical pages, their parents, and the deepest node of each request. A request's
@@ -13,43 +14,41 @@ results (normalized output, log-sum-exp) merged later. That is the whole trick:
 
 * a node shared by R requests is read once for all R (one matrix product of the node's KV
   against the R x G stacked queries), instead of R times;
-* nodes longer than `BlockSizes.chunk_pages` pages are split into KV chunks, and blocks of at
-  most `BlockSizes.query_block` requests share one work item (balance: every item has the
+* nodes longer than `ItemsLaunch.chunk_pages` pages are split into KV chunks, and blocks of at
+  most `ItemsLaunch.query_block` requests share one work item (balance: every item has the
   same static size, so one compiled program serves every tree);
 * everything a request does not share (its suffix, and shared nodes that do not pay) goes to
   its *private* page table, run by the plain split-KV paged decode;
 * a request's output is the LSE merge of its private partials and of every shared partial on
   its path (`merge_rows`).
 
-The cost model (`CostModel`, measured by `benchmarks/attention.py`) decides node by node
-whether sharing pays (reading the KV once costs a padded, wider matrix product), and per
-step whether the sharing path pays at all; when it does not, the step is plain paged decode
-(`use_sharing=False`, no work items) and runs exactly the fallback kernel.
+`plan_step` runs in stages, each a function below: walk the tree (every request's path, the
+requests below each node, in depth-first order), price the sharable nodes with the `CostModel`,
+choose what to share (node by node, then within a pinned shape, then whether the step's saving
+pays the sharing path's fixed cost), and build the padded step. When sharing does not pay the
+step is plain paged decode (`use_sharing=False`, no work items) and runs exactly the fallback
+kernel. `forced_plan` builds the step of a given decision instead, for tests and benchmarks that
+check or time one path.
 
-Cost: O(sum over requests of path length + pages touched), i.e. O(batch) for a bounded tree
-depth, plus writing the page ids themselves.
+Every stage is vectorised numpy over the requests' paths: a handful of array operations per tree
+level, not per request, so a 64-request step plans in well under a millisecond.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 
-from .tuned_block_sizes import BlockSizes, CostModel
+from jaxsys.pallas_kernels.shapes import pow2_bucket
 
-__all__ = [
-    "PrefixTree",
-    "SharedPrefixStep",
-    "StepShape",
-    "StepPlan",
-    "plan_step",
-    "plain_step",
-    "bucket",
-]
+from .config import BlockSizes, CostModel
+
+__all__ = ["PrefixTree", "SharedPrefixStep", "StepShape", "StepPlan", "plan_step", "forced_plan", "plain_step"]
 
 
 class SharedPrefixStep(NamedTuple):
@@ -57,15 +56,16 @@ class SharedPrefixStep(NamedTuple):
 
     A NamedTuple, so jax treats it as a pytree of arrays (no registration, no jax import here).
 
-    Shapes: W work items, C = `BlockSizes.chunk_pages`, Qb = `BlockSizes.query_block`,
-    B padded requests, Pp private pages per request, M shared partials per request. W = M = 0 for a step that does not share.
+    Shapes: W work items, C = `ItemsLaunch.chunk_pages`, Qb = `ItemsLaunch.query_block`, B
+    padded requests, Pp private pages per request, M shared partials per request. W = M = 0 for a
+    step that does not share.
 
     Attributes:
       item_pages: i32[W, C] physical page of each page slot of each shared work item.
       item_page_lens: i32[W, C] valid tokens in that page (0 for padding slots).
       item_queries: i32[W, Qb] request (row of `q`) of each query slot; B marks an empty slot.
       private_pages: i32[B, Pp] each request's unshared pages (its page table minus shared nodes);
-        the attention functions pad Pp to whole splits of `split_pages`.
+        the attention functions pad Pp to whole splits of `SplitLaunch.pages_per_split`.
       private_page_lens: i32[B, Pp] valid tokens in each private page (0 for padding).
       merge_rows: i32[B, M] the shared partials a request merges, as `item * Qb + slot`;
         W * Qb marks an empty slot.
@@ -89,10 +89,25 @@ class StepShape:
     merge_slots: int  # M
 
 
-def bucket(n: int, minimum: int = 1) -> int:
-    """Smallest power of two >= max(n, minimum) (0 stays 0 when minimum is 0)."""
-    n = max(int(n), int(minimum))
-    return 0 if n == 0 else 1 << (n - 1).bit_length()
+def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
+    out = np.zeros(x.shape[0], np.int64)
+    np.cumsum(x[:-1], out=out[1:])
+    return out
+
+
+def _depths(parent: np.ndarray) -> np.ndarray:
+    """Depth of every node (roots 0) by pointer jumping: O(N log N) numpy, and a ValueError on a
+    cycle (its nodes never reach a root)."""
+    depth = (parent >= 0).astype(np.int64)  # distance to `up`, or the depth once `up` is past the root
+    up = parent.astype(np.int64)
+    for _ in range(max(parent.shape[0], 1).bit_length() + 1):
+        live = up >= 0
+        if not live.any():
+            return depth
+        hop = up[live]
+        depth[live] += depth[hop]
+        up[live] = up[hop]
+    raise ValueError(f"node_parent has a cycle through node {int(np.flatnonzero(up >= 0)[0])}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -120,7 +135,9 @@ class PrefixTree:
         parent = np.asarray(self.node_parent, np.int64).reshape(-1)
         lens = np.asarray(self.node_lens, np.int64).reshape(-1)
         reqs = np.asarray(self.request_nodes, np.int64).reshape(-1)
-        pages = tuple(np.asarray(p, np.int64).reshape(-1) for p in self.node_pages)
+        pages = tuple(self.node_pages)
+        if not all(type(p) is np.ndarray and p.dtype == np.int32 and p.ndim == 1 for p in pages):
+            pages = tuple(np.asarray(p, np.int64).reshape(-1) for p in pages)
         n = parent.shape[0]
         if self.page_size <= 0:
             raise ValueError(f"page_size must be positive, got {self.page_size}")
@@ -131,30 +148,37 @@ class PrefixTree:
             raise ValueError("node_parent entries must be -1 or a node id")
         if np.any(lens < 0):
             raise ValueError("node_lens must be >= 0")
-        for i, (p, length) in enumerate(zip(pages, lens)):
-            if p.shape[0] != -(-int(length) // self.page_size):
-                raise ValueError(f"node {i} has {length} tokens but {p.shape[0]} pages "
-                                 f"(page_size {self.page_size})")
-            if np.any(p < 0):
-                raise ValueError(f"node {i} has a negative page id")
+        counts = np.fromiter(map(len, pages), np.int64, count=n)
+        bad = np.flatnonzero(counts != -(-lens // self.page_size))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"node {i} has {lens[i]} tokens but {counts[i]} pages (page_size {self.page_size})")
+        flat = np.concatenate(pages) if n else np.zeros(0, np.int64)
+        if np.any(flat < 0):
+            i = int(np.searchsorted(np.cumsum(counts), int(np.flatnonzero(flat < 0)[0]), side="right"))
+            raise ValueError(f"node {i} has a negative page id")
         if np.any((reqs < 0) | (reqs >= n)):
             raise ValueError("request_nodes entries must be node ids")
-        depth = np.full(n, -1, np.int64)
-        for i in range(n):  # cycle check; amortized O(N)
-            chain = []
-            j = i
-            while j != -1 and depth[j] < 0:
-                if j in chain:
-                    raise ValueError(f"node_parent has a cycle through node {j}")
-                chain.append(j)
-                j = int(parent[j])
-            base = -1 if j == -1 else int(depth[j])
-            for k, c in enumerate(reversed(chain)):
-                depth[c] = base + 1 + k
-        object.__setattr__(self, "node_parent", parent.astype(np.int32))
-        object.__setattr__(self, "node_lens", lens.astype(np.int32))
-        object.__setattr__(self, "request_nodes", reqs.astype(np.int32))
-        object.__setattr__(self, "node_pages", tuple(p.astype(np.int32) for p in pages))
+        depth = _depths(parent)
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        # every page's valid tokens: full pages, then each node's last page holds the rest
+        fill = np.full(flat.shape[0], self.page_size, np.int64)
+        last = offsets[1:][counts > 0] - 1
+        fill[last] = lens[counts > 0] - self.page_size * (counts[counts > 0] - 1)
+        set_ = functools.partial(object.__setattr__, self)
+        set_("node_parent", parent.astype(np.int32))
+        set_("node_lens", lens.astype(np.int32))
+        set_("request_nodes", reqs.astype(np.int32))
+        if flat.dtype != np.int32:
+            pages = tuple(p.astype(np.int32) for p in pages)
+        set_("node_pages", pages)
+        # flat views for the vectorised planner: node n's pages are flat_pages[page_offsets[n]:
+        # page_offsets[n + 1]], with page_fill valid tokens each
+        set_("node_depth", depth.astype(np.int32))
+        set_("flat_pages", flat.astype(np.int32))
+        set_("page_fill", fill.astype(np.int32))
+        set_("page_offsets", offsets)
 
     @property
     def num_nodes(self) -> int:
@@ -166,24 +190,30 @@ class PrefixTree:
 
     def path(self, request: int) -> list[int]:
         """Node ids on a request's root-to-leaf path."""
-        out = []
-        j = int(self.request_nodes[request])
-        while j != -1:
-            out.append(j)
-            j = int(self.node_parent[j])
-        return out[::-1]
+        row = self.paths[request]
+        return [int(n) for n in row[row >= 0]]
+
+    @functools.cached_property
+    def paths(self) -> np.ndarray:
+        """i32[B, D] each request's root-to-leaf node ids (column = depth), -1 past its end."""
+        b = self.num_requests
+        depth_b = self.node_depth[self.request_nodes].astype(np.int64)
+        out = np.full((b, int(depth_b.max(initial=-1)) + 1), -1, np.int32)
+        rows = np.arange(b)
+        node = self.request_nodes.astype(np.int64)
+        for k in range(out.shape[1]):  # leaf first, one tree level per step
+            live = node >= 0
+            out[rows[live], depth_b[live] - k] = node[live]
+            node = np.where(live, self.node_parent[np.maximum(node, 0)], -1)
+        return out
 
     def node_page_lens(self, node: int) -> np.ndarray:
         """i32[pages] valid tokens of each page of a node."""
-        n_pages = self.node_pages[node].shape[0]
-        return np.minimum(self.page_size,
-                          int(self.node_lens[node]) - self.page_size * np.arange(n_pages)
-                          ).astype(np.int32)
+        return self.page_fill[self.page_offsets[node]:self.page_offsets[node + 1]]
 
     def request_lengths(self) -> np.ndarray:
         """i32[B] total KV tokens of each request."""
-        return np.array([sum(int(self.node_lens[n]) for n in self.path(r))
-                         for r in range(self.num_requests)], np.int32)
+        return np.where(self.paths >= 0, self.node_lens[self.paths], 0).sum(axis=1).astype(np.int32)
 
     @classmethod
     def from_page_tables(cls, page_tables, lengths: Sequence[int], page_size: int) -> "PrefixTree":
@@ -283,8 +313,8 @@ class StepPlan:
       use_sharing: False when the step falls back to plain paged decode (no work items).
       shared_nodes: tree nodes read once for all their requests.
       num_requests: real requests (rows of `step` past this are padding).
-      cost_plain: predicted cost of plain paged decode, in request-tokens (`CostModel`).
-      cost_chosen: predicted cost of the chosen plan, same units.
+      cost_plain: cost of plain paged decode, in request-tokens (`CostModel` units).
+      cost_chosen: predicted cost of the chosen plan, same units; None for a `forced_plan`.
       kv_tokens_read: KV tokens the chosen plan streams (per KV head), padding excluded.
     """
 
@@ -293,7 +323,7 @@ class StepPlan:
     shared_nodes: tuple[int, ...]
     num_requests: int
     cost_plain: float
-    cost_chosen: float
+    cost_chosen: float | None
     kv_tokens_read: int
 
     @property
@@ -303,155 +333,166 @@ class StepPlan:
                          private_pages=s.private_pages.shape[1], merge_slots=s.merge_rows.shape[1])
 
 
-def _requests_in_dfs_order(tree: PrefixTree) -> list[int]:
-    """Requests ordered by a depth-first walk, so each node's requests are contiguous."""
-    children: list[list[int]] = [[] for _ in range(tree.num_nodes)]
-    roots = []
-    for n, p in enumerate(tree.node_parent):
-        (roots if p < 0 else children[int(p)]).append(n)
-    at_node: list[list[int]] = [[] for _ in range(tree.num_nodes)]
-    for r, n in enumerate(tree.request_nodes):
-        at_node[int(n)].append(r)
-    order: list[int] = []
-    stack = roots[::-1]
-    while stack:
-        n = stack.pop()
-        order.extend(at_node[n])
-        stack.extend(children[n][::-1])
-    return order
+# -- stage 1: walk the tree ------------------------------------------------------------------------
 
 
-def plan_step(tree: PrefixTree, *, block_sizes: BlockSizes, cost_model: CostModel,
-              shape: StepShape | None = None, force: str | None = None,
-              min_requests: int = 1) -> StepPlan:
-    """Balances one decode step and builds its padded `SharedPrefixStep` (numpy, host side).
+class _Sharable(NamedTuple):
+    """The nodes worth considering for sharing (>= 2 requests below, >= 1 token), in the order a
+    depth-first walk first meets them, with the requests below each."""
 
-    Args:
-      tree: the batch's `PrefixTree`; row r of the step (and of `q`) is request r.
-      block_sizes: tiling; `chunk_pages`, `query_block` and `split_pages` shape the step.
-      cost_model: what a shared work item costs relative to plain paged decode.
-      shape: pin these static sizes (the engine's precompiled bucket); by default each size is
-        the next power of two (`bucket`). With a pinned shape the balancer unshares the nodes
-        that save least per work item until the items and merge slots fit; ValueError if the
-        requests or their private pages still do not fit.
-      force: None (the cost model decides), "share" (share every node with >= 2 requests;
-        for tests and benchmarks), or "plain" (no sharing).
-      min_requests: smallest padded batch (the engine's smallest bucket).
+    nodes: np.ndarray  # i64[S] node ids
+    order: np.ndarray  # i64[B] requests in depth-first order: each node's requests are contiguous
+    first: np.ndarray  # i64[S] where each node's requests start in `order`
+    count: np.ndarray  # i64[S] how many requests are below each node
 
-    Returns:
-      A `StepPlan`; pass `plan.step` to the attention functions.
-    """
-    if force not in (None, "share", "plain"):
-        raise ValueError(f"force must be None, 'share' or 'plain', got {force!r}")
-    ps = tree.page_size
-    qb = block_sizes.query_block
-    cp = block_sizes.chunk_pages
+
+def _sharable(tree: PrefixTree) -> _Sharable:
+    paths = tree.paths
+    # lexicographic order of the root-first paths is a depth-first walk (children by id; a
+    # request that ends at a node comes before the node's children, as -1 sorts first)
+    order = np.lexsort(paths.T[::-1]) if paths.shape[1] else np.arange(paths.shape[0])
+    walk = paths[order].ravel()
+    below = np.bincount(walk[walk >= 0], minlength=tree.num_nodes)
+    ok = np.zeros(tree.num_nodes + 1, bool)  # the extra entry is -1's: never sharable
+    ok[:-1] = (below >= 2) & (tree.node_lens > 0)
+    hits = np.flatnonzero(ok[walk])
+    nodes, at = np.unique(walk[hits], return_index=True)
+    seen = np.argsort(hits[at], kind="stable")  # in the order the walk first meets them
+    nodes, first = nodes[seen].astype(np.int64), hits[at][seen] // max(paths.shape[1], 1)
+    return _Sharable(nodes=nodes, order=order, first=first, count=below[nodes])
+
+
+# -- stage 2: price the sharable nodes --------------------------------------------------------------
+
+
+class _Prices(NamedTuple):
+    chunks: np.ndarray  # i64[S] KV chunks of each node
+    blocks: np.ndarray  # i64[S] query blocks of each node
+    items: np.ndarray  # i64[S] work items (chunks x blocks)
+    cost: np.ndarray | None  # f64[S] shared cost (request-tokens), None without a cost model
+    saving: np.ndarray | None  # f64[S] plain cost - shared cost
+
+
+def _price(tree: PrefixTree, sharable: _Sharable, block_sizes: BlockSizes, cost_model: CostModel | None) -> _Prices:
+    cp, qb, ps = block_sizes.items.chunk_pages, block_sizes.items.query_block, tree.page_size
+    n_pages = tree.page_offsets[sharable.nodes + 1] - tree.page_offsets[sharable.nodes]
+    chunks = -(-n_pages // cp)
+    blocks = -(-sharable.count // qb)
+    if cost_model is None:
+        return _Prices(chunks, blocks, chunks * blocks, None, None)
+    last = sharable.count - (blocks - 1) * qb  # requests in each node's last block
+    per_item = {int(s): cp * ps * cost_model.token_cost(int(s)) + cost_model.item_overhead
+                for s in np.unique(np.append(last, qb))}
+    cost = chunks * ((blocks - 1) * per_item[qb] + np.array([per_item[int(s)] for s in last], np.float64))
+    saving = sharable.count * tree.node_lens[sharable.nodes].astype(np.float64) - cost
+    return _Prices(chunks, blocks, chunks * blocks, cost, saving)
+
+
+# -- stage 3: choose what to share -----------------------------------------------------------------
+
+
+def _merge_need(tree: PrefixTree, nodes: np.ndarray, chunks: np.ndarray) -> int:
+    """Shared partials of the request that merges the most, sharing `nodes` (of `chunks` each)."""
+    per_node = np.zeros(tree.num_nodes, np.int64)
+    per_node[nodes] = chunks
+    paths = tree.paths
+    return int(np.where(paths >= 0, per_node[paths], 0).sum(axis=1).max(initial=0))
+
+
+def _choose(tree: PrefixTree, sharable: _Sharable, prices: _Prices, block_sizes: BlockSizes,
+            cost_model: CostModel, shape: StepShape | None) -> tuple[np.ndarray, float]:
+    """Indices (into `sharable`) of the nodes to share, and the step overhead they pay.
+
+    A node is shared where it saves; a pinned shape then unshares the nodes that save the least
+    per work item until the items and merge slots fit; the step shares at all only if the
+    summed saving exceeds the overhead of its largest item (`CostModel.overhead`)."""
+    chosen = [int(i) for i in np.flatnonzero(prices.saving > 0)]
+    if shape is not None:
+        def fits():
+            idx = np.asarray(chosen, np.int64)
+            return (int(prices.items[idx].sum()) <= shape.num_items
+                    and _merge_need(tree, sharable.nodes[idx], prices.chunks[idx]) <= shape.merge_slots)
+
+        while chosen and not fits():
+            chosen.remove(min(chosen, key=lambda i: prices.saving[i] / prices.items[i]))
+    qb = block_sizes.items.query_block
+    overhead = cost_model.overhead(max([min(qb, int(sharable.count[i])) for i in chosen] + [0]))
+    if not chosen or sum(float(prices.saving[i]) for i in chosen) <= overhead:
+        return np.zeros(0, np.int64), overhead
+    return np.asarray(chosen, np.int64), overhead
+
+
+# -- stage 4: build the padded step ---------------------------------------------------------------
+
+
+def _items(tree: PrefixTree, sharable: _Sharable, prices: _Prices, chosen: np.ndarray, block_sizes: BlockSizes):
+    """Work items of the chosen nodes, node-major, then query block, then KV chunk: (pages
+    i32[W, C], page lens i32[W, C], requests i64[W, Qb] with -1 for an empty slot)."""
+    cp, qb = block_sizes.items.chunk_pages, block_sizes.items.query_block
+    per_node = prices.items[chosen]
+    w = int(per_node.sum())
+    which = np.repeat(chosen, per_node)  # each item's index into `sharable`
+    k = np.arange(w) - np.repeat(_exclusive_cumsum(per_node), per_node)
+    block, chunk = np.divmod(k, prices.chunks[which])
+    node = sharable.nodes[which]
+    page = chunk[:, None] * cp + np.arange(cp)[None, :]  # [W, C] page index within the node
+    n_pages = (tree.page_offsets[node + 1] - tree.page_offsets[node])[:, None]
+    src = np.minimum(tree.page_offsets[node][:, None] + page, max(tree.flat_pages.shape[0] - 1, 0))
+    valid = page < n_pages
+    pages = np.where(valid, tree.flat_pages[src] if w else 0, 0).astype(np.int32)
+    lens = np.where(valid, tree.page_fill[src] if w else 0, 0).astype(np.int32)
+    slot = block[:, None] * qb + np.arange(qb)[None, :]  # [W, Qb] position among the node's requests
+    at = np.minimum(sharable.first[which][:, None] + slot, sharable.order.shape[0] - 1)
+    requests = np.where(slot < sharable.count[which][:, None], sharable.order[at] if w else -1, -1)
+    return pages, lens, requests
+
+
+def _private(tree: PrefixTree, shared_nodes: np.ndarray):
+    """Each request's pages outside the shared nodes, root first: (pages, lens, request, column)
+    of every private page, flat."""
+    paths = tree.paths
+    is_shared = np.zeros(tree.num_nodes + 1, bool)  # the extra entry is -1's
+    is_shared[shared_nodes] = True
+    keep = (paths >= 0) & ~is_shared[paths]
+    req, col_of_node = np.nonzero(keep)  # row-major: by request, then root first
+    node = paths[req, col_of_node].astype(np.int64)
+    count = tree.page_offsets[node + 1] - tree.page_offsets[node]
+    starts = _exclusive_cumsum(count)
+    total = int(count.sum())
+    k = np.arange(total) - np.repeat(starts, count)
+    src = np.repeat(tree.page_offsets[node], count) + k
+    row = np.repeat(req, count)
+    first_of_request = starts[np.searchsorted(req, req, side="left")]
+    col = np.arange(total) - np.repeat(first_of_request, count)
+    return tree.flat_pages[src], tree.page_fill[src], row, col
+
+
+def _build(tree: PrefixTree, sharable: _Sharable, prices: _Prices, chosen: np.ndarray, block_sizes: BlockSizes,
+           shape: StepShape | None, min_requests: int):
+    """The padded `SharedPrefixStep` sharing `chosen`, and the KV tokens it reads."""
+    qb, cp = block_sizes.items.query_block, block_sizes.items.chunk_pages
     n_req = tree.num_requests
-    paths = [tree.path(r) for r in range(n_req)]
-    below = np.zeros(tree.num_nodes, np.int64)
-    for path in paths:
-        for n in set(path):
-            below[n] += 1
-    order = _requests_in_dfs_order(tree)
-    reqs_below: dict[int, list[int]] = {}
-    for r in order:
-        for n in paths[r]:
-            if below[n] >= 2 and tree.node_lens[n] > 0:
-                reqs_below.setdefault(n, []).append(r)
-
-    cost_plain = float(sum(int(tree.node_lens[n]) for path in paths for n in path))
-    n_chunks, n_items, saving = {}, {}, {}
-    cost_sh: dict[int, float] = {}
-    shared: list[int] = []
-    for n, rs in reqs_below.items():
-        n_chunks[n] = -(-tree.node_pages[n].shape[0] // cp)
-        blocks = [min(qb, len(rs) - q0) for q0 in range(0, len(rs), qb)]
-        n_items[n] = n_chunks[n] * len(blocks)
-        cost_sh[n] = n_chunks[n] * sum(cp * ps * cost_model.token_cost(blk) + cost_model.item_overhead
-                                       for blk in blocks)
-        saving[n] = float(len(rs) * int(tree.node_lens[n])) - cost_sh[n]
-        if force == "share" or (force is None and saving[n] > 0):
-            shared.append(n)
-    if shape is not None and force != "share":
-        # A pinned shape bounds the work items and merge slots: drop the nodes that save the
-        # least per work item until the step fits (their tokens go to the private tables).
-        def merge_need(nodes):
-            s = set(nodes)
-            return max([sum(n_chunks[n] for n in path if n in s) for path in paths] + [0])
-
-        while shared and (sum(n_items[n] for n in shared) > shape.num_items
-                          or merge_need(shared) > shape.merge_slots):
-            shared.remove(min(shared, key=lambda n: saving[n] / n_items[n]))
-    # the step's fixed extra cost depends on its largest work item (`CostModel.overhead`)
-    step_overhead = cost_model.overhead(max([min(qb, len(reqs_below[n])) for n in shared] + [0]))
-    use_sharing = bool(shared) and force != "plain" and (
-        force == "share" or sum(saving[n] for n in shared) > step_overhead)
-    if not use_sharing:
-        shared = []
-    shared_set = set(shared)
-    cost_shared_nodes = sum(cost_sh[n] for n in shared)
-
-    # Pages per work item: `chunk_pages`, or shorter where the step has too few items to fill
-    # the GPU (`BlockSizes.min_shared_items`), as long as a pinned shape still holds them.
-    item_len = cp
-    if block_sizes.min_shared_items and shared:
-        def items_of(length):
-            return sum(-(-tree.node_pages[n].shape[0] // length) * -(-len(reqs_below[n]) // qb) for n in shared)
-
-        def merge_of(length):
-            return max(sum(-(-tree.node_pages[n].shape[0] // length) for n in path if n in shared_set)
-                       for path in paths)
-
-        while (item_len // 2 >= block_sizes.pages_per_compute_block
-               and items_of(item_len) < block_sizes.min_shared_items
-               and (shape is None or (items_of(item_len // 2) <= shape.num_items
-                                      and merge_of(item_len // 2) <= shape.merge_slots))):
-            item_len //= 2
-
-    # Work items: node-major, then query block, then KV chunk.
-    item_pages, item_lens, item_queries = [], [], []
-    merge: list[list[int]] = [[] for _ in range(n_req)]
-    for n in shared:
-        rs = reqs_below[n]
-        pages = tree.node_pages[n]
-        plens = tree.node_page_lens(n)
-        for q0 in range(0, len(rs), qb):
-            block = rs[q0:q0 + qb]
-            for c0 in range(0, pages.shape[0], item_len):
-                w = len(item_pages)
-                item_pages.append(pages[c0:c0 + item_len])
-                item_lens.append(plens[c0:c0 + item_len])
-                item_queries.append(block)
-                for slot, r in enumerate(block):
-                    merge[r].append(w * qb + slot)
-    private_pages, private_lens = [], []
-    for path in paths:
-        keep = [n for n in path if n not in shared_set]
-        private_pages.append(np.concatenate([tree.node_pages[n] for n in keep] or [np.zeros(0, np.int32)]))
-        private_lens.append(np.concatenate([tree.node_page_lens(n) for n in keep] or [np.zeros(0, np.int32)]))
-
-    need = StepShape(
-        num_requests=n_req,
-        num_items=len(item_pages),
-        private_pages=max([p.shape[0] for p in private_pages] + [0]),
-        merge_slots=max([len(m) for m in merge] + [0]),
-    )
+    item_pages, item_lens, item_requests = _items(tree, sharable, prices, chosen, block_sizes)
+    pages, lens, row, col = _private(tree, sharable.nodes[chosen])
+    # merge rows: each request's (item, slot)s in item order
+    w_idx, s_idx = np.nonzero(item_requests >= 0)
+    r_idx = item_requests[w_idx, s_idx]
+    by_request = np.argsort(r_idx, kind="stable")
+    r_sorted = r_idx[by_request]
+    m_col = np.arange(r_sorted.shape[0]) - np.searchsorted(r_sorted, r_sorted, side="left")
+    need = StepShape(num_requests=n_req, num_items=item_pages.shape[0],
+                     private_pages=int(col.max(initial=-1)) + 1, merge_slots=int(m_col.max(initial=-1)) + 1)
     if shape is None:
-        shape = StepShape(
-            num_requests=bucket(n_req, min_requests),
-            num_items=bucket(need.num_items, 0),
-            private_pages=bucket(need.private_pages, 1),
-            merge_slots=bucket(need.merge_slots, 0),
-        )
+        shape = StepShape(num_requests=pow2_bucket(n_req, min_requests), num_items=pow2_bucket(need.num_items, 0),
+                          private_pages=pow2_bucket(need.private_pages, 1),
+                          merge_slots=pow2_bucket(need.merge_slots, 0))
     for f in dataclasses.fields(StepShape):
         if getattr(need, f.name) > getattr(shape, f.name):
-            raise ValueError(f"step needs {f.name}={getattr(need, f.name)} but the shape has "
-                             f"{getattr(shape, f.name)}")
+            raise ValueError(f"step needs {f.name}={getattr(need, f.name)} but the shape has {getattr(shape, f.name)}")
     if shape.private_pages <= 0:
         raise ValueError(f"shape.private_pages={shape.private_pages} must be positive")
-    if use_sharing and shape.num_items == 0:
+    if chosen.size and shape.num_items == 0:
         raise ValueError("a sharing step needs num_items > 0")
-
     B, W, Pp, M = shape.num_requests, shape.num_items, shape.private_pages, shape.merge_slots
     step = SharedPrefixStep(
         item_pages=np.zeros((W, cp), np.int32),
@@ -461,42 +502,85 @@ def plan_step(tree: PrefixTree, *, block_sizes: BlockSizes, cost_model: CostMode
         private_page_lens=np.zeros((B, Pp), np.int32),
         merge_rows=np.full((B, M), W * qb, np.int32),
     )
-    for w, (p, pl_, qs) in enumerate(zip(item_pages, item_lens, item_queries)):
-        step.item_pages[w, :p.shape[0]] = p
-        step.item_page_lens[w, :p.shape[0]] = pl_
-        step.item_queries[w, :len(qs)] = qs
-    for r in range(n_req):
-        step.private_pages[r, :private_pages[r].shape[0]] = private_pages[r]
-        step.private_page_lens[r, :private_lens[r].shape[0]] = private_lens[r]
-        step.merge_rows[r, :len(merge[r])] = merge[r]
+    w = item_pages.shape[0]
+    step.item_pages[:w] = item_pages
+    step.item_page_lens[:w] = item_lens
+    step.item_queries[:w] = np.where(item_requests >= 0, item_requests, B)
+    step.private_pages[row, col] = pages
+    step.private_page_lens[row, col] = lens
+    step.merge_rows[r_sorted, m_col] = (w_idx * qb + s_idx)[by_request]
+    return step, int(lens.sum()), int(item_lens.sum())
 
-    private_tokens = float(sum(int(pl_.sum()) for pl_ in private_lens))
-    cost_chosen = (private_tokens + cost_shared_nodes + step_overhead if use_sharing else cost_plain)
-    kv_read = int(private_tokens) + int(sum(int(pl_.sum()) for pl_ in item_lens))
-    return StepPlan(step=step, use_sharing=use_sharing, shared_nodes=tuple(shared),
-                    num_requests=n_req, cost_plain=cost_plain, cost_chosen=float(cost_chosen),
-                    kv_tokens_read=kv_read)
+
+def _plan(tree: PrefixTree, sharable: _Sharable, prices: _Prices, chosen: np.ndarray, block_sizes: BlockSizes,
+          shape: StepShape | None, min_requests: int, overhead: float | None) -> StepPlan:
+    step, private_tokens, item_tokens = _build(tree, sharable, prices, chosen, block_sizes, shape, min_requests)
+    cost_plain = float(tree.request_lengths().sum())
+    if overhead is None:
+        cost_chosen = None
+    elif chosen.size:
+        cost_chosen = float(private_tokens + sum(float(prices.cost[i]) for i in chosen) + overhead)
+    else:
+        cost_chosen = cost_plain
+    return StepPlan(step=step, use_sharing=bool(chosen.size), shared_nodes=tuple(int(n) for n in sharable.nodes[chosen]),
+                    num_requests=tree.num_requests, cost_plain=cost_plain, cost_chosen=cost_chosen,
+                    kv_tokens_read=private_tokens + item_tokens)
+
+
+def plan_step(tree: PrefixTree, *, block_sizes: BlockSizes, cost_model: CostModel, shape: StepShape | None = None,
+              min_requests: int = 1) -> StepPlan:
+    """Balances one decode step and builds its padded `SharedPrefixStep` (numpy, host side).
+
+    Args:
+      tree: the batch's `PrefixTree`; row r of the step (and of `q`) is request r.
+      block_sizes: tiling; `items.chunk_pages` and `items.query_block` shape the step.
+      cost_model: what a shared work item costs relative to plain paged decode.
+      shape: pin these static sizes (the engine's precompiled bucket); by default each size is
+        the next power of two. With a pinned shape the balancer unshares the nodes that save
+        least per work item until the items and merge slots fit; ValueError if the requests or
+        their private pages still do not fit.
+      min_requests: smallest padded batch (the engine's smallest bucket).
+
+    Returns:
+      A `StepPlan`; pass `plan.step` to the attention functions.
+    """
+    sharable = _sharable(tree)
+    prices = _price(tree, sharable, block_sizes, cost_model)
+    chosen, overhead = _choose(tree, sharable, prices, block_sizes, cost_model, shape)
+    return _plan(tree, sharable, prices, chosen, block_sizes, shape, min_requests, overhead)
+
+
+def forced_plan(tree: PrefixTree, *, share: bool, block_sizes: BlockSizes, shape: StepShape | None = None,
+                min_requests: int = 1) -> StepPlan:
+    """The step of a given decision, for tests and benchmarks that check or time one path:
+    `share=True` shares every node below >= 2 requests (whether it pays or not; ValueError where
+    a pinned shape cannot hold them), `share=False` none. Arguments as `plan_step`'s; the plan
+    has no predicted cost (`cost_chosen` is None)."""
+    sharable = _sharable(tree)
+    prices = _price(tree, sharable, block_sizes, None)
+    chosen = np.arange(sharable.nodes.shape[0]) if share else np.zeros(0, np.int64)
+    return _plan(tree, sharable, prices, chosen, block_sizes, shape, min_requests, None)
 
 
 def plain_step(page_indices: np.ndarray, lengths: np.ndarray, page_size: int, *,
                block_sizes: BlockSizes) -> SharedPrefixStep:
     """A non-sharing `SharedPrefixStep` from classic page tables (i32[B, P]) and lengths (i32[B]).
 
-    The private page table is the page table itself (padded to a multiple of `split_pages`
-    when longer than one split).
+    The private page table is the page table itself (padded to a multiple of
+    `split.pages_per_split` when longer than one split).
     """
     page_indices = np.asarray(page_indices, np.int32)
     lengths = np.asarray(lengths, np.int32)
     b, p = page_indices.shape
-    sp = block_sizes.split_pages
+    sp = block_sizes.split.pages_per_split
     pp = max(p, 1) if max(p, 1) <= sp else sp * math.ceil(p / sp)
     pages = np.zeros((b, pp), np.int32)
     pages[:, :p] = page_indices
     fill = np.clip(lengths[:, None] - page_size * np.arange(pp)[None, :], 0, page_size)
     return SharedPrefixStep(
-        item_pages=np.zeros((0, block_sizes.chunk_pages), np.int32),
-        item_page_lens=np.zeros((0, block_sizes.chunk_pages), np.int32),
-        item_queries=np.zeros((0, block_sizes.query_block), np.int32),
+        item_pages=np.zeros((0, block_sizes.items.chunk_pages), np.int32),
+        item_page_lens=np.zeros((0, block_sizes.items.chunk_pages), np.int32),
+        item_queries=np.zeros((0, block_sizes.items.query_block), np.int32),
         private_pages=pages,
         private_page_lens=fill.astype(np.int32),
         merge_rows=np.zeros((b, 0), np.int32),

@@ -9,7 +9,7 @@ The algorithm, for one decode step described by a `SharedPrefixStep` (see `balan
    (normalized output, log-sum-exp) per query row. The product uses only as many rows as
    the item has requests (rounded up to a power of two, chosen per item by `lax.switch`).
 2. Private pages. Whatever a request does not share runs as plain split-KV paged decode
-   ("FlashDecoding"): its page table is cut into splits of `split_pages` pages, one partial
+   ("FlashDecoding"): its page table is cut into splits of `pages_per_split` pages, one partial
    per split.
 
 Items and splits run in `lax.map` loops whose bodies gather one chunk or split: on a CPU
@@ -36,7 +36,8 @@ import jax
 import jax.numpy as jnp
 
 from .balancer import SharedPrefixStep
-from .tuned_block_sizes import BlockSizes
+from .config import BlockSizes
+from .validation import check_paged_inputs, check_shared_prefix_inputs
 
 __all__ = ["shared_prefix_attention_xla", "paged_attention_xla", "merge_partials"]
 
@@ -169,27 +170,6 @@ def _shared_partials(q_bhgd, k_pages, v_pages, step: SharedPrefixStep, sm_scale)
     return o, lse
 
 
-def _check(q, k_pages, v_pages, step: SharedPrefixStep, block_sizes):
-    if not isinstance(block_sizes, BlockSizes):
-        raise TypeError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
-    if q.ndim != 3 or k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
-        raise ValueError(f"expected q [B, Hq, D] and k/v_pages [Hkv, NP, ps, D], got q {q.shape}, "
-                         f"k_pages {k_pages.shape}, v_pages {v_pages.shape}")
-    b, hq, d = q.shape
-    hkv = k_pages.shape[0]
-    if hq % hkv or k_pages.shape[3] != d:
-        raise ValueError(f"num_q_heads {hq} must be a multiple of num_kv_heads {hkv} and head_dim "
-                         f"must match ({d} vs {k_pages.shape[3]})")
-    if k_pages.dtype != v_pages.dtype:
-        raise ValueError(f"k_pages and v_pages dtypes differ: {k_pages.dtype} vs {v_pages.dtype}")
-    w, c = step.item_pages.shape
-    if (step.item_page_lens.shape != (w, c) or step.item_queries.shape[0] != w
-            or step.private_pages.shape[0] != b or step.private_page_lens.shape != step.private_pages.shape
-            or step.merge_rows.shape[0] != b):
-        raise ValueError(f"step shapes do not fit together or with q {q.shape}: "
-                         f"{ {k: getattr(v, 'shape', None) for k, v in step._asdict().items()} }")
-
-
 @functools.partial(jax.jit, static_argnames=("block_sizes", "sm_scale", "return_lse"))
 def shared_prefix_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                                 step: SharedPrefixStep, *, block_sizes: BlockSizes,
@@ -202,12 +182,12 @@ def shared_prefix_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.A
         num_q_heads // num_kv_heads.
       k_pages: [num_kv_heads, total_num_pages, page_size, head_dim] one layer's key cache.
       v_pages: [num_kv_heads, total_num_pages, page_size, head_dim] one layer's value cache.
-      step: `SharedPrefixStep` from `balancer.plan_step` (int32 arrays, numpy or jax):
+      step: `SharedPrefixStep` from `plan_step` (int32 arrays, numpy or jax):
         item_pages i32[W, C], item_page_lens i32[W, C], item_queries i32[W, Qb],
         private_pages i32[B, Pp], private_page_lens i32[B, Pp], merge_rows i32[B, M].
         W = 0 runs plain paged decode.
-      block_sizes: `BlockSizes` (static); uses split_pages (pages per split of the private,
-        plain part; the last split is padded). C and Qb come from the step's shapes.
+      block_sizes: `BlockSizes` (static); uses `split.pages_per_split` (pages per split of the
+        private, plain part; the last split is padded). C and Qb come from the step's shapes.
       sm_scale: softmax scale, default 1/sqrt(head_dim).
       return_lse: also return the log-sum-exp of the scaled scores, f32[B, num_q_heads] (-inf
         for a request with no KV), so a caller can merge in more keys (e.g. the new token).
@@ -216,14 +196,14 @@ def shared_prefix_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.A
       [B, num_q_heads, head_dim] in q's dtype; padding requests (no pages) get zeros.
       With return_lse: (that, lse).
     """
-    _check(q, k_pages, v_pages, step, block_sizes)
+    check_shared_prefix_inputs(q, k_pages, v_pages, step, block_sizes)
     b, hq, d = q.shape
     hkv = k_pages.shape[0]
     g = hq // hkv
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
     q_bhgd = q.astype(k_pages.dtype).reshape(b, hkv, g, d)
     o, lse = _private_partials(q_bhgd, k_pages, v_pages, step.private_pages,
-                               step.private_page_lens, block_sizes.split_pages, scale)
+                               step.private_page_lens, block_sizes.split.pages_per_split, scale)
     if step.item_pages.shape[0] > 0 and step.merge_rows.shape[1] > 0:
         o_sh, lse_sh = _shared_partials(q_bhgd, k_pages, v_pages, step, scale)
         o = jnp.concatenate([o, o_sh[step.merge_rows]], axis=1)  # [B, S + M, Hkv, G, D]
@@ -246,25 +226,21 @@ def paged_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
       v_pages: [num_kv_heads, total_num_pages, page_size, head_dim].
       page_indices: i32[B, pages_per_sequence] physical pages of each request.
       lengths: i32[B] tokens of each request (0 for a padding request: zeros out).
-      block_sizes: `BlockSizes` (static); uses split_pages, the pages per KV split (each split
-        gives one (output, LSE) partial).
+      block_sizes: `BlockSizes` (static); uses `split.pages_per_split`, the pages per KV split
+        (each split gives one (output, LSE) partial).
       sm_scale: softmax scale, default 1/sqrt(head_dim).
 
     Returns:
       [B, num_q_heads, head_dim] in q's dtype.
     """
-    if not isinstance(block_sizes, BlockSizes):
-        raise TypeError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
+    check_paged_inputs(q, k_pages, v_pages, page_indices, lengths, block_sizes)
     b, hq, d = q.shape
     hkv, _, ps, _ = k_pages.shape
     pp = page_indices.shape[1]
-    if page_indices.shape[0] != b or lengths.shape != (b,):
-        raise ValueError(f"page_indices {page_indices.shape} / lengths {lengths.shape} do not fit "
-                         f"q {q.shape}")
     page_lens = jnp.clip(lengths[:, None] - ps * jnp.arange(pp, dtype=jnp.int32)[None, :], 0, ps)
     g = hq // hkv
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
     q_bhgd = q.astype(k_pages.dtype).reshape(b, hkv, g, d)
     o, lse = _private_partials(q_bhgd, k_pages, v_pages, page_indices, page_lens.astype(jnp.int32),
-                               block_sizes.split_pages, scale)
+                               block_sizes.split.pages_per_split, scale)
     return merge_partials(o, lse, axis=1).reshape(b, hq, d).astype(q.dtype)

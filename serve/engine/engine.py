@@ -37,6 +37,7 @@ class EngineConfig:
     max_prefill_batch: int = 8
     prefill_chunk: int = 512  # max new tokens of one request in one prefill step
     shared_attention: bool = True  # shared-prefix decode attention (FlashForge/CoDec) vs plain paged
+    attention_precision: str = "tf32x3"  # GPU fp32 dots of decode attention: "tf32x3", "tf32" or "ieee"
 
     def __post_init__(self):
         for name in ("page_size", "num_pages", "max_decode_batch", "max_prefill_batch", "prefill_chunk"):

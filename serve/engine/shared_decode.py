@@ -1,17 +1,20 @@
 """Shared-prefix decode attention inside the engine's decode step.
 
 The scheduler groups the running requests by their radix-tree ancestors into a `PrefixTree` over
-the KV already in the cache; `plan_step` (host, numpy) balances it into a padded
-`SharedPrefixStep`. On the device, per layer, the kernel attends every request's cached KV,
-reading each shared chunk once for all requests below it, and returns (output, log-sum-exp); this
-step's own token (not yet in the cache: the decoder writes new K/V once, after all layers) is one
-more partial, merged by LSE. CPU runs the XLA path, GPU the Pallas kernel. Both read the cache
-through its flat page view (`kv_cache.flat_pages`) with page ids offset to the layer, so no layer
-is sliced (copied) out of the cache.
+the KV already in the cache; `plan_step` (host, numpy, once per step for every layer) balances it
+into a padded `SharedPrefixStep`. On the device, per layer, the kernel attends every request's
+cached KV, reading each shared chunk once for all requests below it, and returns (output,
+log-sum-exp); this step's own token (not yet in the cache: the decoder writes new K/V once, after
+all layers) is one more partial, merged by LSE. CPU runs the XLA path, GPU the Pallas kernel at
+`EngineConfig.attention_precision`. Both read the cache through its flat page view
+(`kv_cache.flat_pages`) with page ids offset to the layer, so no layer is sliced (copied) out of
+the cache. Tiles and cost model come from the kernel package's tables for this device, KV dtype,
+precision and attention shape (`get_default`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -19,9 +22,9 @@ import jax.numpy as jnp
 
 from jaxsys.models.config import ModelConfig
 from jaxsys.models.kv_cache import flat_pages
-from jaxsys.pallas_kernels.shared_prefix_attention import (SharedPrefixStep, get_block_sizes, get_cost_model,
-                                                          plan_step)
-from jaxsys.pallas_kernels.shared_prefix_attention.xla import merge_partials, shared_prefix_attention_xla
+from jaxsys.pallas_kernels.shared_prefix_attention import (SharedPrefixStep, get_default,
+                                                          merge_partials, plan_step, shared_prefix_attention,
+                                                          shared_prefix_attention_xla)
 
 
 def merge_self_token(o_BxHxD: jax.Array, lse_BxH: jax.Array, q_BxHxD: jax.Array, k_self_BxKxD: jax.Array,
@@ -45,26 +48,39 @@ def offset_pages(step: SharedPrefixStep, offset: jax.Array) -> SharedPrefixStep:
 
 def make_shared_decode(cfg: ModelConfig, engine_config):
     """(attention function for `decoder.forward`, host builder: (PrefixTree, B) -> SharedPrefixStep)."""
-    platform = jax.devices()[0].platform
-    block_sizes = get_block_sizes(platform, cfg.q_per_kv, cfg.head_dim, engine_config.page_size, cfg.dtype)
-    cost_model = get_cost_model(platform, cfg.dtype)
-    scale = 1.0 / math.sqrt(cfg.head_dim)
+    device = jax.devices()[0]
+    precision = engine_config.attention_precision
+    tuned = get_default(device.device_kind, cfg.dtype, precision, q_per_kv=cfg.q_per_kv, head_dim=cfg.head_dim,
+                        page_size=engine_config.page_size)
+    if device.platform == "gpu":
+        attend = functools.partial(shared_prefix_attention, block_sizes=tuned.block_sizes, precision=precision,
+                                   return_lse=True)
+    else:
+        attend = functools.partial(shared_prefix_attention_xla, block_sizes=tuned.block_sizes, return_lse=True)
+    return attention_fn(attend), step_builder(tuned)
 
-    def attention(q_BxTxHxD, k_new_BxTxKxD, v_new_BxTxKxD, cache, layer, positions_BxT, meta, cfg_):
+
+def attention_fn(attend):
+    """Decode attention for `decoder.forward` (`decoder.AttentionFn`) over the step's
+    `meta.shared`: `attend(q, k_pages, v_pages, step, sm_scale=)` -> (out, lse) is the kernel."""
+
+    def attention(q_BxTxHxD, k_new_BxTxKxD, v_new_BxTxKxD, cache, layer, positions_BxT, meta, cfg):
         q = q_BxTxHxD[:, 0]
+        scale = 1.0 / math.sqrt(cfg.head_dim)
         k_pages, v_pages = flat_pages(cache)  # [Hkv, L * N, ps, D]: this layer's pages are offset
-        step = offset_pages(meta.shared, layer * cache.num_pages)
-        if platform == "gpu":
-            from jaxsys.pallas_kernels.shared_prefix_attention import shared_prefix_attention
-
-            o, lse = shared_prefix_attention(q, k_pages, v_pages, step, block_sizes=block_sizes, return_lse=True)
-        else:
-            o, lse = shared_prefix_attention_xla(q, k_pages, v_pages, step, block_sizes=block_sizes,
-                                                 return_lse=True)
+        o, lse = attend(q, k_pages, v_pages, offset_pages(meta.shared, layer * cache.num_pages), sm_scale=scale)
         out = merge_self_token(o, lse, q, k_new_BxTxKxD[:, 0], v_new_BxTxKxD[:, 0], scale)
         return out[:, None].astype(q_BxTxHxD.dtype)
 
-    def build(tree, padded_batch: int):
-        return plan_step(tree, block_sizes=block_sizes, cost_model=cost_model, min_requests=padded_batch).step
+    return attention
 
-    return attention, build
+
+def step_builder(tuned):
+    """Host builder of each decode step: (PrefixTree, padded batch) -> SharedPrefixStep, planned
+    with `tuned`'s tiles and cost model (`get_default`)."""
+
+    def build(tree, padded_batch: int) -> SharedPrefixStep:
+        return plan_step(tree, block_sizes=tuned.block_sizes, cost_model=tuned.cost_model,
+                         min_requests=padded_batch).step
+
+    return build
