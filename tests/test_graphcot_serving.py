@@ -1,0 +1,226 @@
+"""GLM and Graph-CoT on the real serving engine (a tiny random model over SmolLM2's vocabulary and
+tokenizer: its text is noise, so the agents' outputs are malformed and every parser path runs) and
+over our own OpenAI-compatible server on loopback; the priority eviction policy on a real radix
+tree; the phase gate of the pipelining ablation; the vertex layout's token sharing."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("bm25s")
+pytest.importorskip("RestrictedPython")
+
+from graphcot_helpers import small_graph, tiny_text_model  # noqa: E402
+from serve_helpers import check_idle  # noqa: E402
+
+from jaxsys.serve.graphcot import prompts  # noqa: E402
+from jaxsys.serve.graphcot.backends import BackendUnreachable, EngineBackend, OpenAIBackend  # noqa: E402
+from jaxsys.serve.graphcot.cache_policy import Span, VertexPriorityPolicy  # noqa: E402
+from jaxsys.serve.graphcot.graph import render_vertex  # noqa: E402
+from jaxsys.serve.graphcot.questions import generate_questions  # noqa: E402
+from jaxsys.serve.graphcot.runner import GraphQA, PhaseGate, RunConfig, summarize  # noqa: E402
+
+SMALL = dict(graphcot_max_tokens=12, max_steps=2, c_tokens=4, r_tokens=12, a_tokens=24, max_iters=1)
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory):
+    return small_graph(tmp_path_factory.mktemp("g"))
+
+
+@pytest.fixture(scope="module")
+def questions(graph):
+    qs = generate_questions(graph, per_template=1, seed=0)
+    return [qs[0], qs[5], qs[-1]]  # easy, medium, hard
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from jaxsys.serve import EngineConfig, ServingLLM
+
+    policy = VertexPriorityPolicy(16)
+    llm = ServingLLM(tiny_text_model(), eviction_policy=policy,
+                     config=EngineConfig(num_pages=384, max_decode_batch=4, max_prefill_batch=4, prefill_chunk=128,
+                                         shared_attention=False))
+    backend = EngineBackend(llm, policy=policy)
+    yield llm, backend, policy
+    backend.close()
+
+
+def wait_idle(sched, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while sched.has_work():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.05)
+
+
+@pytest.mark.parametrize("system", ["glm", "graphcot"])
+def test_end_to_end_on_the_engine(engine, graph, questions, system):
+    llm, backend, policy = engine
+    radix = llm.scheduler.radix
+    hits, lookups = radix.hit_tokens, radix.lookup_tokens
+    with GraphQA(graph, backend, RunConfig(system=system, concurrency=3, **SMALL), policy=policy) as qa:
+        records = qa.run(questions)
+    assert [r.qid for r in records] == [q["qid"] for q in questions]
+    for r in records:
+        assert r.error is None and r.llm_calls >= (3 if system == "glm" else 2)
+        assert 0 <= r.cached_tokens <= r.prompt_tokens and 0 < r.generated_tokens
+        assert r.seconds >= r.llm_seconds > 0 and r.gold
+    # per-request cached tokens are exactly what the radix cache served
+    assert sum(r.cached_tokens for r in records) == radix.hit_tokens - hits
+    assert sum(r.prompt_tokens for r in records) == radix.lookup_tokens - lookups
+    assert sum(r.cached_tokens for r in records) > 0  # the system prompt, at least, is shared
+    stats = summarize(records)
+    assert stats["questions"] == 3 and 0.0 <= stats["accuracy"] <= 1.0
+    wait_idle(llm.scheduler)
+    check_idle(llm.scheduler)
+    assert not policy._active  # every question told the policy it finished
+
+
+def test_pipelining_off_gives_the_same_records_shape(engine, graph, questions):
+    llm, backend, policy = engine
+    with GraphQA(graph, backend, RunConfig(system="glm", concurrency=3, pipelining=False, **SMALL),
+                 policy=policy) as qa:
+        records = qa.run(questions)
+    assert len(records) == 3 and all(r.error is None and r.llm_calls >= 3 for r in records)
+
+
+def test_vertex_layout_shares_tokens(engine, graph):
+    _, backend, _ = engine
+    system = prompts.glm_system(graph.definition())
+    facts = {v: render_vertex(graph, v) for v in ("book-1", "author-0", "series-0")}
+
+    def common(a, b):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    shared = {}
+    for sharing in (True, False):
+        ids1, spans = backend.encode(prompts.r_prompt(system, "Who wrote it?", facts, [], sharing=sharing))
+        ids2, _ = backend.encode(prompts.r_prompt(system, "When was it out?", dict(reversed(facts.items())), [],
+                                                  sharing=sharing))
+        shared[sharing] = common(ids1, ids2)
+        if sharing:
+            last_vertex = max(s.end for s in spans if s.kind == "vertex")
+            assert shared[True] >= last_vertex  # everything up to the question is the same tokens
+            assert [s.kind for s in spans][:3] == ["system", "system", "template"]
+    assert shared[True] > shared[False] + 3 * 20
+
+
+def test_priority_policy_evicts_finished_questions_first():
+    from jaxsys.serve.scheduler.radix import RadixCache
+
+    ps = 4
+    freed: list[int] = []
+    policy = VertexPriorityPolicy(ps, horizon_s=100.0)
+    cache = RadixCache(ps, policy, free_pages=freed.extend)
+    system = list(range(100, 108))  # 2 pages
+    prompt = {"q1": system + list(range(200, 208)), "q2": system + list(range(300, 308))}
+    pages = {"q1": [1, 2, 3, 4], "q2": [1, 2, 5, 6]}
+    for qid in ("q2", "q1"):  # q2 first: older
+        policy.register(prompt[qid], [Span(0, 8, "system"), Span(8, 16, "private")], qid)
+        path, _ = cache.insert(prompt[qid], pages[qid])
+    for n in cache.nodes():
+        n.last_access = {1: 0.0, 3: 5.0, 5: 1.0}.get(n.pages[0], 0.0)  # q2 older than q1
+    policy.question_done("q1")
+    assert cache.evict(2) == 2 and sorted(freed) == [3, 4]  # q1 finished: its private pages go first
+    lru = RadixCache(ps, None, free_pages=(lru_freed := []).extend)
+    for qid in ("q2", "q1"):
+        lru.insert(prompt[qid], pages[qid])
+    for n in lru.nodes():
+        n.last_access = {1: 0.0, 3: 5.0, 5: 1.0}.get(n.pages[0], 0.0)
+    assert lru.evict(2) == 2 and sorted(lru_freed) == [5, 6]  # LRU drops the in-flight question's pages
+    # then the in-flight question's pages, and the shared system prompt last
+    freed.clear()
+    assert cache.evict(2) == 2 and sorted(freed) == [5, 6]
+    assert policy.priority(next(iter(cache.nodes()))) == 4.0
+
+
+def test_vertex_priority_grows_with_reuse():
+    policy = VertexPriorityPolicy(4)
+
+    class Node:  # the attributes `key` reads from a radix node
+        def __init__(self, tokens):
+            self.id, self.depth_tokens, self.tokens, self.parent, self.last_access = 1, 0, tuple(tokens), None, 0.0
+
+    tokens = [7, 7, 7, 7]
+    policy.register(tokens, [Span(0, 4, "vertex", "book-1")], "q1")
+    once = policy.priority(Node(tokens))
+    for q in ("q2", "q3", "q4"):
+        policy.register(tokens, [Span(0, 4, "vertex", "book-1")], q)
+    assert once == 2.0 and policy.priority(Node(tokens)) == 3.0
+
+
+def test_phase_gate_never_overlaps_llm_and_tool_work():
+    gate = PhaseGate(overlap=False)
+    active = {"llm": 0, "tool": 0}
+    lock = threading.Lock()
+    errors = []
+
+    def work(kind):
+        for _ in range(20):
+            with gate(kind):
+                with lock:
+                    active[kind] += 1
+                    if active["llm"] and active["tool"]:
+                        errors.append("overlap")
+                time.sleep(0.001)
+                with lock:
+                    active[kind] -= 1
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in ("llm", "tool") * 4]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and not any(t.is_alive() for t in threads)
+
+
+# ------------------------------------------------------------------------------ over HTTP
+
+def test_openai_backend_against_our_server(engine, graph, questions):
+    uvicorn = pytest.importorskip("uvicorn")
+    from jaxsys.serve.api.server import create_app
+
+    llm, _, _ = engine
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(llm, model_name="tiny"), log_level="warning",
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline
+            time.sleep(0.05)
+        backend = OpenAIBackend(f"http://127.0.0.1:{port}")
+        assert backend.model == "tiny"
+        for system in ("glm", "graphcot"):
+            with GraphQA(graph, backend, RunConfig(system=system, concurrency=2, **SMALL)) as qa:
+                records = qa.run(questions[:2])
+            assert all(r.error is None and r.llm_calls >= 2 and r.prompt_tokens > 0 for r in records)
+            assert all(r.cached_tokens is None for r in records)  # the server does not report cache hits
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+        llm.start()  # the server's shutdown stopped the scheduler thread the engine fixture shares
+
+
+def test_unreachable_backend_says_so():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    with pytest.raises(BackendUnreachable, match=f"cannot reach an OpenAI-compatible server at "
+                                                 f"http://127.0.0.1:{port}/v1"):
+        OpenAIBackend(f"http://127.0.0.1:{port}")
