@@ -19,6 +19,7 @@ from pathlib import Path
 COMMANDS: dict[str, object] = {
     "generate": ("jaxsys.generation_cli", "generate text from a model (greedy or sampled, streamed)"),
     "serve": ("jaxsys.serve.cli", "OpenAI-compatible HTTP server over the serving engine"),
+    "graphcot": ("jaxsys.serve.graphcot.cli", "answer graph questions with GLM or Graph-CoT; questions, traces"),
     "train": {
         "lm": ("jaxsys.train.cli", "causal-LM training, elastic on device loss/join"),
         "gnn": ("jaxsys.gnn.cli", "train CSGNN / KP-GNN / GIN on a graph dataset"),
