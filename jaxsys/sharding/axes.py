@@ -19,5 +19,7 @@ ROUTER = "router"  # the experts dimension of the router matrix (small; replicat
 # KV cache
 CACHE_PAGES = "cache_pages"
 PAGE = "page"
+# elastic training: the parameters and optimizer moments as one flat vector, fully sharded
+FLAT = "flat"
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")

@@ -39,6 +39,7 @@ LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (ax.ROUTER, ()),
     (ax.CACHE_PAGES, ()),
     (ax.PAGE, ()),
+    (ax.FLAT, ("fsdp",)),
 )
 
 
@@ -84,6 +85,15 @@ def make_mesh(config: MeshConfig | Mapping[str, int] | None = None,
     sizes = config.sizes(len(devices))
     shape = tuple(sizes[a] for a in ax.MESH_AXES)
     return Mesh(np.array(devices, dtype=object).reshape(shape), ax.MESH_AXES)
+
+
+def mesh_axes_of(logical: str, rules: Sequence[tuple[str, tuple[str, ...]]] = LOGICAL_RULES) -> tuple[str, ...]:
+    """The mesh axes the rules table maps `logical` onto (e.g. the axis names that collectives
+    inside a `shard_map` over that dimension run over)."""
+    table = dict(rules)
+    if logical not in table:
+        raise KeyError(f"logical axis {logical!r} has no rule; add it to LOGICAL_RULES")
+    return table[logical]
 
 
 def logical_to_spec(logical: LogicalAxes, shape: Sequence[int] | None, mesh: Mesh,
