@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from jaxsys.train.config import load_config
-from jaxsys.train.elastic.runtime import BitFlip, ElasticTrainer
+from jaxsys.train.elastic.runtime import BitFlip, ElasticStep
+from jaxsys.train.trainer import Trainer
 
 STEPS = 50
 WATCH = (2, 5, 19, 20, 21, 39, 40, 49)
@@ -18,15 +19,17 @@ CFG = load_config("tiny", [f"steps={STEPS}", "elastic.precompile=scheduled", "pr
 
 
 def _run(cfg, steps=None, **kw):
+    """(the elastic step program, the run's result, {step: flat state after it})."""
     states = {}
 
     def watch(s, tr):
         if s in WATCH:
-            states[s] = tr.flat_state()
+            states[s] = tr.program.flat_state()
 
-    tr = ElasticTrainer(cfg, log=lambda m: None, **kw)
+    tr = Trainer(cfg, program=ElasticStep(cfg, log=lambda m: None, **kw))
     res = tr.run(steps, on_step=watch)
-    return tr, res, states
+    tr.close()
+    return tr.program, res, states
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +145,6 @@ def test_adjacent_losses_fall_back_to_the_checkpoint(clean, tmp_path):
     assert [r.step for r in res.records] == list(range(20)) + list(range(16, 22))
     assert [by_step[s].loss for s in range(22)] == res_a.losses[:22]
     assert np.array_equal(st[21], st_a[21])
-    tr.close()
 
 
 @pytest.mark.slow  # two more step compiles (the replica memory kind is part of the program)

@@ -19,9 +19,9 @@ def _sumsq_on(x: np.ndarray, n: int, chunk: int) -> np.float32:
     plan = canonical.NormPlan.make(P, n, S, chunk)
     mesh = canonical.layout_mesh(jax.devices()[:n])
     f = jax.jit(jax.shard_map(lambda v: canonical.canonical_sumsq(v, plan, n)[None], mesh=mesh,
-                              in_specs=PartitionSpec(canonical.AXIS), out_specs=PartitionSpec(),
+                              in_specs=PartitionSpec(canonical.layout_axis()), out_specs=PartitionSpec(),
                               check_vma=False))
-    xs = jax.device_put(np.pad(x, (0, n * S - P)), NamedSharding(mesh, PartitionSpec(canonical.AXIS)))
+    xs = jax.device_put(np.pad(x, (0, n * S - P)), NamedSharding(mesh, PartitionSpec(canonical.layout_axis())))
     return np.asarray(f(xs))[0]
 
 
@@ -62,13 +62,13 @@ def test_dropout_masks_do_not_depend_on_the_device_count():
     out = []
     for n in (8, 6, 1):
         mesh = canonical.layout_mesh(jax.devices()[:n])
-        s = NamedSharding(mesh, PartitionSpec(canonical.AXIS))
+        s = NamedSharding(mesh, PartitionSpec(canonical.layout_axis()))
         out.append(np.asarray(jax.jit(masks, in_shardings=s, out_shardings=s)(ids)))
     assert all(np.array_equal(out[0], o) for o in out[1:])
     assert 0.85 < out[0].mean() < 0.95
 
     from jaxsys.train.config import load_config
-    from jaxsys.train.trainer import init_params_f32
+    from jaxsys.train.program import init_params_f32
 
     cfg = load_config("tiny", ["model.num_layers=1"])
     params = jax.tree.map(jnp.asarray, init_params_f32(cfg))
@@ -113,14 +113,14 @@ def test_checksum_catches_every_single_bit_flip():
 def _program(devices):
     n = len(devices)
     mesh = canonical.layout_mesh(devices)
-    s = NamedSharding(mesh, PartitionSpec(canonical.AXIS))
+    s = NamedSharding(mesh, PartitionSpec(canonical.layout_axis()))
 
     def body(x):
-        nxt = jax.lax.ppermute(x, canonical.AXIS, [(i, (i + 1) % n) for i in range(n)])
-        return x * 2 + nxt + jax.lax.axis_index(canonical.AXIS).astype(x.dtype)
+        nxt = jax.lax.ppermute(x, canonical.layout_axis(), [(i, (i + 1) % n) for i in range(n)])
+        return x * 2 + nxt + jax.lax.axis_index(canonical.layout_axis()).astype(x.dtype)
 
-    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=PartitionSpec(canonical.AXIS),
-                              out_specs=PartitionSpec(canonical.AXIS)), in_shardings=s, out_shardings=s)
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=PartitionSpec(canonical.layout_axis()),
+                              out_specs=PartitionSpec(canonical.layout_axis())), in_shardings=s, out_shardings=s)
     return f, (jax.ShapeDtypeStruct((4 * n,), jnp.float32, sharding=s),)
 
 

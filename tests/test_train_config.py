@@ -105,7 +105,7 @@ def test_cli_help(capsys):
 
 
 def test_distributed_membership_needs_jax_distributed():
-    from jaxsys.train.elastic.runtime import ElasticTrainer
+    from jaxsys.train.trainer import make_trainer
 
     with pytest.raises(TrainConfigError, match="jax.distributed.initialize"):
-        ElasticTrainer(load_config("tiny", ["elastic.membership=distributed"]))
+        make_trainer(load_config("tiny", ["elastic.membership=distributed"]))

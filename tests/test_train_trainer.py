@@ -1,5 +1,6 @@
-"""The GSPMD trainer: explicit shardings over (data, fsdp, tensor), donated state, JSONL metrics
-with full-precision losses, checkpoints restorable by the elastic trainer and back, the CLI."""
+"""The host loop with the GSPMD step: explicit shardings over (data, fsdp, tensor), donated state,
+JSONL metrics with full-precision losses, checkpoints restorable by the elastic step and back,
+the CLI."""
 
 import json
 import math
@@ -26,7 +27,7 @@ def gspmd_run(tmp_path_factory):
                                        "checkpoint.keep=2"])
     tr = Trainer(cfg)
     exe = tr.compile()
-    before = tr._state["params"]["embed"]
+    before = tr.state_tree()["params"]["embed"]
     res = tr.run(metrics_out=d / "m.jsonl")
     tr.close()
     return tr, res, exe, before, d
@@ -37,9 +38,9 @@ def test_gspmd_step_is_sharded_donated_and_logs_jsonl(gspmd_run):
     # the state was donated to the step
     assert before.is_deleted()
     # parameters are sharded over fsdp and tensor as the logical rules say
-    spec = tr._state["params"]["layers"]["wq"].sharding.spec
+    spec = tr.state_tree()["params"]["layers"]["wq"].sharding.spec
     assert "tensor" in jax.tree.leaves(tuple(spec)) and "fsdp" in jax.tree.leaves(tuple(spec))
-    assert tr.mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
+    assert tr.program.mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
     lines = [json.loads(x) for x in (d / "m.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [0, 1, 2, 3]
     assert [x["loss"] for x in lines] == res.losses  # full float precision survives JSON
@@ -49,7 +50,6 @@ def test_gspmd_step_is_sharded_donated_and_logs_jsonl(gspmd_run):
 
 def test_checkpoints_restore_across_trainers_and_meshes(gspmd_run, tmp_path):
     from jaxsys.train.checkpoint import CheckpointManager
-    from jaxsys.train.elastic.runtime import ElasticTrainer
 
     tr, res, _, _, d = gspmd_run
     with CheckpointManager(d / "ck", read_only=True) as mgr:
@@ -57,8 +57,7 @@ def test_checkpoints_restore_across_trainers_and_meshes(gspmd_run, tmp_path):
         meta = mgr.read_meta()
     assert meta["step"] == 4 and meta["device_ids"] == list(range(8))
     # GSPMD (2x2x2 mesh) -> elastic on 6 devices, exactly
-    el = ElasticTrainer(load_config("tiny", ["devices=6", "progress=false"]), log=lambda m: None)
-    el.setup()
+    el = Trainer(load_config("tiny", ["devices=6", "progress=false"]))
     assert el.restore(d / "ck") == 4
     assert _leaves_equal(el.params(), tr.params())
     st = el.state_tree()
@@ -68,10 +67,9 @@ def test_checkpoints_restore_across_trainers_and_meshes(gspmd_run, tmp_path):
     el.save(4)
     el.close()
     g = Trainer(load_config("tiny", GSPMD + ["mesh.data=1", "mesh.fsdp=4"]))
-    g.setup()
     assert g.restore(tmp_path / "ck2") == 4
     assert _leaves_equal(g.params(), tr.params())
-    assert g._count == 4
+    assert g.program.count == 4
 
 
 def test_cli_trains_and_writes_metrics(tmp_path, capsys, monkeypatch):
@@ -90,11 +88,9 @@ def test_cli_trains_and_writes_metrics(tmp_path, capsys, monkeypatch):
 
 
 def _elastic(overrides, steps, devices=None):
-    from jaxsys.train.elastic.runtime import ElasticTrainer
-
     cfg = load_config("tiny", ["progress=false", "elastic.precompile=none"] + overrides
                       + ([f"devices={devices}"] if devices else []))
-    tr = ElasticTrainer(cfg, log=lambda m: None)
+    tr = Trainer(cfg)
     return tr, tr.run(steps)
 
 

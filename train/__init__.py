@@ -1,5 +1,6 @@
-"""Causal-LM training: the shared loop (`Trainer`), its typed config, the deterministic data
-pipeline and Orbax train-state checkpoints; `jaxsys.train.elastic` builds elastic training on it.
+"""Causal-LM training: the shared host loop (`Trainer`) around a step program (`GSPMDStep`, or
+`ElasticStep` from `jaxsys.train.elastic`), its typed config, the deterministic data pipeline and
+Orbax train-state checkpoints.
 
     from jaxsys.train import load_config, make_trainer
     trainer = make_trainer(load_config("tiny", ["steps=100"]))
@@ -23,10 +24,12 @@ _LAZY = {
     "TrainResult": "jaxsys.train.trainer",
     "StepRecord": "jaxsys.train.trainer",
     "make_trainer": "jaxsys.train.trainer",
+    "StepProgram": "jaxsys.train.program",
+    "GSPMDStep": "jaxsys.train.gspmd",
     "CheckpointManager": "jaxsys.train.checkpoint",
     "make_source": "jaxsys.train.data",
     "batch_for_step": "jaxsys.train.data",
-    "ElasticTrainer": "jaxsys.train.elastic.runtime",
+    "ElasticStep": "jaxsys.train.elastic.runtime",
     "run_demo": "jaxsys.train.demo",
 }
 

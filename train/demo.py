@@ -32,33 +32,34 @@ def run_demo(*, steps: int = 60, fail_step: int = 20, join_step: int = 40, devic
     import numpy as np
 
     from jaxsys.train.config import load_config
-    from jaxsys.train.elastic.runtime import ElasticTrainer
+    from jaxsys.train.elastic.runtime import ElasticStep
+    from jaxsys.train.trainer import Trainer
 
     t0 = time.perf_counter()
     n = jax.device_count()
     if n < 2:
-        out("elastic demo: needs at least 2 devices; on CPU run with "
-            "XLA_FLAGS=--xla_force_host_platform_device_count=8")
+        from jaxsys.runtime import cpu_devices_hint
+
+        out(f"elastic demo: needs at least 2 devices; {cpu_devices_hint(8)}")
         return {"skipped": True}
     device = min(device, n - 1)
     cfg = load_config("tiny", [f"steps={steps}", "elastic.precompile=scheduled", "progress=false"])
     events: list[str] = []
-    clean = ElasticTrainer(cfg, log=lambda m: None)
-    failing = ElasticTrainer(cfg.replace(**{"elastic.fail": f"{device}@{fail_step}",
-                                            "elastic.join": f"{device}@{join_step}"}),
-                             log=events.append)
+    clean = Trainer(cfg, program=ElasticStep(cfg, log=lambda m: None))
+    failing_cfg = cfg.replace(**{"elastic.fail": f"{device}@{fail_step}", "elastic.join": f"{device}@{join_step}"})
+    failing = Trainer(failing_cfg, program=ElasticStep(failing_cfg, log=events.append))
     out(f"== elastic training: lose device {device} at step {fail_step}, get it back at step "
         f"{join_step} ({n} {jax.default_backend()} devices, {cfg.model.num_params():,}-parameter model, "
         f"dropout {cfg.dropout}, {cfg.data.micro_batches} micro-batches of {cfg.data.micro_size})")
     failing.setup()
-    failing._precompile()  # compile the survivors' programs while the failure-free run trains
+    failing.program.precompile()  # compile the survivors' programs while the failure-free run trains
     res_a = clean.run()
-    failing.cache.wait()  # as in a long run, the survivors' executables are ready before a failure
+    failing.program.cache.wait()  # as in a long run, the survivors' executables are ready before a failure
     res_b = failing.run()
-    state_equal = bool(np.array_equal(clean.flat_state(), failing.flat_state()))
+    state_equal = bool(np.array_equal(clean.program.flat_state(), failing.program.flat_state()))
     la, lb = res_a.losses, res_b.losses
     same = [x == y for x, y in zip(la, lb)]
-    by_step = {r.step: r for r in failing.recoveries}
+    by_step = {r.step: r for r in failing.program.recoveries}
     out(f"{'step':>4}  {'devices':>7}  {'loss, no failure':>18}  {'loss, fail+rejoin':>18}  equal")
     show = sorted({0, steps - 1, fail_step - 1, fail_step, join_step - 1, join_step}
                   | set(range(0, steps, 10)))
@@ -81,7 +82,7 @@ def run_demo(*, steps: int = 60, fail_step: int = 20, join_step: int = 40, devic
                f"and Adam moments are bitwise equal" if ok else "MISMATCH: the runs differ")
     out(f"result: {verdict} ({time.perf_counter() - t0:.1f} s)")
     return {"ok": ok, "steps": steps, "losses_equal": sum(same), "state_equal": state_equal,
-            "recoveries": [r.to_json() for r in failing.recoveries], "seconds": time.perf_counter() - t0}
+            "recoveries": [r.to_json() for r in failing.program.recoveries], "seconds": time.perf_counter() - t0}
 
 
 if __name__ == "__main__":

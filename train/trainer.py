@@ -1,43 +1,41 @@
-"""The causal-LM trainer: one jitted step with explicit shardings over (data, fsdp, tensor) and
-donated state; a deterministic data pipeline; Orbax checkpoints; JSONL metrics and a progress bar.
+"""The causal-LM training loop: one host loop for every step program.
 
-    from jaxsys.train import Trainer, load_config
-    result = Trainer(load_config("tiny", ["steps=20"])).run()
+    from jaxsys.train import load_config, make_trainer
+    result = make_trainer(load_config("tiny", ["steps=20"])).run()
     print(result.losses)
 
-The step (`Trainer`, GSPMD) shards parameters and Adam moments by the logical rules of
-`jaxsys.sharding` (fsdp on the embed dimension, tensor on heads/mlp/vocab), the batch over data x
-fsdp, and lets XLA insert the collectives. It is the fast path; its reductions depend on the mesh,
-so its bits change with the device count. `jaxsys.train.elastic.ElasticTrainer` is the same
-loop on the layout-invariant step, used when `elastic.enabled` (see there).
+`Trainer` owns what is the same however a step runs: the deterministic data (the batch of step s
+is samples s*B .. s*B+B-1), the learning-rate table, the progress bar, JSONL metrics, Orbax
+checkpoints (periodic and final saves, `--resume`, `restore`) and the step counter. The step
+itself is a `StepProgram` (`jaxsys.train.program`): `GSPMDStep` (the sharded XLA step, the fast
+path) or, when `elastic.enabled`, `ElasticStep` (the layout-invariant step that survives device
+loss and rejoin bit for bit). The loop asks the program to advance one step at a time; a program
+may answer "run step s again" (after a recovery) or "go back to step r" (after restoring a
+checkpoint), and only committed steps are recorded, counted and checkpointed.
 
-The loop never blocks on the device to read a metric: step s's metrics are fetched after step s+1
-is dispatched. Parameter init and dropout keys derive from `seed`; data from `data.seed`.
+The loop never blocks on the device to read a metric: a committed step's metrics are fetched
+after the next step is dispatched (a program that had to wait for its step anyway hands them over
+already on the host). Parameter init and dropout keys derive from `seed`; data from `data.seed`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxsys.models import decoder
-from jaxsys.sharding import MeshConfig, activate, logical_sharding, make_mesh, tree_shardings
-from jaxsys.sharding import axes as ax
-from jaxsys.train import objective
 from jaxsys.train.checkpoint import CheckpointManager
-from jaxsys.train.config import LMTrainConfig, TrainConfigError
+from jaxsys.train.config import LMTrainConfig
 from jaxsys.train.data import batch_for_step, make_source
-from jaxsys.train.optim import clip_by_norm, lr_table, make_optimizer, opt_state_from, opt_state_parts
+from jaxsys.train.optim import lr_table
+from jaxsys.train.program import CommittedStep, StepProgram
 
 
 @dataclasses.dataclass
@@ -64,7 +62,8 @@ class StepRecord:
 @dataclasses.dataclass
 class TrainResult:
     records: list[StepRecord]
-    events: list[dict[str, Any]]
+    """One per committed step, in the order they committed (a step re-run after a checkpoint
+    fall back appears twice)."""
     start_step: int
     end_step: int
 
@@ -75,6 +74,10 @@ class TrainResult:
     @property
     def checksums(self) -> list[str | None]:
         return [r.param_checksum for r in self.records]
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return [e for r in self.records for e in r.events]
 
 
 class MetricsWriter:
@@ -98,49 +101,76 @@ class MetricsWriter:
             self._f = None
 
 
-def _progress(total: int, initial: int, enabled: bool):
+def progress_bar(total: int, initial: int, enabled: bool):
+    """A tqdm bar on stderr (disabled: a no-op bar with the same methods)."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, file=sys.stderr, unit="step",
                 dynamic_ncols=True, leave=True)
 
 
-def select_devices(cfg: LMTrainConfig, devices: Sequence[jax.Device] | None = None) -> list[jax.Device]:
-    devs = list(jax.devices() if devices is None else devices)
-    if cfg.devices is not None:
-        if cfg.devices > len(devs):
-            raise TrainConfigError(f"devices={cfg.devices} but only {len(devs)} are available")
-        devs = devs[:cfg.devices]
-    return devs
+class _RunOutputs:
+    """The progress bar and the metrics file of one `run`; turns committed steps into records."""
+
+    def __init__(self, writer: MetricsWriter, bar):
+        self.writer, self.bar = writer, bar
+
+    def log(self, msg: str) -> None:
+        if not self.bar.disable:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def record(self, done: CommittedStep) -> StepRecord:
+        m = jax.device_get(done.metrics)
+        ck = m.get("param_checksum")
+        step_time = done.step_time_s if done.step_time_s is not None else time.perf_counter() - done.started
+        rec = StepRecord(step=done.step, loss=float(m["loss"]), grad_norm=float(m["grad_norm"]), lr=done.lr,
+                         num_devices=done.num_devices, step_time_s=step_time,
+                         param_checksum=None if ck is None else f"{int(ck[0]):08x}{int(ck[1]):08x}",
+                         events=done.events)
+        self.writer.write(rec.to_json())
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{rec.loss:.4f}", dev=rec.num_devices, refresh=False)
+        return rec
 
 
-def init_params_f32(cfg: LMTrainConfig) -> Any:
-    """float32 master parameters from `seed` (the same tree on every layout)."""
-    model32 = cfg.model.replace(dtype="float32")
-    return jax.device_get(jax.jit(lambda k: decoder.init_params(model32, k))(jax.random.key(cfg.seed)))
+def make_program(cfg: LMTrainConfig, *, devices: Sequence[jax.Device] | None = None) -> StepProgram:
+    """`ElasticStep` when `elastic.enabled`, else `GSPMDStep`."""
+    if cfg.elastic.enabled:
+        from jaxsys.train.elastic.runtime import ElasticStep
 
+        return ElasticStep(cfg, devices=devices)
+    from jaxsys.train.gspmd import GSPMDStep
 
-def decay_mask_tree(cfg: LMTrainConfig) -> Any:
-    from jaxsys.train.elastic.layout import FlatSpec
-
-    spec = FlatSpec.from_shapes(decoder.param_shapes(cfg.model))
-    return jax.tree.unflatten(spec.treedef, list(spec.decay))
+    return GSPMDStep(cfg, devices=devices)
 
 
 class Trainer:
-    """GSPMD causal-LM trainer over a (data, fsdp, tensor) mesh."""
+    """The host loop around a step program (see the module docstring).
 
-    def __init__(self, cfg: LMTrainConfig, *, devices: Sequence[jax.Device] | None = None):
+    program: the step program (default `make_program(cfg, devices=devices)`); pass one to set
+    program options, e.g. `Trainer(cfg, program=ElasticStep(cfg, faults=[...]))`.
+    """
+
+    def __init__(self, cfg: LMTrainConfig, *, program: StepProgram | None = None,
+                 devices: Sequence[jax.Device] | None = None):
+        if program is not None and devices is not None:
+            raise ValueError("pass devices to the program, not to the Trainer, when giving a program")
         self.cfg = cfg
-        self.devices = select_devices(cfg, devices)
+        self.program = program if program is not None else make_program(cfg, devices=devices)
         self.source = make_source(cfg.data, vocab_size=cfg.model.vocab_size)
         self.ckpt = (CheckpointManager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep,
                                        async_save=cfg.checkpoint.async_save)
                      if cfg.checkpoint.dir else None)
         self.step = 0
-        self._count = 0
-        self._state: Any = None
+        """The next step to run."""
+        self._ready = False
         self._lr_table: np.ndarray | None = None
+
+    @property
+    def devices(self) -> list[jax.Device]:
+        return self.program.devices
 
     def lr(self, count: int) -> np.float32:
         """The learning rate of the update number `count` (host table of the optax schedule)."""
@@ -148,191 +178,115 @@ class Trainer:
             self._lr_table = lr_table(self.cfg.optim, self.cfg.steps, max(self.cfg.steps, count + 1))
         return self._lr_table[count]
 
-    # ------------------------------------------------------------------ subclass hooks
-    def _setup_mesh(self) -> None:
-        m = self.cfg.mesh
-        try:
-            self.mesh = make_mesh(MeshConfig(data=m.data, fsdp=m.fsdp, tensor=m.tensor), devices=self.devices)
-        except ValueError as e:
-            raise TrainConfigError(f"mesh: {e}") from None
-        shapes = decoder.param_shapes(self.cfg.model)
-        self._param_sh = tree_shardings(decoder.param_logical_axes(self.cfg.model), shapes, self.mesh)
-        self._rep = NamedSharding(self.mesh, PartitionSpec())
-        B, T = self.cfg.data.global_batch, self.cfg.data.seq_len
-        self._batch_sh = logical_sharding((ax.BATCH, None), (B, T + 1), self.mesh)
-        self._ex_sh = logical_sharding((ax.BATCH,), (B,), self.mesh)
-        self._state_sh = {"params": self._param_sh, "mu": self._param_sh, "nu": self._param_sh,
-                          "count": self._rep}
+    # ------------------------------------------------------------------ state and checkpoints
+    def setup(self) -> None:
+        """Build the program and its state: resumed from the latest checkpoint when
+        `checkpoint.resume` and one exists, else fresh from the seed."""
+        if self._ready:
+            return
+        self.program.build()
+        ck = self.cfg.checkpoint
+        if self.ckpt is not None and ck.resume and self.ckpt.latest_step() is not None:
+            tree, meta = self.ckpt.restore(self.program.abstract_state())
+            self.program.load_state(tree)
+            self.step = int(meta["step"])
+        else:
+            self.program.init_state()
+            self.step = 0
+        self._ready = True
 
-    def _build_step(self) -> Callable:
-        cfg = self.cfg
-        mask = decay_mask_tree(cfg)
-        mesh = self.mesh
-
-        def step_fn(state, tokens_BxT1, example_ids_B, step, n_valid, lr):
-            root = jax.random.key(cfg.seed)
-            keys_B = objective.example_keys(root, step, example_ids_B)
-            with activate(mesh):
-                loss_sum, grads = jax.value_and_grad(
-                    lambda p: objective.lm_loss_sum(p, tokens_BxT1, keys_B, cfg=cfg.model,
-                                                    dropout=cfg.dropout))(state["params"])
-            grads = jax.tree.map(lambda g: g / n_valid, grads)
-            g_norm = optax.tree.norm(grads)
-            grads = clip_by_norm(grads, g_norm, cfg.optim.clip_norm)
-            params = state["params"]
-            decay_in = jax.tree.map(lambda p, m: p if m else jnp.zeros_like(p), params, mask)
-            opt = opt_state_from(state["count"], state["mu"], state["nu"])
-            upd, new_opt = make_optimizer(cfg.optim, lr).update(grads, opt, decay_in)
-            count, mu, nu = opt_state_parts(new_opt)
-            new = {"params": optax.apply_updates(params, upd), "mu": mu, "nu": nu, "count": count}
-            metrics = {"loss": loss_sum / n_valid, "grad_norm": g_norm}
-            return new, metrics
-
-        return jax.jit(step_fn,
-                       in_shardings=(self._state_sh, self._batch_sh, self._ex_sh, self._rep, self._rep, self._rep),
-                       out_shardings=(self._state_sh, self._rep), donate_argnums=(0,))
-
-    def _init_state(self) -> Any:
-        params = init_params_f32(self.cfg)
-        zeros = jax.tree.map(np.zeros_like, params)
-        tree = {"params": params, "mu": zeros, "nu": jax.tree.map(np.zeros_like, params),
-                "count": np.zeros((), np.int32)}
-        return jax.device_put(tree, self._state_sh)
-
-    def state_tree(self) -> dict[str, Any]:
-        """{"params", "mu", "nu", "count"} (device arrays) of the current state."""
-        return self._state
-
-    def _load_tree(self, tree: dict[str, Any]) -> None:
-        self._state = jax.device_put(tree, self._state_sh)
-        self._count = int(jax.device_get(tree["count"]))
-
-    def abstract_state(self) -> dict[str, Any]:
-        shapes = decoder.param_shapes(self.cfg.model)
-        sd = lambda s, sh: jax.ShapeDtypeStruct(s, jnp.float32, sharding=sh)  # noqa: E731
-        is_shape = lambda s: isinstance(s, tuple) and all(isinstance(i, int) for i in s)  # noqa: E731
-        p = jax.tree.map(sd, shapes, self._param_sh, is_leaf=is_shape)
-        return {"params": p, "mu": p, "nu": p,
-                "count": jax.ShapeDtypeStruct((), jnp.int32, sharding=self._rep)}
-
-    # ------------------------------------------------------------------ shared
-    def params(self) -> Any:
-        """Current parameters as a host (numpy) tree."""
-        return jax.device_get(self.state_tree()["params"])
-
-    def _maybe_resume(self) -> int:
-        if self.ckpt is None or not self.cfg.checkpoint.resume or self.ckpt.latest_step() is None:
-            return 0
-        tree, meta = self.ckpt.restore(self.abstract_state())
-        self._load_tree(tree)
-        return int(meta["step"])
+    def compile(self) -> Any:
+        """Compile the step ahead of time; returns the executable (memory analysis etc.)."""
+        self.setup()
+        return self.program.compile()
 
     def restore(self, directory: str | Path, step: int | None = None) -> int:
-        """Load a checkpoint (written by either trainer, any mesh) onto this trainer's layout."""
+        """Load a checkpoint (written by either program, any mesh) onto this program's layout."""
+        self.setup()
         with CheckpointManager(directory, read_only=True) as mgr:
-            tree, meta = mgr.restore(self.abstract_state(), step)
-        self._load_tree(tree)
+            tree, meta = mgr.restore(self.program.abstract_state(), step)
+        self.program.load_state(tree)
         self.step = int(meta["step"])
         return self.step
 
     def save(self, step: int) -> None:
         if self.ckpt is None:
             return
-        meta = {"config": self.cfg.to_dict(), "device_ids": [d.id for d in self.devices]}
-        self.ckpt.save(step, self.state_tree(), meta)
+        meta = {"config": self.cfg.to_dict(), "device_ids": [d.id for d in self.program.devices]}
+        self.ckpt.save(step, self.program.state_tree(), meta)
 
-    def _host_batch(self, step: int) -> tuple[np.ndarray, np.ndarray, np.float32]:
-        B = self.cfg.data.global_batch
-        tokens = batch_for_step(self.source, step, B)
-        ex = np.arange(step * B, (step + 1) * B, dtype=np.int32)
-        n_valid = np.float32(np.count_nonzero(tokens[:, 1:] >= 0))
-        return tokens, ex, n_valid
+    def state_tree(self) -> dict[str, Any]:
+        """{"params", "mu", "nu", "count"} (device arrays) of the current state."""
+        return self.program.state_tree()
 
-    def setup(self) -> None:
-        """Build the mesh, the step and the state (resuming from a checkpoint when asked)."""
-        if self._state is not None:
-            return
-        self._setup_mesh()
-        self._step_fn = self._build_step()
-        start = self._maybe_resume()
-        if self._state is None:
-            self._state = self._init_state()
-        self.step = start
-
-    def compile(self) -> Any:
-        """Compile the step ahead of time; returns the compiled executable (memory analysis etc.)."""
-        self.setup()
-        B, T = self.cfg.data.global_batch, self.cfg.data.seq_len
-        args = (self.abstract_state(),
-                jax.ShapeDtypeStruct((B, T + 1), jnp.int32, sharding=self._batch_sh),
-                jax.ShapeDtypeStruct((B,), jnp.int32, sharding=self._ex_sh),
-                jax.ShapeDtypeStruct((), jnp.int32, sharding=self._rep),
-                jax.ShapeDtypeStruct((), jnp.float32, sharding=self._rep),
-                jax.ShapeDtypeStruct((), jnp.float32, sharding=self._rep))
-        self._compiled = self._step_fn.lower(*args).compile()
-        return self._compiled
-
-    def run(self, steps: int | None = None, *, metrics_out: str | Path | None = None,
-            progress: bool | None = None, on_step: Callable[[int, "Trainer"], None] | None = None) -> TrainResult:
-        """Train until step `steps` (default cfg.steps). Returns the per-step records."""
-        cfg = self.cfg
-        end = cfg.steps if steps is None else steps
-        self.setup()
-        if not hasattr(self, "_compiled"):
-            self.compile()
-        start = self.step
-        writer = MetricsWriter(metrics_out if metrics_out is not None else cfg.metrics_out)
-        bar = _progress(end, start, cfg.progress if progress is None else progress)
-        records: list[StepRecord] = []
-        pending = None
-        try:
-            for s in range(start, end):
-                tokens, ex, n_valid = self._host_batch(s)
-                t0 = time.perf_counter()
-                lr = self.lr(self._count)
-                self._state, metrics = self._compiled(self._state, tokens, ex, np.int32(s), n_valid, lr)
-                self._count += 1
-                if pending is not None:
-                    records.append(self._finish(pending, writer, bar))
-                pending = (s, metrics, t0, lr)
-                self.step = s + 1
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
-                    self.save(self.step)
-                if on_step is not None:
-                    records.append(self._finish(pending, writer, bar))
-                    pending = None
-                    on_step(s, self)
-            if pending is not None:
-                records.append(self._finish(pending, writer, bar))
-            if self.ckpt is not None and end > start and (not cfg.checkpoint.every or end % cfg.checkpoint.every):
-                self.save(end)
-        finally:
-            bar.close()
-            writer.close()
-            if self.ckpt is not None:  # never leave a started save behind
-                self.ckpt.wait()
-        return TrainResult(records, [], start, end)
-
-    def _finish(self, pending, writer: MetricsWriter, bar) -> StepRecord:
-        s, metrics, t0, lr = pending
-        m = jax.device_get(metrics)
-        rec = StepRecord(step=s, loss=float(m["loss"]), grad_norm=float(m["grad_norm"]), lr=float(lr),
-                         num_devices=len(self.devices), step_time_s=time.perf_counter() - t0)
-        writer.write(rec.to_json())
-        bar.update(1)
-        bar.set_postfix(loss=f"{rec.loss:.4f}", dev=rec.num_devices, refresh=False)
-        return rec
+    def params(self) -> Any:
+        """Current parameters as a host (numpy) tree."""
+        return self.program.params()
 
     def close(self) -> None:
         if self.ckpt is not None:
             self.ckpt.close()
             self.ckpt = None
 
+    # ------------------------------------------------------------------ the loop
+    def run(self, steps: int | None = None, *, metrics_out: str | Path | None = None,
+            progress: bool | None = None, on_step: Callable[[int, "Trainer"], None] | None = None) -> TrainResult:
+        """Train until step `steps` (default cfg.steps). Returns the committed steps' records.
+
+        on_step(s, trainer) runs after step s commits (its metrics are then fetched at once)."""
+        end = self.cfg.steps if steps is None else steps
+        self.setup()
+        start = self.step
+        records: list[StepRecord] = []
+        with self._outputs(metrics_out, progress, end, start) as out:
+            self.program.start(start, log=out.log, checkpoints=self.ckpt)
+            unfetched: CommittedStep | None = None
+            while self.step < end:
+                done = self._advance()
+                if done is None:
+                    continue
+                if unfetched is not None:
+                    records.append(out.record(unfetched))
+                unfetched = done
+                self._checkpoint_if_due()
+                if on_step is not None:
+                    records.append(out.record(done))
+                    unfetched = None
+                    on_step(done.step, self)
+            if unfetched is not None:
+                records.append(out.record(unfetched))
+            if self.ckpt is not None and end > start and not self._due(end):
+                self.save(end)
+        return TrainResult(records, start, end)
+
+    def _advance(self) -> CommittedStep | None:
+        """Run the next step; None when the program asks for a step again (nothing committed)."""
+        s = self.step
+        tokens_BxT1 = batch_for_step(self.source, s, self.cfg.data.global_batch)
+        self.step, done = self.program.advance(s, tokens_BxT1, self.lr(self.program.count))
+        return done
+
+    def _due(self, step: int) -> bool:
+        every = self.cfg.checkpoint.every
+        return bool(every) and step % every == 0
+
+    def _checkpoint_if_due(self) -> None:
+        if self.ckpt is not None and self._due(self.step):
+            self.save(self.step)
+
+    @contextlib.contextmanager
+    def _outputs(self, metrics_out, progress, end: int, start: int) -> Iterator[_RunOutputs]:
+        writer = MetricsWriter(metrics_out if metrics_out is not None else self.cfg.metrics_out)
+        bar = progress_bar(end, start, self.cfg.progress if progress is None else progress)
+        try:
+            yield _RunOutputs(writer, bar)
+        finally:
+            bar.close()
+            writer.close()
+            if self.ckpt is not None:  # never leave a started save behind
+                self.ckpt.wait()
+
 
 def make_trainer(cfg: LMTrainConfig, *, devices: Sequence[jax.Device] | None = None) -> Trainer:
-    """`ElasticTrainer` when `elastic.enabled`, else the GSPMD `Trainer`."""
-    if cfg.elastic.enabled:
-        from jaxsys.train.elastic.runtime import ElasticTrainer
-
-        return ElasticTrainer(cfg, devices=devices)
+    """The trainer for `cfg`: the elastic step program when `elastic.enabled`, else GSPMD."""
     return Trainer(cfg, devices=devices)

@@ -21,17 +21,20 @@ its losses and parameters are bitwise those of the run without the failure
                 retargeted to the actual device set in about a millisecond.
 * `events`, `membership`   `--fail DEV@STEP` / `--join DEV@STEP` schedules and the
                 `jax.distributed` live-device check of multi-process jobs.
-* `runtime`     `ElasticTrainer`, the loop that ties them together.
+* `runtime`     `ElasticStep`, the step program that ties them together (the host loop,
+                `jaxsys.train.trainer.Trainer`, drives it like the GSPMD step).
 
-Mesh axes: the elastic mode lays all live devices on one axis (the mesh's `fsdp` axis; the
-`data` and `fsdp` roles are merged: the state is fully sharded and the micro-batches are spread
-over the same devices). `tensor` and `expert` must be 1: splitting a contraction over devices
-changes its floating-point summation order with the device count, and with it the bits. Pipeline
-parallelism and the choice among recovery strategies are out of scope (see train/recovery/).
+Mesh axes: the elastic mode lays all live devices on one mesh axis, the one the rules table of
+`jaxsys.sharding` gives the logical `FLAT` axis (the `data` and `fsdp` roles are merged: the state
+is fully sharded and the micro-batches are spread over the same devices). `tensor` and `expert`
+must be 1: splitting a contraction over devices changes its floating-point summation order with
+the device count, and with it the bits. Pipeline parallelism and the choice among recovery
+strategies are out of scope (see train/recovery/).
 
-Limitation: the trainer is single-controller (one process drives its devices). The live-device
-check works in multi-process jobs (tested with two local processes), but moving shards between
-processes after a change is not implemented.
+Limitation: the step program is single-controller (one process drives its devices). The
+live-device check works in multi-process jobs (tested with two local processes; the benchmark
+times death -> detection -> the survivors' next step), but moving shards between processes after
+a change is not implemented.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from __future__ import annotations
 from jaxsys._lazy import lazy_exports
 
 _LAZY = {
-    "ElasticTrainer": "jaxsys.train.elastic.runtime",
+    "ElasticStep": "jaxsys.train.elastic.runtime",
     "BitFlip": "jaxsys.train.elastic.runtime",
     "Recovery": "jaxsys.train.elastic.runtime",
     "EventSchedule": "jaxsys.train.elastic.events",

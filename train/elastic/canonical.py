@@ -9,9 +9,10 @@ from the run that would have happened. This step fixes the order of every reduct
    computes the gradients of whole micro-batches, one at a time (`lax.scan` over its K slots),
    with the full parameters (all-gathered from the fsdp shards; gathering is exact). Every
    micro-batch is the same shapes on the same compiled body whichever device runs it, so its
-   gradient has the same bits. Mesh axes: the elastic mode uses one flat device axis (the mesh's
-   `fsdp` axis, data x fsdp flattened); `tensor` and `expert` must be 1, because splitting a
-   contraction over devices changes its summation order with the device count.
+   gradient has the same bits. Mesh axes: the elastic mode puts every device on one mesh axis
+   (the one the rules table of `jaxsys.sharding` gives the logical `FLAT` axis; data and fsdp
+   roles merged); `tensor` and `expert` must be 1, because splitting a contraction over devices
+   changes its summation order with the device count.
 2. Per-micro-batch gradients are exchanged with one all-to-all so that device k receives, for its
    slice of the flat vector, the gradients of all M micro-batches; it then sums them with a fixed
    binary tree over the micro-batch index (padded to a power of two with zeros). That is a
@@ -30,7 +31,7 @@ global batch and the gradient scale never change when devices come and go.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,16 +41,48 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxsys.models.config import ModelConfig
 from jaxsys.shapes import pow2_bucket
+from jaxsys.sharding import axes as ax
+from jaxsys.sharding import logical_sharding, logical_to_spec, make_mesh, mesh_axes_of
 from jaxsys.train import objective
 from jaxsys.train.config import OptimConfig
 from jaxsys.train.elastic.layout import FlatSpec, ceil_div
 from jaxsys.train.optim import clip_by_norm, make_optimizer, opt_state_from
 
-AXIS = "fsdp"
-"""The mesh axis the elastic layout shards over (the other mesh axes have size 1)."""
-
 _GOLDEN = np.uint32(0x9E3779B1)
 _MIX = np.uint32(0x85EBCA77)
+
+
+# ----------------------------------------------------------------------------- layout vocabulary
+STATE_AXES = (None, ax.FLAT)
+"""Logical axes of the [3, N*S] flat state: rows (params, Adam mu, Adam nu) x the flat vector."""
+TABLE_AXES = (ax.BATCH,)
+"""Logical axes of the per-device micro-batch tables [N, ...] (row i is device i's work)."""
+REPLICATED = ()
+
+
+def layout_axis() -> str:
+    """The one mesh axis of the elastic layout: where the rules table puts `FLAT`. Collectives in
+    the step's `shard_map` run over it."""
+    (axis,) = mesh_axes_of(ax.FLAT)
+    return axis
+
+
+def layout_mesh(devices) -> Mesh:
+    """The elastic mesh: every device on `layout_axis()` (the other mesh axes have size 1)."""
+    return make_mesh({layout_axis(): len(devices)}, devices=list(devices))
+
+
+def layout_spec(mesh: Mesh, logical: tuple) -> PartitionSpec:
+    """The PartitionSpec of a layout array with these logical axes (for `shard_map`)."""
+    return logical_to_spec(logical, None, mesh)
+
+
+def layout_sharding(mesh: Mesh, logical: tuple) -> NamedSharding:
+    return logical_sharding(logical, None, mesh)
+
+
+def state_sharding(mesh: Mesh) -> NamedSharding:
+    return layout_sharding(mesh, STATE_AXES)
 
 
 # ----------------------------------------------------------------------------- fixed-order sums
@@ -134,8 +167,10 @@ class NormPlan:
                    tuple(gather))
 
 
-def canonical_sumsq(x_S: jax.Array, plan: NormPlan, n: int, axis: str = AXIS) -> jax.Array:
-    """Sum of squares of a flat vector sharded over `axis` (inside shard_map), in a fixed order."""
+def canonical_sumsq(x_S: jax.Array, plan: NormPlan, n: int) -> jax.Array:
+    """Sum of squares of a flat vector sharded over the layout axis (inside shard_map), in a fixed
+    order."""
+    axis = layout_axis()
     sq = x_S * x_S
     parts = [sq]
     for j in range(1, plan.halo + 1):
@@ -156,9 +191,9 @@ def canonical_sumsq(x_S: jax.Array, plan: NormPlan, n: int, axis: str = AXIS) ->
     return tree_sum(chunk_sums)
 
 
-def decay_mask_shard(flat: FlatSpec, shard: int, axis: str = AXIS) -> jax.Array:
+def decay_mask_shard(flat: FlatSpec, shard: int) -> jax.Array:
     """[S] float32 1.0 where the element at this device's slice gets weight decay."""
-    pos = jax.lax.axis_index(axis) * shard + jnp.arange(shard, dtype=jnp.int32)
+    pos = jax.lax.axis_index(layout_axis()) * shard + jnp.arange(shard, dtype=jnp.int32)
     m = jnp.zeros((shard,), bool)
     for a, b in flat.decay_ranges():
         m = m | ((pos >= a) & (pos < b))
@@ -195,50 +230,84 @@ class StepSpec:
         return ceil_div(self.num_params, self.num_devices)
 
 
-def layout_mesh(devices) -> Mesh:
-    """The elastic mesh: every device on the `fsdp` axis (data, tensor, expert of size 1)."""
-    from jaxsys.sharding import make_mesh
+class StepInputs(NamedTuple):
+    """What the step reads besides the state. N devices, K slots each, micro-batches of b
+    sequences of T tokens, M micro-batches; `STEP_INPUT_AXES` names each field's logical axes."""
 
-    return make_mesh({"fsdp": len(devices)}, devices=list(devices))
+    count: Any
+    """[] int32: optimizer updates applied so far."""
+    tokens_NxKxbxT1: Any
+    """[N, K, b, T+1] int32: the micro-batch of each slot (zeros in an idle slot)."""
+    example_ids_NxKxb: Any
+    """[N, K, b] int32: global example index of every sequence (the dropout keys)."""
+    slot_micro_NxK: Any
+    """[N, K] int32: the micro-batch of each slot, -1 for an idle slot (uneven splits)."""
+    step: Any
+    """[] int32."""
+    micro_slot_M: Any
+    """[M] int32: the flat slot (i*K + k) holding each micro-batch."""
+    micro_active_M: Any
+    """[M] bool: whether each micro-batch is computed at all (False only under policy torchft)."""
+    n_valid: Any
+    """[] float32: target tokens of the global batch (the loss and gradient scale)."""
+    lr: Any
+    """[] float32."""
+    ref_Nx2: Any = None
+    """[N, 2] uint32 reference checksums of the input shards (snapshot mode only)."""
 
 
-def state_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(None, AXIS))
+STEP_INPUT_AXES = StepInputs(
+    count=REPLICATED, tokens_NxKxbxT1=TABLE_AXES, example_ids_NxKxb=TABLE_AXES,
+    slot_micro_NxK=TABLE_AXES, step=REPLICATED, micro_slot_M=REPLICATED, micro_active_M=REPLICATED,
+    n_valid=REPLICATED, lr=REPLICATED, ref_Nx2=REPLICATED)
+
+
+class StepOutputs(NamedTuple):
+    flat_3xNS: Any
+    """The updated state (STATE_AXES)."""
+    count: Any
+    metrics: Any
+    """Replicated: loss, grad_norm, param_checksum [2] uint32 (layout-independent); in snapshot
+    mode also input_ok [N] (each input shard matched its checksum)."""
+    replica_3xNS: Any = None
+    """Snapshot mode: shard k of the new state on device k+1 (in the replica memory kind)."""
+    ref_Nx2: Any = None
+    """Snapshot mode: reference checksums of the new state's shards."""
+
+
+def _fields(template: NamedTuple, f, *, present: NamedTuple) -> NamedTuple:
+    """`template` with each field mapped by `f`, None where `present` has None."""
+    return type(template)(*(None if p is None else f(t) for t, p in zip(template, present)))
+
+
+def step_input_shardings(mesh: Mesh, *, snapshot: bool) -> StepInputs:
+    present = STEP_INPUT_AXES if snapshot else STEP_INPUT_AXES._replace(ref_Nx2=None)
+    return _fields(STEP_INPUT_AXES, lambda a: layout_sharding(mesh, a), present=present)
 
 
 def make_step(spec: StepSpec, mesh: Mesh):
-    """The jitted step for `mesh`:
+    """The jitted step for `mesh`: step(flat_3xNS, inputs: StepInputs) -> StepOutputs.
 
-    step(flat_3xNS, count, tokens_NxKxbxT1, example_ids_NxKxb, slot_micro_NxK, step, micro_idx_M,
-         micro_active_M, n_valid, lr[, ref_Nx2]) -> (flat_3xNS, count, metrics[, replica, ref])
-
-    slot_micro: the micro-batch of each slot, -1 for an idle slot (uneven splits); idle slots are
-    skipped (`lax.cond`) and their gradients never enter the reduction.
-
-    With `spec.snapshot`, the step takes the reference checksums of its input and returns the next
-    snapshot in the same program (no extra launches): metrics["input_ok"] [N] says whether each
-    input shard still matched its checksum, metrics["replica_ok"] [N] whether each new replica
-    arrived intact.
-
-    flat rows are (params, adam mu, adam nu) of the flat vector; metrics are replicated scalars:
-    loss, grad_norm and param_checksum [2] (uint32, layout-independent).
+    Idle slots are skipped (`lax.cond`) and their gradients never enter the reduction. With
+    `spec.snapshot`, the step checks its input against `inputs.ref_Nx2` and returns the next
+    snapshot in the same program (no extra launches); without, it donates the state.
     """
-    N, K, M = spec.num_devices, spec.slots, spec.num_micro
+    N, K = spec.num_devices, spec.slots
     P, S = spec.num_params, spec.shard
     flat = spec.flat
+    axis = layout_axis()
     norm_plan = NormPlan.make(P, N, S, spec.chunk)
     loss_fn = jax.value_and_grad(
         lambda p, tok, keys: objective.lm_loss_sum(p, tok, keys, cfg=spec.model, dropout=spec.dropout))
 
-    def body(flat_3xS, count, tok_1xKxbxT1, ex_1xKxb, slot_1xK, step, micro_idx_M, micro_active_M, n_valid, lr,
-             ref_Nx2=None):
+    def body(flat_3xS, inp: StepInputs) -> StepOutputs:
         params_S, mu_S, nu_S = flat_3xS[0], flat_3xS[1], flat_3xS[2]
-        full_P = jax.lax.all_gather(params_S, AXIS, tiled=True)[:P]
+        full_P = jax.lax.all_gather(params_S, axis, tiled=True)[:P]
         ptree = flat.unflatten(full_P)
         root = jax.random.key(spec.seed)
 
         def compute(tok_bxT1, ex_b):
-            keys_b = objective.example_keys(root, step, ex_b)
+            keys_b = objective.example_keys(root, inp.step, ex_b)
             l, g = loss_fn(ptree, tok_bxT1, keys_b)
             return l, jnp.pad(flat.flatten(g), (0, N * S - P))
 
@@ -249,69 +318,65 @@ def make_step(spec: StepSpec, mesh: Mesh):
             tok_bxT1, ex_b, m = xs
             return carry, jax.lax.cond(m >= 0, compute, idle, tok_bxT1, ex_b)
 
-        _, (l_K, g_KxNS) = jax.lax.scan(one, None, (tok_1xKxbxT1[0], ex_1xKxb[0], slot_1xK[0]))
+        _, (l_K, g_KxNS) = jax.lax.scan(
+            one, None, (inp.tokens_NxKxbxT1[0], inp.example_ids_NxKxb[0], inp.slot_micro_NxK[0]))
         # device k gets every slot's gradient for its slice: [N*K (source-major), 1, S]
-        g_recv = jax.lax.all_to_all(g_KxNS.reshape(K, N, S), AXIS, 1, 0, tiled=True).reshape(N * K, S)
-        g_MxS = jnp.where(micro_active_M[:, None], g_recv[micro_idx_M], 0.0)
-        g_S = tree_sum(g_MxS) / n_valid
-        l_NK = jax.lax.all_gather(l_K, AXIS, tiled=True)
-        loss = tree_sum(jnp.where(micro_active_M, l_NK[micro_idx_M], 0.0)) / n_valid
+        g_recv = jax.lax.all_to_all(g_KxNS.reshape(K, N, S), axis, 1, 0, tiled=True).reshape(N * K, S)
+        g_MxS = jnp.where(inp.micro_active_M[:, None], g_recv[inp.micro_slot_M], 0.0)
+        g_S = tree_sum(g_MxS) / inp.n_valid
+        l_NK = jax.lax.all_gather(l_K, axis, tiled=True)
+        loss = tree_sum(jnp.where(inp.micro_active_M, l_NK[inp.micro_slot_M], 0.0)) / inp.n_valid
         g_norm = jnp.sqrt(canonical_sumsq(g_S, norm_plan, N))
         g_S = clip_by_norm(g_S, g_norm, spec.optim.clip_norm)
         mask_S = decay_mask_shard(flat, S)
-        state = opt_state_from(count, mu_S, nu_S)
-        tx = make_optimizer(spec.optim, lr)
+        state = opt_state_from(inp.count, mu_S, nu_S)
+        tx = make_optimizer(spec.optim, inp.lr)
         upd_S, new_state = tx.update(g_S, state, params_S * mask_S)
         new_params_S = optax.apply_updates(params_S, upd_S)
         adam = new_state[0]
         new_flat = jnp.stack([new_params_S, adam.mu, adam.nu])
         # layout-independent checksum of the new parameters (global positions < P only)
-        pos = (jax.lax.axis_index(AXIS) * S + jnp.arange(S, dtype=jnp.int32))
-        ck = jax.lax.psum(checksum(as_bits(new_params_S), pos.astype(jnp.uint32), pos < P), AXIS)
+        pos = (jax.lax.axis_index(axis) * S + jnp.arange(S, dtype=jnp.int32))
+        ck = jax.lax.psum(checksum(as_bits(new_params_S), pos.astype(jnp.uint32), pos < P), axis)
         metrics = {"loss": loss, "grad_norm": g_norm, "param_checksum": ck}
         if spec.snapshot is None:
-            return new_flat, adam.count, metrics
-        i = jax.lax.axis_index(AXIS)
-        metrics["input_ok"] = jax.lax.all_gather(jnp.all(shard_checksum(flat_3xS) == ref_Nx2[i])[None], AXIS,
+            return StepOutputs(new_flat, adam.count, metrics)
+        i = jax.lax.axis_index(axis)
+        metrics["input_ok"] = jax.lax.all_gather(jnp.all(shard_checksum(flat_3xS) == inp.ref_Nx2[i])[None], axis,
                                                  tiled=True)
-        replica = jax.lax.ppermute(new_flat, AXIS, [(j, (j + 1) % N) for j in range(N)]) if N > 1 else new_flat
-        new_ref = jax.lax.all_gather(shard_checksum(new_flat)[None, :], AXIS, tiled=True)
-        return new_flat, adam.count, metrics, replica, new_ref
+        replica = jax.lax.ppermute(new_flat, axis, [(j, (j + 1) % N) for j in range(N)]) if N > 1 else new_flat
+        new_ref = jax.lax.all_gather(shard_checksum(new_flat)[None, :], axis, tiled=True)
+        return StepOutputs(new_flat, adam.count, metrics, replica, new_ref)
 
-    rep = PartitionSpec()
-    sharded = PartitionSpec(AXIS)
-    s_state = state_sharding(mesh)
-    s_rep = NamedSharding(mesh, rep)
-    s_batch = NamedSharding(mesh, sharded)
-    in_specs = (PartitionSpec(None, AXIS), rep, sharded, sharded, sharded, rep, rep, rep, rep, rep)
-    in_sh = (s_state, s_rep, s_batch, s_batch, s_batch, s_rep, s_rep, s_rep, s_rep, s_rep)
-    out_specs = (PartitionSpec(None, AXIS), rep, rep)
-    out_sh = (s_state, s_rep, s_rep)
-    if spec.snapshot is not None:
-        s_replica = s_state if spec.snapshot == "device" else s_state.with_memory_kind(spec.snapshot)
-        in_specs, in_sh = in_specs + (rep,), in_sh + (s_rep,)
-        out_specs, out_sh = out_specs + (PartitionSpec(None, AXIS), rep), out_sh + (s_replica, s_rep)
+    snap = spec.snapshot is not None
+    present_in = STEP_INPUT_AXES if snap else STEP_INPUT_AXES._replace(ref_Nx2=None)
+    out_axes = StepOutputs(STATE_AXES, REPLICATED, REPLICATED, STATE_AXES if snap else None,
+                           REPLICATED if snap else None)
+    in_specs = (layout_spec(mesh, STATE_AXES),
+                _fields(STEP_INPUT_AXES, lambda a: layout_spec(mesh, a), present=present_in))
+    out_specs = _fields(out_axes, lambda a: layout_spec(mesh, a), present=out_axes)
+    in_sh = (state_sharding(mesh), step_input_shardings(mesh, snapshot=snap))
+    out_sh = _fields(out_axes, lambda a: layout_sharding(mesh, a), present=out_axes)
+    if snap and spec.snapshot != "device":
+        out_sh = out_sh._replace(replica_3xNS=out_sh.replica_3xNS.with_memory_kind(spec.snapshot))
     fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-    return jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh,
-                   donate_argnums=(0,) if spec.snapshot is None else ())
+    return jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=() if snap else (0,))
 
 
-def abstract_step_args(spec: StepSpec, mesh: Mesh) -> tuple:
+def abstract_step_args(spec: StepSpec, mesh: Mesh) -> tuple[jax.ShapeDtypeStruct, StepInputs]:
+    """(state, inputs) as ShapeDtypeStructs with their shardings, for `.lower`."""
     N, K, M, b, T = spec.num_devices, spec.slots, spec.num_micro, spec.micro_size, spec.seq_len
-    s_state, s_rep = state_sharding(mesh), NamedSharding(mesh, PartitionSpec())
-    s_batch = NamedSharding(mesh, PartitionSpec(AXIS))
-    sd = jax.ShapeDtypeStruct
-    return (sd((3, N * spec.shard), jnp.float32, sharding=s_state),
-            sd((), jnp.int32, sharding=s_rep),
-            sd((N, K, b, T + 1), jnp.int32, sharding=s_batch),
-            sd((N, K, b), jnp.int32, sharding=s_batch),
-            sd((N, K), jnp.int32, sharding=s_batch),
-            sd((), jnp.int32, sharding=s_rep),
-            sd((M,), jnp.int32, sharding=s_rep),
-            sd((M,), jnp.bool_, sharding=s_rep),
-            sd((), jnp.float32, sharding=s_rep),
-            sd((), jnp.float32, sharding=s_rep)) + (
-            (sd((N, 2), jnp.uint32, sharding=s_rep),) if spec.snapshot is not None else ())
+    snap = spec.snapshot is not None
+    shapes = StepInputs(
+        count=((), jnp.int32), tokens_NxKxbxT1=((N, K, b, T + 1), jnp.int32),
+        example_ids_NxKxb=((N, K, b), jnp.int32), slot_micro_NxK=((N, K), jnp.int32),
+        step=((), jnp.int32), micro_slot_M=((M,), jnp.int32), micro_active_M=((M,), jnp.bool_),
+        n_valid=((), jnp.float32), lr=((), jnp.float32), ref_Nx2=((N, 2), jnp.uint32) if snap else None)
+    shardings = step_input_shardings(mesh, snapshot=snap)
+    inputs = StepInputs(*(None if sd is None else jax.ShapeDtypeStruct(*sd, sharding=sh)
+                          for sd, sh in zip(shapes, shardings)))
+    state = jax.ShapeDtypeStruct((3, N * spec.shard), jnp.float32, sharding=state_sharding(mesh))
+    return state, inputs
 
 
 # ----------------------------------------------------------------------------- state conversion
@@ -323,9 +388,10 @@ def make_to_tree(flat: FlatSpec, mesh: Mesh):
     (asking XLA for sharded outputs directly makes it reshape sharded slices, which it can only do
     by rematerializing them)."""
     P = flat.num_params
-    rep = NamedSharding(mesh, PartitionSpec())
-    gather = jax.shard_map(lambda x: jax.lax.all_gather(x, AXIS, axis=1, tiled=True), mesh=mesh,
-                           in_specs=PartitionSpec(None, AXIS), out_specs=PartitionSpec(), check_vma=False)
+    rep = layout_sharding(mesh, REPLICATED)
+    gather = jax.shard_map(lambda x: jax.lax.all_gather(x, layout_axis(), axis=1, tiled=True), mesh=mesh,
+                           in_specs=layout_spec(mesh, STATE_AXES), out_specs=layout_spec(mesh, REPLICATED),
+                           check_vma=False)
 
     def f(flat_3xNS):
         full = gather(flat_3xNS)
@@ -340,7 +406,7 @@ def make_from_tree(flat: FlatSpec, mesh: Mesh, n: int):
     Leaves are gathered to replicated first, so the flat shards are local slices."""
     P = flat.num_params
     S = ceil_div(P, n)
-    rep = NamedSharding(mesh, PartitionSpec())
+    rep = layout_sharding(mesh, REPLICATED)
 
     def f(params, mu, nu):
         rows = []

@@ -177,6 +177,12 @@ class ExecutableCache:
         with self._lock:
             self._jobs = [f for f in self._jobs if not f.done()]
 
+    def busy(self) -> bool:
+        """Whether a background job is still running (benchmarks charge its cost to the training
+        steps it overlaps)."""
+        with self._lock:
+            return any(not f.done() for f in self._jobs)
+
     def has(self, name: str, key: Hashable, devices: Sequence[jax.Device]) -> bool:
         return self._lookup(name, key, tuple(devices)) is not None
 

@@ -26,9 +26,10 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+from jax.sharding import SingleDeviceSharding
 
-from jaxsys.train.elastic.canonical import AXIS, as_bits, layout_mesh, shard_checksum, state_sharding
+from jaxsys.train.elastic.canonical import (REPLICATED, STATE_AXES, as_bits, layout_axis, layout_mesh,
+                                            layout_sharding, layout_spec, shard_checksum, state_sharding)
 from jaxsys.train.elastic.compile import ExecutableCache
 from jaxsys.train.elastic.layout import FlatLayout
 
@@ -67,16 +68,18 @@ def build_snapshot_program(n: int, shard: int, memory: str):
         mesh = layout_mesh(devices)
         s_state = state_sharding(mesh)
         s_rep = s_state.with_memory_kind(memory) if memory != "device" else s_state
+        axis = layout_axis()
 
         def body(x_3xS):
-            rep = jax.lax.ppermute(x_3xS, AXIS, [(i, (i + 1) % n) for i in range(n)]) if n > 1 else x_3xS
+            rep = jax.lax.ppermute(x_3xS, axis, [(i, (i + 1) % n) for i in range(n)]) if n > 1 else x_3xS
             ck = shard_checksum(x_3xS)[None, :]
-            return rep, jax.lax.all_gather(ck, AXIS, tiled=True)
+            return rep, jax.lax.all_gather(ck, axis, tiled=True)
 
-        fn = jax.shard_map(body, mesh=mesh, in_specs=PartitionSpec(None, AXIS),
-                           out_specs=(PartitionSpec(None, AXIS), PartitionSpec()), check_vma=False)
+        fn = jax.shard_map(body, mesh=mesh, in_specs=layout_spec(mesh, STATE_AXES),
+                           out_specs=(layout_spec(mesh, STATE_AXES), layout_spec(mesh, REPLICATED)),
+                           check_vma=False)
         jitted = jax.jit(fn, in_shardings=(s_state,),
-                         out_shardings=(s_rep, NamedSharding(mesh, PartitionSpec())))
+                         out_shardings=(s_rep, layout_sharding(mesh, REPLICATED)))
         return jitted, (jax.ShapeDtypeStruct((3, n * shard), jnp.float32, sharding=s_state),)
 
     return ("snapshot", (n, shard, memory)), builder
@@ -89,15 +92,16 @@ def build_verify_program(n: int, shard: int, memory: str):
         mesh = layout_mesh(devices)
         s_state = state_sharding(mesh)
         s_in = s_state.with_memory_kind(memory) if memory != "device" else s_state
-        s_rep = NamedSharding(mesh, PartitionSpec())
+        s_rep = layout_sharding(mesh, REPLICATED)
+        axis = layout_axis()
 
         def body(x_3xS, expect_nx2):
             ck = shard_checksum(x_3xS)
-            ok = jnp.all(ck == expect_nx2[jax.lax.axis_index(AXIS)])[None]
-            return jax.lax.all_gather(ok, AXIS, tiled=True)
+            ok = jnp.all(ck == expect_nx2[jax.lax.axis_index(axis)])[None]
+            return jax.lax.all_gather(ok, axis, tiled=True)
 
-        fn = jax.shard_map(body, mesh=mesh, in_specs=(PartitionSpec(None, AXIS), PartitionSpec()),
-                           out_specs=PartitionSpec(), check_vma=False)
+        fn = jax.shard_map(body, mesh=mesh, in_specs=(layout_spec(mesh, STATE_AXES), layout_spec(mesh, REPLICATED)),
+                           out_specs=layout_spec(mesh, REPLICATED), check_vma=False)
 
         def run(x, expect):
             if memory != "device":
