@@ -100,7 +100,7 @@ def test_cli_help(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for w in ["--fail DEV@STEP", "--join DEV@STEP", "--metrics-out", "key=value", "bit for bit"]:
+    for w in ["--fail DEV@STEP", "--join DEV@STEP", "--metrics-out", "key=value", "bit for bit", "--cpu-devices N"]:
         assert w in out
 
 
@@ -109,3 +109,47 @@ def test_distributed_membership_needs_jax_distributed():
 
     with pytest.raises(TrainConfigError, match="jax.distributed.initialize"):
         make_trainer(load_config("tiny", ["elastic.membership=distributed"]))
+
+
+def _fresh_cpu_cli(args, cwd):
+    """`jaxsys train lm ARGS` as on a fresh CPU machine: no XLA_FLAGS, so JAX would see 1 device."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    return subprocess.run([sys.executable, "-m", "jaxsys.cli", "train", "lm", *args], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=600)
+
+
+def test_readme_elastic_command_runs_on_a_fresh_cpu_machine(tmp_path):
+    """The README's `--fail 3@20 --join 3@40` command, shortened: the schedule names device 3, so
+    the CLI gives the CPU 8 virtual devices before JAX starts and the run loses and regains it."""
+    import json
+
+    p = _fresh_cpu_cli(["--config", "tiny", "--fail", "3@1", "--join", "3@2", "--steps", "3",
+                        "--metrics-out", "metrics.jsonl", "--no-progress", "elastic.precompile=none"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "8 virtual CPU devices (the schedule names device 3" in p.stderr
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["devices"] for x in lines] == [8, 7, 8]
+
+
+def test_cli_rejects_a_schedule_naming_missing_devices_before_training(tmp_path):
+    p = _fresh_cpu_cli(["--config", "tiny", "--cpu-devices", "2", "--fail", "3@5"], tmp_path)
+    assert p.returncode == 2
+    assert ("--fail 3@5: device 3 does not exist; this run has 2 devices (0-1); on a CPU-only machine, "
+            "pass --cpu-devices 4") in p.stderr
+    assert "Traceback" not in p.stderr and "compiled" not in p.stderr
+
+
+def test_cli_cpu_devices_after_jax_started_is_a_clear_error(capsys, monkeypatch):
+    import os
+
+    from jaxsys.train.cli import main
+
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # restored after the test
+    assert main(["--config", "tiny", "--cpu-devices", "2", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--cpu-devices 2: JAX already started with 8 CPU device(s)" in err and "Traceback" not in err

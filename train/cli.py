@@ -9,6 +9,9 @@ import time
 from typing import Sequence
 
 PROG = "jaxsys train lm"
+DEFAULT_CPU_DEVICES = 8
+"""Virtual CPU devices for a run that names devices (a --fail/--join schedule or `devices=N`)
+when neither --cpu-devices nor XLA_FLAGS says how many: the examples and tests use 8."""
 
 EPILOG = """\
 config:
@@ -22,10 +25,17 @@ elastic training (elastic.enabled, on in configs/train/tiny.yaml):
   --join DEV@STEP   device DEV is back in service from step STEP on.
   The global batch, the reduction order and every example's dropout mask do not depend on the
   device set, so the losses and parameters equal, bit for bit, those of the run without failures.
+  A schedule is checked before training starts; naming a device the run does not have is an error.
+
+devices:
+  On a CPU-only machine JAX has one device. --cpu-devices N gives it N virtual devices; a run whose
+  --fail/--join schedule (or devices=N) names devices gets 8 (or as many as it names) unless
+  --cpu-devices or XLA_FLAGS=--xla_force_host_platform_device_count says otherwise. On GPU/TPU
+  machines the run uses the accelerators and --cpu-devices changes nothing.
 
 examples:
-  # 8 virtual CPU devices: lose device 3 at step 20, get it back at step 40
-  jaxsys train lm --config tiny --cpu-devices 8 --fail 3@20 --join 3@40 --metrics-out m.jsonl
+  # lose device 3 at step 20, get it back at step 40 (8 virtual devices on a CPU machine)
+  jaxsys train lm --config tiny --fail 3@20 --join 3@40 --metrics-out m.jsonl
   # the GSPMD trainer on a data x fsdp x tensor mesh, bf16 compute, checkpoints every 10 steps
   jaxsys train lm --config tiny --cpu-devices 8 elastic.enabled=false mesh.data=2 mesh.fsdp=2 \\
       mesh.tensor=2 model.dtype=bfloat16 checkpoint.dir=/tmp/ckpt checkpoint.every=10
@@ -48,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", metavar="DIR", help="Orbax checkpoints (checkpoint.dir)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in DIR")
     p.add_argument("--cpu-devices", type=int, metavar="N",
-                   help="run on N virtual CPU devices (sets XLA_FLAGS before jax starts)")
+                   help="give a CPU-only machine N virtual devices (before JAX starts; see 'devices' below)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
@@ -71,23 +81,29 @@ def _fail(msg: str) -> int:
     return 2
 
 
+def _cpu_devices_for(cfg, explicit: int | None) -> tuple[int | None, str]:
+    """(CPU device count to request before JAX starts, or None to leave JAX's count alone; why,
+    when it is the default for a run that names devices)."""
+    from jaxsys.runtime import DEVICE_COUNT_FLAG
+    from jaxsys.train.elastic.events import EventSchedule
+
+    if explicit is not None:
+        return explicit, ""
+    if DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", ""):
+        return None, ""
+    events = EventSchedule.from_specs(cfg.elastic.fail, cfg.elastic.join).events
+    needed = max([e.device + 1 for e in events] + [cfg.devices or 0])
+    if not needed:
+        return None, ""
+    why = (f"the schedule names device {needed - 1}" if events and needed > (cfg.devices or 0)
+           else f"devices={cfg.devices}")
+    return max(DEFAULT_CPU_DEVICES, needed), why
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    if args.cpu_devices is not None:
-        if args.cpu_devices < 1:
-            return _fail("--cpu-devices must be >= 1")
-        flag = f"--xla_force_host_platform_device_count={args.cpu_devices}"
-        if "jax" in sys.modules:
-            import jax
-
-            if jax.device_count() != args.cpu_devices:
-                return _fail(f"--cpu-devices {args.cpu_devices}: jax is already running with "
-                             f"{jax.device_count()} devices in this process")
-        else:
-            flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-                     if not f.startswith("--xla_force_host_platform_device_count")]
-            os.environ["XLA_FLAGS"] = " ".join(flags + [flag])
-            os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.cpu_devices is not None and args.cpu_devices < 1:
+        return _fail("--cpu-devices must be >= 1")
 
     from jaxsys.train.config import TrainConfigError, load_config
     from jaxsys.train.elastic.events import EventSpecError
@@ -119,14 +135,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
 
-    from jaxsys.runtime import enable_compilation_cache
+    from jaxsys.runtime import enable_compilation_cache, request_cpu_devices
 
+    cpu_devices, why = _cpu_devices_for(cfg, args.cpu_devices)
+    if cpu_devices is not None:
+        try:
+            request_cpu_devices(cpu_devices)
+        except RuntimeError as e:
+            return _fail(f"--cpu-devices {cpu_devices}: {e}")
     enable_compilation_cache()
     import jax
 
     from jaxsys.train.elastic.planner import UnrecoverableError
     from jaxsys.train.trainer import make_trainer
 
+    if why and jax.default_backend() == "cpu":
+        print(f"{PROG}: {cpu_devices} virtual CPU devices ({why}; --cpu-devices N to choose)", file=sys.stderr,
+              flush=True)
     try:
         trainer = make_trainer(cfg)
         mode = "elastic" if cfg.elastic.enabled else "gspmd"
@@ -148,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         first, last = result.records[0], result.records[-1]
         print(f"steps {result.start_step}-{result.end_step - 1}: loss {first.loss:.4f} -> {last.loss:.4f} "
               f"on {last.num_devices} devices")
-    for rec in getattr(trainer, "recoveries", []):
+    for rec in getattr(trainer.program, "recoveries", []):
         print(rec.summary())
     if cfg.metrics_out:
         print(f"metrics: {cfg.metrics_out}")
