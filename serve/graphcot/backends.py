@@ -112,10 +112,17 @@ class EngineBackend:
 
     def complete(self, segments: Sequence[Segment], *, max_tokens: int, stop: Sequence[str] = (), qid: str = "",
                  agent: str = "") -> Completion:
+        ids, spans = self.encode(segments)
+        return self.complete_tokens(ids, spans, max_tokens=max_tokens, stop=stop, qid=qid, agent=agent)
+
+    def complete_tokens(self, ids: Sequence[int], spans: Sequence[Span], *, max_tokens: int,
+                        stop: Sequence[str] = (), qid: str = "", agent: str = "",
+                        ignore_eos: bool = False) -> Completion:
+        """`complete` on a prompt that is already token ids (`spans` say what each part holds)."""
         from jaxsys.sampling import SamplingParams
         from jaxsys.serve.scheduler.scheduler import RequestError
 
-        ids, spans = self.encode(segments)
+        ids = list(ids)
         if len(ids) + 1 >= self.context:
             raise PromptTooLong(f"the prompt has {len(ids)} tokens; the model's context is {self.context}")
         max_tokens = max(1, min(max_tokens, self.context - len(ids) - 1))
@@ -132,8 +139,8 @@ class EngineBackend:
 
         with self._lock:
             rid = f"{agent or 'call'}-{qid}-{next(self._ids)}"
-        request = self._request_type(ids, SamplingParams(max_tokens=max_tokens, stop=tuple(stop)), on_output,
-                                     request_id=rid)
+        request = self._request_type(ids, SamplingParams(max_tokens=max_tokens, stop=tuple(stop),
+                                                         ignore_eos=ignore_eos), on_output, request_id=rid)
         try:
             self.llm.scheduler.submit(request)
         except RequestError as e:
