@@ -153,3 +153,12 @@ def test_cli_cpu_devices_after_jax_started_is_a_clear_error(capsys, monkeypatch)
     assert main(["--config", "tiny", "--cpu-devices", "2", "--steps", "1"]) == 2
     err = capsys.readouterr().err
     assert "--cpu-devices 2: JAX already started with 8 CPU device(s)" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("overrides", [["devices=9"], ["elastic.enabled=false", "devices=9"]])
+def test_more_devices_than_exist_says_how_to_get_more(overrides):
+    from jaxsys.train.trainer import make_trainer
+
+    with pytest.raises(TrainConfigError, match="devices=9 but only 8 are available; on a CPU-only machine, "
+                                               "pass --cpu-devices 9"):
+        make_trainer(load_config("tiny", overrides))
