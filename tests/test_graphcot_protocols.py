@@ -15,7 +15,7 @@ from graphcot_helpers import small_graph  # noqa: E402
 from jaxsys.serve.graphcot import prompts  # noqa: E402
 from jaxsys.serve.graphcot.graph import render_vertex  # noqa: E402
 from jaxsys.serve.graphcot.metrics import exact_match  # noqa: E402
-from jaxsys.serve.graphcot.oracle import run_oracle, write_traces  # noqa: E402
+from jaxsys.serve.graphcot.oracle import Oracle, run_oracle, write_traces  # noqa: E402
 from jaxsys.serve.graphcot.protocols import (GraphCall, LLMCall, drive, extract_code, format_step,  # noqa: E402
                                              get_action_list, glm_protocol, graph_handler, graphcot_protocol,
                                              parse_action, parse_classification, parse_reasoning)
@@ -163,6 +163,8 @@ def test_oracle_answers_the_goodbooks_train_split(shared_data):
     train = split(generate_questions(graph, per_template=20, seed=0), "train")
     with Sandbox(graph) as sb:
         for q in train:
+            plan = Oracle(graph, q).plan
+            assert len(plan) <= 10 and max(len(action) for _, action in plan) < 600  # fits Graph-CoT's limits
             for system in ("graphcot", "glm"):
                 out, _ = run_oracle(system, graph, q, sandbox=sb)
                 assert exact_match(out.answer, q["answer"]) and out.parse_failures == 0, (system, q, out)

@@ -96,11 +96,15 @@ class EngineBackend:
         for seg in segments:
             if not seg.text:
                 continue
-            at = rendered.find(seg.text, pos)
-            if at < 0:
-                raise ValueError("a segment's text is not in the rendered chat prompt")
+            text = seg.text
+            at = rendered.find(text, pos)
+            if at < 0 and text.strip():  # a chat template that trims its messages
+                text = text.strip()
+                at = rendered.find(text, pos)
+            if at < 0:  # not findable: the segment stays inside the piece before it
+                continue
             cuts.append((at, seg))
-            pos = at + len(seg.text)
+            pos = at + len(text)
         ids: list[int] = []
         spans: list[Span] = []
         for (start, seg), (end, _) in zip(cuts, cuts[1:] + [(len(rendered), None)]):

@@ -116,6 +116,9 @@ print(NodeFeature(best, "title"))''',
 }
 
 
+MAX_CALLS_PER_STEP = 12
+
+
 class OracleError(ValueError):
     pass
 
@@ -129,9 +132,12 @@ class _Plan:
         self.steps: list[tuple[str, str]] = []
 
     def step(self, thought: str, calls: list[tuple[str, tuple[str, ...]]]) -> list[Any]:
+        """Steps of at most MAX_CALLS_PER_STEP calls, so every Action line fits one call's tokens."""
         fns = {"RetrieveNode": self.graph.retrieve_node, "NodeFeature": self.graph.node_feature,
                "NodeDegree": self.graph.node_degree, "NeighbourCheck": self.graph.neighbour_check}
-        self.steps.append((thought, ", ".join(f"{fn}[{', '.join(args)}]" for fn, args in calls)))
+        for i in range(0, len(calls), MAX_CALLS_PER_STEP):
+            chunk = calls[i:i + MAX_CALLS_PER_STEP]
+            self.steps.append((thought, ", ".join(f"{fn}[{', '.join(args)}]" for fn, args in chunk)))
         return [fns[fn](*args) for fn, args in calls]
 
     def finish(self, answer: str) -> None:

@@ -30,6 +30,9 @@ from jaxsys.serve.graphcot.graph import Graph
 
 DIFFICULTIES = ("easy", "medium", "hard")
 SPLITS = ("train", "dev", "test")
+# Neighbourhoods a question may aggregate over, at most (GRBench's generator skips answers of more
+# than 30 books); it also keeps every question solvable within Graph-CoT's 10 steps.
+MAX_BOOKS = 24
 
 
 class QuestionFileError(ValueError):
@@ -125,7 +128,10 @@ def _earliest(g: Graph, b: str, ix: _Index) -> Solution | None:
     authors = g.neighbour_check(b, "author")
     if not ix.unique_book(b) or len(authors) != 1:
         return None
-    dated = [(int(ix.feature(o, "publication_year")), o) for o in g.neighbour_check(authors[0], "book")
+    books = g.neighbour_check(authors[0], "book")
+    if len(books) > MAX_BOOKS:
+        return None
+    dated = [(int(ix.feature(o, "publication_year")), o) for o in books
              if ix.feature(o, "publication_year").lstrip("-").isdigit()]
     if len(dated) < 2:
         return None
@@ -139,7 +145,10 @@ def _other_series(g: Graph, b: str, ix: _Index) -> Solution | None:
     if not ix.unique_book(b):
         return None
     own = set(g.neighbour_check(b, "series"))
-    other = {s for o in ix.author_books(b) for s in g.neighbour_check(o, "series")} - own
+    books = ix.author_books(b)
+    if len(books) > MAX_BOOKS:
+        return None
+    other = {s for o in books for s in g.neighbour_check(o, "series")} - own
     if not 1 <= len(other) <= 5:
         return None
     return {"book_title": g.text(b)}, ", ".join(sorted(g.text(s) for s in other))
@@ -149,7 +158,10 @@ def _same_author_language(g: Graph, b: str, ix: _Index) -> Solution | None:
     lang = ix.feature(b, "language_code")
     if not ix.unique_book(b) or not lang:
         return None
-    same = [o for o in ix.author_books(b) if o != b and ix.feature(o, "language_code") == lang]
+    books = ix.author_books(b)
+    if len(books) > MAX_BOOKS:
+        return None
+    same = [o for o in books if o != b and ix.feature(o, "language_code") == lang]
     titles = ix.titles(same)
     if not 1 <= len(titles) <= 10 or g.text(b) in titles:
         return None
@@ -160,7 +172,7 @@ def _same_author_language(g: Graph, b: str, ix: _Index) -> Solution | None:
 
 def _common_language(g: Graph, a: str, ix: _Index) -> Solution | None:
     books = g.neighbour_check(a, "book")
-    if len(books) < 3:
+    if not 3 <= len(books) <= MAX_BOOKS:
         return None
     mode = _unique_mode([ix.feature(o, "language_code") for o in books])
     return ({"author_name": g.text(a)}, mode) if mode else None
@@ -168,7 +180,7 @@ def _common_language(g: Graph, a: str, ix: _Index) -> Solution | None:
 
 def _top_rated(g: Graph, a: str, ix: _Index) -> Solution | None:
     books = g.neighbour_check(a, "book")
-    if len(books) < 3:
+    if not 3 <= len(books) <= MAX_BOOKS:
         return None
     best = _unique_best([(float(ix.feature(o, "average_rating") or 0), o) for o in books], largest=True)
     if best is None or not ix.unique_book(best):
@@ -178,7 +190,7 @@ def _top_rated(g: Graph, a: str, ix: _Index) -> Solution | None:
 
 def _series_most_ratings(g: Graph, s: str, ix: _Index) -> Solution | None:
     books = g.neighbour_check(s, "book")
-    if len(books) < 3:
+    if not 3 <= len(books) <= MAX_BOOKS:
         return None
     best = _unique_best([(int(ix.feature(o, "ratings_count") or 0), o) for o in books], largest=True)
     if best is None or not ix.unique_book(best):

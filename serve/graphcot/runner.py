@@ -40,7 +40,7 @@ class RunConfig:
     sharing: bool = True  # GLM's vertex-centric prompt layout
     pipelining: bool = True
     max_steps: int = 10  # Graph-CoT's step limit (its run script's max_steps)
-    graphcot_max_tokens: int = 128  # per Thought / Action call (each stops at a newline)
+    graphcot_max_tokens: int = 300  # per Thought / Action call, as Graph-CoT's (each stops at a newline)
     max_iters: int = 4  # GLM's rounds of code
     c_tokens: int = 8
     r_tokens: int = 64
