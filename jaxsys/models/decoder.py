@@ -118,6 +118,12 @@ class AttentionFn(Protocol):
                  cfg: ModelConfig) -> jax.Array: ...
 
 
+class MoEFn(Protocol):
+    """The MoE feed-forward of one layer: x [B, T, D] (normed) and the layer's parameters -> [B, T, D]."""
+
+    def __call__(self, x_BxTxD: jax.Array, p: Params, cfg: ModelConfig) -> jax.Array: ...
+
+
 def cached_prefix_lens(positions_BxT: jax.Array, meta: AttentionMetadata) -> jax.Array:
     """Tokens of each request already in the cache before this step: kv_lens - new valid tokens."""
     return meta.kv_lens - jnp.sum(positions_BxT >= 0, axis=1, dtype=jnp.int32)
@@ -200,7 +206,7 @@ def _dropout(x: jax.Array, rate: float, keys_B: jax.Array | None, site: jax.Arra
 def forward(params: Params, tokens_BxT: jax.Array, *, cfg: ModelConfig,
             positions_BxT: jax.Array | None = None, valid_BxT: jax.Array | None = None,
             cache: KVCache | None = None, meta: AttentionMetadata | None = None,
-            attention: AttentionFn = paged_attention,
+            attention: AttentionFn = paged_attention, moe: MoEFn | None = None,
             dropout_rate: float = 0.0, dropout_keys_B: jax.Array | None = None,
             logits_index_B: jax.Array | None = None, return_hidden: bool = False):
     """Logits [B, T, V] (float32) and the updated cache.
@@ -209,6 +215,7 @@ def forward(params: Params, tokens_BxT: jax.Array, *, cfg: ModelConfig,
     0..T-1); a negative position marks padding. Without a cache, attention is causal over the T
     tokens themselves (valid_BxT masks padded keys). With a cache, the tokens' K/V are written to the
     pages given by `meta.page_table` and attention covers each request's first `meta.kv_lens` tokens.
+    moe: the MoE feed-forward (default `moe_ffn`); e.g. one that computes only the routed experts.
     dropout_keys_B: per-example PRNG keys [B] (typed keys) to enable residual dropout (training).
     logits_index_B: compute logits only at this position of each row ([B, 1, V]; prefill needs
     just the last prompt token, which saves the vocabulary projection of the others).
@@ -246,7 +253,7 @@ def forward(params: Params, tokens_BxT: jax.Array, *, cfg: ModelConfig,
         x = x + _dropout(attn_out, dropout_rate, dropout_keys_B, 2 * i)
         h = layers.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
         if cfg.is_moe:
-            mlp_out = moe_ffn(h, p, cfg)
+            mlp_out = (moe or moe_ffn)(h, p, cfg)
         else:
             mlp_out = layers.swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
         x = x + _dropout(mlp_out, dropout_rate, dropout_keys_B, 2 * i + 1)
