@@ -1,9 +1,21 @@
-"""`jaxsys.generate`: batched text generation with a plain jitted prefill + decode loop.
+"""`jaxsys.generate`: the reference generation loop, and the step functions the engine runs.
 
-Prompts are right-padded into one batch; each request owns a contiguous run of pages of the paged
-KV cache (page 0 is scratch). Shapes are padded to power-of-two buckets, so a batch of any size and
-prompt length reuses a handful of compiled executables. One host sync per decode step fetches the
-sampled tokens (needed for EOS/stop strings and streaming).
+Two ways to generate, one result type (`GenerationResult`):
+
+- `jaxsys.generate(model, prompts, ...)` (this module): the plain loop. The prompts are
+  right-padded into one batch, prefilled in one call, then decoded one token per call until every
+  request is done; each request owns a contiguous run of pages of the paged KV cache (page 0 is
+  scratch), and decode attention is the decoder's own (`decoder.paged_attention`). Few moving
+  parts, so it is the reference the serving path is checked against and the simplest way to run
+  a model from Python.
+- `jaxsys.serve.ServingLLM.generate` (and the `jaxsys generate` command): the serving engine,
+  with continuous batching, chunked prefill, the radix prefix cache and shared-prefix decode
+  attention. It runs the same step functions (`make_step_fns`) and returns the same
+  `GenerationResult`; it is the fast path for many or long prompts.
+
+Shapes are padded to power-of-two buckets (`jaxsys.shapes.pow2_bucket`), so a batch of any size
+and prompt length reuses a handful of compiled executables. One host sync per decode step fetches
+the sampled tokens (needed for EOS, stop strings and streaming).
 """
 
 from __future__ import annotations
@@ -15,14 +27,15 @@ import time
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxsys.models import decoder
 from jaxsys.models.config import ModelConfig
 from jaxsys.models.kv_cache import AttentionMetadata, KVCache, init_cache
 from jaxsys.models.loading import LoadedModel
+from jaxsys.models.tokenizer import Tokenizer
 from jaxsys.sampling import SamplingParams, StopMatcher, batch_arrays, sample
+from jaxsys.shapes import pow2_bucket
 
 PAGE_SIZE = 16
 
@@ -33,21 +46,27 @@ class ContextLengthError(ValueError):
 
 @dataclasses.dataclass
 class GenerationResult:
-    prompt: str | None
-    prompt_tokens: list[int]
-    tokens: list[int]
+    """One finished request, from `jaxsys.generate` or from the serving engine (`ServingLLM`).
+
+    Token lists are `*_ids`; `text` is the decoded continuation (empty for a model without a
+    tokenizer), cut before a stop string. Timings are wall-clock seconds as the caller saw them
+    (the first call of a new shape includes its compilation).
+    """
+
+    request_id: str
+    prompt: str | None  # the prompt's text, None when it was given as token ids
+    prompt_ids: list[int]
+    token_ids: list[int]
     text: str
-    finish_reason: str  # "stop" (EOS or stop string) or "length"
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
+    finish_reason: str  # "stop" (EOS or a stop string), "length", "cancelled" or "error"
+    ttft_s: float  # time to the first new token
+    tpot_s: list[float]  # time between consecutive new tokens
 
     @property
     def decode_tokens_per_s(self) -> float:
-        return (len(self.tokens) - 1) / self.decode_s if self.decode_s > 0 and len(self.tokens) > 1 else 0.0
-
-
-def bucket(n: int, minimum: int = 1) -> int:
-    return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+        """Tokens per second after the first one (0 when fewer than two were generated)."""
+        total = sum(self.tpot_s)
+        return len(self.tpot_s) / total if total > 0 else 0.0
 
 
 def make_step_fns(cfg: ModelConfig, decode_attention: decoder.AttentionFn = decoder.paged_attention):
@@ -82,22 +101,27 @@ def _compiled_steps(cfg: ModelConfig):
     return jax.jit(prefill, donate_argnums=1), jax.jit(decode, donate_argnums=1)
 
 
+def encode_prompt(tokenizer: Tokenizer | None, prompt: str | Sequence[int], *, chat: bool = False) -> list[int]:
+    """Token ids of a prompt: text is tokenized (`chat` wraps it as a user message in the chat
+    template), token ids pass through."""
+    if not isinstance(prompt, str):
+        return [int(t) for t in prompt]
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer; pass token ids instead of text")
+    if chat:
+        return tokenizer.encode_chat([{"role": "user", "content": prompt}])
+    return tokenizer.encode(prompt)
+
+
 def _encode_prompts(model: LoadedModel, prompts, chat: bool) -> tuple[list[str | None], list[list[int]]]:
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
         prompts = [prompts]
     if not prompts:
         raise ValueError("no prompts given")
     texts, ids = [], []
-    tok = model.tokenizer
     for p in prompts:
-        if isinstance(p, str):
-            if tok is None:
-                raise ValueError("this model has no tokenizer; pass token ids instead of text")
-            texts.append(p)
-            ids.append(tok.encode_chat([{"role": "user", "content": p}]) if chat else tok.encode(p))
-        else:
-            texts.append(None)
-            ids.append([int(t) for t in p])
+        texts.append(p if isinstance(p, str) else None)
+        ids.append(encode_prompt(model.tokenizer, p, chat=chat))
         if not ids[-1]:
             raise ValueError("empty prompt")
         bad = [t for t in ids[-1] if not 0 <= t < model.config.vocab_size]
@@ -110,7 +134,8 @@ def generate(model: LoadedModel, prompts: str | Sequence[str] | Sequence[Sequenc
              max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              seed: int = 0, stop: Sequence[str] = (), chat: bool = False, ignore_eos: bool = False,
              on_text: Callable[[int, str], None] | None = None) -> list[GenerationResult]:
-    """Generate continuations for a batch of prompts (text, or lists of token ids).
+    """Generate continuations for a batch of prompts (text, or lists of token ids) with the
+    reference loop (see the module docstring; `jaxsys.serve.ServingLLM` is the fast path).
 
     chat: wrap each text prompt as a user message in the model's chat template.
     on_text(i, piece): called with each new piece of text of request i as it is produced.
@@ -130,9 +155,9 @@ def generate(model: LoadedModel, prompts: str | Sequence[str] | Sequence[Sequenc
     n = len(prompt_ids)
     params_list = [dataclasses.replace(base, seed=seed + i) for i in range(n)]
     budget = [min(max_tokens, ctx - len(ids)) for ids in prompt_ids]
-    B = bucket(n)
-    T = bucket(max(len(i) for i in prompt_ids), 16)
-    pages_per_req = bucket(math.ceil((max(len(i) for i in prompt_ids) + max(budget)) / PAGE_SIZE))
+    B = pow2_bucket(n)
+    T = pow2_bucket(max(len(i) for i in prompt_ids), minimum=16)
+    pages_per_req = pow2_bucket(math.ceil((max(len(i) for i in prompt_ids) + max(budget)) / PAGE_SIZE))
     cache = init_cache(cfg, 1 + B * pages_per_req, PAGE_SIZE)
     if model.mesh is not None:
         from jaxsys.models.kv_cache import CACHE_LOGICAL_AXES
@@ -155,7 +180,8 @@ def generate(model: LoadedModel, prompts: str | Sequence[str] | Sequence[Sequenc
     nxt, cache = prefill(model.params, cache, tokens, positions, page_table, lens, np.maximum(lens - 1, 0),
                          temp, tk, tp, sd)
     nxt = np.asarray(nxt)
-    t_prefill = time.perf_counter() - t0
+    now = time.perf_counter()
+    ttft = now - t0
 
     eos = set() if ignore_eos else set(cfg.eos_token_ids)
     out_tokens: list[list[int]] = [[] for _ in range(n)]
@@ -163,11 +189,14 @@ def generate(model: LoadedModel, prompts: str | Sequence[str] | Sequence[Sequenc
     reasons = ["length"] * n
     stream = [model.tokenizer.stream_decoder() if model.tokenizer else None for _ in range(n)]
     stops = [StopMatcher(base.stop) for _ in range(n)]
-    t1 = time.perf_counter()
+    tpot: list[list[float]] = [[] for _ in range(n)]
+    last = now
     while True:
         for i in range(n):
             if done[i]:
                 continue
+            if out_tokens[i]:
+                tpot[i].append(now - last)
             t = int(nxt[i])
             if t in eos:
                 done[i], reasons[i] = True, "stop"
@@ -188,7 +217,7 @@ def generate(model: LoadedModel, prompts: str | Sequence[str] | Sequence[Sequenc
         cur = np.where(np.arange(B) < n, lens - 1, -1).astype(np.int32)
         nxt, cache = decode(model.params, cache, nxt.astype(np.int32), cur, page_table, lens, temp, tk, tp, sd)
         nxt = np.asarray(nxt)
-    t_decode = time.perf_counter() - t1
+        last, now = now, time.perf_counter()
 
     results = []
     for i in range(n):
@@ -199,7 +228,7 @@ def generate(model: LoadedModel, prompts: str | Sequence[str] | Sequence[Sequenc
             text = stops[i].text
         else:
             text = ""
-        results.append(GenerationResult(prompt=texts[i], prompt_tokens=prompt_ids[i], tokens=out_tokens[i],
-                                        text=text, finish_reason=reasons[i], prefill_s=t_prefill,
-                                        decode_s=t_decode))
+        results.append(GenerationResult(request_id=f"generate-{i}", prompt=texts[i], prompt_ids=prompt_ids[i],
+                                        token_ids=out_tokens[i], text=text, finish_reason=reasons[i],
+                                        ttft_s=ttft, tpot_s=tpot[i]))
     return results

@@ -4,34 +4,25 @@
     llm = ServingLLM("smollm2-135m-instruct")
     outs = llm.generate(["Hello"] * 8, SamplingParams(max_tokens=32))
 
-`generate` drives the scheduler on the calling thread; `start()` runs it on a background thread
-for the HTTP server, which then uses `submit`/`cancel`.
+`generate` drives the scheduler on the calling thread and returns `jaxsys.GenerationResult`s, the
+type `jaxsys.generate` (the reference loop) returns; `start()` runs the scheduler on a background
+thread for the HTTP server, which then uses `submit`/`cancel` and gets `RequestOutput` events.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Sequence
 
 import jax
 
+from jaxsys.generation import GenerationResult, encode_prompt
 from jaxsys.models import LoadedModel, load_model
 from jaxsys.sampling import SamplingParams
 from jaxsys.serve.engine.engine import Engine, EngineConfig
+from jaxsys.serve.engine.shared_decode import make_shared_decode
 from jaxsys.serve.scheduler.radix import EvictionPolicy
 from jaxsys.serve.scheduler.request import Request, RequestOutput
 from jaxsys.serve.scheduler.scheduler import Scheduler, new_request
-
-
-@dataclasses.dataclass
-class Completion:
-    request_id: str
-    prompt_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str
-    ttft_s: float
-    tpot_s: list[float]
 
 
 class ServingLLM:
@@ -40,9 +31,8 @@ class ServingLLM:
                  eviction_policy: EvictionPolicy | None = None, dtype: str = "float32"):
         self.model = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype)
         self.name = self.model.name
-        attention, builder = None, None
+        attention, builder = None, None  # the engine's default: plain split-KV paged decode
         if config.shared_attention:
-            from jaxsys.serve.engine.shared_decode import make_shared_decode
             attention, builder = make_shared_decode(self.model.config, config)
         self.engine = Engine(self.model.config, self.model.params, config, mesh=mesh, decode_attention=attention)
         self.scheduler = Scheduler(self.engine, self.model.tokenizer, eviction_policy=eviction_policy,
@@ -65,16 +55,16 @@ class ServingLLM:
 
     # ------------------------------------------------------------------ sync use
     def encode(self, prompt: str | Sequence[int], *, chat: bool = False) -> list[int]:
-        if isinstance(prompt, str):
-            if chat:
-                return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
-            return self.tokenizer.encode(prompt)
-        return [int(t) for t in prompt]
+        return encode_prompt(self.tokenizer, prompt, chat=chat)
 
     def generate(self, prompts: Sequence[str | Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams]
                  = SamplingParams(), *, chat: bool = False,
-                 on_output: Callable[[int, RequestOutput], None] | None = None) -> list[Completion]:
-        """Run a batch to completion on this thread (continuous batching inside)."""
+                 on_output: Callable[[int, RequestOutput], None] | None = None) -> list[GenerationResult]:
+        """Run a batch to completion on this thread (continuous batching inside).
+
+        prompts: text (tokenized here; `chat` wraps it as a user message in the chat template) or
+        token ids. on_output(i, event): called with each event of prompt i as it streams.
+        """
         if isinstance(sampling, SamplingParams):
             sampling = [sampling] * len(prompts)
         reqs = []
@@ -82,5 +72,9 @@ class ServingLLM:
             cb = (lambda out, i=i: on_output(i, out)) if on_output else None
             reqs.append(self.scheduler.submit(new_request(self.encode(p, chat=chat), sp, cb)))
         self.scheduler.run_until_idle()
-        return [Completion(r.request_id, r.prompt_ids, r.out_tokens, r.text, r.finish_reason or "",
-                           (r.first_token_time or r.arrival) - r.arrival, list(r.token_intervals)) for r in reqs]
+        return [GenerationResult(request_id=r.request_id, prompt=p if isinstance(p, str) else None,
+                                 prompt_ids=r.prompt_ids, token_ids=r.out_tokens, text=r.text,
+                                 finish_reason=r.finish_reason or "",
+                                 ttft_s=(r.first_token_time or r.arrival) - r.arrival,
+                                 tpot_s=list(r.token_intervals))
+                for p, r in zip(prompts, reqs)]

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import pytest
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
             num_kv_heads=2, head_dim=16, max_position_embeddings=256)
@@ -55,18 +54,11 @@ def tiny_model(seed: int = 0, *, eos_token_ids: tuple[int, ...] = (), **override
                        path=Path("tiny"))
 
 
-def require_shared_attention(shared_attention: bool) -> None:
-    """Skip the shared-prefix-attention variant until `jaxsys.serve.engine.shared_decode` exists."""
-    if shared_attention:
-        pytest.importorskip("jaxsys.serve.engine.shared_decode",
-                            reason="shared-prefix decode attention is not integrated yet")
-
-
 def serving_llm(model, shared_attention: bool, **engine_kw):
+    """A `ServingLLM` over `model`; an import error of our own modules fails the test (never skips)."""
     from jaxsys.serve.engine.engine import EngineConfig
     from jaxsys.serve.llm import ServingLLM
 
-    require_shared_attention(shared_attention)
     return ServingLLM(model, config=EngineConfig(shared_attention=shared_attention, **engine_kw))
 
 

@@ -86,9 +86,9 @@ def test_greedy_continuation_matches_hf(ours, theirs, prompt_ids):
     if hf_new and hf_new[-1] in eos:  # HF keeps the EOS it stopped at; jaxsys does not emit it
         hf_new = hf_new[:-1]
     res = jaxsys.generate(ours, [prompt_ids], max_tokens=32)[0]
-    assert res.prompt_tokens == prompt_ids
+    assert res.prompt_ids == prompt_ids
     assert len(hf_new) >= 16, "the prompt should yield a long continuation"
-    assert res.tokens == hf_new
+    assert res.token_ids == hf_new
     assert res.finish_reason == ("length" if len(hf_new) == 32 else "stop")
 
 
@@ -98,5 +98,5 @@ def test_chat_answers_paris(ours):
     res = jaxsys.generate(ours, "What is the capital of France?", chat=True, max_tokens=32)[0]
     assert "Paris" in res.text, res.text
     # the chat prompt is the template with one user turn and the assistant header
-    assert ours.tokenizer.decode(res.prompt_tokens, skip_special_tokens=False).endswith(
+    assert ours.tokenizer.decode(res.prompt_ids, skip_special_tokens=False).endswith(
         "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")

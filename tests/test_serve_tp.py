@@ -17,7 +17,7 @@ from jaxsys.sampling import SamplingParams
 from jaxsys.sharding import make_mesh
 
 from helpers import smollm2_path
-from serve_helpers import check_idle, greedy_reference, require_shared_attention, tiny_model
+from serve_helpers import check_idle, greedy_reference, tiny_model
 
 TP_TINY = dict(num_heads=8, num_kv_heads=8, head_dim=8)
 ENGINE = dict(page_size=4, num_pages=64, max_decode_batch=4, max_prefill_batch=4, prefill_chunk=16)
@@ -27,7 +27,6 @@ def _llm(model, mesh, shared_attention=False, **engine_kw):
     from jaxsys.serve.engine.engine import EngineConfig
     from jaxsys.serve.llm import ServingLLM
 
-    require_shared_attention(shared_attention)
     return ServingLLM(model, config=EngineConfig(shared_attention=shared_attention, **engine_kw), mesh=mesh)
 
 

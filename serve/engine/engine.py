@@ -7,6 +7,9 @@ donates the cache; the scheduler never touches device state. Shapes come from a 
 the first time its bucket is seen, and `compile_count` counts those: after warm-up over a workload,
 a steady state that compiles again is a bug (the tests assert zero).
 
+Decode attention: the shared-prefix step (`shared_decode`, with `EngineConfig.shared_attention`)
+or plain split-KV paged decode (`plain_decode`); both run the kernel package's paged path.
+
 Tensor parallelism: give a mesh; parameters and the cache are sharded by the logical rules table
 (heads on `tensor`) and XLA partitions the steps. Same tokens as one device (tested).
 """
@@ -14,18 +17,17 @@ Tensor parallelism: give a mesh; parameters and the cache are sharded by the log
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxsys.generation import make_step_fns
 from jaxsys.models import decoder
 from jaxsys.models.config import ModelConfig
 from jaxsys.models.kv_cache import CACHE_LOGICAL_AXES, KVCache, init_cache
+from jaxsys.serve.engine.plain_decode import make_plain_decode
 from jaxsys.sharding import activate, logical_sharding, tree_shardings
 
 
@@ -47,11 +49,6 @@ class EngineConfig:
             raise ValueError("prefill_chunk must be a multiple of page_size")
 
 
-def pow2_bucket(n: int, minimum: int = 1, maximum: int | None = None) -> int:
-    b = max(minimum, 1 << max(0, int(n - 1).bit_length())) if n > 0 else minimum
-    return b if maximum is None else min(b, max(maximum, minimum))
-
-
 class Engine:
     def __init__(self, cfg: ModelConfig, params: Any, config: EngineConfig = EngineConfig(), *,
                  mesh: jax.sharding.Mesh | None = None,
@@ -67,13 +64,12 @@ class Engine:
             pshard = tree_shardings(decoder.param_logical_axes(cfg), params, mesh)
             self.params = jax.tree.map(jax.device_put, params, pshard)
         self.cache = cache
-        prefill, decode = make_step_fns(cfg, decode_attention or decoder.paged_attention)
+        prefill, decode = make_step_fns(cfg, decode_attention or make_plain_decode(cfg, config))
         self._prefill_jit = jax.jit(prefill, donate_argnums=1)
         self._decode_jit = jax.jit(decode, donate_argnums=1)
         self._executables: dict[tuple, Any] = {}
         self.compile_count = 0
         self.compile_seconds = 0.0
-        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ compilation
     def _executable(self, kind: str, jitted: Callable, args: tuple) -> Any:

@@ -23,7 +23,9 @@ class State(enum.Enum):
 
 @dataclasses.dataclass
 class RequestOutput:
-    """One event of a request: new text/tokens, and whether it finished (then with a reason)."""
+    """One streamed event of a request: the text and token ids new since the last event, and
+    whether it finished (then with a reason). `prompt_tokens` / `completion_tokens` are counts, as
+    in the OpenAI API's usage. The finished request as a whole is a `jaxsys.GenerationResult`."""
 
     request_id: str
     text: str

@@ -39,10 +39,11 @@ import numpy as np
 
 from jaxsys.models.tokenizer import Tokenizer
 from jaxsys.sampling import SamplingParams, StopMatcher, batch_arrays
-from jaxsys.serve.engine.engine import Engine, pow2_bucket
+from jaxsys.serve.engine.engine import Engine
 from jaxsys.serve.scheduler.pages import PageAllocator
 from jaxsys.serve.scheduler.radix import EvictionPolicy, RadixCache
 from jaxsys.serve.scheduler.request import Request, RequestOutput, State
+from jaxsys.shapes import pow2_bucket
 
 
 logger = logging.getLogger("jaxsys.serve")
@@ -53,6 +54,11 @@ class RequestError(ValueError):
 
 
 class SchedulerStats:
+    """Counters since the scheduler started. `prefill_s` / `decode_s` are the wall time of the
+    prefill and decode steps (host preparation, planning, the device step and the token
+    bookkeeping), `prefill_tokens` the prompt tokens computed (not taken from the prefix cache)
+    and `decode_tokens` the rows of the decode steps (one new token each)."""
+
     def __init__(self):
         self.generated_tokens = 0
         self.prompt_tokens = 0
@@ -60,6 +66,10 @@ class SchedulerStats:
         self.decode_steps = 0
         self.prefill_steps = 0
         self.shared_steps = 0
+        self.prefill_tokens = 0
+        self.decode_tokens = 0
+        self.prefill_s = 0.0
+        self.decode_s = 0.0
         self.ttft: collections.deque[float] = collections.deque(maxlen=100_000)
         self.tpot: collections.deque[float] = collections.deque(maxlen=1_000_000)
         self.observers: list[Callable[[str, float], None]] = []  # ("ttft" | "tpot", seconds)
@@ -171,9 +181,13 @@ class Scheduler:
         self._drain_inbox()
         self._admit()
         if self.prefilling:
+            t0 = time.perf_counter()
             self._prefill_step()
+            self.stats.prefill_s += time.perf_counter() - t0
         if self.running:
+            t0 = time.perf_counter()
             self._decode_step()
+            self.stats.decode_s += time.perf_counter() - t0
 
     def _drain_inbox(self) -> None:
         with self._cv:
@@ -261,6 +275,7 @@ class Scheduler:
         sampling = batch_arrays([r.sampling for r in batch], B)
         nxt = self.engine.prefill(tokens, positions, table, kv_lens, last, sampling)
         self.stats.prefill_steps += 1
+        self.stats.prefill_tokens += sum(chunks)
         now = time.perf_counter()
         for i, (r, c) in enumerate(zip(batch, chunks)):
             r.num_computed += c
@@ -303,6 +318,7 @@ class Scheduler:
         sampling = batch_arrays([r.sampling for r in batch], B)
         nxt = self.engine.decode(tokens, positions, table, kv_lens, sampling, shared)
         self.stats.decode_steps += 1
+        self.stats.decode_tokens += n
         now = time.perf_counter()
         for i, r in enumerate(batch):
             r.num_computed = r.total_len
