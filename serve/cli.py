@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxsys.serve.cli_devices import DeviceError, add_device_args, request_devices, tensor_mesh
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -26,25 +28,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=64, help="max running requests")
     p.add_argument("--prefill-chunk", type=int, default=512, help="max prompt tokens per request per step")
     p.add_argument("--no-shared-attention", action="store_true",
-                   help="plain paged decode attention instead of shared-prefix attention")
-    p.add_argument("--tensor-parallel", type=int, default=1, help="devices on the tensor axis (heads)")
+                   help="plain split-KV paged decode attention (no sharing) instead of shared-prefix attention")
+    add_device_args(p)
     p.add_argument("--log-level", default="info")
     return p
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        request_devices(args)
+    except DeviceError as e:
+        print(f"jaxsys serve: {e}", file=sys.stderr)
+        return 2
     from jaxsys.runtime import enable_compilation_cache
 
     enable_compilation_cache()
-    import jax
     import uvicorn
 
     from jaxsys.models import ConfigError, ModelNotFoundError, TokenizerError, WeightError
     from jaxsys.serve.api.server import create_app
     from jaxsys.serve.engine.engine import EngineConfig
     from jaxsys.serve.llm import ServingLLM
-    from jaxsys.sharding import make_mesh
 
     try:
         config = EngineConfig(page_size=args.page_size, num_pages=args.num_pages, max_decode_batch=args.max_batch,
@@ -52,13 +57,11 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"jaxsys serve: {e}", file=sys.stderr)
         return 2
-    mesh = None
-    if args.tensor_parallel > 1:
-        if args.tensor_parallel > jax.device_count():
-            print(f"jaxsys serve: --tensor-parallel {args.tensor_parallel} > {jax.device_count()} devices",
-                  file=sys.stderr)
-            return 2
-        mesh = make_mesh({"tensor": args.tensor_parallel}, devices=jax.devices()[:args.tensor_parallel])
+    try:
+        mesh = tensor_mesh(args.tensor_parallel)
+    except DeviceError as e:
+        print(f"jaxsys serve: {e}", file=sys.stderr)
+        return 2
     try:
         llm = ServingLLM(args.model, config=config, mesh=mesh, dtype=args.dtype)
     except (ModelNotFoundError, WeightError, ConfigError, TokenizerError) as e:

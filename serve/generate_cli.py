@@ -1,21 +1,25 @@
 """`jaxsys generate`: generate text from a named model, an HF folder or a GGUF file.
 
-Runs on the serving engine (`jaxsys.serve`: continuous batching, radix prefix cache, shared-prefix
-decode attention), loaded only when this command runs.
+Runs on the serving engine (continuous batching, radix prefix cache, shared-prefix decode
+attention), sized for the prompts at hand: one KV page run per prompt, its prompt plus
+`--max-tokens` long.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
+
+from jaxsys.serve.cli_devices import DeviceError, add_device_args, request_devices, tensor_mesh
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jaxsys generate",
-        description="Generate text from a model. Several prompts run as one batch; a single prompt is "
-                    "streamed to the terminal token by token.",
+        description="Generate text from a model on the serving engine. Several prompts run as one batch; "
+                    "a single prompt is streamed to the terminal token by token.",
         epilog='example: jaxsys generate --chat "What is the capital of France?"')
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts")
     p.add_argument("--model", default="smollm2-135m-instruct",
@@ -30,9 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop when STR is generated (repeatable)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--no-shared-attention", action="store_true",
-                   help="plain paged decode attention instead of shared-prefix attention")
+                   help="plain split-KV paged decode attention (no sharing) instead of shared-prefix attention")
+    add_device_args(p)
     p.add_argument("--quiet", action="store_true", help="no timing line on stderr")
     return p
+
+
+def _fail(message: object) -> int:
+    print(f"jaxsys generate: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str]) -> int:
@@ -40,39 +50,35 @@ def main(argv: list[str]) -> int:
     from jaxsys.sampling import SamplingParams
 
     try:
-        SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
-    except ValueError as e:
-        print(f"jaxsys generate: {e}", file=sys.stderr)
-        return 2
+        samplings = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                                    top_p=args.top_p, seed=args.seed + i, stop=tuple(args.stop))
+                     for i in range(len(args.prompts))]
+        request_devices(args)
+    except (ValueError, DeviceError) as e:
+        return _fail(e)
     from jaxsys.runtime import enable_compilation_cache
 
     enable_compilation_cache()
-    import importlib
-
     import jaxsys
     from jaxsys.models import ConfigError, ModelNotFoundError, TokenizerError, WeightError
-
-    serve = importlib.import_module("jaxsys.serve")
+    from jaxsys.serve.engine.engine import EngineConfig
+    from jaxsys.generation import encode_prompt
+    from jaxsys.serve.llm import ServingLLM
     from jaxsys.serve.scheduler.scheduler import RequestError
 
     try:
+        mesh = tensor_mesh(args.tensor_parallel)
         model = jaxsys.load_model(args.model, dtype=args.dtype)
-    except (ModelNotFoundError, WeightError, ConfigError, TokenizerError) as e:
-        print(f"jaxsys generate: {e}", file=sys.stderr)
-        return 2
-    if model.tokenizer is None:
-        print("jaxsys generate: this model has no tokenizer", file=sys.stderr)
-        return 2
-    single = len(args.prompts) == 1
-    longest = max(len(model.tokenizer.encode(p)) for p in args.prompts) + 64
-    pages = len(args.prompts) * (-(-(longest + args.max_tokens) // 16)) + 2
-    config = serve.EngineConfig(num_pages=max(pages, 64), max_decode_batch=max(1, len(args.prompts)),
-                                shared_attention=not args.no_shared_attention)
-    llm = serve.ServingLLM(model, config=config)
-    samplings = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, seed=args.seed + i, stop=tuple(args.stop))
-                 for i in range(len(args.prompts))]
+        prompt_ids = [encode_prompt(model.tokenizer, p, chat=args.chat) for p in args.prompts]
+    except (DeviceError, ModelNotFoundError, WeightError, ConfigError, TokenizerError, ValueError) as e:
+        return _fail(e)
+    page_size = EngineConfig().page_size
+    context = model.config.max_position_embeddings
+    pages = 1 + sum(math.ceil(min(len(ids) + args.max_tokens, context) / page_size) for ids in prompt_ids)
+    config = EngineConfig(page_size=page_size, num_pages=pages, max_decode_batch=len(prompt_ids),
+                          shared_attention=not args.no_shared_attention)
+    llm = ServingLLM(model, config=config, mesh=mesh)
+    single = len(prompt_ids) == 1
 
     def on_output(i: int, out) -> None:
         if single and out.text:
@@ -81,16 +87,15 @@ def main(argv: list[str]) -> int:
 
     t0 = time.perf_counter()
     try:
-        results = llm.generate(args.prompts, samplings, chat=args.chat, on_output=on_output)
-    except (RequestError, ValueError, TokenizerError) as e:
-        print(f"jaxsys generate: {e}", file=sys.stderr)
-        return 2
+        results = llm.generate(prompt_ids, samplings, on_output=on_output)
+    except RequestError as e:
+        return _fail(e)
     wall = time.perf_counter() - t0
     if single:
         print()
     else:
-        for i, r in enumerate(results):
-            print(f"--- [{i}] {args.prompts[i]!r}\n{r.text}")
+        for i, (prompt, r) in enumerate(zip(args.prompts, results)):
+            print(f"--- [{i}] {prompt!r}\n{r.text}")
     if not args.quiet:
         n = sum(len(r.token_ids) for r in results)
         print(f"[{len(results)} prompt(s), {n} tokens in {wall:.2f}s incl. compile]", file=sys.stderr)
