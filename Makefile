@@ -29,19 +29,21 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/jaxsys bench all
 
-# On a GPU machine: kernel correctness (compiled Pallas, not interpret) + kernel benchmarks -> JSON.
-# The GPU image brings its own jax (0.11.x, CUDA); we install the rest without touching it.
+# On a GPU machine, one command of ~8 minutes: the Pallas kernels compiled and tested, the attention
+# benchmark at fp32 (tf32x3, tf32) and bf16 against JAX's kernels (both tuned under the same budget),
+# the engine's decode step with and without sharing -> JSON under benchmarks/results/. The GPU image
+# brings its own jax (0.11.x, CUDA); we install the rest without touching it.
 gpu-check:
 	bash benchmarks/gpu_check.sh
 
-# Before spending GPU time, on any machine: the GPU benchmark's whole path (sweeps, calibration,
-# every configuration, JAX's kernels) in the Pallas interpreter on shrunk trees (~5-10 min on 2 cores;
-# the timings mean nothing, the outputs are checked against ours).
+# Before spending GPU time, on any machine: the same script with every benchmark in the Pallas
+# interpreter on shrunk trees and a tiny model (~10 min on 2 cores; the timings mean nothing, the
+# outputs are checked against ours), so the GPU run cannot fail on a typo.
 gpu-check-dry: $(STAMP)
-	$(BIN)/python benchmarks/attention.py --interpret --tune-first --repeats 1
+	GPU_CHECK_DRY=1 PY=$(BIN)/python bash benchmarks/gpu_check.sh
 
 # The same with the GPU machine's jax version (0.11.x, Python >= 3.12) in .venv-gpujax: lowering for
-# CUDA, the kernel tests and the dry run (~10 min), so an API that moved between the versions shows
+# CUDA, the kernel tests and the dry run (~15 min), so an API that moved between the versions shows
 # here and not in the GPU run.
 gpu-check-dry-jax:
 	bash benchmarks/gpu_jax_dry.sh

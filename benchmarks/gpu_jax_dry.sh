@@ -7,10 +7,10 @@
 #   1. every kernel launch and tile variant lowers to Triton IR for CUDA (triton_static.py
 #      --lower-only; jax >= 0.11 is told it lowers for an H100, sm_90);
 #   2. the kernel tests pass in the Pallas interpreter;
-#   3. the GPU benchmark's whole path (sweeps, calibration, every configuration, JAX's own
-#      decode_attention and paged_attention of that version) runs in the interpreter on shrunk
-#      trees, as `make gpu-check-dry` (5-10 minutes on 2 cores; timings mean nothing, every
-#      variant's output is checked against ours).
+#   3. `make gpu-check-dry` with that venv: the whole `make gpu-check` script (the attention
+#      benchmark's sweeps, configurations and JAX's own decode_attention and paged_attention of that
+#      version, the engine decode step) in the interpreter on shrunk shapes (~10 minutes on 2 cores;
+#      timings mean nothing, every variant's output is checked against ours).
 # A Python >= 3.12: GPU_JAX_PY, else python3.13/python3.12 on PATH, else pyenv's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +39,6 @@ echo "== 1. every launch lowers for CUDA"
 "$VENV/bin/python" benchmarks/triton_static.py --lower-only | tail -1
 echo "== 2. kernel tests (Pallas interpreter)"
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_shared_prefix_attention.py
-echo "== 3. the GPU benchmark in the interpreter"
-"$VENV/bin/python" benchmarks/attention.py --interpret --tune-first --repeats 1
+echo "== 3. make gpu-check in the interpreter"
+GPU_CHECK_DRY=1 PY="$VENV/bin/python" bash benchmarks/gpu_check.sh
 echo "gpu-check-dry-jax: passed with jax $VERSION"

@@ -17,7 +17,7 @@ report gives:
                         (None where the loop's blocks could not be told apart in the PTX)
   loop_copies_16B / 4B  cp.async instructions of 16 and of 4 bytes per thread in the loop (the
                         fp32 V tile is stored transposed for the tensor cores: 4-byte copies)
-  kv_loops              where a launch has several KV loops (`BlockSizes.row_tiers`: one per
+  kv_loops              where a launch has several KV loops (`ItemsLaunch.row_tiers`: one per
                         branch), the same loop figures for each, in program order
 
 This is a static check of what the code asks the compiler for, not a measurement: the GPU's
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import functools
 import json
 import math
@@ -41,6 +40,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HQ, HKV, HEAD_DIM, PAGE = 32, 8, 128, 16
+DEVICE = "NVIDIA H200"  # whose tables are lowered (sm_90, as an H100)
 SM_REGS, SM_SHARED, SM_WARPS, RESERVED_SHARED = 65536, 228 * 1024, 64, 1024
 LAUNCHES = ("shared_prefix_private_pages", "shared_prefix_items", "shared_prefix_merge")
 
@@ -76,29 +76,27 @@ def capture_triton_modules():
             gpu_info.get_gpu_info = asked
 
 
-def lower_step(block_sizes, tree, total_pages: int, *, dtype: str = "float32", fp32_dot: str = "auto",
-               force: str | None = None) -> list[dict]:
-    """Lowers `shared_prefix_attention` for CUDA on the tree's step; one dict per launch, with
-    the launch's num_warps and num_stages."""
+def lower_step(block_sizes, tree, total_pages: int, *, dtype: str = "float32", precision: str = "tf32x3",
+               share: bool = True) -> list[dict]:
+    """Lowers `shared_prefix_attention` for CUDA on the tree's step (every sharable node shared,
+    or none); one dict per launch, with the launch's num_warps and num_stages."""
     import jax
     import jax.numpy as jnp
 
     from jaxsys.pallas_kernels import shared_prefix_attention as spa
 
-    plan = spa.plan_step(tree, block_sizes=block_sizes, cost_model=spa.get_cost_model("gpu"), force=force)
+    plan = spa.forced_plan(tree, share=share, block_sizes=block_sizes)
     b = plan.shape.num_requests
     q = jax.ShapeDtypeStruct((b, HQ, HEAD_DIM), jnp.dtype(dtype))
     kv = jax.ShapeDtypeStruct((HKV, total_pages, PAGE, HEAD_DIM), jnp.dtype(dtype))
     step = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), plan.step)
-    f = functools.partial(spa.shared_prefix_attention, block_sizes=block_sizes, fp32_dot=fp32_dot)
+    f = functools.partial(spa.shared_prefix_attention, block_sizes=block_sizes, precision=precision)
     with capture_triton_modules() as mods:
         jax.jit(f).trace(q, kv, kv, step).lower(lowering_platforms=("cuda",))
-    split = block_sizes.split_launch()
-    params = {"shared_prefix_items": (block_sizes.num_warps, block_sizes.num_stages),
-              "shared_prefix_private_pages": (split.num_warps, split.num_stages),
-              "shared_prefix_merge": (block_sizes.num_warps, block_sizes.num_stages)}
+    launch = {"shared_prefix_items": block_sizes.items, "shared_prefix_private_pages": block_sizes.split,
+              "shared_prefix_merge": block_sizes.merge}
     for m in mods:
-        m["num_warps"], m["num_stages"] = params.get(m["name"], (block_sizes.num_warps, block_sizes.num_stages))
+        m["num_warps"], m["num_stages"] = launch[m["name"]].num_warps, launch[m["name"]].num_stages
     return mods
 
 
@@ -143,7 +141,7 @@ def compile_report(mod: dict, arch: int = 90) -> dict:
 
 def _loop_stats(loop: str) -> dict:
     products = len(re.findall(r"\bmma\.sync|\bwgmma\.mma_async", loop))
-    if not products:  # the KV loop's blocks are not contiguous in the PTX (e.g. prefetch's branches)
+    if not products:  # the KV loop's blocks are not contiguous in the PTX
         return {"async_wait": None, "copies_16B": None, "copies_4B": None, "global_loads": None, "mma": None}
     return {"async_wait": [int(n) for n in re.findall(r"cp\.async\.wait_group\s+(\d+)", loop)],
             "copies_16B": len(re.findall(r"cp\.async\.\w+\.shared\.global[^;]*0x10,", loop)),
@@ -167,33 +165,35 @@ def _kv_loops(ptx: str) -> list[str]:
     return loops
 
 
+def _with(bs, launch: str, **changes):
+    return dataclasses.replace(bs, **{launch: dataclasses.replace(getattr(bs, launch), **changes)})
+
+
 def settings(quick: bool):
-    """(label, dtype, fp32_dot, BlockSizes) to report: the tuned tables and the tile variants the
-    GPU sweep tries."""
+    """(label, dtype, precision, BlockSizes) to report: the H200 tables and the tile variants the
+    GPU sweeps try."""
     from jaxsys.pallas_kernels import shared_prefix_attention as spa
 
     out = []
-    for dtype, fp32_dot in (("float32", "auto"), ("float32", "tf32"), ("bfloat16", "auto")):
-        base = spa.get_block_sizes("gpu", HQ // HKV, HEAD_DIM, PAGE, dtype, fp32_dot)
-        out.append((f"{dtype} {fp32_dot}: tuned table", dtype, fp32_dot, base))
+    for dtype, precision in (("float32", "tf32x3"), ("float32", "tf32"), ("bfloat16", "tf32x3")):
+        base = spa.get_default(DEVICE, dtype, precision, q_per_kv=HQ // HKV, head_dim=HEAD_DIM,
+                               page_size=PAGE).block_sizes
+        tag = f"{dtype} {precision}" if dtype == "float32" else dtype
+        out.append((f"{tag}: tuned table", dtype, precision, base))
         if quick:
             continue
         for ppcb, warps, stages in ((2, 4, 3), (4, 4, 2), (4, 4, 3), (8, 4, 1), (8, 8, 2)):
-            if base.chunk_pages % ppcb or base.split_pages % ppcb:
+            if base.items.chunk_pages % ppcb:
                 continue
-            bs = dataclasses.replace(base, pages_per_compute_block=ppcb, num_warps=warps, num_stages=stages)
-            out.append((f"{dtype} {fp32_dot}: {ppcb} pages, {warps} warps, {stages} stages", dtype, fp32_dot, bs))
-        out.append((f"{dtype} {fp32_dot}: tuned table + prefetch", dtype, fp32_dot,
-                    dataclasses.replace(base, prefetch=1, num_stages=1)))
-        out.append((f"{dtype} {fp32_dot}: tuned table + merge of 8 partials per step", dtype, fp32_dot,
-                    dataclasses.replace(base, merge_block=8)))
-        out.append((f"{dtype} {fp32_dot}: tuned table + 4 row tiers", dtype, fp32_dot,
-                    dataclasses.replace(base, row_tiers=4)))
-        out.append((f"{dtype} {fp32_dot}: tuned table + flat KV tiles in both launches", dtype, fp32_dot,
-                    dataclasses.replace(base, flat_kv=1, split_flat_kv=1)))
-        out.append((f"{dtype} {fp32_dot}: tuned table + split launch of 2 pages x 3 stages, >= 512 programs",
-                    dtype, fp32_dot, dataclasses.replace(base, split_pages_per_compute_block=2, split_num_stages=3,
-                                                         min_split_programs=512)))
+            bs = _with(base, "items", pages_per_compute_block=ppcb, num_warps=warps, num_stages=stages)
+            out.append((f"{tag}: items {ppcb} pages, {warps} warps, {stages} stages", dtype, precision, bs))
+        out.append((f"{tag}: tuned table + merge of 8 partials per step", dtype, precision,
+                    _with(base, "merge", partials_per_step=8)))
+        out.append((f"{tag}: tuned table + 4 row tiers", dtype, precision, _with(base, "items", row_tiers=4)))
+        out.append((f"{tag}: tuned table + flat KV tiles in both launches", dtype, precision,
+                    _with(_with(base, "items", flat_kv=True), "split", flat_kv=True)))
+        out.append((f"{tag}: tuned table + split launch of 2 pages x 3 stages, >= 512 programs", dtype, precision,
+                    _with(base, "split", pages_per_compute_block=2, num_stages=3, min_programs=512)))
     return out
 
 
@@ -203,23 +203,22 @@ def item_row_use() -> dict:
     `row_tiers` 2 and 4. Host-side arithmetic on the plan, no GPU."""
     import numpy as np
 
-    from attention import build_tree, configs
+    from _attention.configs import CONFIGS, build_tree
     from jaxsys.pallas_kernels import shared_prefix_attention as spa
     from jaxsys.pallas_kernels.shared_prefix_attention.kernel import item_rows
 
-    base = spa.get_block_sizes("gpu", HQ // HKV, HEAD_DIM, PAGE, "float32", "tf32")
-    cost_model = spa.get_cost_model("gpu", "float32", "tf32")
-    out = {"block_sizes": "tuned_block_sizes.py ('gpu', 4, 128, 16, 'float32', 'tf32')",
+    tuned = spa.get_default(DEVICE, "float32", "tf32", q_per_kv=HQ // HKV, head_dim=HEAD_DIM, page_size=PAGE)
+    out = {"block_sizes": tuned.source,
            "how": "query rows x KV tokens over the step's items: useful = rows holding a query head; "
                   "products_vs_untiered[n] = what row_tiers=n multiplies / what row_tiers=1 does",
            "configs": {}}
-    for cfg in configs(False):
+    for cfg in CONFIGS:
         tree, _ = build_tree(cfg, np.random.default_rng(0))
-        plan = spa.plan_step(tree, block_sizes=base, cost_model=cost_model)
+        plan = spa.plan_step(tree, block_sizes=tuned.block_sizes, cost_model=tuned.cost_model)
         if not plan.use_sharing:
             out["configs"][cfg.label] = "does not share"
             continue
-        use = {n: item_rows(plan.step, HQ // HKV, dataclasses.replace(base, row_tiers=n)) for n in (1, 2, 4)}
+        use = {n: item_rows(plan.step, HQ // HKV, _with(tuned.block_sizes, "items", row_tiers=n)) for n in (1, 2, 4)}
         out["configs"][cfg.label] = {
             "useful_fraction_untiered": round(use[1]["useful"] / use[1]["full"], 3),
             "products_vs_untiered": {n: round(u["computed"] / u["full"], 3) for n, u in use.items()}}
@@ -232,13 +231,14 @@ def main(argv=None) -> int:
                                  epilog="\n".join(__doc__.splitlines()[2:]))
     ap.add_argument("--lower-only", action="store_true", help="lower every launch, compile nothing (no triton needed)")
     ap.add_argument("--quick", action="store_true", help="the tuned tables only, not the tile variants")
-    ap.add_argument("--out", default=str(RESULTS / "attention_triton_static.json"))
+    ap.add_argument("--out", default=str(RESULTS / "attention_triton_static.json"),
+                    help="JSON path (default: %(default)s)")
     args = ap.parse_args(argv)
 
     import numpy as np
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from attention import Config, build_tree  # the benchmark's trees
+    from _attention.configs import Config, build_tree  # the benchmark's trees
 
     if not args.lower_only:
         try:
@@ -248,40 +248,35 @@ def main(argv=None) -> int:
                   "--lower-only", file=sys.stderr)
             return 2
     # the star of C1 exercises all three launches; the plain tree the split-KV launch alone
-    trees = [("star B=32 P=8192 S=128", Config("C1", "", "star", B=32, P=8192, S=128), "share"),
-             ("plain B=8 L=8192", Config("t", "", "chains", B=8, depth=0, node_tokens=8192), "plain")]
+    trees = [("star B=32 P=8192 S=128", Config("C1", "", "star", B=32, P=8192, S=128), True),
+             ("plain B=8 L=8192", Config("t", "", "chains", B=8, depth=0, node_tokens=8192), False)]
     built = {label: build_tree(cfg, np.random.default_rng(0)) for label, cfg, _ in trees}
     records = []
-    for label, dtype, fp32_dot, bs in settings(args.quick):
-        for tree_label, _, force in trees:
+    for label, dtype, precision, bs in settings(args.quick):
+        for tree_label, _, share in trees:
             tree, total = built[tree_label]
-            for mod in lower_step(bs, tree, total, dtype=dtype, fp32_dot=fp32_dot, force=force):
-                if force == "plain" and mod["name"] != "shared_prefix_private_pages":
+            for mod in lower_step(bs, tree, total, dtype=dtype, precision=precision, share=share):
+                if not share and mod["name"] != "shared_prefix_private_pages":
                     continue
                 rec = {"setting": label, "tree": tree_label, "launch": mod["name"], "dtype": dtype,
-                       "fp32_dot": fp32_dot, "num_warps": mod["num_warps"], "num_stages": mod["num_stages"],
-                       "grid": mod["grid"], "block_sizes": dataclasses.asdict(bs)}
+                       "precision": precision, "num_warps": mod["num_warps"], "num_stages": mod["num_stages"],
+                       "grid": mod["grid"], "block_sizes": bs.to_dict()}
                 if not args.lower_only:
                     rec.update(compile_report(mod))
                 records.append(rec)
                 print(json.dumps({k: v for k, v in rec.items() if k != "block_sizes"}), flush=True)
     if args.lower_only:
         return 0
-    doc = {
-        "what": "static analysis: the Pallas kernels lowered for CUDA by jax and compiled for sm_90 by the "
-                "triton package on a CPU machine; not a measurement (the GPU's jaxlib Triton may differ)",
-        "item_rows": item_row_use(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "triton_version": triton.__version__,
-        "jax_version": __import__("jax").__version__,
-        "sm_limits": {"registers": SM_REGS, "shared_bytes": SM_SHARED, "warps": SM_WARPS},
-        "shape": {"Hq": HQ, "Hkv": HKV, "head_dim": HEAD_DIM, "page_size": PAGE},
-        "records": records,
-    }
-    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {args.out}")
-    return 0
+    from _common import write_results
 
+    # a static report: no measurement, so no targets
+    write_results("attention_triton_static", records, args.out, targets=[],
+                  what="static analysis: the Pallas kernels lowered for CUDA by jax and compiled for sm_90 by the "
+                       "triton package on a CPU machine; not a measurement (the GPU's jaxlib Triton may differ)",
+                  item_rows=item_row_use(), triton_version=triton.__version__,
+                  sm_limits={"registers": SM_REGS, "shared_bytes": SM_SHARED, "warps": SM_WARPS},
+                  shape={"Hq": HQ, "Hkv": HKV, "head_dim": HEAD_DIM, "page_size": PAGE})
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())
