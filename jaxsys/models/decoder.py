@@ -31,8 +31,10 @@ from typing import Any, Callable, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxsys.models import layers
+from jaxsys.models import residuals as rn
 from jaxsys.models.config import ModelConfig, rope_inv_freq
 from jaxsys.models.kv_cache import AttentionMetadata, KVCache, flat_pages, slot_indices
 from jaxsys.sharding import axes as ax
@@ -174,15 +176,17 @@ def moe_ffn(x_BxTxD: jax.Array, p: Params, cfg: ModelConfig) -> jax.Array:
     `expert`, and simple. Compute grows with num_experts / top_k (fine for the models we run on CPU).
     """
     router_BxTxE = jnp.einsum("BTD,DE->BTE", x_BxTxD, p["router"], preferred_element_type=jnp.float32)
+    router_BxTxE = checkpoint_name(router_BxTxE, rn.MOE_ROUTER)
     probs = jax.nn.softmax(router_BxTxE, axis=-1)
     top_v, top_i = jax.lax.top_k(probs, cfg.num_experts_per_tok)
     if cfg.norm_topk_prob:
         top_v = top_v / jnp.sum(top_v, axis=-1, keepdims=True)
     combine_BxTxE = jnp.sum(jax.nn.one_hot(top_i, cfg.num_experts, dtype=jnp.float32) * top_v[..., None], axis=-2)
-    gate = jnp.einsum("BTD,EDF->BTEF", x_BxTxD, p["we_gate"])
-    up = jnp.einsum("BTD,EDF->BTEF", x_BxTxD, p["we_up"])
+    gate = checkpoint_name(jnp.einsum("BTD,EDF->BTEF", x_BxTxD, p["we_gate"]), rn.MOE_GATE)
+    up = checkpoint_name(jnp.einsum("BTD,EDF->BTEF", x_BxTxD, p["we_up"]), rn.MOE_UP)
     h_BxTxExF = constrain(jax.nn.silu(gate) * up, (ax.BATCH, ax.SEQ, ax.EXPERT, ax.EXPERT_MLP))
-    y_BxTxExD = jnp.einsum("BTEF,EFD->BTED", h_BxTxExF, p["we_down"])
+    h_BxTxExF = checkpoint_name(h_BxTxExF, rn.MOE_ACT)
+    y_BxTxExD = checkpoint_name(jnp.einsum("BTEF,EFD->BTED", h_BxTxExF, p["we_down"]), rn.MOE_EXPERT_OUT)
     out = jnp.einsum("BTED,BTE->BTD", y_BxTxExD, combine_BxTxE.astype(y_BxTxExD.dtype))
     if "ws_gate" in p:
         shared = layers.swiglu(x_BxTxD, p["ws_gate"], p["ws_up"], p["ws_down"])
@@ -235,7 +239,7 @@ def forward(params: Params, tokens_BxT: jax.Array, *, cfg: ModelConfig,
 
     def layer_fn(x, xs):
         p, i = xs
-        h = layers.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+        h = checkpoint_name(layers.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), rn.ATTN_NORM)
         q = jnp.einsum("BTD,DHK->BTHK", h, p["wq"])
         k = jnp.einsum("BTD,DHK->BTHK", h, p["wk"])
         v = jnp.einsum("BTD,DHK->BTHK", h, p["wv"])
@@ -243,19 +247,22 @@ def forward(params: Params, tokens_BxT: jax.Array, *, cfg: ModelConfig,
             q, k, v = q + p["bq"][None, None], k + p["bk"][None, None], v + p["bv"][None, None]
         q = constrain(layers.rope(q, positions_BxT, inv_freq), (ax.BATCH, ax.SEQ, ax.Q_HEADS, ax.HEAD_DIM))
         k = constrain(layers.rope(k, positions_BxT, inv_freq), (ax.BATCH, ax.SEQ, ax.KV_HEADS, ax.HEAD_DIM))
+        q, k, v = checkpoint_name(q, rn.ATTN_Q), checkpoint_name(k, rn.ATTN_K), checkpoint_name(v, rn.ATTN_V)
         if cache is None:
             qg = q.reshape(B, T, cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim)
             o = layers.attention_core(qg, k, v, self_mask).reshape(B, T, cfg.num_heads, cfg.head_dim)
         else:
             o = attention(q, k, v, cache, i, positions_BxT, meta, cfg).astype(dtype)
-        o = constrain(o, (ax.BATCH, ax.SEQ, ax.Q_HEADS, ax.HEAD_DIM))
+        o = checkpoint_name(constrain(o, (ax.BATCH, ax.SEQ, ax.Q_HEADS, ax.HEAD_DIM)), rn.ATTN_CTX)
         attn_out = jnp.einsum("BTHK,HKD->BTD", o, p["wo"])
-        x = x + _dropout(attn_out, dropout_rate, dropout_keys_B, 2 * i)
-        h = layers.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+        x = checkpoint_name(x + _dropout(attn_out, dropout_rate, dropout_keys_B, 2 * i), rn.ATTN_RESID)
+        h = checkpoint_name(layers.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps), rn.MLP_NORM)
         if cfg.is_moe:
             mlp_out = (moe or moe_ffn)(h, p, cfg)
-        else:
-            mlp_out = layers.swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
+        else:  # layers.swiglu, written out so that its intermediates carry names
+            gate = checkpoint_name(h @ p["w_gate"], rn.MLP_GATE)
+            up = checkpoint_name(h @ p["w_up"], rn.MLP_UP)
+            mlp_out = checkpoint_name(jax.nn.silu(gate) * up, rn.MLP_ACT) @ p["w_down"]
         x = x + _dropout(mlp_out, dropout_rate, dropout_keys_B, 2 * i + 1)
         x = constrain(x, (ax.BATCH, ax.SEQ, ax.EMBED))
         return x, ((k, v) if cache is not None else None)
