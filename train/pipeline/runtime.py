@@ -136,8 +136,8 @@ class PipelineRun:
     def units(self) -> UnitPrograms:
         if self._units is None:
             st = self.setup
-            self._units = UnitPrograms(st.model, micro_size=st.micro_size, seq_len=st.seq_len, dropout=st.dropout,
-                                       seed=st.seed)
+            self._units = UnitPrograms.shared(st.model, micro_size=st.micro_size, seq_len=st.seq_len,
+                                              dropout=st.dropout, seed=st.seed)
         return self._units
 
     # ------------------------------------------------------------------ state

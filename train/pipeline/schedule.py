@@ -1,4 +1,4 @@
-"""Who computes what, and when: work plans and lockstep pipeline schedules.
+"""Who computes what, and in which order: work plans and pipeline schedules.
 
 A `WorkPlan` says which device computes each (micro-batch, stage) pair of the global batch. The
 failure-free plan is a grid of `dp` pipelines of `pp` stages: pipeline d is devices
@@ -9,25 +9,20 @@ neighbouring stage of the same pipeline.
 
 `compile_schedule` turns a plan into rounds: in each round every device runs at most one op
 - F(m, s): stage s's forward of micro-batch m (not for the last stage),
-- B(m, s): stage s's backward of m: re-run the stage's forward from its kept input, then the
-  VJPs (`units.stage_backward`); on the last stage it starts from the loss, so the last stage has
-  no separate forward,
-and its output (an activation for F, the input's cotangent for B) travels to the device that
-needs it, arriving for the next round. The choice of op per round is greedy under the
-schedule's rule:
+- B(m, s): stage s's backward of m (each layer's VJP from its kept input); on the last stage it
+  starts with the stage's forward and the loss, so the last stage has no separate forward,
+and its output (an activation for F, the input's cotangent for B) goes to the device that needs
+it, usable from the next round. The choice of op per round is greedy under the schedule's rule:
 
 * `gpipe`: a device runs all its forwards (in micro-batch order) before any backward;
 * `1f1b`: a device prefers a ready backward, and runs a forward only while fewer than
   `pp - s` micro-batches are in flight on stage s (the PipeDream-flush / Megatron rule),
-  so a stage keeps at most pp - s inputs instead of all of them.
+  so a stage keeps the activations of at most pp - s micro-batches instead of all of them.
 
-The result is a set of integer tables the device program (`jaxsys.train.pipeline.step`)
-interprets: per device and round the op, its stage and micro-batch, which buffer slot holds its
-input (and cotangent), where its gradient goes, and where each arriving tensor is stored.
-Transfers run on a few fixed "channels": each is one `ppermute` (a partial permutation of the
-devices), and the edges of the plan are coloured so that no device sends or receives twice on a
-channel. The tables also give the counts the performance model is validated against: bubble
-slots, peak buffers per device, tensors sent.
+The executor (`jaxsys.train.pipeline.step.run_schedule`) dispatches each device's ops in round
+order; dispatch is asynchronous, so the rounds fix each device's order, not a lockstep. The
+tables also give what the performance model is validated against: bubble slots, micro-batches in
+flight per device, received tensors held at once, tensors sent between devices.
 """
 
 from __future__ import annotations
@@ -109,18 +104,11 @@ class ScheduleTables:
     op: np.ndarray          # [N, R] IDLE / FWD / BWD
     stage: np.ndarray       # [N, R]
     micro: np.ndarray       # [N, R]
-    x_slot: np.ndarray      # [N, R] buffer slot of the stage input (-1: first stage, from tokens)
-    ct_slot: np.ndarray     # [N, R] buffer slot of the output's cotangent (-1: last stage, or FWD)
     grad_slot: np.ndarray   # [N, R] gradient/loss slot written by a BWD (-1 otherwise)
-    self_slot: np.ndarray   # [N, R] own buffer slot that receives this op's output (-1: none)
-    recv_slot: np.ndarray   # [N, R, C] slot that stores what arrives on channel c (-1: discard)
-    channels: tuple[tuple[tuple[int, int], ...], ...]
-    """Per channel, the (source, destination) pairs of its ppermute."""
     param_stages: np.ndarray  # [N, Rp] stages whose parameters each device holds (-1: none)
     grad_stage: np.ndarray    # [N, G] stage of each gradient slot (-1: unused)
     grad_row: np.ndarray      # [M, pp] row (device * G + slot) of each (micro, stage) gradient
-    num_buffers: int          # A: activation/cotangent buffer slots per device
-    peak_buffers: np.ndarray  # [N] buffers each device actually needs at once
+    peak_buffers: np.ndarray  # [N] received activations/cotangents each device holds at once
     sends: int                # tensors sent between distinct devices per step
 
     @property
@@ -170,28 +158,9 @@ class ScheduleTables:
                 out[d] = max(out[d], live)
         return out
 
-    def key(self) -> tuple:
-        """What the compiled program depends on (table shapes and channels)."""
-        return (self.num_devices, self.num_rounds, self.num_buffers, self.num_grad_slots,
-                self.num_param_slots, self.channels)
-
-
-def _color_edges(edges: Sequence[tuple[int, int]]) -> tuple[tuple[tuple[int, int], ...], ...]:
-    """Greedy colouring of directed edges into partial permutations (each device at most once as
-    a source and once as a destination per colour)."""
-    colors: list[list[tuple[int, int]]] = []
-    for e in sorted(set(edges)):
-        for c in colors:
-            if all(e[0] != a and e[1] != b for a, b in c):
-                c.append(e)
-                break
-        else:
-            colors.append([e])
-    return tuple(tuple(c) for c in colors)
-
 
 def compile_schedule(plan: WorkPlan, kind: str) -> ScheduleTables:
-    """Rounds, buffers and channels for `plan` under schedule `kind` (see the module docstring)."""
+    """Rounds of ops and their counts for `plan` under schedule `kind` (see the module docstring)."""
     if kind not in SCHEDULES:
         raise ScheduleError(f"unknown schedule {kind!r}; known: {', '.join(SCHEDULES)}")
     M, pp, N = plan.num_micro, plan.num_stages, plan.num_devices
@@ -264,7 +233,7 @@ def _tables(plan: WorkPlan, kind: str, rounds) -> ScheduleTables:
                 when[o] = r
     # tensors: (m, s, "x") = input activation of stage s (output of F(m, s-1)), kept until B(m, s);
     #          (m, s, "ct") = cotangent of stage s's output (output of B(m, s+1)), used by B(m, s).
-    events = []  # (arrival round, free round, device, key, src)
+    events = []  # (arrival round, last reading round, device, key, source device, producing round)
     for m in range(M):
         for s in range(1, pp):
             prod = (FWD, m, s - 1)
@@ -274,48 +243,22 @@ def _tables(plan: WorkPlan, kind: str, rounds) -> ScheduleTables:
             prod = (BWD, m, s + 1)
             events.append((when[prod] + 1, when[(BWD, m, s)], plan.device_of[m][s], (m, s, "ct"),
                            plan.device_of[m][s + 1], when[prod]))
-    slot_of: dict[tuple, int] = {}
-    free_slots: list[list[int]] = [[] for _ in range(N)]
-    n_slots = [0] * N
     live = [0] * N
     peak = np.zeros(N, np.int64)
-    by_arrival: dict[int, list] = {}
-    by_free: dict[int, list] = {}
-    for ev in events:
-        by_arrival.setdefault(ev[0], []).append(ev)
-        by_free.setdefault(ev[1], []).append(ev)
     for r in range(R + 1):
-        # the consumer reads a slot in round f; a tensor arriving for round r (written at the end
-        # of round r-1) may take any slot whose last reader ran in round r-1 or earlier
-        for ev in sorted(by_free.get(r - 1, []), key=lambda e: e[3]):
-            d = ev[2]
-            free_slots[d].append(slot_of[ev[3]])
-            live[d] -= 1
-        for ev in sorted(by_arrival.get(r, []), key=lambda e: e[3]):
-            d = ev[2]
-            if free_slots[d]:
-                free_slots[d].sort()
-                slot = free_slots[d].pop(0)
-            else:
-                slot = n_slots[d]
-                n_slots[d] += 1
-            slot_of[ev[3]] = slot
-            live[d] += 1
-            peak[d] = max(peak[d], live[d])
-    A = max(1, max(n_slots))
-    edges = [(ev[4], ev[2]) for ev in events if ev[4] != ev[2]]
-    channels = _color_edges(edges)
-    chan_of = {e: c for c, pairs in enumerate(channels) for e in pairs}
-    C = max(1, len(channels))
+        # a tensor is held from its arrival until the round its consumer (a backward) reads it
+        for ev in events:
+            if ev[1] == r - 1:
+                live[ev[2]] -= 1
+        for ev in events:
+            if ev[0] == r:
+                live[ev[2]] += 1
+                peak[ev[2]] = max(peak[ev[2]], live[ev[2]])
     shape = (N, R)
     op = np.zeros(shape, np.int32)
     stage = np.zeros(shape, np.int32)
     micro = np.zeros(shape, np.int32)
-    x_slot = np.full(shape, -1, np.int32)
-    ct_slot = np.full(shape, -1, np.int32)
     grad_slot = np.full(shape, -1, np.int32)
-    self_slot = np.full(shape, -1, np.int32)
-    recv_slot = np.full((N, R, C), -1, np.int32)
     n_grad = [0] * N
     grad_row = np.zeros((M, pp), np.int32)
     grad_stage_l: list[list[int]] = [[] for _ in range(N)]
@@ -325,11 +268,7 @@ def _tables(plan: WorkPlan, kind: str, rounds) -> ScheduleTables:
                 continue
             k, m, s = o
             op[d, r], stage[d, r], micro[d, r] = k, s, m
-            if s > 0:
-                x_slot[d, r] = slot_of[(m, s, "x")]
             if k == BWD:
-                if s < last:
-                    ct_slot[d, r] = slot_of[(m, s, "ct")]
                 grad_slot[d, r] = n_grad[d]
                 grad_stage_l[d].append(s)
                 n_grad[d] += 1
@@ -341,19 +280,10 @@ def _tables(plan: WorkPlan, kind: str, rounds) -> ScheduleTables:
         for r in range(R):
             if op[d, r] == BWD:
                 grad_row[micro[d, r], stage[d, r]] = d * G + grad_slot[d, r]
-    sends = 0
-    for ev in events:
-        arrival, _, dst, key, src, r_prod = ev
-        slot = slot_of[key]
-        if src == dst:
-            self_slot[src, r_prod] = slot
-        else:
-            recv_slot[dst, r_prod, chan_of[(src, dst)]] = slot
-            sends += 1
+    sends = sum(1 for ev in events if ev[4] != ev[2])
     held = [plan.stages_of(d) for d in range(N)]
     Rp = max(1, max(len(h) for h in held))
     param_stages = np.full((N, Rp), -1, np.int32)
     for d, h in enumerate(held):
         param_stages[d, :len(h)] = h
-    return ScheduleTables(kind, plan, op, stage, micro, x_slot, ct_slot, grad_slot, self_slot, recv_slot,
-                          channels, param_stages, grad_stage, grad_row, A, peak, sends)
+    return ScheduleTables(kind, plan, op, stage, micro, grad_slot, param_stages, grad_stage, grad_row, peak, sends)

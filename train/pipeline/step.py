@@ -18,7 +18,11 @@ A step is three parts:
    all-to-all, so device k holds its shard of every one; it takes, for each element, the row of
    each micro-batch at the element's stage, and from there on it is the canonical step: a fixed
    binary tree over the M micro-batches, the fixed-chunk gradient norm, clipping and AdamW on the
-   flat shards, the layout-independent parameter checksum.
+   flat shards, the layout-independent parameter checksum. The elementwise tail runs on shards
+   zero-padded to a multiple of `LANES` elements: XLA vectorizes an elementwise loop and finishes
+   the last (length mod vector width) elements in a scalar epilogue that may contract a
+   multiply-add differently, so an element's bits would depend on where the shard ends (measured
+   on CPU: Adam moments of the last 8 elements of a 10312-element shard).
 
 Units are the same executables on every device, so a micro-batch's gradient is the same bits
 whichever device, stage, partition or schedule computed it, and part 3 fixes every reduction
@@ -104,6 +108,10 @@ def make_gather(spec: ReduceSpec, mesh):
     return jax.jit(fn, in_shardings=(canonical.state_sharding(mesh), s_dev), out_shardings=(s_dev, s_dev, s_dev))
 
 
+LANES = 1024
+"""Shard length multiple of the elementwise update (see the module docstring, part 3)."""
+
+
 def make_update(spec: ReduceSpec, mesh):
     """The canonical reduction and AdamW:
 
@@ -136,19 +144,22 @@ def make_update(spec: ReduceSpec, mesh):
         g_recv = jax.lax.all_to_all(g_GxNS.reshape(G, N, S), axis, 1, 0, tiled=True).reshape(N * G, S)
         mine = jax.lax.dynamic_slice(jnp.asarray(stage_of), (me * S,), (S,))
         g_MxS = jnp.take_along_axis(g_recv, grad_row_Mxpp[:, mine], axis=0)
-        g_S = canonical.tree_sum(g_MxS) / n_valid
+        Sp = ceil_div(S, LANES) * LANES
+        pad = lambda v: jnp.pad(v, (0, Sp - S))  # noqa: E731
+        g_S = pad(canonical.tree_sum(g_MxS)) / n_valid
         l_all = jax.lax.all_gather(l_1xG[0], axis, tiled=True)
         loss = canonical.tree_sum(l_all[grad_row_Mxpp[:, last]]) / n_valid
-        g_norm = jnp.sqrt(canonical.canonical_sumsq(g_S, norm_plan, N))
+        g_norm = jnp.sqrt(canonical.canonical_sumsq(g_S[:S], norm_plan, N))
         g_S = clip_by_norm(g_S, g_norm, spec.optim.clip_norm)
-        mask_S = canonical.decay_mask_shard(smap.flat, S)
+        mask_S = pad(canonical.decay_mask_shard(smap.flat, S))
+        params_S, mu_S, nu_S = pad(params_S), pad(mu_S), pad(nu_S)
         state = opt_state_from(count, mu_S, nu_S)
         upd_S, new_state = make_optimizer(spec.optim, lr).update(g_S, state, params_S * mask_S)
-        new_params_S = optax.apply_updates(params_S, upd_S)
+        new_params_S = optax.apply_updates(params_S, upd_S)[:S]
         adam = new_state[0]
         pos = me * S + jnp.arange(S, dtype=jnp.int32)
         ck = jax.lax.psum(canonical.checksum(canonical.as_bits(new_params_S), pos.astype(jnp.uint32), pos < P), axis)
-        return (jnp.stack([new_params_S, adam.mu, adam.nu]), adam.count,
+        return (jnp.stack([new_params_S, adam.mu[:S], adam.nu[:S]]), adam.count,
                 {"loss": loss, "grad_norm": g_norm, "param_checksum": ck})
 
     st = canonical.layout_spec(mesh, canonical.STATE_AXES)

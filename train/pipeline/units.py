@@ -151,10 +151,21 @@ def unit_functions(cfg: ModelConfig, *, dropout: float, seed: int) -> dict[str, 
                 embed_forward=embed_forward, embed_backward=embed_backward, keys=keys)
 
 
+_SHARED: dict[tuple, "UnitPrograms"] = {}
+
+
 class UnitPrograms:
     """The unit executables for micro-batches of b sequences of T tokens: compiled once on the
     first device that needs them, retargeted to every other device (same machine code, so the
-    same bits), and cached."""
+    same bits), and cached. `UnitPrograms.shared` gives one per (model, shapes, dropout, seed) per
+    process, so every layout of a run (and a recovery) reuses them."""
+
+    @classmethod
+    def shared(cls, cfg: ModelConfig, *, micro_size: int, seq_len: int, dropout: float, seed: int) -> "UnitPrograms":
+        key = (cfg, micro_size, seq_len, dropout, seed)
+        if key not in _SHARED:
+            _SHARED[key] = cls(cfg, micro_size=micro_size, seq_len=seq_len, dropout=dropout, seed=seed)
+        return _SHARED[key]
 
     def __init__(self, cfg: ModelConfig, *, micro_size: int, seq_len: int, dropout: float, seed: int):
         self.cfg, self.b, self.T = cfg, micro_size, seq_len

@@ -8,7 +8,7 @@ each costs, and a chooser.
                 scale and the per-example RNG, so the run continues bitwise as without the failure.
 * `model`       step time, memory and recovery cost of a plan; expected time to finish; the
                 layout search and the per-failure choice.
-* `simulate`    a SimPy cluster (32 and 256 devices, Poisson and bursty failure traces) that
+* `simulate`    (the module; `simulate.simulate` runs one policy on one trace) a SimPy cluster (32 and 256 devices, Poisson and bursty failure traces) that
                 compares the policies. Simulated.
 """
 
@@ -26,8 +26,11 @@ _LAZY = {
     "options": "jaxsys.train.recovery.model",
     "choose": "jaxsys.train.recovery.model",
     "search_layouts": "jaxsys.train.recovery.model",
-    "simulate": "jaxsys.train.recovery.simulate",
     "make_trace": "jaxsys.train.recovery.simulate",
+    "POLICIES": "jaxsys.train.recovery.simulate",
+    "RecoveryError": "jaxsys.train.recovery.strategies",
+    "recover_in_memory": "jaxsys.train.recovery.strategies",
+    "recover_from_checkpoint": "jaxsys.train.recovery.strategies",
 }
 
 __getattr__, __dir__, __all__ = lazy_exports("jaxsys.train.recovery", _LAZY)
