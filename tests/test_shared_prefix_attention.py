@@ -44,7 +44,6 @@ from jaxsys.pallas_kernels.shared_prefix_attention import (
     paged_attention_reference,
     paged_attention_xla,
     plain_step,
-    plan_step,
     shared_prefix_attention,
     shared_prefix_attention_xla,
 )

@@ -4,8 +4,6 @@ builder, static shapes. numpy only, except one end-to-end check through the XLA 
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
