@@ -188,6 +188,56 @@ def validate(cfg, setup, units, args):
     return rows, stage_rows
 
 
+def canonical_difference(cfg, setup, args):
+    """The pipelined step (units) against the same step with each micro-batch's gradient from
+    `jax.value_and_grad` of the whole model (what `canonical.make_step` differentiates), same
+    reduction and update, from the same state: per-step loss difference and the largest parameter
+    difference after `args.steps` steps. Not bitwise: the whole-model program rounds some fused
+    ops differently (see jaxsys.train.pipeline.units)."""
+    import jax.numpy as jnp
+
+    from jaxsys.models import decoder
+    from jaxsys.train import objective
+    from jaxsys.train.pipeline.partition import StageMap, StagePartition
+    from jaxsys.train.pipeline.runtime import PipelineLayout, PipelineRun
+    from jaxsys.train.pipeline.step import pack_gradients
+
+    dev = jax.devices()[:1]
+    layout = PipelineLayout.grid(dp=1, pp=1, num_micro=setup.num_micro, num_layers=cfg.num_layers)
+    params = jax.device_get(decoder.init_params(cfg, jax.random.key(0)))
+    ours, whole = PipelineRun(setup, dev, layout), PipelineRun(setup, dev, layout)
+    ours.init_state(params)
+    whole.init_state(params)
+    smap = StageMap.make(cfg, StagePartition((cfg.num_layers,)))
+    pos = smap.positions(0)
+    grad = jax.jit(jax.value_and_grad(lambda p, tok, keys: objective.lm_loss_sum(p, tok, keys, cfg=cfg,
+                                                                                 dropout=setup.dropout)))
+    rows = []
+    for s, b in enumerate(batches(cfg, setup, args.steps)):
+        m1 = ours.step(s, b, 3e-3)
+        tree = smap.flat.unflatten_np(whole.flat_host()[0])
+        B = setup.global_batch
+        ex = np.arange(s * B, (s + 1) * B, dtype=np.int32).reshape(setup.num_micro, setup.micro_size)
+        tok = b.astype(np.int32).reshape(setup.num_micro, setup.micro_size, -1)
+        pieces, losses = [[]], [[]]
+        for m in range(setup.num_micro):
+            keys = objective.example_keys(jax.random.key(setup.seed), jnp.int32(s), jnp.asarray(ex[m]))
+            loss, g = grad(tree, jnp.asarray(tok[m]), keys)
+            pieces[0].append([jnp.asarray(smap.flat.flatten_np(jax.device_get(g))[pos])])
+            losses[0].append(loss)
+        g_arr, l_arr = pack_gradients(pieces, losses, dev, smap.max_stage_size, whole.mesh, {})
+        _, update = whole.programs()
+        whole.flat, _, m2 = update(whole.flat, g_arr, l_arr, whole.tables.grad_stage, whole.tables.grad_row,
+                                   np.int32(whole.count), np.float32(np.count_nonzero(b[:, 1:] >= 0)),
+                                   np.float32(3e-3))
+        whole.count += 1
+        rows.append({"step": s, "loss_units": float(m1["loss"]), "loss_whole_model": float(m2["loss"])})
+    diff = np.abs(ours.flat_host()[0] - whole.flat_host()[0])
+    return {"steps": rows, "max_abs_loss_diff": max(abs(r["loss_units"] - r["loss_whole_model"]) for r in rows),
+            "max_abs_param_diff": float(diff.max()), "params_differing": int((diff > 0).sum()),
+            "num_params": int(diff.size)}
+
+
 def measure_recovery(cfg, setup, args):
     """Each strategy after device 1 of 8 fails at step 2 (dp 2 x pp 4): costs and bitwise check."""
     from jaxsys.models import decoder
@@ -341,10 +391,13 @@ def main(argv=None) -> int:
     units = measure_units(cfg, setup, args.repeats)
     units["layer_fwd_flops_predicted"] = predicted_layer_flops(cfg, setup)
     print(f"units: {units}", flush=True)
-    validation, stages, rec, ff_step = [], [], [], None
+    validation, stages, rec, ff_step, canon = [], [], [], None, None
     if not args.skip_measured:
         validation, stages = validate(cfg, setup, units, args)
         print(f"validation: {len(validation)} layouts, {len(stages)} stage timings", flush=True)
+        canon = canonical_difference(cfg, setup, args)
+        print(f"vs whole-model gradients: {canon['max_abs_loss_diff']:.3g} loss, {canon['max_abs_param_diff']:.3g} "
+              f"params ({canon['params_differing']} of {canon['num_params']} differ)", flush=True)
         rec, ff_step = measure_recovery(cfg, setup, args)
         for r in rec:
             print(f"  {r['strategy']:<10} total {r['total_s']:.3f}s (plan {r['plan_s']:.4f}, transfer "
@@ -363,7 +416,7 @@ def main(argv=None) -> int:
         "recovery", records, args.out, targets=targets,
         model={"layers": cfg.num_layers, "hidden": cfg.hidden_size, "vocab": cfg.vocab_size, "seq_len": setup.seq_len,
                "micro_size": setup.micro_size, "micro_batches": setup.num_micro},
-        failure_free_step_s_8_virtual_devices=ff_step, simulated_bwd_ratio=bwd_ratio,
+        failure_free_step_s_8_virtual_devices=ff_step, difference_vs_whole_model_gradients=canon, simulated_bwd_ratio=bwd_ratio,
         search_time=search, simulated_note="SIMULATED cluster: see configs/cluster/*.yaml for every assumption")
     plot(sim_rows, Path(path).with_suffix(".png"))
     return 0
