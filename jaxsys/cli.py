@@ -28,6 +28,10 @@ COMMANDS: dict[str, object] = {
         "gnn": ("jaxsys.gnn.cli", "train CSGNN / KP-GNN / GIN on a graph dataset"),
     },
     "models": ("jaxsys.models.cli", "list the named models of the registry"),
+    "tune": {
+        "moe_offload": ("jaxsys.serve.moe_offload.cli",
+                        "roofline tuner: gamma, batch, expert cache, attention place for MoE offloading"),
+    },
 }
 
 # `make demo` (`python -m jaxsys.demo`), in order: "module:function", each function called with
