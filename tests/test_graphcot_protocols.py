@@ -53,6 +53,7 @@ def test_glm_parsers():
     assert parse_classification("I think it is hard") is None
     assert parse_reasoning("Well.\nAnswer: Jane Austen") == ("answer", "Jane Austen")
     assert parse_reasoning("missing : the book node") == ("missing", "the book node")
+    assert parse_reasoning("The answer is: Jane Austen") == ("answer", "Jane Austen")
     assert parse_reasoning("The answer is 4") is None
     assert extract_code("Here:\n```python\nprint(1)\n```\nDone.") == "print(1)"
     assert extract_code("```\nprint(2)") == "print(2)"

@@ -183,7 +183,7 @@ def graphcot_protocol(question: str, graph_definition: str, *, max_steps: int = 
 # ------------------------------------------------------------------------------ GLM
 
 _CLASS = re.compile(r"\b(non[\s-]?deterministic|deterministic)\b", re.I)
-_REPLY = re.compile(r"\b(answer|missing)\s*:\s*(.*)", re.I)
+_REPLY = re.compile(r"\b(answer|missing)(?:\s+is)?\s*:\s*(.*)", re.I)
 _FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", re.S)
 
 
