@@ -11,8 +11,10 @@ failure runs use 2 pipelines x 4 stages), all in this process:
    measured step time of each stage configuration with all its stages on one device (8 virtual
    devices share this machine's cores, so a pipelined step cannot show parallel speed here);
 3. each recovery strategy after device 1 of 8 fails at step 2: plan / state transfer / compile /
-   checkpoint restore times, steps lost, the post-recovery step time, and whether the run stays
-   bitwise equal to the failure-free run.
+   checkpoint restore times (programs compiled cold at recovery; the unit executables are shared
+   and only retargeted), steps lost, the post-recovery step time, and whether the run stays
+   bitwise equal to the failure-free run; the difference of the pipelined step to whole-model
+   gradients (what the elastic canonical step differentiates).
 
 Simulated (SimPy; `configs/cluster/h100_32.yaml`, `h100_256.yaml`: every hardware, failure and
 recovery figure there is an assumption; per-layer times are FLOPs / (peak x MFU) with the
@@ -106,6 +108,8 @@ def measure_units(cfg, setup, repeats):
     ca = u.get("layer_forward", dev).cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
     out["layer_fwd_flops_counted"] = float(ca.get("flops", float("nan")))
+    out["layer_params"] = float(u.layer_size)
+    out["edge_params"] = float(u.embed_size + u.head_size)
     return out
 
 
@@ -238,8 +242,28 @@ def canonical_difference(cfg, setup, args):
             "num_params": int(diff.size)}
 
 
-def measure_recovery(cfg, setup, args):
-    """Each strategy after device 1 of 8 fails at step 2 (dp 2 x pp 4): costs and bitwise check."""
+def cpu_costs(units, cfg, setup):
+    """The performance model's inputs for this machine: the measured unit times, and assumed
+    transfer figures between virtual CPU devices (a host memory copy)."""
+    from jaxsys.train.recovery import model as pm
+
+    act = setup.micro_size * setup.seq_len * cfg.hidden_size * 4
+    lp = units["layer_params"]
+    costs = pm.Costs(layer_fwd=units["layer_fwd"], layer_bwd=units["layer_bwd"], head_fwd=0.0,
+                     head_bwd=units["head_bwd"], embed_fwd=units["embed_fwd"], embed_bwd=units["embed_bwd"],
+                     act_bytes=act, layer_work_bytes=8 * act, layer_params=lp, edge_params=units["edge_params"],
+                     param_bytes=4, state_bytes_per_param=16)
+    hw = pm.Hardware(devices_per_node=NUM_DEVICES, intra_bw=5e9, inter_bw=5e9, latency=50e-6, memory=2**34)
+    return costs, hw
+
+
+def measure_recovery(cfg, setup, units, args):
+    """Each strategy after device 1 of 8 fails at step 2 (dp 2 x pp 4): costs and bitwise check.
+    Re-planning and the checkpoint restart move to the layout the performance model picks for the
+    7 survivors (with the measured unit times)."""
+    from jaxsys.train.recovery import model as pm
+
+    costs, hw = cpu_costs(units, cfg, setup)
     from jaxsys.models import decoder
     from jaxsys.train.elastic.compile import ExecutableCache
     from jaxsys.train.pipeline.partition import StagePartition
@@ -252,15 +276,15 @@ def measure_recovery(cfg, setup, args):
     cache = ExecutableCache()
     grid = PipelineLayout.grid(dp=2, pp=4, num_micro=setup.num_micro, num_layers=cfg.num_layers, schedule="1f1b")
 
-    def new():
-        r = PipelineRun(setup, jax.devices()[:NUM_DEVICES], grid, cache=cache)
+    def new(c):
+        r = PipelineRun(setup, jax.devices()[:NUM_DEVICES], grid, cache=c)
         r.init_state(params)
         return r
 
     def metrics(m):
         return float(m["loss"]), [int(c) for c in m["param_checksum"]]
 
-    ref_run = new()
+    ref_run = new(cache)
     ref = []
     ref_times = []
     for s, b in enumerate(data):
@@ -268,13 +292,15 @@ def measure_recovery(cfg, setup, args):
         ref.append(metrics(ref_run.step(s, b, 3e-3)))
         ref_times.append(time.perf_counter() - t0)
     ref_flat = ref_run.flat_host()
-    replan = PipelineLayout.grid(dp=1, pp=7, num_micro=setup.num_micro,
-                                 partition=StagePartition.balanced(cfg.num_layers, min(7, cfg.num_layers)))
-    replan = replan if replan.partition.num_stages == 7 else PipelineLayout.grid(
-        dp=7 // cfg.num_layers, pp=cfg.num_layers, num_micro=setup.num_micro, num_layers=cfg.num_layers)
+    found = pm.search_layouts(NUM_DEVICES - 1, costs, hw, cfg.num_layers, setup.num_micro, fixed_tp=1)
+    if found is None:
+        raise SystemExit("the model finds no layout for the survivors")
+    best = found[0]
+    replan = PipelineLayout.grid(dp=best.dp, pp=best.pp, num_micro=setup.num_micro,
+                                 partition=StagePartition(best.partition), schedule=best.schedule)
     out = []
     for strategy in ("reroute", "redundant", "replan", "checkpoint"):
-        run = new()
+        run = new(ExecutableCache())  # every strategy compiles its programs (and transfers) cold
         got = {}
         with tempfile.TemporaryDirectory() as ckdir:
             for s in range(fail_at):
@@ -304,7 +330,7 @@ def simulated(units, args):
     from jaxsys.train.recovery import model as pm
     from jaxsys.train.recovery import simulate as sim
 
-    bwd_ratio = units["layer_bwd"] / units["layer_fwd"] + 1.0  # our backward re-runs the forward of a stage
+    bwd_ratio = units["layer_bwd"] / units["layer_fwd"]  # the backward unit re-runs its layer's forward
     out, search = [], {}
     for name in args.clusters:
         c = pm.load_cluster(name)
@@ -380,7 +406,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="steps of each measured run (a failure at step 2)")
     ap.add_argument("--repeats", type=int, default=5, help="timing repeats (medians)")
     ap.add_argument("--seeds", type=int, default=3, help="failure traces per kind and cluster")
-    ap.add_argument("--clusters", nargs="+", default=["h100_32", "h100_256"])
+    ap.add_argument("--clusters", nargs="+", default=["h100_32", "h100_32_stress", "h100_256"],
+                    help="packaged cluster configs (configs/cluster/NAME.yaml) to simulate")
     ap.add_argument("--skip-measured", action="store_true", help="only the simulation (unit ratios still measured)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/recovery.json)")
     args = ap.parse_args(argv)
@@ -398,7 +425,7 @@ def main(argv=None) -> int:
         canon = canonical_difference(cfg, setup, args)
         print(f"vs whole-model gradients: {canon['max_abs_loss_diff']:.3g} loss, {canon['max_abs_param_diff']:.3g} "
               f"params ({canon['params_differing']} of {canon['num_params']} differ)", flush=True)
-        rec, ff_step = measure_recovery(cfg, setup, args)
+        rec, ff_step = measure_recovery(cfg, setup, units, args)
         for r in rec:
             print(f"  {r['strategy']:<10} total {r['total_s']:.3f}s (plan {r['plan_s']:.4f}, transfer "
                   f"{r['transfer_s']:.3f}, compile {r['compile_s']:.3f}, restore {r['restore_s']:.3f}) lost "

@@ -81,10 +81,9 @@ class ModelSection(ConfigSection):
 
 
 class LayoutSection(ConfigSection):
-    dp: int = Field(gt=0)
-    pp: int = Field(gt=0)
     tp: int = Field(gt=0)
-    schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    """Tensor-parallel degree, kept through every re-plan (a different split of a contraction
+    would change the bits); data and pipeline degrees, partition and schedule are searched."""
 
 
 class FailureSection(ConfigSection):
