@@ -224,3 +224,13 @@ def test_unreachable_backend_says_so():
     with pytest.raises(BackendUnreachable, match=f"cannot reach an OpenAI-compatible server at "
                                                  f"http://127.0.0.1:{port}/v1"):
         OpenAIBackend(f"http://127.0.0.1:{port}")
+
+
+def test_horizon_follows_the_time_between_a_questions_calls():
+    policy = VertexPriorityPolicy(4)
+    assert policy.horizon_s == 10.0
+    policy.register([1, 2, 3, 4], [Span(0, 4, "private")], "q1")
+    time.sleep(0.2)
+    policy.register([1, 2, 3, 4], [Span(0, 4, "private")], "q1")
+    assert 2 * (5.0 + 0.1 * (0.2 - 5.0)) <= policy.horizon_s < 9.1  # pulled towards 2 x 0.2 s
+    assert VertexPriorityPolicy(4, horizon_s=3.0).horizon_s == 3.0

@@ -8,7 +8,11 @@ finished long ago. Here the key is
     key(node) = node.last_access + horizon_s * priority(node)
 
 so a node of priority p is kept as if it had been used p * horizon_s seconds later (GreedyDual-
-style aging: nothing is pinned forever). `priority(node)` is the highest priority of its pages:
+style aging: nothing is pinned forever). By default `horizon_s` follows the workload: twice the
+mean time between two consecutive calls of one question (an exponential average, 10 s until the
+first gap is seen), so an in-flight question's pages outlive the pages of questions that finished
+since its last call whether a call takes 50 ms on a GPU or 30 s on a CPU. `priority(node)` is the
+highest priority of its pages:
 
     system prompt            4
     agent template           3
@@ -33,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
+import time
 from typing import Sequence
 
 STAGE_PRIORITY = {"system": 4.0, "template": 3.0, "question": 2.5, "private": 2.5}
@@ -59,11 +64,13 @@ def _chain(prev: int, page: Sequence[int]) -> int:
 
 
 class VertexPriorityPolicy:
-    def __init__(self, page_size: int, *, horizon_s: float = 10.0):
-        if page_size <= 0 or horizon_s < 0:
+    def __init__(self, page_size: int, *, horizon_s: float | None = None):
+        if page_size <= 0 or (horizon_s is not None and horizon_s < 0):
             raise ValueError("page_size must be positive and horizon_s non-negative")
         self.page_size = page_size
-        self.horizon_s = horizon_s
+        self.fixed_horizon_s = horizon_s
+        self._gap_s = 5.0  # mean time between two calls of a question (exponential average)
+        self._last_call: dict[str, float] = {}
         self._pages: dict[int, _PageInfo] = {}
         self._vertex_questions: dict[str, set[str]] = {}
         self._active: set[str] = set()
@@ -74,8 +81,12 @@ class VertexPriorityPolicy:
     def register(self, tokens: Sequence[int], spans: Sequence[Span], qid: str) -> None:
         """Record what each whole page of `tokens` holds (`spans` cover the prompt in order)."""
         ps = self.page_size
+        now = time.monotonic()
         with self._lock:
             self._active.add(qid)
+            if qid in self._last_call:
+                self._gap_s += 0.1 * (now - self._last_call[qid] - self._gap_s)
+            self._last_call[qid] = now
             h = 0
             j = 0
             for p in range(len(tokens) // ps):
@@ -98,6 +109,7 @@ class VertexPriorityPolicy:
     def question_done(self, qid: str) -> None:
         with self._lock:
             self._active.discard(qid)
+            self._last_call.pop(qid, None)
             stale = [h for h, info in self._pages.items()
                      if info.qids and not info.qids & self._active and info.kinds <= {"question", "private"}]
             for h in stale:
@@ -139,6 +151,10 @@ class VertexPriorityPolicy:
         with self._lock:
             infos = [self._pages.get(h) for h in self._hashes(node)]
             return max((self._page_priority(i) for i in infos if i is not None), default=0.0)
+
+    @property
+    def horizon_s(self) -> float:
+        return self.fixed_horizon_s if self.fixed_horizon_s is not None else 2.0 * self._gap_s
 
     def key(self, node) -> float:
         return node.last_access + self.horizon_s * self.priority(node)
