@@ -44,7 +44,7 @@ import optax
 from jaxsys.models import layers
 from jaxsys.models.config import ModelConfig, rope_inv_freq
 from jaxsys.serve.moe_offload.experts import route
-from jaxsys.serve.moe_offload.runner import _attn_in, _self_attention
+from jaxsys.serve.moe_offload.runner import attention_in, self_attention
 
 ROUTER_TAU = 1e-4  # router logit scale: top-k unchanged, combine weights 1/k * (1 + O(tau))
 
@@ -103,8 +103,8 @@ def dense_ffn_inputs(params, tokens_BxT, valid_BxT, *, cfg: ModelConfig) -> jax.
     inv = jnp.asarray(rope_inv_freq(cfg))
 
     def body(x, p):
-        q, k, v = _attn_in(x, p, pos, inv, cfg)
-        x = x + jnp.einsum("BTHK,HKD->BTD", _self_attention(q, k, v, pos, cfg), p["wo"])
+        q, k, v = attention_in(x, p, pos, inv, cfg)
+        x = x + jnp.einsum("BTHK,HKD->BTD", self_attention(q, k, v, pos, cfg), p["wo"])
         h = layers.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
         return x + layers.swiglu(h, p["w_gate"], p["w_up"], p["w_down"]), h
 
@@ -256,8 +256,8 @@ def routing_trace(params, tokens_BxT, valid_BxT, *, cfg: ModelConfig) -> jax.Arr
     inv = jnp.asarray(rope_inv_freq(cfg))
 
     def body(x, p):
-        q, k, v = _attn_in(x, p, pos, inv, cfg)
-        x = x + jnp.einsum("BTHK,HKD->BTD", _self_attention(q, k, v, pos, cfg), p["wo"])
+        q, k, v = attention_in(x, p, pos, inv, cfg)
+        x = x + jnp.einsum("BTHK,HKD->BTD", self_attention(q, k, v, pos, cfg), p["wo"])
         h = layers.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
         top_i, _ = route(h.reshape(B * T, -1), p["router"], cfg)
         return x + sparse_moe_ffn(h, p, cfg), top_i.reshape(B, T, -1)

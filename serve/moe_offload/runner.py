@@ -99,7 +99,8 @@ class OffloadStats:
                 **dataclasses.asdict(self.cache)}
 
 
-def _attn_in(x_BxTxD, p, positions_BxT, inv_freq, cfg):
+def attention_in(x_BxTxD, p, positions_BxT, inv_freq, cfg):
+    """The layer's attention norm, q/k/v projections (+ bias) and RoPE, as `decoder.forward`."""
     h = layers.rms_norm(x_BxTxD, p["attn_norm"], cfg.rms_norm_eps)
     q = jnp.einsum("BTD,DHK->BTHK", h, p["wq"])
     k = jnp.einsum("BTD,DHK->BTHK", h, p["wk"])
@@ -109,14 +110,15 @@ def _attn_in(x_BxTxD, p, positions_BxT, inv_freq, cfg):
     return layers.rope(q, positions_BxT, inv_freq), layers.rope(k, positions_BxT, inv_freq), v
 
 
-def _self_attention(q, k, v, positions_BxT, cfg):
+def self_attention(q, k, v, positions_BxT, cfg):
+    """Causal attention among the step's own tokens (no cache); negative positions are padding."""
     B, T = positions_BxT.shape
     mask = layers.causal_mask(positions_BxT, positions_BxT, positions_BxT >= 0, cfg.sliding_window)
     qg = q.reshape(B, T, cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim)
     return layers.attention_core(qg, k, v, mask).reshape(B, T, cfg.num_heads, cfg.head_dim)
 
 
-def _attn_out(x_BxTxD, o, p, p_next, cfg):
+def attention_out(x_BxTxD, o, p, p_next, cfg):
     """Residual, FFN norm, routing, the shared expert, and the guess of the next layer's experts."""
     B, T, D = x_BxTxD.shape
     x_mid = x_BxTxD + jnp.einsum("BTHK,HKD->BTD", o.astype(x_BxTxD.dtype), p["wo"])
@@ -161,13 +163,13 @@ class OffloadedMoE:
             return top["embed"][tokens_BxT].astype(jnp.dtype(cfg.dtype))
 
         def pre_nocache(x, p, p_next, positions):
-            q, k, v = _attn_in(x, p, positions, inv, cfg)
-            return _attn_out(x, _self_attention(q, k, v, positions, cfg), p, p_next, cfg)
+            q, k, v = attention_in(x, p, positions, inv, cfg)
+            return attention_out(x, self_attention(q, k, v, positions, cfg), p, p_next, cfg)
 
         def pre_device(x, p, p_next, positions, cache, layer, meta):
-            q, k, v = _attn_in(x, p, positions, inv, cfg)
+            q, k, v = attention_in(x, p, positions, inv, cfg)
             o = decoder.paged_attention(q, k, v, cache, layer, positions, meta, cfg)
-            return (*_attn_out(x, o, p, p_next, cfg), k, v)
+            return (*attention_out(x, o, p, p_next, cfg), k, v)
 
         def host_attention(q, k, v, cache, layer, positions, meta):
             return chunked_paged_attention(q, k, v, cache, layer, positions, meta, cfg, chunk_pages=chunk)
@@ -186,9 +188,9 @@ class OffloadedMoE:
 
         self._jit = {
             "embed": jax.jit(embed), "pre_nocache": jax.jit(pre_nocache), "pre_device": jax.jit(pre_device),
-            "attn_in": jax.jit(lambda x, p, pos: _attn_in(x, p, pos, inv, cfg)),
+            "attn_in": jax.jit(lambda x, p, pos: attention_in(x, p, pos, inv, cfg)),
             "host_attention": jax.jit(host_attention),
-            "attn_out": jax.jit(lambda x, o, p, pn: _attn_out(x, o, p, pn, cfg)),
+            "attn_out": jax.jit(lambda x, o, p, pn: attention_out(x, o, p, pn, cfg)),
             "ffn": jax.jit(ffn), "write": jax.jit(write, donate_argnums=0), "head": jax.jit(head),
         }
 

@@ -66,7 +66,7 @@ class HostExpertStore:
         self._buffers = [[self._place(pack_expert(we_gate_LxExDxF[l, e], we_up_LxExDxF[l, e],
                                                   we_down_LxExFxD[l, e]), host)
                           for e in range(E)] for l in range(L)]
-        self._device_sharding = jax.sharding.SingleDeviceSharding(device)
+        self.device_sharding = jax.sharding.SingleDeviceSharding(device)
 
     @staticmethod
     def _place(flat: np.ndarray, host_sharding):
@@ -79,7 +79,7 @@ class HostExpertStore:
 
     def fetch(self, layer: int, expert: int) -> jax.Array:
         """Start the host-to-device copy of one expert; returns its device array (asynchronous)."""
-        return jax.device_put(self._buffers[layer][expert], self._device_sharding)
+        return jax.device_put(self._buffers[layer][expert], self.device_sharding)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -108,7 +108,7 @@ class LayerExpertCache:
             raise ExpertCacheError(f"expert cache of {num_slots} slots per layer: must be in "
                                    f"[1, {store.num_experts}] (the layer's experts)")
         self.store, self.layer, self.num_slots, self.policy = store, layer, num_slots, policy
-        self.buf = jax.device_put(jnp.zeros((num_slots, store.expert_size), store.dtype), store._device_sharding)
+        self.buf = jax.device_put(jnp.zeros((num_slots, store.expert_size), store.dtype), store.device_sharding)
         self.expert_in_slot = [-1] * num_slots
         self.slot_of: dict[int, int] = {}
         self._from_prefetch: set[int] = set()
