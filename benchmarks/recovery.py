@@ -186,9 +186,10 @@ def validate(cfg, setup, units, args):
         measured = _median_time(lambda: run.step(1, b, 3e-3), args.repeats)
         gather, update = run.programs()
         g_s = _median_time(lambda: gather(run.flat, run.held), args.repeats)
-        predicted = sum(stage_op_time(units, partition, s, setup.num_micro, pp - 1) for s in range(pp)) + g_s
+        u_s = _median_time(lambda: update_alone(run, update), args.repeats)
+        predicted = sum(stage_op_time(units, partition, s, setup.num_micro, pp - 1) for s in range(pp)) + g_s + u_s
         stage_rows.append({"partition": str(partition), "measured_step_s": measured, "predicted_step_s": predicted,
-                           "gather_s": g_s, "error": predicted / measured - 1})
+                           "gather_s": g_s, "update_s": u_s, "error": predicted / measured - 1})
     return rows, stage_rows
 
 
@@ -240,6 +241,22 @@ def canonical_difference(cfg, setup, args):
     return {"steps": rows, "max_abs_loss_diff": max(abs(r["loss_units"] - r["loss_whole_model"]) for r in rows),
             "max_abs_param_diff": float(diff.max()), "params_differing": int((diff > 0).sum()),
             "num_params": int(diff.size)}
+
+
+def update_alone(run, update):
+    """One call of the update program on zero gradients (on a copy of the state: it is donated)."""
+    import jax.numpy as jnp
+
+    from jaxsys.train.elastic import canonical
+    from jaxsys.train.pipeline.partition import StageMap
+
+    t = run.tables
+    smax = StageMap.make(run.setup.model, run.layout.partition).max_stage_size
+    sh = canonical.layout_sharding(run.mesh, canonical.TABLE_AXES)
+    g = jax.device_put(jnp.zeros((t.num_devices, t.num_grad_slots, smax), jnp.float32), sh)
+    l = jax.device_put(jnp.zeros((t.num_devices, t.num_grad_slots), jnp.float32), sh)
+    flat = jnp.copy(run.flat)
+    return update(flat, g, l, t.grad_stage, t.grad_row, np.int32(0), np.float32(1), np.float32(0))[0]
 
 
 def cpu_costs(units, cfg, setup):

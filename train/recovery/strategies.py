@@ -218,3 +218,41 @@ def recover_from_checkpoint(run: PipelineRun, failed: Sequence[int], directory: 
     ck_step = int(meta["step"])
     return RecoveryReport("checkpoint", step, list(failed), len(new_devices), describe(layout), 0.0, 0.0,
                           compile_s, restore_s, 0, lost_steps=step - ck_step)
+
+
+# ----------------------------------------------------------------------------- the choice
+def model_layout(layout: PipelineLayout):
+    """The performance model's view of a failure-free grid layout (tp = 1)."""
+    from jaxsys.train.recovery.model import Layout
+
+    plan, pp = layout.plan, layout.partition.num_stages
+    grid = WorkPlan.grid(plan.num_devices // pp, pp, plan.num_micro) if plan.num_devices % pp == 0 else None
+    if grid is None or grid.device_of != plan.device_of:
+        raise RecoveryError("the model's choice needs a failure-free dp x pp grid layout (after a first "
+                            "recovery the layout is degraded; re-plan to a grid first)")
+    return Layout(plan.num_devices // pp, pp, 1, layout.partition.layers, layout.schedule)
+
+
+def choose(run: PipelineRun, failed: Sequence[int], costs, hw, rp, *, remaining_steps: float,
+           since_checkpoint_s: float):
+    """The strategy with the least expected time to finish for losing `failed` (indices into
+    run.devices) of a grid layout, with the layout re-planning and checkpoint restart would move
+    to. Returns (`model.Option`, `PipelineLayout` over the survivors for replan/checkpoint else None)."""
+    from jaxsys.train.recovery import model as pm
+
+    lay = model_layout(run.layout)
+    cells = [(i // lay.pp, i % lay.pp) for i in failed if i < lay.dp * lay.pp]
+    survivors = len(run.devices) - len(set(failed))
+    opts = pm.options(lay, cells, survivors, costs, hw, rp, num_layers=run.setup.model.num_layers,
+                      num_micro=run.setup.num_micro, since_checkpoint_s=since_checkpoint_s)
+    best = pm.choose(opts, remaining_steps)
+    if not best.feasible:
+        raise RecoveryError(f"no strategy can continue: {'; '.join(f'{o.strategy}: {o.why}' for o in opts)}")
+    new = None
+    if best.strategy in ("replan", "checkpoint"):
+        from jaxsys.train.pipeline.partition import StagePartition
+
+        L = best.layout
+        new = PipelineLayout.grid(dp=L.dp, pp=L.pp, num_micro=run.setup.num_micro,
+                                  partition=StagePartition(L.partition), schedule=L.schedule)
+    return best, new
