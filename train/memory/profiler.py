@@ -102,10 +102,15 @@ class _Node:
     def prim(self) -> str:
         return self.eqn.primitive.name
 
-    def needs(self) -> list:
-        """The primal values (vars) the backward pass reads for this equation."""
+    def needs(self, tangent: set) -> list:
+        """The primal values (vars) the backward pass reads for this equation, given which values
+        carry a tangent (depend on the differentiated inputs): a product needs an operand only for
+        the other operand's cotangent; nothing is needed where no input carries a tangent."""
         prim = self.prim
         vars_in = [v for v in self.ins if isinstance(v, jcore.Var)]
+        tan = [v in tangent for v in vars_in]
+        if not any(tan):
+            return []
         out = [v for v in vars_in if not _float(v.aval)]  # indices, masks, predicates
         if prim in _LINEAR:
             return out
@@ -115,13 +120,18 @@ class _Node:
             return out + vars_in[:1]
         if prim in _NEEDS_BOTH:
             return out + vars_in[:1] + list(self.outs)
-        return vars_in  # contractions, products and anything unknown: every operand
+        if prim in ("mul", "dot_general") and len(vars_in) == 2:
+            a, b = vars_in
+            return out + ([b] if tan[0] else []) + ([a] if tan[1] else [])
+        if prim == "div" and len(vars_in) == 2:
+            return out + vars_in if tan[1] else out + vars_in[1:]
+        return vars_in  # anything else: every operand
 
 
 class _Body:
     """The primal layer body (one scan iteration): names, per-layer shapes and recompute cones."""
 
-    def __init__(self, closed_body, hardware: Hardware):
+    def __init__(self, closed_body, num_consts: int, hardware: Hardware):
         self.closed = closed_body
         self.fingerprint = _digest(str(closed_body))
         self.structure = structure_digest(closed_body)
@@ -131,7 +141,12 @@ class _Body:
         self.name_var: dict[str, Any] = {}
         self._flatten(jaxpr, {}, hardware)
         self.producer = {o: i for i, n in enumerate(self.nodes) for o in n.outs}
-        self.needed = {v for n in self.nodes for v in n.needs() if isinstance(v, jcore.Var)}
+        # the step differentiates the carry and the per-layer inputs, not the scan's consts
+        tangent = {v for v in jaxpr.invars[num_consts:] if _float(v.aval)}
+        for n in self.nodes:
+            if any(isinstance(v, jcore.Var) and v in tangent for v in n.ins):
+                tangent |= {o for o in n.outs if _float(o.aval)}
+        self.needed = {v for n in self.nodes for v in n.needs(tangent) if isinstance(v, jcore.Var)}
         self.forward_seconds = sum(n.seconds for n in self.nodes)
         self.forward_flops = sum(n.flops for n in self.nodes)
         self._memo: dict[frozenset, tuple[float, float, frozenset]] = {}
@@ -189,11 +204,20 @@ class _Body:
         self._tables[names] = cost
         return cost
 
+    def recompute_nodes(self, saved: frozenset[str]) -> list[_Node]:
+        """The equations the backward pass of one layer re-runs when the names in `saved` are
+        saved (kept or offloaded) and nothing else is."""
+        return [self.nodes[i] for i in sorted(self._cone(saved)[0])]
+
     def recompute(self, saved: frozenset[str]) -> tuple[float, float, frozenset[str]]:
-        """(roofline seconds, FLOPs, names read) of what the backward pass of one layer re-runs when
-        the names in `saved` are saved (kept or offloaded) and nothing else is."""
-        if saved in self._memo:
-            return self._memo[saved]
+        """(roofline seconds, FLOPs, names read) of `recompute_nodes(saved)`."""
+        if saved not in self._memo:
+            nodes, read = self._cone(saved)
+            self._memo[saved] = (sum(self.nodes[i].seconds for i in nodes),
+                                 sum(self.nodes[i].flops for i in nodes), frozenset(read))
+        return self._memo[saved]
+
+    def _cone(self, saved: frozenset[str]) -> tuple[set[int], set[str]]:
         avail = self.available | {self.name_var[n] for n in saved if n in self.name_var}
         named = {v: n for n, v in self.name_var.items()}
         seen: set = set()
@@ -212,10 +236,7 @@ class _Body:
                 continue
             nodes.add(i)
             stack.extend(x for x in self.nodes[i].ins if isinstance(x, jcore.Var))
-        out = (sum(self.nodes[i].seconds for i in nodes), sum(self.nodes[i].flops for i in nodes),
-               frozenset(read))
-        self._memo[saved] = out
-        return out
+        return nodes, read
 
 
 # --------------------------------------------------------------------------- the profile
@@ -310,6 +331,14 @@ class Profile:
         """Seconds per step of recomputation beyond the probe's (every name saved)."""
         extra = self._body.recompute(self.saved(decisions))[0] - self._body.recompute(frozenset(self.names))[0]
         return self.layers * self.scale * extra
+
+    def recompute_flops(self, decisions: Mapping[str, str], *, contractions_only: bool = False) -> float:
+        """FLOPs per step of recomputation beyond the probe's (matmuls only, if asked)."""
+        def flops(saved):
+            nodes = self._body.recompute_nodes(saved)
+            return sum(n.flops for n in nodes if not contractions_only or n.prim == "dot_general")
+
+        return self.layers * (flops(self.saved(decisions)) - flops(frozenset(self.names)))
 
     def peak_bytes(self, decisions: Mapping[str, str]) -> int:
         """Modelled device peak of the step under per-name decisions (missing names are kept)."""
@@ -475,7 +504,7 @@ def measure_body(closed_body, num_consts: int, *, repeats: int = 3,
     body = jax.checkpoint(fn, policy=PROBE_POLICY, prevent_cse=False)
     diff = [i for i, a in enumerate(closed_body.in_avals) if i >= num_consts and _float(a)]
 
-    def fwd_bwd(*xs):
+    def forward(*xs):
         def f(*d):
             full = list(xs)
             for i, v in zip(diff, d):
@@ -483,11 +512,12 @@ def measure_body(closed_body, num_consts: int, *, repeats: int = 3,
             return body(*full)
 
         outs, vjp = jax.vjp(f, *[xs[i] for i in diff])
-        return vjp(jax.tree.map(jnp.ones_like, outs))
+        return jax.tree.map(jnp.ones_like, outs), vjp  # the vjp closure: its residuals
 
+    cts, vjp = jax.jit(forward)(*args)
     t_fwd = _median_time(fwd, args, repeats)
-    t_both = _median_time(jax.jit(fwd_bwd), args, repeats)
-    return t_fwd, max(t_both - t_fwd, 0.0)
+    t_bwd = _median_time(jax.jit(lambda v, c: v(c)), (vjp, cts), repeats)
+    return t_fwd, t_bwd
 
 
 # --------------------------------------------------------------------------- the profiler
@@ -548,7 +578,7 @@ class Profiler:
             body, t_fwd, t_bwd = self._bodies[body_fp]
             reused = "body"
         else:
-            body = _Body(body_closed, hw)
+            body = _Body(body_closed, primal_scan.params["num_consts"], hw)
         donated = [False] * len(probe.jaxpr.invars)
         flat_sizes = [len(jax.tree.leaves(a)) for a in args]
         offsets = np.cumsum([0] + flat_sizes)
