@@ -415,11 +415,11 @@ def plot(sim_rows, path):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="jaxsys bench recovery", description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=8, help="decoder layers of the measured model")
-    ap.add_argument("--hidden", type=int, default=64)
-    ap.add_argument("--vocab", type=int, default=256)
-    ap.add_argument("--seq-len", type=int, default=32)
-    ap.add_argument("--micro-size", type=int, default=2)
-    ap.add_argument("--micro-batches", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=64, help="hidden size (4 heads, MLP 2x)")
+    ap.add_argument("--vocab", type=int, default=256, help="vocabulary size")
+    ap.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
+    ap.add_argument("--micro-size", type=int, default=2, help="sequences per micro-batch")
+    ap.add_argument("--micro-batches", type=int, default=16, help="micro-batches per step (>= 8)")
     ap.add_argument("--steps", type=int, default=5, help="steps of each measured run (a failure at step 2)")
     ap.add_argument("--repeats", type=int, default=5, help="timing repeats (medians)")
     ap.add_argument("--seeds", type=int, default=3, help="failure traces per kind and cluster")
@@ -428,6 +428,10 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-measured", action="store_true", help="only the simulation (unit ratios still measured)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/recovery.json)")
     args = ap.parse_args(argv)
+    if args.steps < 4:
+        ap.error("--steps must be at least 4 (the failure is at step 2; the post-recovery time needs 2 more)")
+    if args.micro_batches < NUM_DEVICES or args.layers < 4 or args.hidden % 4:
+        ap.error("need --micro-batches >= 8 (8 pipelines), --layers >= 4 (4 stages), --hidden divisible by 4")
     from jaxsys.runtime import enable_compilation_cache
 
     enable_compilation_cache()
