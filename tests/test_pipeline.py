@@ -15,7 +15,6 @@ from jaxsys.train import objective
 from jaxsys.train.config import OptimConfig
 from jaxsys.train.data import SyntheticSource
 from jaxsys.train.elastic.compile import ExecutableCache
-from jaxsys.train.elastic.layout import FlatSpec
 from jaxsys.train.pipeline.partition import PartitionError, StageMap, StagePartition
 from jaxsys.train.pipeline.runtime import PipelineLayout, PipelineRun, PipelineSetup
 from jaxsys.train.pipeline.schedule import BWD, FWD, IDLE, ScheduleError, WorkPlan, compile_schedule

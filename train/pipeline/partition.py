@@ -12,7 +12,7 @@ own flat vector (its tree flattened in `jax.tree` order).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 

@@ -52,7 +52,7 @@ from jaxsys.train.elastic import canonical
 from jaxsys.train.elastic.layout import ceil_div
 from jaxsys.train.optim import clip_by_norm, make_optimizer, opt_state_from
 from jaxsys.train.pipeline.partition import StageMap, StagePartition
-from jaxsys.train.pipeline.schedule import BWD, FWD, ScheduleTables
+from jaxsys.train.pipeline.schedule import FWD, ScheduleTables
 from jaxsys.train.pipeline.units import UnitPrograms
 
 

@@ -36,7 +36,7 @@ import functools
 import importlib.resources
 import math
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Iterable, Literal, Sequence
 
 import yaml
 from pydantic import Field

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from jaxsys.train.recovery.model import (ClusterConfig, Costs, Degraded, Hardware, Layout, RecoveryParams, choose,
-                                         estimate, options, search_layouts)
+                                         options, search_layouts)
 
 POLICIES: tuple[str, ...] = ("ours", "reroute", "replan", "redundant", "checkpoint")
 HOUR = 3600.0
