@@ -37,6 +37,7 @@ is by prompt (a hash of the prompt's key), so no prompt's generations straddle t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -44,7 +45,7 @@ import random
 import time
 from collections import deque
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 from pydantic import field_validator
@@ -56,7 +57,7 @@ SPLITS = ("train", "dev", "test")
 PAGE_SIZE = 16
 
 __all__ = ["LengthData", "LengthDataConfig", "Prompt", "SOURCES", "SPLITS", "generate_length_data",
-           "length_data_dir", "load_length_data", "load_prompts", "shared_data_dir", "split_of"]
+           "latest_run", "length_data_dir", "load_length_data", "load_prompts", "shared_data_dir", "split_of"]
 
 
 def shared_data_dir() -> Path:
@@ -193,65 +194,78 @@ def _seed_of(prompt_index: int, seed_index: int) -> int:
 # The decode loop
 
 
+class _StepFns(NamedTuple):
+    decode: Callable  # (params, cache, tokens_B, positions_B, page_table, kv_lens, temp, top_p, seed)
+    #                   -> (next_B, cache, final-norm hidden [B, D]); the cache is donated
+    layer_hidden: Callable  # (params_l, cache, tokens_B, positions_B, page_table, kv_lens) -> [B, D]
+    prefill: Callable  # (params, cache, tokens_1xT, positions_1xT, page_table, kv_lens, last_1, temp,
+    #                    top_p, seed) -> (next_1, cache); the cache is donated
+    prompt_hidden: Callable  # (params, params_l, tokens_1xT, positions_1xT) -> ([T, D] layer-l, [T, D] final)
+
+
+@functools.lru_cache(maxsize=8)
+def _step_fns(mc, top_k: int) -> _StepFns:
+    """The jitted steps of the capture loop, one set per (model config, top_k) and process, so
+    several runs in one process share their compilations."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxsys.models import decoder
+    from jaxsys.models.kv_cache import AttentionMetadata
+    from jaxsys.sampling import sample
+
+    def pick(logits_BxV, temp, top_p, seed, kv_lens):
+        """Top-k candidates, then `sample` (temperature, top-p, per-request seed) among them."""
+        top_v_BxK, top_i_BxK = jax.lax.top_k(logits_BxV, top_k)
+        zeros_B = jnp.zeros(temp.shape, jnp.int32)
+        choice_B = sample(top_v_BxK, temp, zeros_B, top_p, seed, kv_lens)
+        return jnp.take_along_axis(top_i_BxK, choice_B[:, None], axis=1)[:, 0]
+
+    def decode(params, cache, tokens_B, positions_B, page_table, kv_lens, temp, top_p, seed):
+        meta = AttentionMetadata(page_table, kv_lens)
+        logits, cache, h_Bx1xD = decoder.forward(params, tokens_B[:, None], cfg=mc, positions_BxT=positions_B[:, None],
+                                                 cache=cache, meta=meta, return_hidden=True)
+        return pick(logits[:, 0], temp, top_p, seed, kv_lens), cache, h_Bx1xD[:, 0]
+
+    def layer_hidden(params_l, cache, tokens_B, positions_B, page_table, kv_lens):
+        _, _, h_Bx1xD = decoder.forward(params_l, tokens_B[:, None], cfg=mc, positions_BxT=positions_B[:, None],
+                                        cache=cache, meta=AttentionMetadata(page_table, kv_lens), return_hidden=True)
+        return h_Bx1xD[:, 0]
+
+    def prefill(params, cache, tokens_1xT, positions_1xT, page_table, kv_lens, last_1, temp, top_p, seed):
+        logits, cache = decoder.forward(params, tokens_1xT, cfg=mc, positions_BxT=positions_1xT, cache=cache,
+                                        meta=AttentionMetadata(page_table, kv_lens), logits_index_B=last_1)
+        return pick(logits[:, 0], temp, top_p, seed, kv_lens), cache
+
+    def prompt_hidden(params, params_l, tokens_1xT, positions_1xT):
+        valid = positions_1xT >= 0
+        _, _, h_final = decoder.forward(params, tokens_1xT, cfg=mc, positions_BxT=positions_1xT, valid_BxT=valid,
+                                        return_hidden=True)
+        _, _, h_layer = decoder.forward(params_l, tokens_1xT, cfg=mc, positions_BxT=positions_1xT, valid_BxT=valid,
+                                        return_hidden=True)
+        return h_layer[0], h_final[0]
+
+    return _StepFns(jax.jit(decode, donate_argnums=1), jax.jit(layer_hidden), jax.jit(prefill, donate_argnums=1),
+                    jax.jit(prompt_hidden))
+
+
 class _SlotDecoder:
     """`slots` requests decoded together; a finished request's slot is refilled by a one-request
     prefill. Slot b owns pages 1 + b * P ... (b + 1) * P of the cache (page 0 is scratch)."""
 
     def __init__(self, model, cfg: LengthDataConfig):
-        import jax
-        import jax.numpy as jnp
-
-        from jaxsys.models import decoder
-        from jaxsys.models.kv_cache import AttentionMetadata, init_cache
-        from jaxsys.sampling import sample
+        from jaxsys.models.kv_cache import init_cache
 
         mc = model.config
-        self.model, self.mc = model, mc
+        self.model = model
         self.layer = cfg.layer(mc.num_layers)
         self.B = cfg.slots
         self.P = -(-(cfg.max_prompt_tokens + cfg.max_new_tokens) // PAGE_SIZE)
         self.cache = init_cache(mc, 1 + self.B * self.P, PAGE_SIZE)
         self.page_table = (1 + np.arange(self.B * self.P, dtype=np.int32)).reshape(self.B, self.P)
         self.params_l = _through_layer(model.params, self.layer)
-        top_k = cfg.top_k
-
-        def pick(logits_BxV, temp, top_p, seed, kv_lens):
-            """Top-k candidates, then `sample` (temperature, top-p, per-request seed) among them."""
-            top_v_BxK, top_i_BxK = jax.lax.top_k(logits_BxV, top_k)
-            zeros_B = jnp.zeros(temp.shape, jnp.int32)
-            choice_B = sample(top_v_BxK, temp, zeros_B, top_p, seed, kv_lens)
-            return jnp.take_along_axis(top_i_BxK, choice_B[:, None], axis=1)[:, 0]
-
-        def decode(params, cache, tokens_B, positions_B, page_table, kv_lens, temp, top_p, seed):
-            meta = AttentionMetadata(page_table, kv_lens)
-            logits, cache, h_Bx1xD = decoder.forward(params, tokens_B[:, None], cfg=mc,
-                                                     positions_BxT=positions_B[:, None], cache=cache, meta=meta,
-                                                     return_hidden=True)
-            return pick(logits[:, 0], temp, top_p, seed, kv_lens), cache, h_Bx1xD[:, 0]
-
-        def layer_hidden(params_l, cache, tokens_B, positions_B, page_table, kv_lens):
-            _, _, h_Bx1xD = decoder.forward(params_l, tokens_B[:, None], cfg=mc, positions_BxT=positions_B[:, None],
-                                            cache=cache, meta=AttentionMetadata(page_table, kv_lens),
-                                            return_hidden=True)
-            return h_Bx1xD[:, 0]
-
-        def prefill(params, cache, tokens_1xT, positions_1xT, page_table, kv_lens, last_1, temp, top_p, seed):
-            logits, cache = decoder.forward(params, tokens_1xT, cfg=mc, positions_BxT=positions_1xT, cache=cache,
-                                            meta=AttentionMetadata(page_table, kv_lens), logits_index_B=last_1)
-            return pick(logits[:, 0], temp, top_p, seed, kv_lens), cache
-
-        def prompt_hidden(params, params_l, tokens_1xT, positions_1xT):
-            valid = positions_1xT >= 0
-            _, _, h_final = decoder.forward(params, tokens_1xT, cfg=mc, positions_BxT=positions_1xT,
-                                            valid_BxT=valid, return_hidden=True)
-            _, _, h_layer = decoder.forward(params_l, tokens_1xT, cfg=mc, positions_BxT=positions_1xT,
-                                            valid_BxT=valid, return_hidden=True)
-            return h_layer[0], h_final[0]
-
-        self._decode = jax.jit(decode, donate_argnums=1)
-        self._layer_hidden = jax.jit(layer_hidden)
-        self._prefill = jax.jit(prefill, donate_argnums=1)
-        self._prompt_hidden = jax.jit(prompt_hidden)
+        fns = _step_fns(mc, cfg.top_k)
+        self._decode, self._layer_hidden, self._prefill, self._prompt_hidden = fns
 
     def prompt_features(self, ids: Sequence[int]) -> dict[str, np.ndarray]:
         from jaxsys.shapes import pow2_bucket
