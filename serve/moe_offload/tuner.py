@@ -239,7 +239,8 @@ def predict(hw: HardwareSpec, m: ModelShape, w: Workload, plan: Plan, *, overlap
     t_req = plan.gamma + 1
     N = plan.batch * t_req
     U = w.unique(plan.batch, t_req, E)
-    misses = U * (1.0 - w.hits(plan.cache_slots, E))
+    # a cache of C slots cannot hold more than C of the U experts a step needs
+    misses = max(U * (1.0 - w.hits(plan.cache_slots, E)), U - plan.cache_slots)
     fetch = misses * m.expert_bytes / hw.link.bandwidth
     expert_flops = 2 * 3 * m.hidden * m.expert_ffn * N * k
     if plan.system == "fiddler":  # missing experts run on the host, where their weights are
