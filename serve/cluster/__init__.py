@@ -1,0 +1,35 @@
+"""Decode instances behind a router, with remaining-length-aware rescheduling (ARES/STAR).
+
+`sim` is a discrete-event simulator (SimPy) of decode instances with live KV migration; its
+instance costs come from `hardware` (a step-time model fitted to our engine by `calibrate`, or a
+stated H100-like roofline); `workload` replays our own generations with the predictions each
+length predictor made for them; `policies` holds round-robin, least-KV, Llumnix-style and ours.
+
+    from jaxsys.serve.cluster import SimConfig, Workload, h100_like, make_policy, poisson_trace, simulate
+    result = simulate(workload, poisson_trace(workload.size, 2000.0, 20_000), h100_like(),
+                      make_policy("ours"), SimConfig(num_instances=64))
+    print(result.summary())          # simulated: p50/p99 TPOT, TTFT, SLO attainment, migrations
+
+The real instances on sub-meshes, KV-page migration and the router behind `jaxsys serve
+--instances N` (issue 18 D) will live here too; `validation.compare_with_real_run` is where the
+simulator meets them.
+"""
+
+from jaxsys._lazy import lazy_exports
+
+_LAZY = {
+    "Calibration": "jaxsys.serve.cluster.calibrate",
+    "measure_engine": "jaxsys.serve.cluster.calibrate",
+    "cpu_calibrated": "jaxsys.serve.cluster.calibrate",
+    "HardwareParams": "jaxsys.serve.cluster.hardware",
+    "h100_like": "jaxsys.serve.cluster.hardware",
+    "SimConfig": "jaxsys.serve.cluster.sim",
+    "SimResult": "jaxsys.serve.cluster.sim",
+    "simulate": "jaxsys.serve.cluster.sim",
+    "Workload": "jaxsys.serve.cluster.workload",
+    "Trace": "jaxsys.serve.cluster.workload",
+    "poisson_trace": "jaxsys.serve.cluster.workload",
+    "make_policy": "jaxsys.serve.cluster.policies",
+    "POLICIES": "jaxsys.serve.cluster.policies",
+}
+__getattr__, __dir__, __all__ = lazy_exports("jaxsys.serve.cluster", _LAZY)
