@@ -226,9 +226,9 @@ def test_acceptance_along_a_sequence():
     ids = jnp.asarray(np.random.default_rng(1).integers(0, V, (3, 8)), jnp.int32)
     p = decoder.forward(params, ids, cfg=cfg)[0]
     same = acceptance_along(p, p, jnp.ones((3, 8), bool), 1.0)
-    assert same["sampled"] == pytest.approx(1.0, abs=1e-5) and same["greedy"] == 1.0
+    assert float(same["sampled"]) == pytest.approx(1.0, abs=1e-5) and float(same["greedy"]) == 1.0
     dparams, dcfg = early_exit_draft(params, cfg, 1)
     q = decoder.forward(dparams, ids, cfg=dcfg)[0]
     other = acceptance_along(p, q, jnp.ones((3, 8), bool), 1.0)
     pv, qv = jax.nn.softmax(p, -1), jax.nn.softmax(q, -1)
-    assert other["sampled"] == pytest.approx(float(jnp.mean(jnp.sum(jnp.minimum(pv, qv), -1))), abs=1e-5)
+    assert float(other["sampled"]) == pytest.approx(float(jnp.mean(jnp.sum(jnp.minimum(pv, qv), -1))), abs=1e-5)

@@ -353,14 +353,15 @@ def evaluate(params, cfg: ModelConfig, dense, data_dir: Path, *, texts: int = 32
     for n in (4, 8, 15):
         dp, dc = early_exit_draft(params, cfg, n)
         q = fwd(dp, jnp.asarray(toks), cfg=dc, valid_BxT=jnp.asarray(valid))[0]
-        acc[f"early_exit_{n}"] = acceptance_along(moe_logits, q, jnp.asarray(valid), 1.0)
+        rates = jax.jit(acceptance_along, static_argnums=3)(moe_logits, q, jnp.asarray(valid), 1.0)
+        acc[f"early_exit_{n}"] = {k: float(v) for k, v in rates.items()}
     out["acceptance_teacher_forced"] = acc
     log(f"moefy: routing {json.dumps(out['routing']['skew'])[:200]}; overlap "
         f"{out['routing']['consecutive_overlap']:.3f}; acceptance {acc}")
     return out
 
 
-def ngram_acceptance(params, cfg: ModelConfig, dense, data_dir: Path, *, prompts: int = 4, new_tokens: int = 48,
+def ngram_acceptance(params, cfg: ModelConfig, dense, data_dir: Path, *, prompts: int = 4, new_tokens: int = 32,
                      gamma: int = 3) -> dict[str, Any]:
     """n-gram prompt lookup's acceptance on the MoEfied model: greedy speculative generation with the
     cache-free reference loop (not the engine) from held-out GSM8K questions."""

@@ -161,13 +161,15 @@ def generate_plain(key: jax.Array, target_fn: LogitsFn, prompt_BxS: np.ndarray, 
 
 
 def acceptance_along(target_logits_BxTxV: jax.Array, draft_logits_BxTxV: jax.Array, valid_BxT: jax.Array,
-                     temperature: float) -> dict[str, float]:
+                     temperature: float) -> dict[str, jax.Array]:
     """Per-token acceptance of a draft along a fixed sequence (teacher forcing): the expected
-    acceptance sum_v min(p, q) = 1 - TV(p, q) at `temperature`, and the greedy agreement rate."""
-    B, T, _ = target_logits_BxTxV.shape
-    s = Sampling.uniform(B, temperature)
-    p, q = _probs(target_logits_BxTxV, s), _probs(draft_logits_BxTxV, s)
+    acceptance sum_v min(p, q) = 1 - TV(p, q) when sampling at `temperature` (no top-k / top-p
+    cut), and the greedy agreement rate."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    p = jax.nn.softmax(target_logits_BxTxV.astype(jnp.float32) / temperature, axis=-1)
+    q = jax.nn.softmax(draft_logits_BxTxV.astype(jnp.float32) / temperature, axis=-1)
     w = valid_BxT.astype(jnp.float32)
     sampled = jnp.sum(jnp.minimum(p, q).sum(-1) * w) / jnp.sum(w)
     greedy = jnp.sum((jnp.argmax(target_logits_BxTxV, -1) == jnp.argmax(draft_logits_BxTxV, -1)) * w) / jnp.sum(w)
-    return {"sampled": float(sampled), "greedy": float(greedy)}
+    return {"sampled": sampled, "greedy": greedy}
