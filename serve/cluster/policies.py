@@ -113,12 +113,20 @@ class LlumnixStyle(_Policy):
 
 @dataclasses.dataclass
 class Predictive(_Policy):
-    """Ours. predictor: the name of a prediction table in the workload ("oracle" = the truth)."""
+    """Ours. predictor: the name of a prediction table in the workload ("oracle" = the truth).
+
+    Load of an instance = alpha * current virtual usage (Llumnix's) + (1 - alpha) * predicted peak
+    usage over the next `horizon_steps` steps, where the predicted usage at step j counts every
+    running or queued request still predicted to run at j with its context grown by j tokens. A
+    migration moves, from the highest to the lowest loaded instance, the request that minimises
+    the larger of the two loads after the move, among requests predicted to run at least
+    `min_remaining_steps` more steps (moving one about to finish only costs bandwidth).
+    """
 
     predictor: str = "ours"
-    alpha: float = 0.5  # weight of the current load in the blend (1 - alpha: predicted future load)
-    threshold: float = 0.1  # migrate when blended loads differ by more than this (relative to the mean)
-    min_remaining_steps: int = 32  # do not move requests predicted to finish sooner
+    alpha: float = 0.3
+    threshold: float = 0.1  # migrate when loads differ by more than this (fraction of capacity)
+    min_remaining_steps: int = 32
     name: str = "ours"
     migrates = True
     uses_future = True
@@ -127,30 +135,28 @@ class Predictive(_Policy):
         from jaxsys.serve.length.predictor import warn_untrained
 
         self._fallback = self.predictor not in workload.tables
+        self.uses_future = not self._fallback
         if self._fallback:
             warn_untrained(f"the workload has no {self.predictor!r} predictions")
-            self.uses_future = False
             return None
-        self.uses_future = True
         return workload.tables[self.predictor]
 
     def _load(self, cluster) -> np.ndarray:
-        hw = cluster.hw
-        current = hw.step_b * (cluster.batch + cluster.queue_len) + hw.step_c * (cluster.kv_tokens +
-                                                                                  cluster.queued_tokens)
+        current = _current_load(cluster)
         if self._fallback:
             return current
-        return self.alpha * current + (1 - self.alpha) * cluster.future_cost
+        peak = cluster.future_profile.max(axis=1) / cluster.hw.kv_capacity_tokens
+        return self.alpha * current + (1 - self.alpha) * peak
 
     def dispatch(self, cluster, rid: int) -> int:
-        return int(np.argmin(self._load(cluster) + 1e-9 * np.arange(cluster.cfg.num_instances)))
+        return int(np.argmin(self._load(cluster)))
 
     def rebalance(self, cluster) -> list[tuple[int, int, int]]:
         load = self._load(cluster)
-        scale = max(float(load.mean()), 1e-12)
+        cap_pages, cap_tokens = cluster.capacity_pages, cluster.hw.kv_capacity_tokens
         out = []
         max_pairs = max(1, int(self.max_pairs_fraction * cluster.cfg.num_instances))
-        for hi, lo in _pairs(load / scale, self.threshold, max_pairs):
+        for hi, lo in _pairs(load, self.threshold, max_pairs):
             inst = cluster.instances[hi]
             if inst.migrating_out:
                 continue
@@ -158,26 +164,24 @@ class Predictive(_Policy):
             rids = inst.rid[slots]
             keep = ~cluster.migrating[rids]
             slots, rids = slots[keep], rids[keep]
-            if not len(slots):
+            if not self._fallback and len(rids):
+                worth = cluster.predicted_remaining(rids) >= self.min_remaining_steps
+                slots, rids = slots[worth], rids[worth]
+            if not len(rids):
                 continue
-            rem = cluster.predicted_remaining(rids) if not self._fallback else np.full(len(rids), np.inf)
-            worth = rem >= self.min_remaining_steps
-            if not worth.any():
-                continue
-            slots, rids, rem = slots[worth], rids[worth], rem[worth]
-            ctx = inst.ctx[slots]
+            moved_pages = cluster.hw.pages(inst.ctx[slots]) / cap_pages
+            new_hi = self.alpha * (_current_load(cluster)[hi] - moved_pages)
+            new_lo = self.alpha * (_current_load(cluster)[lo] + moved_pages)
             if self._fallback:
-                contrib = cluster.hw.step_b + cluster.hw.step_c * ctx
+                new_hi, new_lo = new_hi / self.alpha, new_lo / self.alpha
             else:
-                H = cluster.cfg.horizon_steps
-                run = np.minimum(rem, H)
-                contrib = self.alpha * (cluster.hw.step_b + cluster.hw.step_c * ctx) + (1 - self.alpha) * (
-                    run / H) * (cluster.hw.step_b + cluster.hw.step_c * (ctx + run / 2))
-            gap = load[hi] - load[lo]
-            best = int(np.argmin(np.abs(gap - 2 * contrib)))
-            if 2 * contrib[best] >= 2 * gap:  # moving it would make the imbalance worse
-                continue
-            out.append((int(rids[best]), hi, lo))
+                prof = cluster.kv_profile(rids, inst.ctx[slots])
+                new_hi = new_hi + (1 - self.alpha) * (cluster.future_profile[hi] - prof).max(1) / cap_tokens
+                new_lo = new_lo + (1 - self.alpha) * (cluster.future_profile[lo] + prof).max(1) / cap_tokens
+            worst = np.maximum(new_hi, new_lo)
+            best = int(np.argmin(worst))
+            if worst[best] < load[hi] - 1e-9:  # the move lowers the larger load
+                out.append((int(rids[best]), hi, lo))
         return out
 
 
