@@ -28,7 +28,7 @@ def setup():
 
 def test_buckets_replan_only_on_a_new_program_and_stay_within_budget(setup):
     step, params, opt = setup
-    profiler = Profiler(HW, measure_repeats=1)
+    profiler = Profiler(HW, measure_repeats=1, measure_steps=False)
     probe = profiler.profile(step, params, opt, _tokens(128))
     smallest = min(probe.peak_bytes({n: d for n in probe.names}) for d in ("recompute", "offload"))
     budget = int(smallest + 0.3 * (probe.probe_peak_bytes - smallest))  # the longest bucket needs a plan
@@ -49,7 +49,7 @@ def test_buckets_replan_only_on_a_new_program_and_stay_within_budget(setup):
 
 def test_device_count_change_replans_without_profiling(setup):
     step, params, opt = setup
-    planner = MemoryPlanner(step, 10**9, profiler=Profiler(HW, measure_repeats=1))
+    planner = MemoryPlanner(step, 10**9, profiler=Profiler(HW, measure_repeats=1, measure_steps=False))
     tokens = _tokens(32)
     one = planner.plan_for(params, opt, tokens)
     planner.set_shards(2)
@@ -61,7 +61,7 @@ def test_device_count_change_replans_without_profiling(setup):
 def test_fixed_modes_check_the_budget(setup):
     step, params, opt = setup
     tokens = _tokens(32)
-    prof = Profiler(HW, measure_repeats=1)
+    prof = Profiler(HW, measure_repeats=1, measure_steps=False)
     keep = MemoryPlanner(step, 10**9, policy="keep", profiler=prof).plan_for(params, opt, tokens)
     assert keep.keep_all and keep.policy() is None
     remat = MemoryPlanner(step, 10**9, policy="remat", profiler=prof).plan_for(params, opt, tokens)

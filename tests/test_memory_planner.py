@@ -34,7 +34,7 @@ def env():
     params = decoder.init_params(CFG, jax.random.key(0))
     step = lm_train_step(CFG)
     opt = init_opt_state(params)
-    profiler = Profiler(HW, measure_repeats=1)
+    profiler = Profiler(HW, measure_repeats=1, measure_steps=False)
     prof = profiler.profile(step, params, opt, _tokens(64))
     return step, params, opt, profiler, prof
 
@@ -199,3 +199,15 @@ def test_plan_table_has_a_block_per_layer_kind(env):
     for n in NAMES:
         assert f"  {n} " in text
     assert "modelled peak" in text and "predicted step" in text
+
+
+def test_whole_step_measurement_anchors_the_time_model(env):
+    """With measure_steps the probe's step time is the measured one, and the fitted cost of keeping
+    a byte makes the model reproduce the measured full-remat step as well."""
+    step, params, opt, _, _ = env
+    profiler = Profiler(HW, measure_repeats=3)
+    prof = profiler.profile(step, params, opt, _tokens(32))
+    calib = profiler._bodies[prof.body_fingerprint][1]
+    assert prof.step_s == pytest.approx(calib["t_probe_step"])
+    assert prof.step_time_s({n: RECOMPUTE for n in NAMES}) == pytest.approx(calib["t_remat_step"])
+    assert np.isfinite(prof.keep_s_per_byte)

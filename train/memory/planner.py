@@ -146,10 +146,11 @@ def _score(prof: Profile, choice: np.ndarray, link: float, shards: int) -> tuple
     n = len(prof.residuals)
     saved_mask = ((1.0 - rec) @ (2.0 ** np.arange(n))).astype(np.int64)
     rec_s = prof.layers * prof.scale * prof.recompute_table()[saved_mask]
+    keep_saved_s = prof.keep_s_per_byte * prof.layers * (rec @ layer)
     transfer = off @ layer / shards / link
     bwd_layer = prof.layer_backward_s + rec_s / prof.layers
     exposed = prof.layers * (np.maximum(0.0, transfer - prof.layer_forward_s) + np.maximum(0.0, transfer - bwd_layer))
-    return peak, host, prof.step_s + rec_s + exposed
+    return peak, host, prof.step_s + rec_s - keep_saved_s + exposed
 
 
 def _greedy(prof: Profile, budget: int, link: float, shards: int, allowed: list[int]) -> np.ndarray:

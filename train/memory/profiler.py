@@ -297,8 +297,9 @@ class Profile:
     # times (seconds, at the measured throughput)
     layer_forward_s: float
     layer_backward_s: float  # with every name kept (the probe)
-    step_s: float  # the probe program
+    step_s: float  # the probe program (measured when the profiler times whole steps)
     scale: float  # measured seconds per roofline second (forward)
+    keep_s_per_byte: float  # what keeping a byte of a layer's residuals costs in step time (fitted)
     cost: ProfileCost
     _body: _Body = dataclasses.field(repr=False, compare=False)
     _keep_all: Callable[[], int] = dataclasses.field(repr=False, compare=False)
@@ -377,21 +378,26 @@ class Profile:
         return int(sum(r.stacked_bytes for r in self.residuals if decisions.get(r.name, KEEP) == OFFLOAD))
 
     def step_time_s(self, decisions: Mapping[str, str], link_bytes_per_s: float | None = None) -> float:
-        """Predicted step time: the probe's, plus recomputation, plus the part of the host transfers
-        that the layer's compute cannot hide (a layer's offload overlaps the next layer's forward,
-        its reload the previous layer's backward)."""
+        """Predicted step time: the probe's, plus recomputation, minus what not keeping the
+        recomputed residuals saves (`keep_s_per_byte`: writing and reading them back), plus the part
+        of the host transfers that the layer's compute cannot hide (a layer's offload overlaps the
+        next layer's forward, its reload the previous layer's backward)."""
         link = link_bytes_per_s or self.hardware.link_bytes_per_s
         rec = self.recompute_s(decisions)
+        dropped = sum(r.layer_bytes for r in self.residuals if decisions.get(r.name, KEEP) == RECOMPUTE)
         off_layer = sum(r.layer_bytes for r in self.residuals if decisions.get(r.name, KEEP) == OFFLOAD)
         transfer = off_layer / link if off_layer else 0.0
         bwd_layer = self.layer_backward_s + rec / self.layers
         exposed = self.layers * (max(0.0, transfer - self.layer_forward_s) + max(0.0, transfer - bwd_layer))
-        return self.step_s + rec + exposed
+        return self.step_s + rec - self.keep_s_per_byte * self.layers * dropped + exposed
 
     @property
     def keep_all_step_s(self) -> float:
-        """Predicted step time without any checkpoint: the probe's minus its own recomputation."""
-        return self.step_s - self.layers * self.scale * self._body.recompute(frozenset(self.names))[0]
+        """Predicted step time without any checkpoint: the probe's, minus its own recomputation,
+        plus keeping what the probe recomputes (the keep-all peak above the probe's)."""
+        extra = max(0, self.keep_all_peak_bytes - self.probe_peak_bytes)
+        return (self.step_s - self.layers * self.scale * self._body.recompute(frozenset(self.names))[0]
+                + self.keep_s_per_byte * extra)
 
 
 # --------------------------------------------------------------------------- tracing and levels
@@ -528,16 +534,22 @@ class Profiler:
     """Profiles steps and remembers them by fingerprint (see the module docstring).
 
     hardware: the rates used for the roofline (default: `Hardware.calibrate()` on the first device).
-    measure_repeats: timed runs of the layer body per measurement (median).
+    measure_repeats: timed runs per measurement (median).
+    measure_steps: when a layer structure is measured, also compile and time two whole steps (every
+      name kept, every name recomputed): the step time is then measured rather than summed from
+      the layer times, and the difference fits what keeping a byte costs (on CPU, keeping can cost
+      more than recomputing). Skipped when the all-kept step would not fit the device.
     """
 
-    def __init__(self, hardware: Hardware | None = None, *, measure_repeats: int = 3):
+    def __init__(self, hardware: Hardware | None = None, *, measure_repeats: int = 3,
+                 measure_steps: bool = True):
         self.hardware = hardware
         self.measure_repeats = measure_repeats
+        self.measure_steps = measure_steps
         self._by_signature: dict[tuple, Profile] = {}
         self._by_program: dict[str, Profile] = {}
-        self._bodies: dict[str, tuple[_Body, float, float]] = {}  # fingerprint -> body, t_fwd, t_bwd
-        self._throughput: dict[str, list[tuple[float, float, float]]] = {}  # structure -> (roofline fwd, scale fwd, scale bwd)
+        self._bodies: dict[str, tuple[_Body, dict]] = {}  # fingerprint -> body, its calibration
+        self._calibrations: dict[str, list[dict]] = {}  # layer structure -> calibrations measured
 
     def _hw(self) -> Hardware:
         if self.hardware is None:
@@ -575,7 +587,7 @@ class Profiler:
         body_fp = _digest(str(body_closed))
         reused = "none"
         if reuse and body_fp in self._bodies:
-            body, t_fwd, t_bwd = self._bodies[body_fp]
+            body, calib = self._bodies[body_fp]
             reused = "body"
         else:
             body = _Body(body_closed, primal_scan.params["num_consts"], hw)
@@ -590,27 +602,48 @@ class Profiler:
         t_analyse = time.perf_counter() - t1
         t_measure = 0.0
         if reused == "none":
-            known = self._throughput.get(body.structure) if reuse else None
-            if known:
-                roof, s_fwd, s_bwd = min(known, key=lambda k: abs(np.log(k[0] / body.forward_seconds)))
-                t_fwd = s_fwd * body.forward_seconds
-                t_bwd = s_bwd * bwd_body_seconds
+            known = self._calibrations.get(body.structure) if reuse else None
+            if known:  # the nearest size measured of this structure
+                near = min(known, key=lambda k: abs(np.log(k["roofline_fwd"] / body.forward_seconds)))
+                calib = {**near, "t_fwd": near["s_fwd"] * body.forward_seconds,
+                         "t_bwd": near["s_bwd"] * bwd_body_seconds}
                 reused = "structure"
             else:
                 t2 = time.perf_counter()
                 t_fwd, t_bwd = measure_body(body_closed, primal_scan.params["num_consts"],
                                             repeats=self.measure_repeats)
+                calib = {"roofline_fwd": body.forward_seconds, "t_fwd": t_fwd, "t_bwd": t_bwd,
+                         "s_fwd": t_fwd / body.forward_seconds, "s_bwd": t_bwd / bwd_body_seconds,
+                         "correction": 1.0, "keep_s_per_byte": 0.0}
+                if self.measure_steps:
+                    calib.update(self._measure_steps(step_fn, args, donated, fingerprint, body, parts, calib))
                 t_measure = time.perf_counter() - t2
-                self._throughput.setdefault(body.structure, []).append(
-                    (body.forward_seconds, t_fwd / body.forward_seconds, t_bwd / bwd_body_seconds))
-            self._bodies[body_fp] = (body, t_fwd, t_bwd)
+                self._calibrations.setdefault(body.structure, []).append(calib)
+            self._bodies[body_fp] = (body, calib)
         t3 = time.perf_counter()
-        prof = self._assemble(step_fn, args, donated, fingerprint, body, parts, t_fwd, t_bwd)
+        prof = self._assemble(step_fn, args, donated, fingerprint, body, parts, calib)
         t_analyse += time.perf_counter() - t3
         prof = dataclasses.replace(prof, cost=ProfileCost(reused, t_trace, t_analyse, t_measure))
         self._by_program[fingerprint] = prof
         self._by_signature[sig] = prof
         return prof
+
+    def _measure_steps(self, step_fn, args, donated, fingerprint, body, parts, calib) -> dict:
+        """Time the whole step with every name kept and with every name recomputed; fit the step
+        time correction and the cost of keeping a byte (see `measure_steps`)."""
+        hw = self._hw()
+        if hw.device_bytes and parts["probe_peak"] > 0.9 * hw.device_bytes:
+            return {}
+        model = self._assemble(step_fn, args, donated, fingerprint, body, parts, calib)
+        times = {}
+        for label, policy in (("probe", PROBE_POLICY), ("remat", jax.checkpoint_policies.nothing_saveable)):
+            compiled = jax.jit(functools.partial(step_fn, Remat(policy, label))).lower(*args).compile()
+            times[label] = _median_time(compiled, args, self.measure_repeats)
+        everything = {n: RECOMPUTE for n in model.names}
+        dropped = model.layers * sum(r.layer_bytes for r in model.residuals)
+        rho = (times["probe"] - times["remat"] + model.recompute_s(everything)) / dropped if dropped else 0.0
+        return {"correction": times["probe"] / model.step_s, "keep_s_per_byte": rho,
+                "t_probe_step": times["probe"], "t_remat_step": times["remat"]}
 
     def _timeline(self, probe, donated) -> dict:
         level = _find_level(probe.jaxpr)
@@ -653,8 +686,9 @@ class Profiler:
                 "other_seconds": hw.jaxpr_seconds(probe) - hw.total_seconds(fwd) - hw.total_seconds(bwd_eqn),
                 "bwd_body_seconds": hw.jaxpr_seconds(bwd_eqn.params["jaxpr"])}
 
-    def _assemble(self, step_fn, args, donated, fingerprint, body: _Body, parts, t_fwd, t_bwd) -> Profile:
+    def _assemble(self, step_fn, args, donated, fingerprint, body: _Body, parts, calib: dict) -> Profile:
         hw = self._hw()
+        t_fwd, t_bwd = calib["t_fwd"], calib["t_bwd"]
         names = parts["names"]
         L = parts["layers"]
         scale = t_fwd / body.forward_seconds if body.forward_seconds else 0.0
@@ -672,7 +706,7 @@ class Profiler:
                 recompute_s=L * scale * (rs - base_rec_s), swap_bytes=2 * L * layer_bytes,
                 lifetime=(int(lives[0]), int(lives[-1])) if len(lives) else (-1, -1)))
         unused = tuple(sorted(set(body.name_var) - set(names)))
-        step_s = L * (t_fwd + t_bwd) + scale * parts["other_seconds"]
+        step_s = calib["correction"] * (L * (t_fwd + t_bwd) + scale * parts["other_seconds"])
 
         def keep_all() -> int:
             closed = jax.make_jaxpr(functools.partial(step_fn, Remat(None, "keep-all")))(*args)
@@ -684,7 +718,8 @@ class Profiler:
             layers=L, hardware=hw, base_bytes=parts["base"], live=parts["live"], phase=parts["phase"],
             outer_peak_bytes=parts["outer_peak"], outer_offset_bytes=parts["offset"],
             probe_peak_bytes=parts["probe_peak"], layer_forward_s=t_fwd, layer_backward_s=t_bwd,
-            step_s=step_s, scale=scale, cost=ProfileCost("none"), _body=body, _keep_all=keep_all)
+            step_s=step_s, scale=scale, keep_s_per_byte=calib["keep_s_per_byte"],
+            cost=ProfileCost("none"), _body=body, _keep_all=keep_all)
 
     @staticmethod
     def _peak_of(closed, donated) -> int:
@@ -716,3 +751,4 @@ def profile(step_fn: StepFn, *args, donate_argnums: Sequence[int] = (),
             profiler: Profiler | None = None) -> Profile:
     """Profile `step_fn(remat, *args)` with the process-wide profiler (or `profiler`)."""
     return (profiler or _DEFAULT).profile(step_fn, *args, donate_argnums=donate_argnums)
+
