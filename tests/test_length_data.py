@@ -127,7 +127,7 @@ def test_sampled_tokens_do_not_depend_on_the_batch(model, tmp_path):
             np.testing.assert_array_equal(x["token_ids"], y["token_ids"])
 
 
-def test_resume_and_load(model, tmp_path):
+def test_resume_and_load(model, tmp_path, capsys):
     cfg = _cfg()
     root = ld.generate_length_data(cfg, out_dir=tmp_path, model=model, prompts=_prompts(), limit=4, progress=False)
     first = {f.name: f.stat().st_mtime_ns for f in (root / "gens").glob("*.npz")}
@@ -140,6 +140,11 @@ def test_resume_and_load(model, tmp_path):
     np.testing.assert_array_equal(data.remaining, data.gen_len[data.gen] - data.g)
     assert data.prompt_features.shape == (5, 4 * model.config.hidden_size)
     assert {ld.SPLITS[s] for s in data.prompt_split} <= set(ld.SPLITS)
+    from jaxsys.serve.length import cli
+
+    assert cli.main(["show", str(root)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["generations"] == 10 and shown["prompts"] == 5
     with pytest.raises(ValueError, match="another configuration"):
         ld.generate_length_data(cfg.model_copy(update={"capture_every": 4}), out_dir=tmp_path, model=model,
                                 prompts=_prompts(), progress=False)

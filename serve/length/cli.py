@@ -2,7 +2,7 @@
 
     data   generate (or resume) hidden-state/remaining-length data with the serving model
     show   summarise a run folder (generations, lengths by source, splits)
-    train  fit our hidden-state head and the baselines, print the test MAE table (JSON with --out)
+    train  fit our hidden-state head and the baselines, print the test MAE table, save our head
 """
 
 from __future__ import annotations
@@ -35,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=None, help="run folder (default: under the cache folder)")
     s = sub.add_parser("show", help="summarise a length-data run folder")
     s.add_argument("run", type=Path, nargs="?", default=None, help="run folder (default: the latest)")
+    t = sub.add_parser("train", help="fit our head and the baselines; print the test MAE table",
+                       description="Train ours (hidden-state head) and the baselines on the train split, choose "
+                       "each head's width and learning rate on dev, report test MAE (tokens) and parameter counts. "
+                       "Saves the dev-chosen head of ours as <run>/predictor.npz (what a rescheduler loads).")
+    t.add_argument("run", type=Path, nargs="?", default=None, help="run folder (default: the latest)")
+    t.add_argument("--out", type=Path, default=None, help="also write the report as JSON here")
     return p
 
 
@@ -51,11 +57,22 @@ def main(argv: list[str] | None = None) -> int:
         root = data.generate_length_data(cfg, out_dir=args.out, limit=args.limit)
         print(json.dumps({"run": str(root), **data.load_length_data(root).summary()}, indent=1))
         return 0
+    root = args.run if args.run is not None else data.latest_run()
     if args.cmd == "show":
-        root = args.run if args.run is not None else data.latest_run()
         print(json.dumps({"run": str(root), **data.load_length_data(root).summary()}, indent=1))
         return 0
-    return 2
+    from jaxsys.serve.length.predictor import fit_predictors
+
+    report = fit_predictors(data.load_length_data(root))
+    for name, row in report.rows.items():
+        print(f"{name:<22} test MAE {row['test']['mae']:7.1f} tokens   params {row['params']:>9,}")
+    dev = {n: min(r["dev_grid_mae"].values()) for n, r in report.rows.items() if r["kind"] == "learned"}
+    ours = min(("ours_layer", "ours_final"), key=dev.get)
+    report.predictors[ours].save(root / "predictor.npz")
+    print(f"saved {ours} (chosen on dev) to {root / 'predictor.npz'}")
+    if args.out is not None:
+        args.out.write_text(json.dumps(report.to_dict(), indent=1))
+    return 0
 
 
 if __name__ == "__main__":
