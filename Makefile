@@ -37,7 +37,7 @@ gpu-check:
 	bash benchmarks/gpu_check.sh
 
 # Before spending GPU time, on any machine: the same script with every benchmark in the Pallas
-# interpreter on shrunk trees and a tiny model (~10 min on 2 cores; the timings mean nothing, the
+# interpreter on shrunk trees and a tiny model (~20-30 min on 2 cores; the timings mean nothing, the
 # outputs are checked against ours), so the GPU run cannot fail on a typo.
 gpu-check-dry: $(STAMP)
 	GPU_CHECK_DRY=1 PY=$(BIN)/python bash benchmarks/gpu_check.sh

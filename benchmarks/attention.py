@@ -68,11 +68,16 @@ def parse_args(argv):
     ap.add_argument("--tune-budget", type=float, default=None, metavar="SECONDS",
                     help="seconds each tuner (ours per precision, each of JAX's kernels) may sweep before it "
                          "keeps its best so far (default: no limit)")
+    ap.add_argument("--baseline-tune-budget", type=float, default=None, metavar="SECONDS",
+                    help="the same for each of JAX's kernels (default: --tune-budget)")
     ap.add_argument("--max-variants", type=int, default=None, metavar="N",
                     help="time at most N variants per sweep besides the best so far (a quick check of the sweeps)")
     ap.add_argument("--tuned-from", default=None, metavar="JSON",
                     help="start from an earlier record's tuning, calibration and baseline tuning (a GPU session "
                          "split over two device calls)")
+    ap.add_argument("--tables-from", default=None, metavar="DEVICE_KIND",
+                    help="start ours from this device kind's tables (default: this device's; a Hopper GPU without "
+                         "tables of its own: the H200's)")
     ap.add_argument("--launches", action="store_true", help="GPU: also time each of ours' launches alone")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/attention[_gpu][_bf16].json; "
@@ -108,7 +113,8 @@ class Benchmark:
                 raise SystemExit(f"--precisions: unknown {sorted(bad)}; one of {PRECISIONS}")
         else:  # the XLA path computes IEEE fp32 (bf16 products for bf16)
             precisions = ("ieee",)
-        self.runner = harness.Runner(gpu=gpu, dtype=args.dtype, precisions=precisions, interpret=args.interpret)
+        self.runner = harness.Runner(gpu=gpu, dtype=args.dtype, precisions=precisions, interpret=args.interpret,
+                                     tables_from=args.tables_from)
         self.repeats = args.repeats or (2 if args.quick else 7)
         self.all_configs = QUICK_CONFIGS if args.quick else CONFIGS
         self.configs = self.all_configs
@@ -131,8 +137,11 @@ class Benchmark:
             "paths": {"ours": "Pallas kernels" if gpu else "XLA (shared_prefix_attention_xla)",
                       "splitkv": "Pallas kernel" if gpu else "XLA (paged_attention_xla)"},
             "peak_bandwidth_Bps": harness.peak_bandwidth() if gpu else None,
-            "tables_device_kind": self.runner.device_kind, "device_kind": dev.device_kind,
-            "tune_budget_s": args.tune_budget, "phases": [], "elapsed_s": {},
+            "tables_device_kind": self.runner.device_kind, "tables_reason": self.runner.tables_reason,
+            "device_kind": dev.device_kind,
+            "tune_budget_s": args.tune_budget,
+            "baseline_tune_budget_s": args.tune_budget if args.baseline_tune_budget is None else args.baseline_tune_budget,
+            "phases": [], "elapsed_s": {},
         }
 
     # -- the record --------------------------------------------------------------------------------
@@ -187,8 +196,9 @@ class Benchmark:
                 tuning[name] = partial
                 self.save()
 
+            budget = self.args.tune_budget if self.args.baseline_tune_budget is None else self.args.baseline_tune_budget
             tuning[name] = sweeps.tune_baseline(self.runner, name, max(3, self.repeats // 2), self.args.seed,
-                                                self.args.tune_budget, self.args.max_variants, progress)
+                                                budget, self.args.max_variants, progress)
             self.runner.baseline_params[name] = tuning[name]["best"]
 
     def calibrate(self) -> None:

@@ -33,8 +33,23 @@ GIB = 2.0**30
 # HBM peak bandwidth (bytes/s) by device kind substring, most specific first.
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12, "L40S": 0.864e12,
                   "L4": 0.3e12}
-# --interpret runs the GPU path on CPU with the GPU's tables (their tiles and cost model)
-INTERPRETED_DEVICE = "NVIDIA H200"
+# The device whose tables a GPU without any of its own starts from when it is a Hopper (SM 9.x: the
+# same shared memory and register file per SM), and whose tables --interpret runs the GPU path with.
+HOPPER_TABLES = "NVIDIA H200"
+
+
+def tables_device(requested: str | None, interpret: bool) -> tuple[str, str]:
+    """(device kind whose tables ours starts from, why). `requested`: --tables-from."""
+    if requested:
+        return requested, "--tables-from"
+    if interpret:
+        return HOPPER_TABLES, "--interpret runs the GPU path with a GPU's tables"
+    dev = jax.devices()[0]
+    if any(key[0] == dev.device_kind for key in spa.tuned_block_sizes.TABLES):
+        return dev.device_kind, "this device's tables"
+    if dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9"):
+        return HOPPER_TABLES, f"{dev.device_kind} has no tables of its own; another Hopper's (same SM resources)"
+    return dev.device_kind, "no tables for this device: the conservative default"
 
 
 def time_round_robin(fns: dict, repeats: int) -> dict[str, list[float]]:
@@ -107,14 +122,15 @@ class Runner:
     calibration).
     """
 
-    def __init__(self, *, gpu: bool, dtype: str, precisions: tuple[str, ...], interpret: bool = False):
+    def __init__(self, *, gpu: bool, dtype: str, precisions: tuple[str, ...], interpret: bool = False,
+                 tables_from: str | None = None):
         self.gpu, self.interpret = gpu, interpret
         self.dtype = jnp.dtype(dtype)
         self.precisions = precisions
         self.shrink = INTERPRET_SHRINK if interpret else 1
         self.layers = (2 if interpret else GPU_LAYERS) if gpu else 1
         self.scale = 1.0 / math.sqrt(HEAD_DIM)
-        self.device_kind = INTERPRETED_DEVICE if interpret else jax.devices()[0].device_kind
+        self.device_kind, self.tables_reason = tables_device(tables_from, interpret)
         self.ours = {p: self._tables(p) for p in precisions}
         self.baseline_params: dict[str, dict] = {}  # JAX kernel -> tuned parameters (phase tune-baselines)
         self.naive = self.layered(lambda q, k, v, ln: naive_decode(q, k, v, ln, sm_scale=self.scale))
