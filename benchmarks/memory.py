@@ -165,8 +165,15 @@ def section_policies(args, hw: Hardware) -> tuple[list, list, dict]:
             budgets.setdefault(k, {})[label] = key
             print(p.table(), flush=True)
 
-    compiled, rows = {}, {}
+    compiled, rows, same = {}, {}, {}
+    programs: dict[tuple, str] = {}
     for name, v in variants.items():
+        if "plan" in v:  # a plan equal to one already compiled is the same program: timed once
+            key = ("keep-all",) if v["plan"].keep_all else v["plan"].decisions
+            if key in programs:
+                same[name] = programs[key]
+                continue
+            programs[key] = name
         fn = jax.jit(functools.partial(step, v["remat"]))
         t0 = time.perf_counter()
         c = fn.lower(*step_args).compile()
@@ -191,6 +198,10 @@ def section_policies(args, hw: Hardware) -> tuple[list, list, dict]:
         print(f"  compiled {name} in {compile_s:.1f} s", flush=True)
 
     times = _round_robin(compiled, step_args, args.repeats)
+    for name, first in same.items():
+        rows[name] = {**rows[first], "variant": name, "same_program_as": first,
+                      "plan": variants[name]["plan"].to_json(), "plan_table": variants[name]["plan"].table()}
+        times[name] = times[first]
     for name, ts in times.items():
         med = statistics.median(ts)
         rows[name].update(step_s_measured=med, step_s_measured_repeats=ts,

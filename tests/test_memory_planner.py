@@ -211,3 +211,30 @@ def test_whole_step_measurement_anchors_the_time_model(env):
     assert prof.step_s == pytest.approx(calib["t_probe_step"])
     assert prof.step_time_s({n: RECOMPUTE for n in NAMES}) == pytest.approx(calib["t_remat_step"])
     assert np.isfinite(prof.keep_s_per_byte)
+
+
+def test_profile_of_a_step_with_micro_batches(env):
+    """The layer scans nested in a scan over micro-batches (gradient accumulation): the profile
+    reads the micro-batch body's timeline inside the step's, and its model still bounds the traced
+    plans."""
+    _, params, _, _, _ = env
+    from jaxsys.train import objective
+
+    def step(remat, params, micro_MxBxT1):
+        def loss(p, t):
+            return objective.lm_loss_sum(p, t, None, cfg=CFG, dropout=0.0)
+
+        def one(acc, t):
+            g = jax.grad(remat(loss))(params, t)
+            return jax.tree.map(lambda a, b: a + b, acc, g), None
+
+        grads, _ = jax.lax.scan(one, jax.tree.map(jax.numpy.zeros_like, params), micro_MxBxT1)
+        return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads)
+
+    micro = jax.numpy.stack([_tokens(32, B=2)] * 3)
+    prof = Profiler(HW, measure_repeats=1, measure_steps=False).profile(step, params, micro)
+    assert prof.names == NAMES and prof.outer_offset_bytes > 0
+    for dec in ({n: KEEP for n in NAMES}, {n: RECOMPUTE for n in NAMES},
+                {n: (OFFLOAD if i % 2 else RECOMPUTE) for i, n in enumerate(NAMES)}):
+        traced = traced_peak_bytes(step, _policy(dec), params, micro)
+        assert traced <= prof.peak_bytes(dec) <= 1.10 * traced, (dec, prof.peak_bytes(dec), traced)

@@ -16,13 +16,18 @@ three ways:
   and which equations the backward pass re-runs for any set of saved names (`_Body.recompute`,
   from which primal values each primitive's derivative reads).
 * times: the body's forward and backward pass are compiled and timed on one device; the ratio of
-  measured time to the hardware roofline is this program's throughput, so every other time
-  (recompute cones, the rest of the step) is FLOPs and bytes at that measured rate.
+  measured time to the hardware roofline is this program's throughput, so every recompute cone
+  costs its FLOPs and bytes at that measured rate. With `measure_steps`, two whole steps are
+  timed as well (every name kept, every name recomputed): the probe's step time is then measured,
+  and their difference, less the modelled recomputation, is what keeping the residuals costs per
+  byte (writing them to the stacked buffers and reading them back; on CPU this can exceed the
+  recomputation it saves).
 
 Fingerprints make profiling cheap online. A step called again with the same argument shapes is a
 dictionary hit (no trace). A new program whose layer body was seen before reuses that body's
 analysis and measurement; one whose body has the same structure at other shapes (a new
-sequence-length bucket) reuses the measured throughput and re-derives bytes and FLOPs from the new
+sequence-length bucket) reuses the calibration measured at the nearest size (throughput, step-time
+correction, keep cost) and re-derives bytes and FLOPs from the new
 trace; only a new structure is measured. `ProfileCost` records which happened and what it cost.
 """
 
