@@ -129,3 +129,25 @@ def test_bad_input_and_untrained():
     prompt_head = lp.LengthPredictor("p", "prompt", True, MAX_NEW)
     with pytest.raises(ValueError, match="not decode hidden states"):
         prompt_head.predict_hidden(np.zeros((1, 12)), np.zeros(1))
+
+
+def test_smoothing_in_training_matches_serving():
+    """predict_data smooths each generation's hidden states in order exactly as a server calling
+    smooth() every k steps would; the dev-chosen smoothing is recorded and saved."""
+    data = synthetic_data(prompts=24, seeds=2)
+    spec = lp.HeadSpec("ours_layer", "hidden_layer", widths=(16,), learning_rates=(3e-3,), emas=(0.0, 0.8),
+                       epochs=5, batch_size=64)
+    pred, grid = lp.train_head(data, spec)
+    assert len(grid) == 2 and pred.ema in (0.0, 0.8)
+    pred.ema = 0.8
+    gen = data.gen[0]
+    rows = np.nonzero(data.gen == gen)[0]
+    rows = rows[np.argsort(data.g[rows])]
+    state, served = None, []
+    for r in rows:
+        state = pred.smooth(state, data.hidden_layer[r:r + 1])
+        served.append(pred.predict_hidden(state, data.g[r:r + 1])[0])
+    mask = np.zeros(len(data.g), bool)
+    mask[rows] = True
+    got = pred.predict_data(data, mask)  # in row order of the mask, which is g order here
+    np.testing.assert_allclose(got, served, rtol=1e-5, atol=1e-4)

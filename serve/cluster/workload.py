@@ -83,9 +83,7 @@ class Workload:
         per_name["oracle"] = []
         predicted = {}
         for name, p in predictors.items():
-            x = data.prompt_features[data.gen_prompt[data.gen]] if p.inputs == "prompt" else \
-                getattr(data, p.inputs)
-            predicted[name] = p.predict_features(x, data.g)
+            predicted[name] = p.predict_data(data)
         for gi, s, e in zip(gens, starts, ends):
             rows = order[s:e]
             g = data.g[rows]

@@ -8,7 +8,10 @@ every predictor knows.
 
 - ours (`hidden`): an MLP with one small hidden layer on the decode hidden state (the chosen
   layer's residual, or the final-norm hidden) plus two progress features of g. Re-applied every
-  k steps, it reads what the model is writing now.
+  k steps, it reads what the model is writing now. Optionally it reads an exponential moving
+  average of the hidden states it has been given (`ema`: state <- ema * state + (1 - ema) * h at
+  each re-prediction): one token's state is noisy, a running mean over the last few re-predictions
+  is less so, and it costs D floats per running request.
 - prompt-only (`prompt`): a larger MLP on the prompt's pooled hidden states (mean and last
   position of the chosen layer and of the final norm, computed once at prefill), standing in for
   S3 / mu-Serve-style auxiliary predictors. Two ways to use it at step g: `prompt_total` predicts
@@ -37,8 +40,8 @@ import numpy as np
 
 from jaxsys.serve.length.data import SOURCES, SPLITS, LengthData
 
-__all__ = ["G_BUCKETS", "PROGRESS_BUCKETS", "HeadSpec", "LengthPredictor", "PredictorReport",
-           "UntrainedPredictorError", "fit_predictors", "progress_features"]
+__all__ = ["DEFAULT_HEADS", "G_BUCKETS", "PROGRESS_BUCKETS", "HeadSpec", "LengthPredictor", "PredictorReport",
+           "UntrainedPredictorError", "fit_predictors", "input_matrix", "progress_features"]
 
 G_BUCKETS = ((0, 1), (1, 64), (64, 128), (128, 256), (256, 10**9))  # tokens generated so far
 PROGRESS_BUCKETS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0001))  # g / final length
@@ -89,14 +92,16 @@ class HeadSpec:
     widths: tuple[int, ...]  # candidate hidden widths (one hidden layer each)
     progress: bool = True  # append progress features of g to the inputs
     learning_rates: tuple[float, ...] = (1e-3, 3e-3)
+    emas: tuple[float, ...] = (0.0,)  # candidate smoothing factors of the hidden-state inputs
     epochs: int = 30
     batch_size: int = 256
     weight_decay: float = 1e-4
 
 
+# Every learned head is tuned over 6 configurations on dev.
 DEFAULT_HEADS = (
-    HeadSpec("ours_layer", "hidden_layer", widths=(32, 64, 128)),
-    HeadSpec("ours_final", "hidden_final", widths=(32, 64, 128)),
+    HeadSpec("ours_layer", "hidden_layer", widths=(32, 64, 128), learning_rates=(3e-3,), emas=(0.0, 0.85)),
+    HeadSpec("ours_final", "hidden_final", widths=(32, 64, 128), learning_rates=(3e-3,), emas=(0.0, 0.85)),
     HeadSpec("prompt_progress", "prompt", widths=(256, 512, 1024)),
     HeadSpec("prompt_total", "prompt", widths=(256, 512, 1024), progress=False),
 )
@@ -107,9 +112,12 @@ class LengthPredictor:
     """A trained head (or none: `params is None`). `predict` returns remaining tokens, clipped to
     [0, max_new_tokens - g].
 
-    For serving: `predict_hidden(hidden_BxD, g_B)` is what a rescheduler calls every k steps with
-    the engine's hidden states (inputs "hidden_layer" or "hidden_final"; the engine must return the
-    same vector the data recorded, see `jaxsys.serve.length.data`).
+    For serving, every k decode steps with the engine's hidden states (inputs "hidden_layer" or
+    "hidden_final"; the engine must return the same vector the data recorded, see
+    `jaxsys.serve.length.data`):
+
+        state_BxD = pred.smooth(state_BxD, hidden_BxD)     # None for a request's first call
+        remaining_B = pred.predict_hidden(state_BxD, g_B)
     """
 
     name: str
@@ -120,6 +128,23 @@ class LengthPredictor:
     x_mean: np.ndarray | None = None
     x_std: np.ndarray | None = None
     hidden_layer: int | None = None  # the layer the data's "hidden_layer" was taken from
+    ema: float = 0.0  # smoothing of the hidden-state inputs across re-predictions (0: none)
+
+    def smooth(self, state_BxD: np.ndarray | None, hidden_BxD: np.ndarray) -> np.ndarray:
+        """The input state after one more re-prediction (rows of a new request: pass its hidden
+        state as the state, or None for the whole batch)."""
+        h = np.asarray(hidden_BxD, np.float32)
+        if state_BxD is None or self.ema == 0.0:
+            return h
+        return self.ema * np.asarray(state_BxD, np.float32) + (1.0 - self.ema) * h
+
+    def predict_data(self, data: LengthData, mask: np.ndarray | None = None) -> np.ndarray:
+        """Predicted remaining length of every logged step of `data` (or those in `mask`), each
+        generation's inputs smoothed in order as they would be while it is served."""
+        x = input_matrix(data, self.inputs, self.ema)
+        if mask is None:
+            return self.predict_features(x, data.g)
+        return self.predict_features(x[mask], data.g[mask])
 
     @property
     def trained(self) -> bool:
@@ -162,7 +187,8 @@ class LengthPredictor:
         arrays = {f"w{i}": np.asarray(w) for i, (w, _) in enumerate(self.params)}
         arrays.update({f"b{i}": np.asarray(b) for i, (_, b) in enumerate(self.params)})
         meta = dict(name=self.name, inputs=self.inputs, progress=self.progress, max_new_tokens=self.max_new_tokens,
-                    hidden_layer=-1 if self.hidden_layer is None else self.hidden_layer, layers=len(self.params))
+                    hidden_layer=-1 if self.hidden_layer is None else self.hidden_layer, layers=len(self.params),
+                    ema=self.ema)
         np.savez(path, x_mean=self.x_mean, x_std=self.x_std, meta=np.array(repr(meta)), **arrays)
 
     @classmethod
@@ -174,7 +200,7 @@ class LengthPredictor:
             params = [(z[f"w{i}"], z[f"b{i}"]) for i in range(meta["layers"])]
             return cls(name=meta["name"], inputs=meta["inputs"], progress=meta["progress"],
                        max_new_tokens=meta["max_new_tokens"], params=params, x_mean=z["x_mean"], x_std=z["x_std"],
-                       hidden_layer=None if meta["hidden_layer"] < 0 else meta["hidden_layer"])
+                       hidden_layer=None if meta["hidden_layer"] < 0 else meta["hidden_layer"], ema=meta["ema"])
 
 
 _MLP_JIT = None
@@ -193,14 +219,28 @@ def _jit_mlp():
 # Training
 
 
-def _inputs(data: LengthData, inputs: str) -> np.ndarray:
-    if inputs == "hidden_layer":
-        return data.hidden_layer
-    if inputs == "hidden_final":
-        return data.hidden_final
+def _ema_by_generation(data: LengthData, x_NxF: np.ndarray, ema: float) -> np.ndarray:
+    """Each sample's inputs replaced by the moving average over its generation's earlier samples
+    (in order of g), as `LengthPredictor.smooth` keeps it while serving."""
+    out = np.empty_like(x_NxF)
+    order = np.lexsort((data.g, data.gen))
+    first = np.ones(len(order), bool)
+    first[1:] = data.gen[order][1:] != data.gen[order][:-1]
+    acc = None
+    for pos, i in enumerate(order):
+        acc = x_NxF[i].copy() if first[pos] else ema * acc + (1.0 - ema) * x_NxF[i]
+        out[i] = acc
+    return out
+
+
+def input_matrix(data: LengthData, inputs: str, ema: float = 0.0) -> np.ndarray:
+    """The raw inputs of a predictor for every sample of `data` (before progress features)."""
     if inputs == "prompt":
         return data.prompt_features[data.gen_prompt[data.gen]]
-    raise ValueError(f"unknown predictor inputs {inputs!r}")
+    if inputs not in ("hidden_layer", "hidden_final"):
+        raise ValueError(f"unknown predictor inputs {inputs!r}")
+    x = getattr(data, inputs)
+    return _ema_by_generation(data, x, ema) if ema else x
 
 
 def _train_one(x_tr, y_tr, x_dev, y_dev, g_dev, cap_dev, width: int, lr: float, spec: HeadSpec, max_new: int,
@@ -248,19 +288,13 @@ def _train_one(x_tr, y_tr, x_dev, y_dev, g_dev, cap_dev, width: int, lr: float, 
 
 
 def train_head(data: LengthData, spec: HeadSpec, *, seed: int = 0) -> tuple[LengthPredictor, dict]:
-    """Fit `spec` on the train split, choose width and learning rate on dev. Returns the predictor
-    and the grid's dev MAEs."""
+    """Fit `spec` on the train split, choose width, learning rate and smoothing on dev. Returns the
+    predictor and the grid's dev MAEs."""
     split = data.sample_split()
     tr, dev = split == SPLITS.index("train"), split == SPLITS.index("dev")
     if not tr.any() or not dev.any():
         raise ValueError("training a length predictor needs samples in both the train and dev splits")
     max_new = data.max_new_tokens
-    x = _inputs(data, spec.inputs)
-    if spec.progress:
-        x = np.concatenate([x, progress_features(data.g, max_new)], axis=1)
-    x_mean = x[tr].mean(0)
-    x_std = x[tr].std(0) + 1e-6
-    xs = ((x - x_mean) / x_std).astype(np.float32)
     target = data.remaining if spec.progress else data.gen_len[data.gen]  # prompt_total learns the total
     y = (target / max_new).astype(np.float32)
     if not spec.progress:  # one row per generation is all a prefill-time predictor can learn from
@@ -270,15 +304,24 @@ def train_head(data: LengthData, spec: HeadSpec, *, seed: int = 0) -> tuple[Leng
     cap_dev = np.maximum(max_new - data.g[dev], 0)
     grid = {}
     best = None
-    for width in spec.widths:
-        for lr in spec.learning_rates:
-            params, mae = _train_one(xs[tr], y[tr], xs[dev], data.remaining[dev], data.g[dev], cap_dev, width, lr,
-                                     spec, max_new, seed)
-            grid[f"width={width},lr={lr:g}"] = mae
-            if best is None or mae < best[1]:
-                best = (params, mae)
-    pred = LengthPredictor(spec.name, spec.inputs, spec.progress, max_new, params=best[0], x_mean=x_mean,
-                           x_std=x_std, hidden_layer=data.hidden_layer_index)
+    for ema in spec.emas:
+        x = input_matrix(data, spec.inputs, ema)
+        if spec.progress:
+            x = np.concatenate([x, progress_features(data.g, max_new)], axis=1)
+        x_mean = x[tr].mean(0)
+        x_std = x[tr].std(0) + 1e-6
+        xs = ((x - x_mean) / x_std).astype(np.float32)
+        for width in spec.widths:
+            for lr in spec.learning_rates:
+                params, mae = _train_one(xs[tr], y[tr], xs[dev], data.remaining[dev], data.g[dev], cap_dev, width,
+                                         lr, spec, max_new, seed)
+                key = f"width={width},lr={lr:g}" + (f",ema={ema:g}" if len(spec.emas) > 1 else "")
+                grid[key] = mae
+                if best is None or mae < best[1]:
+                    best = (params, mae, x_mean, x_std, ema)
+    params, _, x_mean, x_std, ema = best
+    pred = LengthPredictor(spec.name, spec.inputs, spec.progress, max_new, params=params, x_mean=x_mean,
+                           x_std=x_std, hidden_layer=data.hidden_layer_index, ema=ema)
     return pred, grid
 
 
@@ -353,11 +396,12 @@ def fit_predictors(data: LengthData, heads: Sequence[HeadSpec] = DEFAULT_HEADS, 
     preds: dict[str, LengthPredictor] = {}
     for spec in heads:
         if progress:
-            print(f"  training {spec.name} ({len(spec.widths) * len(spec.learning_rates)} configurations)", flush=True)
+            n = len(spec.widths) * len(spec.learning_rates) * len(spec.emas)
+            print(f"  training {spec.name} ({n} configurations)", flush=True)
         pred, grid = train_head(data, spec, seed=seed)
-        p = pred.predict_features(_inputs(data, spec.inputs)[test], data.g[test])
+        p = pred.predict_data(data, test)
         rows[spec.name] = {"kind": "learned", "inputs": spec.inputs, "progress_features": spec.progress,
-                           "params": pred.num_params, "width": int(pred.params[0][0].shape[1]),
+                           "params": pred.num_params, "width": int(pred.params[0][0].shape[1]), "ema": pred.ema,
                            "dev_grid_mae": grid, "test": _breakdown(np.abs(p - y), data, test)}
         preds[spec.name] = pred
     for name, p in (("source_mean", _source_stat_predictions(data, "mean")),
