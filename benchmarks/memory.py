@@ -288,7 +288,9 @@ def section_dynamic(args, hw: Hardware) -> tuple[list, list, dict]:
             loss = float(loss)
             steps.append({"step": s, "seq_len": T, "loss": loss, "peak_bytes_modelled": p.peak_bytes,
                           "budget_bytes": budget, "plan_lookup_s": lookup_s,
-                          "step_s": time.perf_counter() - t0, "plan": "keep-all" if p.keep_all else p.decision})
+                          "step_s": time.perf_counter() - t0, "predicted_step_s": p.step_s,
+                          "first_step_of_program": len(planner.events) > n_events,
+                          "plan": "keep-all" if p.keep_all else p.decision})
             s += 1
     replanned = [c for c in changes[1:] if c["reused"] != "program"]
     replan_total = sum(c["replan_s"] for c in replanned)
@@ -302,7 +304,16 @@ def section_dynamic(args, hw: Hardware) -> tuple[list, list, dict]:
                               "changes after the first program)", replan_total / full_total, 0.20,
                               higher_is_better=False))
     targets.append(target("dynamic run: largest modelled step peak / budget", worst, 1.0, higher_is_better=False))
+    accuracy = {}  # predicted vs measured step time per bucket (steps after the compiling one)
+    for T in sorted({r["seq_len"] for r in steps}):
+        run = [r["step_s"] for r in steps if r["seq_len"] == T and not r["first_step_of_program"]]
+        if run:
+            pred = next(r["predicted_step_s"] for r in steps if r["seq_len"] == T)
+            reused = next(c["reused"] for c in changes if c["seq_len"] == T)
+            accuracy[str(T)] = {"measured_step_s": statistics.median(run), "predicted_step_s": pred,
+                                "error": pred / statistics.median(run) - 1, "profile": reused}
     header = {"model": {**model, "batch": DYNAMIC_BATCH}, "buckets": list(buckets), "schedule": schedule,
+              "step_time_prediction": accuracy,
               "segment": args.segment, "budget_bytes": budget,
               "full_profile": {str(T): {"seconds": v["seconds"], "trace_s": v["cost"].trace_s,
                                         "analyse_s": v["cost"].analyse_s, "measure_s": v["cost"].measure_s,

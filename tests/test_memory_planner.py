@@ -238,3 +238,16 @@ def test_profile_of_a_step_with_micro_batches(env):
                 {n: (OFFLOAD if i % 2 else RECOMPUTE) for i, n in enumerate(NAMES)}):
         traced = traced_peak_bytes(step, _policy(dec), params, micro)
         assert traced <= prof.peak_bytes(dec) <= 1.10 * traced, (dec, prof.peak_bytes(dec), traced)
+
+
+def test_structure_fingerprint_ignores_sizes_and_line_breaks():
+    from jaxsys.train.memory.profiler import structure_digest
+
+    def f(*xs):
+        return sum(jax.numpy.tanh(x).sum() for x in xs)
+
+    small = jax.make_jaxpr(f)(*[jax.numpy.ones((2, 8))] * 12)
+    large = jax.make_jaxpr(f)(*[jax.numpy.ones((2, 1048576))] * 12)  # the printer wraps its header
+    assert str(small).splitlines()[0] != str(large).splitlines()[0]
+    assert structure_digest(small) == structure_digest(large)
+    assert structure_digest(small) != structure_digest(jax.make_jaxpr(f)(*[jax.numpy.ones((2, 8))] * 11))

@@ -89,9 +89,10 @@ _NUMBER = re.compile(r"(?<![A-Za-z_])[0-9]+(?![0-9]*[A-Za-z_])")
 
 
 def structure_digest(jaxpr) -> str:
-    """A fingerprint of a jaxpr that ignores every number (shapes, sizes, literals): equal for the
-    same layer at another sequence length or batch size."""
-    return _digest(_NUMBER.sub("#", _SHAPE.sub("[]", str(jaxpr))))
+    """A fingerprint of a jaxpr that ignores every number (shapes, sizes, literals) and the line
+    breaks: equal for the same layer at another sequence length or batch size."""
+    text = _NUMBER.sub("#", _SHAPE.sub("[]", str(jaxpr)))
+    return _digest(" ".join(text.split()))  # the printer wraps lines by their length
 
 
 # --------------------------------------------------------------------------- the layer body
