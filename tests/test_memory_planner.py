@@ -251,3 +251,21 @@ def test_structure_fingerprint_ignores_sizes_and_line_breaks():
     assert str(small).splitlines()[0] != str(large).splitlines()[0]
     assert structure_digest(small) == structure_digest(large)
     assert structure_digest(small) != structure_digest(jax.make_jaxpr(f)(*[jax.numpy.ones((2, 8))] * 11))
+
+
+def test_moe_layers_tag_their_own_residuals():
+    cfg = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=0, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=32, model_type="mixtral")
+    params = decoder.init_params(cfg, jax.random.key(0))
+    step = lm_train_step(cfg)
+    opt = init_opt_state(params)
+    tokens = jax.random.randint(jax.random.key(1), (2, 33), 0, cfg.vocab_size)
+    prof = Profiler(HW, measure_repeats=1, measure_steps=False).profile(step, params, opt, tokens)
+    assert {rn.MOE_GATE, rn.MOE_UP, rn.MOE_ACT, rn.MOE_EXPERT_OUT, rn.MOE_ROUTER} <= set(prof.names)
+    assert {r.kind for r in prof.residuals} == {"attention", "mlp", "moe"}  # mlp_norm: the shared norm
+    assert prof.residual(rn.MOE_ACT).shape == (2, 32, 4, 32)
+    for d in (KEEP, RECOMPUTE):
+        dec = {n: d for n in prof.names}
+        traced = traced_peak_bytes(step, _policy(dec), params, opt, tokens)
+        assert traced <= prof.peak_bytes(dec) <= 1.10 * traced

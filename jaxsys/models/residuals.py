@@ -11,8 +11,8 @@ policy addresses `attn_q` of all layers at once. Values that carry no name (soft
 the normalisation statistics, the activation's sigmoid) are never saved under a names policy; the
 backward pass recomputes them from the named ones.
 
-Shapes (B batch, T tokens, D hidden, Hq/Hkv heads, Dh head dim, F MLP width, E experts, Fe expert
-width), per layer:
+The shapes in the comments below are per layer (B batch, T tokens, D hidden, Hq/Hkv heads, Dh head
+dim, F MLP width, E experts, Fe expert width).
 """
 
 from __future__ import annotations
