@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a calibration JSON from an earlier run (default: measure the engine now)")
     p.add_argument("--calibration-out", type=Path, default=None, help="also save the calibration here")
     p.add_argument("--instances", type=int, nargs="+", default=[4, 16, 64, 256])
-    p.add_argument("--loads", type=float, nargs="+", default=[0.6, 0.8, 0.9, 1.0, 1.1, 1.2],
+    p.add_argument("--loads", type=float, nargs="+", default=[0.6, 0.8, 1.0, 1.2, 1.4, 1.7, 2.0],
                    help="arrival rates as fractions of the nominal per-instance capacity rate")
     p.add_argument("--requests-per-instance", type=int, default=300)
     p.add_argument("--max-requests", type=int, default=40_000, help="cap on requests per simulation")
