@@ -2,11 +2,18 @@
 
 Every record written by `write_results` carries, at the top level: `commit` (the git hash the code
 ran at, and `dirty` if the tree had uncommitted changes), `device`, `loadavg` (`start`, `end`: the
-1/5/15-minute load averages when the benchmark started and when it wrote the record), `noisy`
-(true when either 1-minute load average exceeded the core count: such a record must not back a
-README number), `targets` (a list of `{name, value, target, met}`), and the benchmark's `records`.
+1/5/15-minute load averages when the benchmark started and when it wrote the record),
+`foreign_cpu` (how many cores' worth of CPU time processes other than this benchmark and its
+children used while it ran, from /proc/stat minus our own CPU time), `noisy` (true when that
+exceeded NOISY_FOREIGN_CORES, or, where /proc/stat is unavailable, when the start load average
+exceeded the core count: such a record must not back a README number), `targets` (a list of
+`{name, value, target, met}`), and the benchmark's `records`.
 
-The start load average is read when this module is imported (a benchmark imports it first thing);
+Why not the load average alone: it counts runnable threads, and a benchmark running XLA on 8
+virtual devices is itself many threads, so on 2 cores its own load reads 4-6 with nothing else
+running. The machine was quiet when the CPU time of everything else stayed near zero.
+
+The start values are read when this module is imported (a benchmark imports it first thing);
 a benchmark that runs several phases may pass its own `loadavg_start`.
 """
 
@@ -26,6 +33,37 @@ from typing import Any, Callable, Iterable, Sequence
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 LOADAVG_AT_IMPORT: tuple[float, float, float] = os.getloadavg()
+NOISY_FOREIGN_CORES = 0.2
+
+
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes of the machine spent busy since boot (None without /proc/stat)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+_CPU_AT_IMPORT = (_busy_cpu_seconds(), _own_cpu_seconds(), time.monotonic())
+
+
+def foreign_cpu() -> dict[str, float] | None:
+    """Cores' worth of CPU used by other processes since this module was imported."""
+    busy0, own0, t0 = _CPU_AT_IMPORT
+    busy1 = _busy_cpu_seconds()
+    if busy0 is None or busy1 is None:
+        return None
+    wall = max(time.monotonic() - t0, 1e-9)
+    other = max(0.0, (busy1 - busy0) - (_own_cpu_seconds() - own0))
+    return {"cores": other / wall, "wall_s": wall}
 
 
 def device_info() -> dict[str, Any]:
@@ -73,9 +111,10 @@ def target(name: str, value: float, goal: float, *, higher_is_better: bool = Tru
             "direction": ">=" if higher_is_better else "<=", "met": bool(met)}
 
 
-def is_noisy(loadavg_start: Sequence[float], loadavg_end: Sequence[float]) -> bool:
-    cores = os.cpu_count() or 1
-    return max(loadavg_start[0], loadavg_end[0]) > cores
+def is_noisy(loadavg_start: Sequence[float], foreign: dict[str, float] | None) -> bool:
+    if foreign is not None:
+        return foreign["cores"] > NOISY_FOREIGN_CORES
+    return loadavg_start[0] > (os.cpu_count() or 1)
 
 
 def write_results(name: str, records: list[dict[str, Any]], out: str | os.PathLike | None = None, *,
@@ -88,14 +127,16 @@ def write_results(name: str, records: list[dict[str, Any]], out: str | os.PathLi
             raise ValueError(f"target {t} lacks {sorted(missing)}")
     start = tuple(loadavg_start or LOADAVG_AT_IMPORT)
     end = os.getloadavg()
+    foreign = foreign_cpu()
     commit, dirty = git_commit()
     path = Path(out) if out else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": name, "commit": commit, "dirty": dirty,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "device": device_info(), "loadavg": {"start": list(start), "end": list(end)},
-           "noisy": is_noisy(start, end), "targets": targets, **header, "records": records}
+           "foreign_cpu": foreign, "noisy": is_noisy(start, foreign), "targets": targets, **header,
+           "records": records}
     path.write_text(json.dumps(doc, indent=1) + "\n")
-    flag = " (NOISY: load average above the core count; do not cite)" if doc["noisy"] else ""
+    flag = " (NOISY: other processes used the CPU during the run; do not cite)" if doc["noisy"] else ""
     print(f"wrote {path}{flag}")
     return path
