@@ -23,6 +23,7 @@ COMMANDS: dict[str, object] = {
     "generate": ("jaxsys.serve.generate_cli", "generate text from a model (greedy or sampled, streamed)"),
     "serve": ("jaxsys.serve.cli", "OpenAI-compatible HTTP server over the serving engine"),
     "graphcot": ("jaxsys.serve.graphcot.cli", "answer graph questions with GLM or Graph-CoT; questions, traces"),
+    "length": ("jaxsys.serve.length.cli", "remaining-length prediction (ARES): data from our model, train, show"),
     "train": {
         "lm": ("jaxsys.train.cli", "causal-LM training, elastic on device loss/join"),
         "gnn": ("jaxsys.gnn.cli", "train CSGNN / KP-GNN / GIN on a graph dataset"),
