@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-all bench gpu-check gpu-check-dry gpu-check-dry-jax kernel-report venv clean
+.PHONY: demo test test-all bench docs gpu-check gpu-check-dry gpu-check-dry-jax kernel-report venv clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,11 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/jaxsys bench all
+
+# docs/benchmarks.md and the README's table of the eight systems, generated from the records under
+# benchmarks/results/ (tests/test_docs.py fails when either is out of date).
+docs:
+	python3 benchmarks/_report.py
 
 # On a GPU machine, one command of ~8 minutes: the Pallas kernels compiled and tested, the attention
 # benchmark at fp32 (tf32x3, tf32) and bf16 against JAX's kernels (both tuned under the same budget),
