@@ -24,8 +24,9 @@ class State(enum.Enum):
 @dataclasses.dataclass
 class RequestOutput:
     """One streamed event of a request: the text and token ids new since the last event, and
-    whether it finished (then with a reason). `prompt_tokens` / `completion_tokens` are counts, as
-    in the OpenAI API's usage. The finished request as a whole is a `jaxsys.GenerationResult`."""
+    whether it finished (then with a reason). `prompt_tokens` / `completion_tokens` / `cached_tokens`
+    are counts, as in the OpenAI API's usage (`prompt_tokens_details.cached_tokens`). The finished
+    request as a whole is a `jaxsys.GenerationResult`."""
 
     request_id: str
     text: str
@@ -35,6 +36,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    cached_tokens: int | None = None  # prompt tokens the radix cache served (None before admission)
 
 
 @dataclasses.dataclass(eq=False)
@@ -51,6 +53,7 @@ class Request:
     pages: list[int] = dataclasses.field(default_factory=list)  # full page table
     own_pages: list[int] = dataclasses.field(default_factory=list)  # pages freed when it ends
     num_computed: int = 0  # tokens whose KV is in the cache
+    cached_tokens: int | None = None  # prompt tokens the radix cache held when first admitted
     out_tokens: list[int] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     first_token_time: float | None = None
