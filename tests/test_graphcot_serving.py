@@ -204,11 +204,15 @@ def test_openai_backend_against_our_server(engine, graph, questions):
             time.sleep(0.05)
         backend = OpenAIBackend(f"http://127.0.0.1:{port}")
         assert backend.model == "tiny"
+        radix = llm.scheduler.radix
         for system in ("glm", "graphcot"):
+            hits, lookups = radix.hit_tokens, radix.lookup_tokens
             with GraphQA(graph, backend, RunConfig(system=system, concurrency=2, **SMALL)) as qa:
                 records = qa.run(questions[:2])
             assert all(r.error is None and r.llm_calls >= 2 and r.prompt_tokens > 0 for r in records)
-            assert all(r.cached_tokens is None for r in records)  # the server does not report cache hits
+            # usage.prompt_tokens_details.cached_tokens: exactly what the radix cache served
+            assert sum(r.cached_tokens for r in records) == radix.hit_tokens - hits
+            assert sum(r.prompt_tokens for r in records) == radix.lookup_tokens - lookups
     finally:
         server.should_exit = True
         thread.join(timeout=30)

@@ -265,10 +265,13 @@ def create_app(llm: ServingLLM, *, model_name: str | None = None) -> FastAPI:
     return app
 
 
-def _usage(out: RequestOutput | None) -> dict[str, int]:
+def _usage(out: RequestOutput | None) -> dict[str, Any]:
     p = out.prompt_tokens if out else 0
     c = out.completion_tokens if out else 0
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    usage: dict[str, Any] = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    if out is not None and out.cached_tokens is not None:  # prompt tokens the prefix cache served
+        usage["prompt_tokens_details"] = {"cached_tokens": out.cached_tokens}
+    return usage
 
 
 async def _collect(outs: AsyncIterator[RequestOutput]) -> tuple[str, RequestOutput]:

@@ -47,26 +47,34 @@ class Completion:
 
 # ------------------------------------------------------------------------------ in process
 
-def _counted_request_type():
-    """A scheduler `Request` that records how many prompt tokens were already computed (served by
-    the radix cache) when it was admitted, i.e. when it entered prefill. The scheduler sets
-    `num_computed` to the cached prefix length just before that transition."""
-    from jaxsys.serve.scheduler.request import Request, State
-
-    class CountedRequest(Request):
-        cached_tokens: int | None = None
-
-        @property
-        def state(self):
-            return self.__dict__["_state"]
-
-        @state.setter
-        def state(self, value):
-            if value is State.PREFILL and self.cached_tokens is None:
-                self.cached_tokens = self.num_computed
-            self.__dict__["_state"] = value
-
-    return CountedRequest
+def encode_segments(tokenizer, segments: Sequence[Segment]) -> tuple[list[int], list[Span]]:
+    """Token ids of the chat prompt (generation prompt included), tokenized piece by piece from
+    each segment's start, and the span each segment (with the chat scaffolding that follows it)
+    covers. The engine backend sends exactly these ids; fine-tuning data uses them too
+    (`jaxsys.serve.graphcot.sft`), so a model is trained on the prompts it is served."""
+    rendered = tokenizer.apply_chat_template(messages(segments))
+    cuts: list[tuple[int, Segment | None]] = [(0, None)]
+    pos = 0
+    for seg in segments:
+        if not seg.text:
+            continue
+        text = seg.text
+        at = rendered.find(text, pos)
+        if at < 0 and text.strip():  # a chat template that trims its messages
+            text = text.strip()
+            at = rendered.find(text, pos)
+        if at < 0:  # not findable: the segment stays inside the piece before it
+            continue
+        cuts.append((at, seg))
+        pos = at + len(text)
+    ids: list[int] = []
+    spans: list[Span] = []
+    for (start, seg), (end, _) in zip(cuts, cuts[1:] + [(len(rendered), None)]):
+        piece = tokenizer.encode(rendered[start:end], add_special_tokens=False)
+        kind = "system" if seg is None else seg.kind
+        spans.append(Span(len(ids), len(ids) + len(piece), kind, None if seg is None else seg.vertex))
+        ids += piece
+    return ids, spans
 
 
 class EngineBackend:
@@ -79,7 +87,6 @@ class EngineBackend:
         self.tokenizer = llm.tokenizer
         self.policy = policy
         self.context = llm.scheduler.max_context
-        self._request_type = _counted_request_type()
         self._ids = iter(range(1 << 62))
         self._lock = threading.Lock()
         llm.start()
@@ -88,31 +95,8 @@ class EngineBackend:
         self.llm.shutdown()
 
     def encode(self, segments: Sequence[Segment]) -> tuple[list[int], list[Span]]:
-        """Token ids of the chat prompt, tokenized piece by piece from each segment's start, and the
-        span each segment (with the chat scaffolding that follows it) covers."""
-        rendered = self.tokenizer.apply_chat_template(messages(segments))
-        cuts: list[tuple[int, Segment | None]] = [(0, None)]
-        pos = 0
-        for seg in segments:
-            if not seg.text:
-                continue
-            text = seg.text
-            at = rendered.find(text, pos)
-            if at < 0 and text.strip():  # a chat template that trims its messages
-                text = text.strip()
-                at = rendered.find(text, pos)
-            if at < 0:  # not findable: the segment stays inside the piece before it
-                continue
-            cuts.append((at, seg))
-            pos = at + len(text)
-        ids: list[int] = []
-        spans: list[Span] = []
-        for (start, seg), (end, _) in zip(cuts, cuts[1:] + [(len(rendered), None)]):
-            piece = self.tokenizer.encode(rendered[start:end], add_special_tokens=False)
-            kind = "system" if seg is None else seg.kind
-            spans.append(Span(len(ids), len(ids) + len(piece), kind, None if seg is None else seg.vertex))
-            ids += piece
-        return ids, spans
+        """Token ids of the chat prompt and the span of each segment (`encode_segments`)."""
+        return encode_segments(self.tokenizer, segments)
 
     def complete(self, segments: Sequence[Segment], *, max_tokens: int, stop: Sequence[str] = (), qid: str = "",
                  agent: str = "") -> Completion:
@@ -124,6 +108,7 @@ class EngineBackend:
                         ignore_eos: bool = False) -> Completion:
         """`complete` on a prompt that is already token ids (`spans` say what each part holds)."""
         from jaxsys.sampling import SamplingParams
+        from jaxsys.serve.scheduler.request import Request
         from jaxsys.serve.scheduler.scheduler import RequestError
 
         ids = list(ids)
@@ -143,8 +128,8 @@ class EngineBackend:
 
         with self._lock:
             rid = f"{agent or 'call'}-{qid}-{next(self._ids)}"
-        request = self._request_type(ids, SamplingParams(max_tokens=max_tokens, stop=tuple(stop),
-                                                         ignore_eos=ignore_eos), on_output, request_id=rid)
+        request = Request(ids, SamplingParams(max_tokens=max_tokens, stop=tuple(stop), ignore_eos=ignore_eos),
+                          on_output, request_id=rid)
         try:
             self.llm.scheduler.submit(request)
         except RequestError as e:

@@ -227,6 +227,8 @@ class Scheduler:
             own = self.pages.alloc(need)
             r.pages = cached + own
             r.num_computed = len(cached) * ps
+            if r.cached_tokens is None:
+                r.cached_tokens = r.num_computed
             self.radix.lookup_tokens += r.prompt_len
             self.radix.hit_tokens += r.num_computed
             full = r.prompt_len // ps
@@ -383,7 +385,7 @@ class Scheduler:
         if not (text or tokens or finished):
             return
         r.on_output(RequestOutput(r.request_id, text, tokens, finished, reason, r.prompt_len,
-                                  len(r.out_tokens), error))
+                                  len(r.out_tokens), error, r.cached_tokens))
 
     def _finish(self, r: Request, reason: str, error: str | None = None) -> None:
         if r.state is State.FINISHED:
