@@ -11,7 +11,9 @@ Sources (`data.source`):
   model can learn the transitions quickly, so the loss falls visibly within tens of steps (from
   ln V toward the chain's entropy, about 1 nat). For tests and demos.
 * `tokens`: pre-tokenized files: `.npy` arrays, or raw `.bin` files of `data.token_dtype`
-  (nanoGPT-style uint16). Files are concatenated into one token stream.
+  (nanoGPT-style uint16). Files are concatenated into one token stream. Signed arrays may hold
+  masked tokens: -(t+1) is token t with no loss on predicting it (a prompt in supervised
+  fine-tuning), -1 is padding (see `jaxsys.train.objective.input_ids`).
 * `text`: UTF-8 text files tokenized on load, with `data.tokenizer` = `bytes` (ids 0-255, 256
   separates files) or a folder holding an HF `tokenizer.json`.
 
@@ -128,10 +130,10 @@ def make_source(data: LMDataConfig, *, vocab_size: int) -> DataSource:
     else:
         stream = _tokenize(paths, data.tokenizer)
     if len(stream):
-        hi = int(np.max(stream))
-        if hi >= vocab_size or int(np.min(stream)) < 0:
-            raise TrainConfigError(f"data: token ids reach {hi}, outside the model's vocab_size "
-                                   f"{vocab_size}")
+        hi, lo = int(np.max(stream)), int(np.min(stream))
+        if hi >= vocab_size or lo < -vocab_size:  # -(t+1): masked token t
+            raise TrainConfigError(f"data: token ids span [{lo}, {hi}], outside the model's vocab_size "
+                                   f"{vocab_size} (masked tokens: -vocab_size..-1)")
     return StreamSource(stream, seq_len=data.seq_len, seed=data.seed, name=str(paths[0]))
 
 

@@ -30,15 +30,25 @@ def cast_params(params: Any, cfg: ModelConfig) -> Any:
     return jax.tree.map(lambda x: x if x.dtype == dt else x.astype(dt), params)
 
 
+def input_ids(tokens: jax.Array) -> jax.Array:
+    """The token ids the model reads from a token array whose entries may be masked.
+
+    A negative entry -(t+1) is token t carrying no loss: the model reads t but is not trained to
+    predict it. That is how supervised fine-tuning masks a prompt (train on the completion only)
+    in the same [B, T+1] array the GSPMD and elastic steps take; -1, padding, reads as token 0."""
+    return jnp.where(tokens < 0, -tokens - 1, tokens)
+
+
 def lm_loss_sum(params_f32: Any, tokens_BxT1: jax.Array, keys_B: jax.Array | None, *,
                 cfg: ModelConfig, dropout: float) -> jax.Array:
     """Sum over the batch of next-token NLL (float32). tokens_BxT1: [B, T+1] int32; targets < 0
-    are ignored. Parameters are float32 masters, cast to `cfg.dtype` for compute."""
+    are ignored (padding, or masked tokens: see `input_ids`). Parameters are float32 masters, cast
+    to `cfg.dtype` for compute."""
     inputs_BxT = tokens_BxT1[:, :-1]
     targets_BxT = tokens_BxT1[:, 1:]
     params = cast_params(params_f32, cfg)
     logits_BxTxV, _ = decoder.forward(
-        params, jnp.maximum(inputs_BxT, 0), cfg=cfg, dropout_rate=dropout,
+        params, input_ids(inputs_BxT), cfg=cfg, dropout_rate=dropout,
         dropout_keys_B=keys_B if dropout > 0 else None)
     lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
     tgt_BxT = jnp.take_along_axis(logits_BxTxV, jnp.maximum(targets_BxT, 0)[:, :, None], axis=-1)[:, :, 0]
