@@ -19,9 +19,10 @@ Every run starts from an empty prefix cache; each engine first runs every varian
 measured workload (which compiles the shape buckets it needs), then the measured rounds rotate the
 variants' order; `compiles` counts compilations during measured runs (0 in steady state).
 
-Fine-tuned accuracy (part D of the issue) is not produced here: pass the fine-tuned models with
-`--finetuned-glm PATH --finetuned-graphcot PATH` and this run evaluates both on the same test
-questions and adds the accuracy target (`finetuned_accuracy`).
+Fine-tuned accuracy (part D of the issue): `jaxsys bench graphcot_finetune` fine-tunes one model per
+system (same token budget) and caches them as HF folders; pass them with `--finetuned-glm PATH
+--finetuned-graphcot PATH` and this run evaluates both on the same test questions and adds the
+accuracy target (`finetuned_accuracy_glm_minus_graphcot`).
 """
 
 from __future__ import annotations
@@ -61,20 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetuned-graphcot", default=None, help="part D: fine-tuned model for Graph-CoT")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/graphcot.json)")
     return p
-
-
-def spread(questions: list[dict], n: int) -> list[dict]:
-    """n questions taking templates in turn, so every template is represented."""
-    by: dict[str, list[dict]] = {}
-    for q in questions:
-        by.setdefault(q.get("template", ""), []).append(q)
-    out, i = [], 0
-    while len(out) < min(n, len(questions)):
-        for qs in by.values():
-            if i < len(qs) and len(out) < n:
-                out.append(qs[i])
-        i += 1
-    return out
 
 
 class SwitchPolicy:
@@ -228,7 +215,7 @@ def run_benchmark(model, args) -> tuple[list[dict], dict]:
     import gc
 
     from jaxsys.serve.graphcot.api import data_dir, load_graph
-    from jaxsys.serve.graphcot.questions import generate_questions, split
+    from jaxsys.serve.graphcot.questions import generate_questions, split, spread
 
     graph = load_graph(args.graph).warm()
     qs = generate_questions(graph, per_template=args.per_template, seed=args.seed)

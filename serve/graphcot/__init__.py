@@ -17,7 +17,9 @@ Modules: `graph` (schema, loader, graph functions), `goodbooks` (the goodbooks-1
 `questions` (GRBench-template generator, JSON lines), `prompts` and `protocols` (both systems as
 state machines), `sandbox` (RestrictedPython in worker processes), `backends` (engine in process,
 OpenAI-compatible HTTP), `cache_policy` (priority eviction), `runner` (concurrency, pipelining),
-`oracle` (perfect play and training traces), `metrics` (exact match, Rouge-L).
+`oracle` (perfect play and training traces), `sft` (the traces as masked token rows for fine-tuning;
+`jaxsys bench graphcot_finetune` trains on them), `metrics` (exact match, Rouge-L), `demo` (the
+`make demo` section).
 """
 
 from jaxsys._lazy import lazy_exports

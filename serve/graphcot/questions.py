@@ -294,6 +294,20 @@ def split(questions: Iterable[dict[str, Any]], name: str) -> list[dict[str, Any]
     return [q for q in questions if q.get("split") == name]
 
 
+def spread(questions: Sequence[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The first `n` questions taking templates in turn, so every template is represented."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for q in questions:
+        by.setdefault(q.get("template", ""), []).append(q)
+    out, i = [], 0
+    while len(out) < min(n, len(questions)):
+        for qs in by.values():
+            if i < len(qs) and len(out) < n:
+                out.append(qs[i])
+        i += 1
+    return out
+
+
 def write_questions(path: str | os.PathLike, questions: Iterable[dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for q in questions:

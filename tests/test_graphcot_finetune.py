@@ -1,0 +1,158 @@
+"""Part D's pieces: the masked-prompt objective of `jaxsys.train`, the SFT rows built from oracle
+traces (prompts as the engine serves them, read back by the trainer's token source), a short
+fine-tune through the real trainer that learns the completions, and the HF export that
+`jaxsys.load_model` reads back bit for bit."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("RestrictedPython")
+
+from conftest import ROOT  # noqa: E402
+from graphcot_helpers import small_graph, smollm2_tokenizer, tiny_text_model  # noqa: E402
+
+from jaxsys.models import decoder  # noqa: E402
+from jaxsys.models.config import ModelConfig  # noqa: E402
+from jaxsys.serve.graphcot.prompts import messages  # noqa: E402
+from jaxsys.serve.graphcot.questions import generate_questions, split  # noqa: E402
+from jaxsys.serve.graphcot.sandbox import Sandbox  # noqa: E402
+from jaxsys.serve.graphcot.sft import end_of_turn_id, pack_rows, seq_len_for, sft_examples, write_rows  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_graphcot_finetune", ROOT / "benchmarks" / "graphcot_finetune.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory):
+    return small_graph(tmp_path_factory.mktemp("g"))
+
+
+@pytest.fixture(scope="module")
+def examples(graph):
+    qs = split(generate_questions(graph, per_template=2, seed=0), "train")
+    with Sandbox(graph) as sb:
+        out, wrong = sft_examples(graph, qs, smollm2_tokenizer(), sandbox=sb)
+    assert wrong == {"glm": 0, "graphcot": 0}
+    return out
+
+
+def test_masked_tokens_carry_no_loss_and_read_as_themselves():
+    from jaxsys.train.objective import input_ids, lm_loss_sum
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=8)
+    params = decoder.init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 64, (3, 17)).astype(np.int32)
+    masked = rng.random((3, 17)) < 0.5
+    encoded = np.where(masked, -tokens - 1, tokens)
+    np.testing.assert_array_equal(input_ids(encoded), tokens)
+    assert int(input_ids(np.int32(-1))) == 0  # padding reads as token 0, as before
+    logits, _ = decoder.forward(params, tokens[:, :-1], cfg=cfg)
+    nll = jax.nn.logsumexp(logits, -1) - np.take_along_axis(np.asarray(logits), tokens[:, 1:, None], -1)[..., 0]
+    want = float(np.sum(np.where(masked[:, 1:], 0.0, nll)))
+    got = float(lm_loss_sum(params, encoded, None, cfg=cfg, dropout=0.0))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_examples_are_the_served_prompts_and_the_oracle_completions(graph, examples):
+    tok = smollm2_tokenizer()
+    eot = end_of_turn_id(tok)
+    assert tok.decode([eot], skip_special_tokens=False) == "<|im_end|>"  # what SmolLM2's template closes a turn with
+    assert {e.agent for e in examples["glm"]} >= {"c", "a", "r"}
+    assert {e.agent for e in examples["graphcot"]} == {"graphcot-thought", "graphcot-action"}
+    # one question's calls, replayed: each example's prompt renders to the chat the engine is sent
+    from jaxsys.serve.graphcot.oracle import run_oracle
+
+    q = split(generate_questions(graph, per_template=2, seed=0), "train")[0]
+    _, calls = run_oracle("graphcot", graph, q)
+    mine = [e for e in examples["graphcot"] if e.qid == q["qid"]]
+    assert len(mine) == len(calls)
+    for e, (call, completion) in zip(mine, calls):
+        assert tok.decode(e.prompt_ids, skip_special_tokens=False) == tok.apply_chat_template(messages(call.segments))
+        assert e.completion_ids[-1] == eot and tok.decode(e.completion_ids[:-1]) == completion
+
+
+def test_rows_read_back_through_the_trainer_source(tmp_path, examples):
+    from jaxsys.train.config import LMDataConfig
+    from jaxsys.train.data import make_source
+    from jaxsys.train.program import target_count
+
+    exs = examples["glm"]
+    seq_len = seq_len_for(exs, cap=4096, coverage=1.0)
+    assert seq_len >= max(len(e) for e in exs) and seq_len // 2 < max(len(e) for e in exs)
+    assert seq_len_for(exs, cap=4096, coverage=0.01) <= seq_len_for(exs, cap=4096) <= seq_len
+    assert seq_len_for(exs, cap=64, coverage=1.0) == 64
+    rows, dropped = pack_rows(exs, seq_len)
+    assert dropped == 0 and rows.shape == (len(exs), seq_len)
+    e, row = exs[0], rows[0]
+    p, n = len(e.prompt_ids), len(e)
+    np.testing.assert_array_equal(row[:p], -np.asarray(e.prompt_ids) - 1)
+    np.testing.assert_array_equal(row[p:n], e.completion_ids)
+    assert (row[n:] == -1).all()
+    short, dropped = pack_rows(exs, min(len(x) for x in exs))
+    assert dropped == sum(len(x) > min(len(x) for x in exs) for x in exs) and len(short) == len(exs) - dropped
+
+    path = write_rows(tmp_path / "rows.npy", rows)
+    src = make_source(LMDataConfig(source="tokens", paths=(str(path),), seq_len=seq_len, global_batch=1,
+                                   micro_batches=1), vocab_size=49152)
+    assert src.num_windows == len(rows)
+    windows = np.stack([src.sample(i) for i in range(src.num_windows)])
+    order = [int(np.flatnonzero((rows == w[:-1]).all(1))[0]) for w in windows]
+    assert sorted(order) == list(range(len(rows)))  # an epoch visits every row once
+    assert (windows[:, -1] < 0).all()  # the token past a row is masked: no loss crosses rows
+    np.testing.assert_array_equal(target_count(windows), [len(exs[i].completion_ids) for i in order])
+
+
+def test_finetune_through_the_trainer_learns_the_completions(tmp_path, bench, examples):
+    model = tiny_text_model()
+    exs = [e for e in examples["glm"] if e.agent == "c"]  # short prompts: a fast test
+    seq_len = seq_len_for(exs, cap=1024)
+    rows, _ = pack_rows(exs, seq_len)
+    path = write_rows(tmp_path / "rows.npy", rows)
+    params, record = bench.finetune(model.params, model.config, path, seq_len=seq_len, batch=2, steps=12,
+                                    lr=1e-2, warmup_steps=1, seed=0)
+    losses = record["losses"]
+    assert len(losses) == 12 and losses[-1] < 0.5 * losses[0]
+    assert record["tokens"] == 12 * 2 * seq_len
+    per_row = {tuple(r): len(e.completion_ids) for r, e in zip(rows, exs)}
+    assert record["loss_tokens"] <= 24 * max(per_row.values()) and record["loss_tokens"] >= 24
+    changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), params, model.params)
+    assert all(jax.tree.leaves(changed))  # a full fine-tune from the given weights
+
+
+@pytest.mark.parametrize("variant", ["llama-untied", "qwen2-tied-bias"])
+def test_hf_export_loads_back_exactly(tmp_path, bench, variant):
+    import jaxsys
+
+    model = tiny_text_model()
+    cfg, params = model.config, model.params
+    if variant == "qwen2-tied-bias":
+        cfg = cfg.replace(model_type="qwen2", tie_word_embeddings=True, attention_bias=True)
+        params = decoder.init_params(cfg, jax.random.key(1))
+    folder = bench.save_hf_folder(tmp_path / "m", params, cfg, model.tokenizer)
+    loaded = jaxsys.load_model(folder)
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                  "head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings", "attention_bias", "model_type"):
+        assert getattr(loaded.config, field) == getattr(cfg, field), field
+    assert loaded.config.eos_token_ids[0] == cfg.eos_token_ids[0]
+    assert jax.tree.structure(loaded.params) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chat = [{"role": "system", "content": "You are one of several agents."}, {"role": "user", "content": "Who wrote Emma?"}]
+    assert loaded.tokenizer.encode_chat(chat) == model.tokenizer.encode_chat(chat)
+    assert end_of_turn_id(loaded.tokenizer) == end_of_turn_id(model.tokenizer)
+    with pytest.raises(FileExistsError):
+        bench.save_hf_folder(folder, params, cfg, model.tokenizer)
+    with pytest.raises(ValueError, match="dense"):
+        bench.hf_config(cfg.replace(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32))
