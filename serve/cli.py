@@ -29,6 +29,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=512, help="max prompt tokens per request per step")
     p.add_argument("--no-shared-attention", action="store_true",
                    help="plain split-KV paged decode attention (no sharing) instead of shared-prefix attention")
+    spec = p.add_argument_group(
+        "speculative decoding",
+        "a draft proposes --gamma tokens per request and step; the model verifies them in one step and "
+        "keeps the longest prefix its own decoding would produce (greedy: the same tokens; sampling: the "
+        "same distribution)")
+    spec.add_argument("--speculate", choices=["ngram", "self", "model"], default=None,
+                      help="ngram: prompt lookup; self: the model's first --draft-layers layers; "
+                           "model: --draft-model (same vocabulary)")
+    spec.add_argument("--gamma", type=int, default=None,
+                      help="draft tokens per step (default 4; compiled set 1, 2, 4, 8 plus this value)")
+    spec.add_argument("--draft-layers", type=int, default=None,
+                      help="depth of the self draft (default: half the model's layers)")
+    spec.add_argument("--draft-model", default=None, help="the draft of --speculate model (name, folder or .gguf)")
+    moe = p.add_argument_group("MoE expert offloading", "keep an MoE model's routed experts in host memory")
+    moe.add_argument("--offload-experts", action="store_true",
+                     help="experts in host memory behind a per-layer device cache (speculates with ngram only)")
+    moe.add_argument("--expert-cache", type=int, default=None,
+                     help="device expert slots per layer (>= top-k; default: half the experts)")
     add_device_args(p)
     p.add_argument("--log-level", default="info")
     return p
@@ -50,6 +68,9 @@ def main(argv: list[str]) -> int:
     from jaxsys.serve.api.server import create_app
     from jaxsys.serve.engine.engine import EngineConfig
     from jaxsys.serve.llm import ServingLLM
+    from jaxsys.serve.moe_offload.store import ExpertCacheError
+    from jaxsys.serve.speculative import DraftError
+    from jaxsys.serve.speculative.config import SpeculativeConfig
 
     try:
         config = EngineConfig(page_size=args.page_size, num_pages=args.num_pages, max_decode_batch=args.max_batch,
@@ -63,8 +84,21 @@ def main(argv: list[str]) -> int:
         print(f"jaxsys serve: {e}", file=sys.stderr)
         return 2
     try:
-        llm = ServingLLM(args.model, config=config, mesh=mesh, dtype=args.dtype)
-    except (ModelNotFoundError, WeightError, ConfigError, TokenizerError) as e:
+        speculate = None
+        if args.speculate is not None:
+            gamma = SpeculativeConfig.gamma if args.gamma is None else args.gamma
+            speculate = SpeculativeConfig(draft=args.speculate, gamma=gamma,
+                                          gammas=(*SpeculativeConfig.gammas, gamma), draft_layers=args.draft_layers)
+        elif args.gamma is not None or args.draft_layers is not None or args.draft_model is not None:
+            raise DraftError("--gamma, --draft-layers and --draft-model need --speculate")
+        if args.expert_cache is not None and not args.offload_experts:
+            raise ExpertCacheError("--expert-cache needs --offload-experts")
+        if args.offload_experts and mesh is not None:
+            raise ExpertCacheError("--offload-experts runs on one device; leave out --tensor-parallel")
+        llm = ServingLLM(args.model, config=config, mesh=mesh, dtype=args.dtype, speculate=speculate,
+                         draft_model=args.draft_model, offload_experts=args.offload_experts,
+                         expert_cache=args.expert_cache)
+    except (ModelNotFoundError, WeightError, ConfigError, TokenizerError, DraftError, ExpertCacheError) as e:
         print(f"jaxsys serve: {e}", file=sys.stderr)
         return 2
     app = create_app(llm, model_name=args.served_name or args.model)

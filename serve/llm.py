@@ -7,6 +7,17 @@
 `generate` drives the scheduler on the calling thread and returns `jaxsys.GenerationResult`s, the
 type `jaxsys.generate` (the reference loop) returns; `start()` runs the scheduler on a background
 thread for the HTTP server, which then uses `submit`/`cancel` and gets `RequestOutput` events.
+
+Speculative decoding: `ServingLLM(model, speculate="ngram", gamma=4)` (prompt lookup),
+`speculate="self"` (early exit: the model's first layers draft for it) or `speculate="model"` with
+`draft_model=` (any model with the same vocabulary); a `SpeculativeConfig` sets the rest (compiled
+gamma set, draft depth, n-gram sizes). Greedy outputs are the same tokens as without speculation,
+sampled ones follow the same distribution (exact acceptance). `llm.set_gamma(n)` switches gamma
+within the compiled set; `llm.scheduler.stats` counts proposals and acceptances.
+
+Expert offloading (an MoE model): `ServingLLM(model, offload_experts=True, expert_cache=N)` keeps
+the routed experts in host memory behind N device slots per layer
+(`jaxsys.serve.moe_offload.serving.OffloadEngine`); it speculates with the n-gram draft.
 """
 
 from __future__ import annotations
@@ -20,24 +31,53 @@ from jaxsys.models import LoadedModel, load_model
 from jaxsys.sampling import SamplingParams
 from jaxsys.serve.engine.engine import Engine, EngineConfig
 from jaxsys.serve.engine.shared_decode import make_shared_decode
+from jaxsys.serve.engine.verify import Verifier
 from jaxsys.serve.scheduler.radix import EvictionPolicy
 from jaxsys.serve.scheduler.request import Request, RequestOutput
 from jaxsys.serve.scheduler.scheduler import Scheduler, new_request
+from jaxsys.serve.speculative.config import SpeculativeConfig
+from jaxsys.serve.speculative.drafts import DraftError
 
 
 class ServingLLM:
     def __init__(self, model: str | LoadedModel = "smollm2-135m-instruct", *,
                  config: EngineConfig = EngineConfig(), mesh: jax.sharding.Mesh | None = None,
-                 eviction_policy: EvictionPolicy | None = None, dtype: str = "float32"):
+                 eviction_policy: EvictionPolicy | None = None, dtype: str = "float32",
+                 speculate: str | SpeculativeConfig | None = None, gamma: int | None = None,
+                 draft_model: str | LoadedModel | None = None, offload_experts: bool = False,
+                 expert_cache: int | None = None):
+        speculation = _speculation(speculate, gamma, draft_model)
+        if expert_cache is not None and not offload_experts:
+            raise ValueError("expert_cache needs offload_experts=True")
+        if offload_experts and mesh is not None:
+            raise ValueError("expert offloading runs on one device; leave mesh out")
         self.model = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype)
         self.name = self.model.name
         attention, builder = None, None  # the engine's default: plain split-KV paged decode
-        if config.shared_attention:
-            attention, builder = make_shared_decode(self.model.config, config)
-        self.engine = Engine(self.model.config, self.model.params, config, mesh=mesh, decode_attention=attention)
+        if offload_experts:
+            from jaxsys.serve.moe_offload.serving import OffloadEngine
+
+            self.engine = OffloadEngine(self.model.config, self.model.params, config, expert_cache=expert_cache)
+        else:
+            if config.shared_attention:
+                attention, builder = make_shared_decode(self.model.config, config)
+            self.engine = Engine(self.model.config, self.model.params, config, mesh=mesh, decode_attention=attention)
+        self.verifier = None
+        if speculation is not None:
+            draft = None
+            if draft_model is not None:
+                loaded = draft_model if isinstance(draft_model, LoadedModel) else load_model(draft_model, dtype=dtype)
+                draft = (loaded.config, loaded.params)
+            self.verifier = Verifier(self.engine, speculation, draft)
         self.scheduler = Scheduler(self.engine, self.model.tokenizer, eviction_policy=eviction_policy,
-                                   shared_step_builder=builder)
+                                   shared_step_builder=builder, verifier=self.verifier)
         self.tokenizer = self.model.tokenizer
+
+    def set_gamma(self, gamma: int) -> None:
+        """Draft length of the next verify steps, from the compiled set (call between steps)."""
+        if self.verifier is None:
+            raise DraftError("this ServingLLM does not speculate (pass speculate=...)")
+        self.verifier.set_gamma(gamma)
 
     # ------------------------------------------------------------------ async use (server)
     def start(self) -> None:
@@ -78,3 +118,23 @@ class ServingLLM:
                                  ttft_s=(r.first_token_time or r.arrival) - r.arrival,
                                  tpot_s=list(r.token_intervals))
                 for p, r in zip(prompts, reqs)]
+
+
+def _speculation(speculate: str | SpeculativeConfig | None, gamma: int | None,
+                 draft_model: str | LoadedModel | None) -> SpeculativeConfig | None:
+    """The speculative configuration from ServingLLM's arguments (checked before any model loads)."""
+    if speculate is None:
+        if gamma is not None or draft_model is not None:
+            raise DraftError("gamma and draft_model need speculate='ngram', 'self' or 'model'")
+        return None
+    if isinstance(speculate, SpeculativeConfig):
+        if gamma is not None:
+            raise DraftError("give gamma in the SpeculativeConfig, not beside it")
+        spec = speculate
+    else:
+        spec = SpeculativeConfig(draft=speculate)
+        if gamma is not None:  # the default compiled set, and this gamma
+            spec = SpeculativeConfig(draft=speculate, gamma=gamma, gammas=(*spec.gammas, gamma))
+    if (draft_model is not None) != (spec.draft == "model"):
+        raise DraftError("speculate='model' needs draft_model=..., and only it takes one")
+    return spec

@@ -92,6 +92,10 @@ class Metrics:
         Gauge("jaxsys_prefix_cache_hit_rate", "prompt tokens served from the radix cache / prompt tokens",
               registry=reg).set_function(lambda: sch.radix.hit_rate)
         Gauge("jaxsys_kv_pages_free", "free KV-cache pages", registry=reg).set_function(lambda: sch.pages.num_free)
+        Gauge("jaxsys_spec_acceptance_rate", "speculative decoding: accepted / proposed draft tokens",
+              registry=reg).set_function(lambda: sch.stats.acceptance_rate)
+        Gauge("jaxsys_tokens_per_step", "tokens a request gets per decode step (over 1 with speculative decoding)",
+              registry=reg).set_function(lambda: sch.stats.tokens_per_step)
         self.generated = Counter("jaxsys_generated_tokens", "generated tokens", registry=reg)
         self.requests = Counter("jaxsys_requests", "finished requests", ["finish_reason"], registry=reg)
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)

@@ -19,7 +19,10 @@ One iteration (`step`):
      `prefill_chunk` tokens); a request whose prompt completes gets its first token;
   4. one decode step over every running request. With shared-prefix attention on, the running
      requests are grouped by their radix-tree ancestors (each request's path is walked once:
-     O(batch x depth)) into a `PrefixTree`, and the balancer plans the step;
+     O(batch x depth)) into a `PrefixTree`, and the balancer plans the step. With speculation on
+     (a `Verifier`), a verify step instead: each request's draft (at most gamma tokens, capped
+     so that every position stays in its reserved pages) is scored by the target at once and
+     the request emits its accepted tokens plus one (`jaxsys.serve.engine.verify`);
   5. tokens -> text (incremental detokenizer), stop strings, EOS, max_tokens; finished requests
      release their radix references and free their own pages.
 Shapes are padded to power-of-two buckets; the engine compiles each bucket once.
@@ -40,6 +43,7 @@ import numpy as np
 from jaxsys.models.tokenizer import Tokenizer
 from jaxsys.sampling import SamplingParams, StopMatcher, batch_arrays
 from jaxsys.serve.engine.engine import Engine
+from jaxsys.serve.engine.verify import Verifier
 from jaxsys.serve.scheduler.pages import PageAllocator
 from jaxsys.serve.scheduler.radix import EvictionPolicy, RadixCache
 from jaxsys.serve.scheduler.request import Request, RequestOutput, State
@@ -57,7 +61,9 @@ class SchedulerStats:
     """Counters since the scheduler started. `prefill_s` / `decode_s` are the wall time of the
     prefill and decode steps (host preparation, planning, the device step and the token
     bookkeeping), `prefill_tokens` the prompt tokens computed (not taken from the prefix cache)
-    and `decode_tokens` the rows of the decode steps (one new token each)."""
+    and `decode_tokens` the rows of the decode steps (one new token each). With speculation, each
+    decode step is a verify step: `spec_proposed` / `spec_accepted` count draft tokens proposed and
+    accepted, `spec_emitted` the tokens the verify steps produced (accepted + one per row)."""
 
     def __init__(self):
         self.generated_tokens = 0
@@ -68,11 +74,26 @@ class SchedulerStats:
         self.shared_steps = 0
         self.prefill_tokens = 0
         self.decode_tokens = 0
+        self.spec_proposed = 0
+        self.spec_accepted = 0
+        self.spec_emitted = 0
         self.prefill_s = 0.0
         self.decode_s = 0.0
         self.ttft: collections.deque[float] = collections.deque(maxlen=100_000)
         self.tpot: collections.deque[float] = collections.deque(maxlen=1_000_000)
         self.observers: list[Callable[[str, float], None]] = []  # ("ttft" | "tpot", seconds)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / proposed draft tokens (0 before any proposal)."""
+        return self.spec_accepted / self.spec_proposed if self.spec_proposed else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens a request gets per decode (or verify) step: 1 without speculation."""
+        if not self.spec_emitted:
+            return 1.0 if self.decode_tokens else 0.0
+        return self.spec_emitted / self.decode_tokens
 
     def observe(self, kind: str, seconds: float) -> None:
         (self.ttft if kind == "ttft" else self.tpot).append(seconds)
@@ -83,7 +104,8 @@ class SchedulerStats:
 class Scheduler:
     def __init__(self, engine: Engine, tokenizer: Tokenizer | None, *,
                  eviction_policy: EvictionPolicy | None = None,
-                 shared_step_builder: Callable[[Any, int], Any] | None = None):
+                 shared_step_builder: Callable[[Any, int], Any] | None = None,
+                 verifier: Verifier | None = None):
         self.engine = engine
         self.tokenizer = tokenizer
         cfg = engine.config
@@ -93,6 +115,7 @@ class Scheduler:
         self.max_context = engine.cfg.max_position_embeddings
         self.eos = set(engine.cfg.eos_token_ids)
         self.shared_step_builder = shared_step_builder
+        self.verifier = verifier
         self.waiting: collections.deque[Request] = collections.deque()
         self.prefilling: list[Request] = []
         self.running: list[Request] = []
@@ -186,7 +209,10 @@ class Scheduler:
             self.stats.prefill_s += time.perf_counter() - t0
         if self.running:
             t0 = time.perf_counter()
-            self._decode_step()
+            if self.verifier is None:
+                self._decode_step()
+            else:
+                self._verify_step()
             self.stats.decode_s += time.perf_counter() - t0
 
     def _drain_inbox(self) -> None:
@@ -325,6 +351,56 @@ class Scheduler:
         for i, r in enumerate(batch):
             r.num_computed = r.total_len
             self._accept_token(r, int(nxt[i]), now)
+
+    def _verify_step(self) -> None:
+        """Speculative decode step: draft, verify, accept (see `jaxsys.serve.engine.verify`)."""
+        v = self.verifier
+        G, W = v.gamma, v.context_width
+        batch = list(self.running)
+        n = len(batch)
+        B = pow2_bucket(n)
+        last = np.zeros(B, np.int32)
+        base = np.full(B, -1, np.int32)
+        proposals = np.zeros((B, G), np.int32)
+        draft_len = np.zeros(B, np.int32)
+        context = np.zeros((B, W), np.int32)
+        for i, r in enumerate(batch):
+            # a row emits at most draft_len + 1 tokens: stay within max_tokens and the context, and so
+            # within the pages reserved at admission
+            left = min(r.sampling.max_tokens - len(r.out_tokens), self.max_context - r.total_len)
+            d = max(0, min(G, left - 1))
+            if v.proposes_on_host and d:
+                prop = v.propose(r.prompt_ids + r.out_tokens, d)
+                d = len(prop)
+                proposals[i, :d] = prop
+            if W > 1:
+                tail = (r.prompt_ids + r.out_tokens)[-W:]
+                context[i, W - len(tail):] = tail
+            last[i] = r.out_tokens[-1]
+            base[i] = r.total_len - 1
+            draft_len[i] = d
+        kv_after = [r.total_len + int(d) for r, d in zip(batch, draft_len)]
+        P = pow2_bucket(math.ceil(max(kv_after) / self.page_size), minimum=4)
+        table = np.zeros((B, P), np.int32)
+        for i, (r, kv) in enumerate(zip(batch, kv_after)):
+            n_pages = math.ceil(kv / self.page_size)
+            table[i, :n_pages] = r.pages[:n_pages]
+        sampling = batch_arrays([r.sampling for r in batch], B)
+        accepted, nxt, drafted = v.step(last, base, table, proposals, draft_len, context, sampling)
+        st = self.stats
+        st.decode_steps += 1
+        st.decode_tokens += n
+        st.spec_proposed += int(draft_len[:n].sum())
+        st.spec_accepted += int(accepted[:n].sum())
+        st.spec_emitted += int(accepted[:n].sum()) + n
+        now = time.perf_counter()
+        for i, r in enumerate(batch):
+            a = int(accepted[i])
+            r.num_computed = r.total_len + a  # the K/V of the last token and the accepted drafts
+            for t in [*map(int, drafted[i, :a]), int(nxt[i])]:
+                self._accept_token(r, t, now)
+                if r.state is State.FINISHED:
+                    break
 
     def _prefix_tree(self, batch: list[Request]):
         """Group running requests by their radix ancestors: the KV each holds *before* this step

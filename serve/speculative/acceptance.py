@@ -87,6 +87,20 @@ def verify_draft(key: jax.Array, draft_tokens_BxG: jax.Array, draft_probs_BxGxV:
     return n_B, _sample_rows(k_next, dist)
 
 
+def greedy_accept(draft_tokens_BxG: jax.Array, draft_len_B: jax.Array, target_logits_BxG1xV: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+    """`verify_draft` for greedy decoding, without probabilities: (num_accepted_B, next_token_B).
+
+    A proposal is accepted while it equals the target's argmax; the next token is the argmax after
+    the accepted prefix. The same tokens as decoding the target greedily one token at a time.
+    """
+    G = draft_tokens_BxG.shape[1]
+    best_BxG1 = jnp.argmax(target_logits_BxG1xV, axis=-1).astype(jnp.int32)
+    ok_BxG = (draft_tokens_BxG == best_BxG1[:, :G]) & (jnp.arange(G)[None, :] < draft_len_B[:, None])
+    n_B = jnp.sum(jnp.cumprod(ok_BxG.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
+    return n_B, jnp.take_along_axis(best_BxG1, n_B[:, None], axis=1)[:, 0]
+
+
 def expected_tokens_per_step(acceptance: float, gamma: int) -> float:
     """Tokens one verify step emits on average when each proposal is accepted independently with
     probability `acceptance`: (1 - a^(g+1)) / (1 - a) (Leviathan et al. 2023, eq. 1)."""

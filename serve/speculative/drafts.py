@@ -9,15 +9,18 @@
   strong where the answer copies from the prompt.
 
 Both work on a right-padded context buffer `context_BxS` with per-row lengths `lens_B`, the layout a
-verify step has, and are pure and jittable.
+verify step has, and are pure and jittable. The serving engine proposes n-grams on the host instead
+(`ngram_propose_host`, the same rule on one request's token list): the scheduler holds every
+request's tokens there, and the device step then needs no context buffer of its own.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsys.models.config import ModelConfig
 
@@ -80,6 +83,25 @@ def ngram_propose(context_BxS: jax.Array, lens_B: jax.Array, gamma: int, *, max_
     draft_len = jnp.where(found_B, jnp.minimum(gamma, lens_B - start_B), 0).astype(jnp.int32)
     tokens = jnp.where(g_G[None, :] < draft_len[:, None], tokens, 0).astype(jnp.int32)
     return tokens, draft_len
+
+
+def ngram_propose_host(context: Sequence[int] | np.ndarray, gamma: int, *, max_ngram: int = 3,
+                       min_ngram: int = 1) -> np.ndarray:
+    """`ngram_propose` for one request's context on the host (numpy): the proposed tokens, between
+    0 and `gamma` of them (int32)."""
+    ctx = np.asarray(context, np.int32)
+    S = len(ctx)
+    if gamma < 1:
+        return np.zeros(0, np.int32)
+    for n in range(max_ngram, min_ngram - 1, -1):
+        if S < n + 1:
+            continue
+        windows = np.lib.stride_tricks.sliding_window_view(ctx[:S - 1], n)  # windows[j] = ctx[j:j+n], j+n < S
+        hits = np.flatnonzero((windows == ctx[S - n:]).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return ctx[start:start + gamma].copy()
+    return np.zeros(0, np.int32)
 
 
 def one_hot_probs(tokens_BxG: jax.Array, vocab_size: int) -> jax.Array:
