@@ -76,11 +76,13 @@ def device_info() -> dict[str, Any]:
 
 
 def git_commit() -> tuple[str, bool]:
-    """(HEAD's hash, whether tracked files differ from it); ("unknown", True) outside a checkout."""
+    """(HEAD's hash, whether tracked files other than the records differ from it); ("unknown", True)
+    outside a checkout."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                 ":!benchmarks/results"], cwd=ROOT,
                                 capture_output=True, text=True, check=True).stdout
         return head, bool(status.strip())
     except (OSError, subprocess.CalledProcessError):

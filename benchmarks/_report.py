@@ -87,7 +87,7 @@ SYSTEMS: list[System] = [
            "step time, full remat / ours at half the keep-all peak", "jaxsys bench memory"),
     System("CSGNN", "arXiv 2505.19188", "chordless-cycle GNN vs KP-GNN and GIN", "`jaxsys/gnn/`",
            "works: cycle enumeration checked against networkx, training with validation-selected epochs",
-           "gnn_speed.json", "CSL: CSGNN train step within 2x of GIN's",
+           "gnn_speed.json", "csl: CSGNN train step within 2x of GIN's",
            "train step time, CSGNN / GIN on CSL", "jaxsys bench gnn --speed"),
 ]
 
