@@ -149,8 +149,10 @@ def validate(cfg, setup, units, args):
     params = jax.device_get(decoder.init_params(cfg, jax.random.key(0)))
     b = batches(cfg, setup, 1)[0]
     act = setup.micro_size * setup.seq_len * cfg.hidden_size * 4
+    L = cfg.num_layers
+    uneven = (1, L - 2, 1)  # a long middle stage
     layouts = [(2, 4, None, "1f1b"), (2, 4, None, "gpipe"), (4, 2, None, "1f1b"), (8, 1, None, "1f1b"),
-               (2, 3, (1, 2, 1), "1f1b")]
+               (2, 3, uneven, "1f1b")]
     rows = []
     for dp, pp, part, sched in layouts:
         partition = StagePartition(part) if part else StagePartition.balanced(cfg.num_layers, pp)
@@ -175,7 +177,6 @@ def validate(cfg, setup, units, args):
     # composed as the executor runs them (+ the gather program, timed alone)
     stage_rows = []
     dev = jax.devices()[:1]
-    L = cfg.num_layers
     for part in [(L,), StagePartition.balanced(L, 2).layers, (1, L - 1), StagePartition.balanced(L, 4).layers]:
         partition = StagePartition(part)
         pp = partition.num_stages
@@ -283,7 +284,6 @@ def measure_recovery(cfg, setup, units, args):
     costs, hw = cpu_costs(units, cfg, setup)
     from jaxsys.models import decoder
     from jaxsys.train.elastic.compile import ExecutableCache
-    from jaxsys.train.pipeline.partition import StagePartition
     from jaxsys.train.pipeline.runtime import PipelineLayout, PipelineRun
     from jaxsys.train.recovery import strategies as rs
 
@@ -313,8 +313,7 @@ def measure_recovery(cfg, setup, units, args):
     if found is None:
         raise SystemExit("the model finds no layout for the survivors")
     best = found[0]
-    replan = PipelineLayout.grid(dp=best.dp, pp=best.pp, num_micro=setup.num_micro,
-                                 partition=StagePartition(best.partition), schedule=best.schedule)
+    replan = rs.pipeline_layout(best, num_micro=setup.num_micro, num_devices=NUM_DEVICES - 1)
     out = []
     for strategy in ("reroute", "redundant", "replan", "checkpoint"):
         run = new(ExecutableCache())  # every strategy compiles its programs (and transfers) cold

@@ -210,4 +210,31 @@ def test_choice_on_a_run_maps_cells_and_layouts():
     short, none = rs.choose(run, [FAILED], costs, hw, rp, remaining_steps=1, since_checkpoint_s=0.0)
     assert short.strategy in ("reroute", "redundant") and none is None
     long_, layout = rs.choose(run, [FAILED], costs, hw, rp, remaining_steps=1e7, since_checkpoint_s=0.0)
-    assert long_.strategy == "replan" and len(layout.plan.used_devices()) <= 3
+    assert long_.strategy == "replan" and len(layout.plan.used_devices()) <= 3 == layout.plan.num_devices
+
+
+def _toy_model():
+    costs = pm.Costs(layer_fwd=1e-3, layer_bwd=2e-3, head_fwd=0.0, head_bwd=1e-3, embed_fwd=1e-4, embed_bwd=1e-4,
+                     act_bytes=1024, layer_work_bytes=8192, layer_params=9280, edge_params=4128, param_bytes=4,
+                     state_bytes_per_param=16)
+    hw = pm.Hardware(devices_per_node=8, intra_bw=5e9, inter_bw=5e9, latency=5e-5, memory=2**34)
+    rp = pm.RecoveryParams(detect_s=0.0, restart_s=10.0, checkpoint_every_s=60.0, checkpoint_read_bw=1e9,
+                           compile_s=5.0, retarget_s=0.0)
+    return costs, hw, rp
+
+
+def test_choice_on_a_degraded_layout_and_without_memory():
+    """After a reroute the layout is no grid: a second failure is weighed between the strategies
+    that move to a new layout (on the survivors, idle devices allowed). A model whose devices hold
+    nothing finds no strategy and says why."""
+    costs, hw, rp = _toy_model()
+    wide = PipelineLayout.grid(dp=1, pp=2, num_micro=M, num_layers=4, num_devices=3)
+    assert rs.grid_shape(wide) == (1, 2) and wide.plan.num_devices == 3
+    run = new_run()
+    rs.recover_in_memory(run, rs.snapshot(run, 0), [FAILED], "reroute")
+    assert rs.grid_shape(run.layout) is None
+    best, layout = rs.choose(run, [2], costs, hw, rp, remaining_steps=1e7, since_checkpoint_s=0.0)
+    assert best.strategy == "replan" and layout.plan.num_devices == 2
+    nothing = pm.Hardware(devices_per_node=8, intra_bw=5e9, inter_bw=5e9, latency=5e-5, memory=1.0)
+    with pytest.raises(rs.RecoveryError, match="no layout of 3 devices fits"):
+        rs.choose(new_run(), [FAILED], costs, nothing, rp, remaining_steps=10, since_checkpoint_s=0.0)

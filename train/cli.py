@@ -27,6 +27,19 @@ elastic training (elastic.enabled, on in configs/train/tiny.yaml):
   device set, so the losses and parameters equal, bit for bit, those of the run without failures.
   A schedule is checked before training starts; naming a device the run does not have is an error.
 
+pipeline parallelism (pipeline.enabled, on in configs/train/tiny_pipeline.yaml):
+  pipeline.stages=S pipeline.pipelines=P   S consecutive stages of layers, P data-parallel copies
+                    (default as many as fit); pipeline.schedule=gpipe|1f1b,
+                    pipeline.partition=[3,1] (layers per stage), pipeline.micro_batches=M.
+                    The layout, its bubble fraction and each stage's memory are printed; every
+                    metrics line has bubble_fraction. Losses and parameters are bitwise those of the
+                    one-stage run for every layout.
+  --fail/--join     as above (recovery.fail/recovery.join); after a loss the run continues with
+                    recovery.strategy: auto (the performance model's choice per failure), reroute,
+                    redundant, replan or checkpoint, bitwise as without the failure. When no layout
+                    of the survivors fits (recovery.device_memory_gib), the state is saved to
+                    checkpoint.dir and the run stops with how to resume.
+
 devices:
   On a CPU-only machine JAX has one device. --cpu-devices N gives it N virtual devices; a run whose
   --fail/--join schedule (or devices=N) names devices gets 8 (or as many as it names) unless
@@ -36,6 +49,8 @@ devices:
 examples:
   # lose device 3 at step 20, get it back at step 40 (8 virtual devices on a CPU machine)
   jaxsys train lm --config tiny --fail 3@20 --join 3@40 --metrics-out m.jsonl
+  # 2 pipelines x 4 stages (1F1B); lose device 1 at step 5, the model picks the strategy
+  jaxsys train lm --config tiny_pipeline --fail 1@5 --metrics-out m.jsonl
   # the GSPMD trainer on a data x fsdp x tensor mesh, bf16 compute, checkpoints every 10 steps
   jaxsys train lm --config tiny --cpu-devices 8 elastic.enabled=false mesh.data=2 mesh.fsdp=2 \\
       mesh.tensor=2 model.dtype=bfloat16 checkpoint.dir=/tmp/ckpt checkpoint.every=10
@@ -52,9 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-out", metavar="FILE",
                    help="append one JSON object per step (step, loss, grad_norm, lr, devices, ...)")
     p.add_argument("--fail", action="append", default=[], metavar="DEV@STEP[,DEV@STEP...]",
-                   help="device losses (elastic mode); repeatable")
+                   help="device losses (elastic or pipelined trainer); repeatable")
     p.add_argument("--join", action="append", default=[], metavar="DEV@STEP[,DEV@STEP...]",
-                   help="device (re)joins (elastic mode); repeatable")
+                   help="device (re)joins (elastic or pipelined trainer); repeatable")
     p.add_argument("--checkpoint-dir", metavar="DIR", help="Orbax checkpoints (checkpoint.dir)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in DIR")
     p.add_argument("--cpu-devices", type=int, metavar="N",
@@ -91,10 +106,15 @@ def _cpu_devices_for(cfg, explicit: int | None) -> tuple[int | None, str]:
         return explicit, ""
     if DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", ""):
         return None, ""
-    events = EventSchedule.from_specs(cfg.elastic.fail, cfg.elastic.join).events
+    events = (EventSchedule.from_specs(cfg.elastic.fail, cfg.elastic.join).events
+              + EventSchedule.from_specs(cfg.recovery.fail, cfg.recovery.join).events)
     needed = max([e.device + 1 for e in events] + [cfg.devices or 0])
-    if not needed:
+    pc = cfg.pipeline
+    grid = pc.stages * (pc.pipelines or 1) if pc.enabled else 0
+    if not needed and not grid:
         return None, ""
+    if grid > needed:
+        return max(DEFAULT_CPU_DEVICES, grid), f"pipeline.stages x pipeline.pipelines = {grid}"
     why = (f"the schedule names device {needed - 1}" if events and needed > (cfg.devices or 0)
            else f"devices={cfg.devices}")
     return max(DEFAULT_CPU_DEVICES, needed), why
@@ -111,10 +131,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
-    if args.fail:
-        overrides.append(f"elastic.fail={','.join(args.fail)}")
-    if args.join:
-        overrides.append(f"elastic.join={','.join(args.join)}")
     if args.checkpoint_dir:
         overrides.append(f"checkpoint.dir={args.checkpoint_dir}")
     if args.resume:
@@ -125,6 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides.append("progress=false")
     try:
         cfg = load_config(args.config, overrides)
+        if args.fail or args.join:
+            if not (cfg.elastic.enabled or cfg.pipeline.enabled):
+                return _fail("--fail/--join need elastic.enabled=true or pipeline.enabled=true")
+            section = "recovery" if cfg.pipeline.enabled else "elastic"  # who recovers from the events
+            events = [f"{section}.{kind}={','.join(specs)}" for kind, specs in (("fail", args.fail),
+                                                                                 ("join", args.join)) if specs]
+            cfg = load_config(args.config, overrides + events)
     except (TrainConfigError, EventSpecError) as e:
         return _fail(str(e))
     if (cfg.elastic.fail or cfg.elastic.join) and not cfg.elastic.enabled:
@@ -154,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               flush=True)
     try:
         trainer = make_trainer(cfg)
-        mode = "elastic" if cfg.elastic.enabled else "gspmd"
+        mode = "pipelined" if cfg.pipeline.enabled else "elastic" if cfg.elastic.enabled else "gspmd"
         print(f"{PROG}: {mode} trainer, {len(trainer.devices)} {jax.default_backend()} devices, "
               f"{cfg.model.num_params():,} parameters, {cfg.steps} steps of {cfg.data.global_batch} x "
               f"{cfg.data.seq_len} tokens", file=sys.stderr, flush=True)
@@ -162,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         exe = trainer.compile()
         print(f"{PROG}: step compiled in {time.perf_counter() - t0:.1f} s{_memory(exe)}", file=sys.stderr,
               flush=True)
+        for line in getattr(trainer.program, "describe", list)():
+            print(f"{PROG}: {line}", file=sys.stderr, flush=True)
         result = trainer.run()
         trainer.close()
     except (TrainConfigError, EventSpecError, UnrecoverableError) as e:

@@ -158,6 +158,115 @@ class ElasticConfig(ConfigSection):
         return v
 
 
+class PipelineConfig(ConfigSection):
+    """Pipeline parallelism (`jaxsys.train.pipeline`): the layers split into `stages` consecutive
+    stages, `pipelines` data-parallel copies of the pipeline, the global batch in micro-batches
+    scheduled GPipe or 1F1B. The step runs the same unit executables and the same fixed-order
+    reduction on every layout, so every layout (and every recovery, see `recovery`) gives the same
+    bits as the one-stage run."""
+
+    enabled: bool = False
+    stages: int = Field(2, gt=0)
+    pipelines: int | None = Field(None, gt=0)
+    """Data-parallel pipelines (default: as many as fit, devices // stages; devices past
+    pipelines x stages hold only their shard of the train state)."""
+    micro_batches: int | None = Field(None, gt=0)
+    """Micro-batches per step (default: data.micro_batches): the unit of pipelining and of the
+    fixed-order gradient sum."""
+    schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    """gpipe: every forward of a stage before its backwards (keeps all micro-batches' activations);
+    1f1b: a backward as soon as one is ready (stage s keeps at most stages - s micro-batches)."""
+    partition: tuple[int, ...] | None = None
+    """Layers per stage, first to last, e.g. [3, 1] (default: balanced, the first stages one layer
+    more). The first stage also runs the embedding, the last the final norm and the head."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "PipelineConfig":
+        if self.partition is not None:
+            if len(self.partition) != self.stages:
+                raise ValueError(f"pipeline.partition {list(self.partition)} has {len(self.partition)} stages, "
+                                 f"pipeline.stages is {self.stages}")
+            if any(n < 1 for n in self.partition):
+                raise ValueError(f"pipeline.partition {list(self.partition)}: every stage needs a layer")
+        return self
+
+
+class RecoveryConfig(ConfigSection):
+    """What the pipelined trainer does when devices fail (`jaxsys.train.recovery`): a strategy
+    that keeps the global batch, the gradient scale and every example's dropout key, so the run
+    continues bit for bit as without the failure."""
+
+    strategy: Literal["auto", "reroute", "redundant", "replan", "checkpoint"] = "auto"
+    """auto: per failure, the strategy with the least expected time to finish under the
+    performance model (measured unit times, the options below). reroute: a failed stage's
+    micro-batches to its data-parallel peers. redundant: the neighbouring stage of the same
+    pipeline also runs the failed stage. replan: a new pipelines x stages layout over the
+    survivors. checkpoint: restore the last checkpoint onto the survivors. A fixed strategy that
+    cannot cover a failure (reroute when a stage lost every copy) re-plans instead, and says so."""
+    fail: tuple[str, ...] = ()
+    """`DEV@STEP`: device DEV (index into the run's device list) is lost during step STEP; the
+    step is re-run on the survivors."""
+    join: tuple[str, ...] = ()
+    """`DEV@STEP`: device DEV (back) in service from step STEP on (the layout is re-planned)."""
+    snapshot: bool = True
+    """Keep the pre-step state and a replica of shard k on device k+1 at every step, so an
+    in-memory strategy loses no step; without it every failure restores the last checkpoint."""
+    link_gbps: float = Field(5.0, gt=0)
+    """Assumed bandwidth between devices and of checkpoint reads (GB/s), for the performance model."""
+    device_memory_gib: float | None = Field(None, gt=0)
+    """Memory per device for the model's feasibility check (default: what the device reports; a
+    CPU reports none: the host's memory divided by the device count)."""
+
+    @field_validator("fail", "join", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return _event_specs(v)
+
+
+def _event_specs(v: Any) -> tuple[str, ...]:
+    """`"3@20,5@30"`, a list of such strings, or None -> ("3@20", "5@30"), each checked for form."""
+    from jaxsys.train.elastic.events import parse_event
+
+    if v is None:
+        return ()
+    if isinstance(v, (int, float)):
+        raise ValueError(f"expected DEV@STEP (e.g. 3@20), got {v!r}")
+    out = [p.strip() for item in ([v] if isinstance(v, str) else v) for p in str(item).split(",") if p.strip()]
+    for item in out:
+        parse_event(item, "fail")
+    return tuple(out)
+
+
+def _check_pipeline(cfg: "LMTrainConfig") -> None:
+    """Cross-section checks of `pipeline` and `recovery` (device counts are checked by the program)."""
+    pc, rc = cfg.pipeline, cfg.recovery
+    if not pc.enabled:
+        if rc.fail or rc.join:
+            raise ValueError("recovery.fail/recovery.join belong to the pipelined trainer (pipeline.enabled=true); "
+                             "the elastic trainer reads elastic.fail/elastic.join")
+        return
+    if cfg.elastic.enabled:
+        raise ValueError("pipeline.enabled and elastic.enabled name two different step programs (the pipelined "
+                         "one recovers from failures itself, see recovery.*); set elastic.enabled=false")
+    if cfg.mesh.tensor != 1:
+        raise ValueError("the pipeline keeps every micro-batch's stage on one device (a tensor-parallel split of "
+                         "a contraction changes its floating-point summation order); set mesh.tensor=1")
+    if cfg.model.tie_word_embeddings:
+        raise ValueError("the pipeline does not run tied embeddings (the first and the last stage would share "
+                         "the embedding and its gradient); set model.tie_word_embeddings=false")
+    L = cfg.model.num_layers
+    if pc.partition is not None and sum(pc.partition) != L:
+        raise ValueError(f"pipeline.partition {list(pc.partition)} has {sum(pc.partition)} layers, the model {L}")
+    if pc.stages > L:
+        raise ValueError(f"pipeline.stages={pc.stages} but the model has {L} layers (a stage needs one)")
+    M = pc.micro_batches or cfg.data.micro_batches
+    if cfg.data.global_batch % M:
+        raise ValueError(f"data.global_batch ({cfg.data.global_batch}) must be a multiple of "
+                         f"pipeline.micro_batches ({M})")
+    if pc.pipelines is not None and M < pc.pipelines:
+        raise ValueError(f"{M} micro-batches cannot feed pipeline.pipelines={pc.pipelines}")
+
+
 class LMTrainConfig(ConfigSection):
     """A causal-LM training run: the model, its data, optimizer, mesh, checkpoints and elastic
     behaviour (`load_config` builds one from YAML plus `key=value` overrides)."""
@@ -168,6 +277,8 @@ class LMTrainConfig(ConfigSection):
     mesh: MeshAxesConfig = MeshAxesConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     elastic: ElasticConfig = ElasticConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    recovery: RecoveryConfig = RecoveryConfig()
     steps: int = Field(100, gt=0)
     seed: int = 0
     """Root of parameter init and dropout keys."""
@@ -211,6 +322,10 @@ class LMTrainConfig(ConfigSection):
                 "elastic mode keeps every micro-batch's compute on one device (a tensor-parallel "
                 "split of a contraction changes the floating-point summation order with the device "
                 "count); set mesh.tensor=1")
+        _check_pipeline(self)
+        if self.pipeline.enabled and (self.memory.policy != "keep" or self.memory.budget is not None):
+            raise ValueError("memory.policy/memory.budget plan the GSPMD and elastic steps; the pipelined "
+                             "step (pipeline.enabled) keeps every activation (memory.policy=keep, no budget)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -312,6 +427,7 @@ def tokens_per_step(cfg: LMTrainConfig) -> int:
     return cfg.data.global_batch * cfg.data.seq_len
 
 
-__all__ = ["CheckpointConfig", "ElasticConfig", "LMDataConfig", "LMTrainConfig", "MeshAxesConfig", "OptimConfig",
+__all__ = ["CheckpointConfig", "ElasticConfig", "LMDataConfig", "LMTrainConfig", "MeshAxesConfig",
+           "OptimConfig", "PipelineConfig", "RecoveryConfig",
            "TrainConfigError", "apply_overrides", "config_from_dict", "load_config", "lr_schedule",
            "resolve_config_path", "tokens_per_step"]

@@ -6,7 +6,7 @@ Orbax checkpoints (saving, resuming, restoring) and the step counter. A step pro
 train state on its devices and the compiled step, and answers one question per call to
 `advance(s, batch, lr)`: which step runs next, and did step s commit?
 
-Two programs implement it:
+Three programs implement it:
 
 * `jaxsys.train.gspmd.GSPMDStep`: XLA's sharded step over a (data, fsdp, tensor) mesh, donated
   state. Every dispatched step commits; its metrics are device arrays that the loop fetches one
@@ -14,6 +14,9 @@ Two programs implement it:
 * `jaxsys.train.elastic.runtime.ElasticStep`: the layout-invariant step with per-step snapshots.
   A step commits only if every device survived it; otherwise the program recovers and asks for
   the same step again (or for an earlier one, after a fall back to the last checkpoint).
+* `jaxsys.train.pipeline.program.PipelineStep`: pipeline parallelism (stages x data-parallel
+  pipelines, GPipe or 1F1B) whose bits do not depend on the layout; after a device loss it recovers
+  with the strategy the performance model picks (`jaxsys.train.recovery`) and asks for the step again.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class CommittedStep:
     step_time_s: float | None = None
     """Known when the program waited for the step; else the loop measures to the metrics fetch."""
     events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Further host values for the step's metrics line (e.g. the pipeline's bubble_fraction)."""
 
 
 class Advance(NamedTuple):

@@ -8,10 +8,12 @@
 is samples s*B .. s*B+B-1), the learning-rate table, the progress bar, JSONL metrics, Orbax
 checkpoints (periodic and final saves, `--resume`, `restore`) and the step counter. The step
 itself is a `StepProgram` (`jaxsys.train.program`): `GSPMDStep` (the sharded XLA step, the fast
-path) or, when `elastic.enabled`, `ElasticStep` (the layout-invariant step that survives device
-loss and rejoin bit for bit). The loop asks the program to advance one step at a time; a program
-may answer "run step s again" (after a recovery) or "go back to step r" (after restoring a
-checkpoint), and only committed steps are recorded, counted and checkpointed.
+path), when `elastic.enabled`, `ElasticStep` (the layout-invariant step that survives device
+loss and rejoin bit for bit), or, when `pipeline.enabled`, `PipelineStep` (pipeline parallelism
+with recovery strategies chosen by a performance model, also bit for bit). The loop asks the
+program to advance one step at a time; a program may answer "run step s again" (after a
+recovery) or "go back to step r" (after restoring a checkpoint), and only committed steps are recorded,
+counted and checkpointed.
 
 The loop never blocks on the device to read a metric: a committed step's metrics are fetched
 after the next step is dispatched (a program that had to wait for its step anyway hands them over
@@ -48,12 +50,14 @@ class StepRecord:
     step_time_s: float
     param_checksum: str | None = None
     events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         d = {"step": self.step, "loss": self.loss, "grad_norm": self.grad_norm, "lr": self.lr,
              "devices": self.num_devices, "step_time_s": round(self.step_time_s, 6)}
         if self.param_checksum is not None:
             d["param_checksum"] = self.param_checksum
+        d.update(self.extra)
         if self.events:
             d["events"] = self.events
         return d
@@ -128,7 +132,7 @@ class _RunOutputs:
         rec = StepRecord(step=done.step, loss=float(m["loss"]), grad_norm=float(m["grad_norm"]), lr=done.lr,
                          num_devices=done.num_devices, step_time_s=step_time,
                          param_checksum=None if ck is None else f"{int(ck[0]):08x}{int(ck[1]):08x}",
-                         events=done.events)
+                         events=done.events, extra=done.extra)
         self.writer.write(rec.to_json())
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{rec.loss:.4f}", dev=rec.num_devices, refresh=False)
@@ -136,7 +140,11 @@ class _RunOutputs:
 
 
 def make_program(cfg: LMTrainConfig, *, devices: Sequence[jax.Device] | None = None) -> StepProgram:
-    """`ElasticStep` when `elastic.enabled`, else `GSPMDStep`."""
+    """`PipelineStep` when `pipeline.enabled`, `ElasticStep` when `elastic.enabled`, else `GSPMDStep`."""
+    if cfg.pipeline.enabled:
+        from jaxsys.train.pipeline.program import PipelineStep
+
+        return PipelineStep(cfg, devices=devices)
     if cfg.elastic.enabled:
         from jaxsys.train.elastic.runtime import ElasticStep
 

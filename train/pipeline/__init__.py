@@ -10,6 +10,7 @@ fully sharded (fsdp) flat train state, bitwise equal to the one-device run.
                as the same code on every device: why the bits do not depend on the partition.
 * `step`       the gather and update programs and the host-driven schedule.
 * `runtime`    `PipelineRun`: a layout, the train state on it, one call per step.
+* `program`    `PipelineStep`: the trainer's step program (`pipeline.enabled`), with recovery.
 
 Tensor parallelism is not composed with the pipeline: splitting a contraction over devices
 changes its floating-point summation order (the canonical step forbids it for the same reason),
@@ -32,6 +33,7 @@ _LAZY = {
     "PipelineSetup": "jaxsys.train.pipeline.runtime",
     "PipelineLayout": "jaxsys.train.pipeline.runtime",
     "PipelineRun": "jaxsys.train.pipeline.runtime",
+    "PipelineStep": "jaxsys.train.pipeline.program",
 }
 
 __getattr__, __dir__, __all__ = lazy_exports("jaxsys.train.pipeline", _LAZY)

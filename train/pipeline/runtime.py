@@ -46,6 +46,9 @@ class PipelineSetup:
     dropout: float = 0.0
     seed: int = 0
     chunk: int = 1024
+    keep_input: bool = False
+    """The update keeps the state it starts from instead of donating it (a per-step snapshot holds
+    that state as its primary copy)."""
 
     @property
     def global_batch(self) -> int:
@@ -62,14 +65,18 @@ class PipelineLayout:
 
     @classmethod
     def grid(cls, *, dp: int, pp: int, num_micro: int, partition: StagePartition | None = None,
-             num_layers: int | None = None, schedule: str = "1f1b") -> "PipelineLayout":
+             num_layers: int | None = None, schedule: str = "1f1b",
+             num_devices: int | None = None) -> "PipelineLayout":
+        """dp pipelines of pp stages (`WorkPlan.grid`) on the first dp*pp of `num_devices` devices
+        (default dp*pp; the others hold only their shard of the state)."""
         if partition is None:
             if num_layers is None:
                 raise ValueError("give a partition or num_layers")
             partition = StagePartition.balanced(num_layers, pp)
         if partition.num_stages != pp:
             raise ValueError(f"partition {partition} has {partition.num_stages} stages, pp={pp}")
-        return cls(partition, WorkPlan.grid(dp, pp, num_micro), schedule)
+        plan = WorkPlan.grid(dp, pp, num_micro)
+        return cls(partition, plan if num_devices is None else plan.widened(num_devices), schedule)
 
     def tables(self) -> ScheduleTables:
         return compile_schedule(self.plan, self.schedule)
@@ -106,7 +113,8 @@ class PipelineRun:
         self.spec = ReduceSpec(model=self.setup.model, partition=layout.partition,
                                optim=compiled_optim(self.setup.optim), num_devices=len(devices),
                                num_micro=self.setup.num_micro, grad_slots=self.tables.num_grad_slots,
-                               held_layers=self.held.shape[1], chunk=self.setup.chunk)
+                               held_layers=self.held.shape[1], chunk=self.setup.chunk,
+                               donate=not self.setup.keep_input)
         self.mesh = canonical.layout_mesh(self.devices)
 
     @property

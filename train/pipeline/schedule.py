@@ -85,6 +85,13 @@ class WorkPlan:
     def used_devices(self) -> tuple[int, ...]:
         return tuple(sorted({d for row in self.device_of for d in row}))
 
+    def widened(self, num_devices: int) -> "WorkPlan":
+        """The same work on a list of `num_devices` devices: the extra devices compute nothing and
+        only hold their shard of the train state."""
+        if num_devices < self.num_devices:
+            raise ScheduleError(f"cannot narrow a plan for {self.num_devices} devices to {num_devices}")
+        return WorkPlan(num_devices, self.device_of)
+
     def renumbered(self, keep: Sequence[int]) -> "WorkPlan":
         """The same plan on the device list `keep` (old indices, in their new order); every device
         with work must be kept."""

@@ -68,6 +68,8 @@ class ReduceSpec:
     grad_slots: int
     held_layers: int
     chunk: int
+    donate: bool = True
+    """The update consumes its input state; False keeps it (the per-step snapshot's primary copy)."""
 
 
 def held_layer_table(tables: ScheduleTables, partition: StagePartition) -> np.ndarray:
@@ -171,7 +173,7 @@ def make_update(spec: ReduceSpec, mesh):
     s_dev = canonical.layout_sharding(mesh, canonical.TABLE_AXES)
     s_rep = canonical.layout_sharding(mesh, canonical.REPLICATED)
     return jax.jit(fn, in_shardings=(s_st, s_dev, s_dev, s_dev, s_rep, s_rep, s_rep, s_rep),
-                   out_shardings=(s_st, s_rep, s_rep), donate_argnums=(0,))
+                   out_shardings=(s_st, s_rep, s_rep), donate_argnums=(0,) if spec.donate else ())
 
 
 def abstract_gather_args(spec: ReduceSpec, mesh):

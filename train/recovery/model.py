@@ -475,8 +475,7 @@ def options(layout: Layout, failed_cells: Sequence[tuple[int, int]], survivors: 
     """Every strategy's option after the cells `failed_cells` of `layout` were lost (`survivors`
     devices remain). Reroute and redundancy keep the layout; re-planning and checkpoint restart
     move to the best layout over the survivors (with tp kept: a tensor split changes the bits)."""
-    total_params = num_layers * costs.layer_params + costs.edge_params
-    state_per_dev = total_params * costs.state_bytes_per_param / max(survivors, 1)
+    state_per_dev = _state_per_device(survivors, costs, num_layers)
     reshard = hw.transfer(state_per_dev / max(survivors, 1), same_node=False)  # the lost shard, spread out
     out = []
     for strat in ("reroute", "redundant"):
@@ -484,20 +483,32 @@ def options(layout: Layout, failed_cells: Sequence[tuple[int, int]], survivors: 
         est = estimate(layout, costs, hw, num_micro, deg)
         out.append(Option(strat, layout, deg, rp.detect_s + reshard + rp.retarget_s, est.step_s,
                           feasible=est.feasible, why=est.why))
+    return out + relayout_options(layout, survivors, costs, hw, rp, num_layers=num_layers, num_micro=num_micro,
+                                  since_checkpoint_s=since_checkpoint_s)
+
+
+def _state_per_device(survivors: int, costs: Costs, num_layers: int) -> float:
+    total_params = num_layers * costs.layer_params + costs.edge_params
+    return total_params * costs.state_bytes_per_param / max(survivors, 1)
+
+
+def relayout_options(layout: Layout, survivors: int, costs: Costs, hw: Hardware, rp: RecoveryParams, *,
+                     num_layers: int, num_micro: int, since_checkpoint_s: float) -> list[Option]:
+    """The options that move to a new layout over the `survivors` (re-planning and checkpoint
+    restart), with `layout`'s tp kept; they do not depend on how the old layout was covered, so
+    they also apply after a failure of a layout that an earlier recovery degraded."""
     found = search_layouts(survivors, costs, hw, num_layers, num_micro, fixed_tp=layout.tp)
     if found is None:
-        out.append(Option("replan", layout, None, math.inf, math.inf, feasible=False,
-                          why=f"no layout of {survivors} devices fits in memory"))
-        out.append(Option("checkpoint", layout, None, math.inf, math.inf, feasible=False,
-                          why=f"no layout of {survivors} devices fits in memory"))
-        return out
+        why = f"no layout of {survivors} devices fits in memory ({hw.memory / 2**30:.3g} GiB per device)"
+        return [Option("replan", layout, None, math.inf, math.inf, feasible=False, why=why),
+                Option("checkpoint", layout, None, math.inf, math.inf, feasible=False, why=why)]
     new, est = found
+    state_per_dev = _state_per_device(survivors, costs, num_layers)
     move = hw.transfer(state_per_dev, same_node=False)  # a new layout moves (up to) every device's state
-    out.append(Option("replan", new, None, rp.detect_s + move + rp.compile_s, est.step_s))
     load = state_per_dev / rp.checkpoint_read_bw
-    out.append(Option("checkpoint", new, None, rp.detect_s + rp.restart_s + load + rp.compile_s, est.step_s,
-                      lost_s=since_checkpoint_s))
-    return out
+    return [Option("replan", new, None, rp.detect_s + move + rp.compile_s, est.step_s),
+            Option("checkpoint", new, None, rp.detect_s + rp.restart_s + load + rp.compile_s, est.step_s,
+                   lost_s=since_checkpoint_s)]
 
 
 def choose(opts: Sequence[Option], remaining_steps: float) -> Option:

@@ -24,20 +24,24 @@ plan's programs; `RecoveryReport` says where the time went.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxsys.train.elastic.compile import ExecutableCache
-from jaxsys.train.elastic.planner import check_plan, plan_transfers
+from jaxsys.train.elastic.planner import UnrecoverableError, check_plan, plan_transfers
 from jaxsys.train.elastic.snapshot import Snapshot, take_snapshot
 from jaxsys.train.elastic.transfer import execute_plan
 from jaxsys.train.pipeline.runtime import PipelineLayout, PipelineRun
 from jaxsys.train.pipeline.schedule import ScheduleError, WorkPlan
+
+if TYPE_CHECKING:
+    from jaxsys.train.checkpoint import CheckpointManager
 
 STRATEGIES: tuple[str, ...] = ("reroute", "redundant", "replan", "checkpoint")
 
@@ -112,6 +116,13 @@ class RecoveryReport:
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "total_s": self.total_s}
 
+    def summary(self) -> str:
+        lost = f"; lost steps {self.lost_steps}" if self.strategy == "checkpoint" else ""
+        return (f"step {self.step}: lost device{'s' if len(self.failed) != 1 else ''} "
+                f"{','.join(map(str, self.failed))} -> {self.strategy}: {self.layout}; recovered in "
+                f"{self.total_s:.3f} s (plan {self.plan_s:.4f}, transfer {self.transfer_s:.3f}, compile "
+                f"{self.compile_s:.3f}, restore {self.restore_s:.3f}){lost}")
+
 
 def snapshot(run: PipelineRun, step: int, cache: ExecutableCache | None = None) -> Snapshot:
     """The state at the start of `step` plus a replica of every shard on the next device."""
@@ -170,8 +181,15 @@ def recover_in_memory(run: PipelineRun, snap: Snapshot, failed: Sequence[int], s
 
 
 def describe(layout: PipelineLayout) -> str:
-    used = len(layout.plan.used_devices())
-    return f"{used} devices, stages {layout.partition}, {layout.schedule}"
+    """One line: the grid (or that a recovery moved work off it), devices, layers per stage, schedule."""
+    plan = layout.plan
+    used = len(plan.used_devices())
+    shape = grid_shape(layout)
+    what = (f"{shape[0]} pipeline{'s' if shape[0] != 1 else ''} x {shape[1]} stages" if shape
+            else f"{plan.num_stages} stages, work moved off the failed devices")
+    idle = plan.num_devices - used
+    return (f"{what} on {used} devices{f' (+{idle} idle)' if idle else ''}, layers per stage "
+            f"{layout.partition}, {layout.schedule}")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -191,10 +209,24 @@ def save_checkpoint(run: PipelineRun, directory: str | Path, step: int) -> None:
         mgr.save(step, state_tree(run), {"device_ids": [d.id for d in run.devices]})
 
 
-def recover_from_checkpoint(run: PipelineRun, failed: Sequence[int], directory: str | Path, *,
+def snapshot_host(snap: Snapshot, lost_ids: Sequence[int], num_params: int) -> np.ndarray:
+    """[3, P] host copy of a snapshot's state without the devices `lost_ids` (each shard from its
+    primary, else from its replica); UnrecoverableError when both copies of a shard are lost."""
+    primary, replica = snap.shard_buffers(lost_ids)
+    parts = []
+    for k in range(snap.n):
+        buf = primary.get(k, replica.get(k))
+        if buf is None:
+            raise UnrecoverableError(f"both copies of shard {k} were on lost devices")
+        parts.append(np.asarray(jax.device_get(buf)))
+    return np.concatenate(parts, axis=1)[:, :num_params]
+
+
+def recover_from_checkpoint(run: PipelineRun, failed: Sequence[int], source: "str | Path | CheckpointManager", *,
                             layout: PipelineLayout, step: int) -> RecoveryReport:
-    """Restore the latest checkpoint of `directory` onto `layout` over the survivors. Returns the
-    report; `report.lost_steps` steps (from the checkpoint's step to `step`) must be re-run."""
+    """Restore the latest checkpoint of `source` (a directory, or the run's open
+    `CheckpointManager`) onto `layout` over the survivors. Returns the report;
+    `report.lost_steps` steps (from the checkpoint's step to `step`) must be re-run."""
     from jaxsys.train.checkpoint import CheckpointManager
 
     t0 = time.perf_counter()
@@ -206,8 +238,12 @@ def recover_from_checkpoint(run: PipelineRun, failed: Sequence[int], directory: 
         jax.ShapeDtypeStruct(s, jnp.float32, sharding=host_dev) for s in spec.shapes])
     abstract = {"params": tree_of(), "mu": tree_of(), "nu": tree_of(),
                 "count": jax.ShapeDtypeStruct((), jnp.int32, sharding=host_dev)}
-    with CheckpointManager(directory, read_only=True) as mgr:
-        tree, meta = mgr.restore(abstract)
+    if isinstance(source, CheckpointManager):
+        source.wait()
+        tree, meta = source.restore(abstract)
+    else:
+        with CheckpointManager(source, read_only=True) as mgr:
+            tree, meta = mgr.restore(abstract)
     host = np.stack([spec.flatten_np(jax.device_get(tree[k])) for k in ("params", "mu", "nu")])
     restore_s = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -221,38 +257,71 @@ def recover_from_checkpoint(run: PipelineRun, failed: Sequence[int], directory: 
 
 
 # ----------------------------------------------------------------------------- the choice
+def grid_shape(layout: PipelineLayout) -> tuple[int, int] | None:
+    """(dp, pp) when the layout's work is a failure-free grid on its first dp*pp devices (any
+    further devices idle), else None (a layout that a recovery degraded)."""
+    plan, pp = layout.plan, layout.partition.num_stages
+    used = len(plan.used_devices())
+    if used % pp or plan.num_micro < used // pp:
+        return None
+    dp = used // pp
+    return (dp, pp) if WorkPlan.grid(dp, pp, plan.num_micro).device_of == plan.device_of else None
+
+
 def model_layout(layout: PipelineLayout):
     """The performance model's view of a failure-free grid layout (tp = 1)."""
     from jaxsys.train.recovery.model import Layout
 
-    plan, pp = layout.plan, layout.partition.num_stages
-    grid = WorkPlan.grid(plan.num_devices // pp, pp, plan.num_micro) if plan.num_devices % pp == 0 else None
-    if grid is None or grid.device_of != plan.device_of:
+    shape = grid_shape(layout)
+    if shape is None:
         raise RecoveryError("the model's choice needs a failure-free dp x pp grid layout (after a first "
                             "recovery the layout is degraded; re-plan to a grid first)")
-    return Layout(plan.num_devices // pp, pp, 1, layout.partition.layers, layout.schedule)
+    return Layout(shape[0], shape[1], 1, layout.partition.layers, layout.schedule)
 
 
 def choose(run: PipelineRun, failed: Sequence[int], costs, hw, rp, *, remaining_steps: float,
            since_checkpoint_s: float):
     """The strategy with the least expected time to finish for losing `failed` (indices into
-    run.devices) of a grid layout, with the layout re-planning and checkpoint restart would move
-    to. Returns (`model.Option`, `PipelineLayout` over the survivors for replan/checkpoint else None)."""
+    run.devices), with the layout that re-planning and checkpoint restart would move to.
+
+    On a grid every strategy is a candidate. On a layout that an earlier recovery degraded
+    (rerouted or redundant work, which the model does not describe) only the strategies that move
+    to a new layout are. Returns (`model.Option`, `PipelineLayout` over the survivors for
+    replan/checkpoint, else None); raises RecoveryError, with every strategy's reason, when no
+    strategy can finish (e.g. no layout of the survivors fits in memory)."""
     from jaxsys.train.recovery import model as pm
 
-    lay = model_layout(run.layout)
-    cells = [(i // lay.pp, i % lay.pp) for i in failed if i < lay.dp * lay.pp]
     survivors = len(run.devices) - len(set(failed))
-    opts = pm.options(lay, cells, survivors, costs, hw, rp, num_layers=run.setup.model.num_layers,
-                      num_micro=run.setup.num_micro, since_checkpoint_s=since_checkpoint_s)
+    num_layers, num_micro = run.setup.model.num_layers, run.setup.num_micro
+    if grid_shape(run.layout) is not None:
+        lay = model_layout(run.layout)
+        cells = [(i // lay.pp, i % lay.pp) for i in failed if i < lay.dp * lay.pp]
+        opts = pm.options(lay, cells, survivors, costs, hw, rp, num_layers=num_layers, num_micro=num_micro,
+                          since_checkpoint_s=since_checkpoint_s)
+    else:
+        part = run.layout.partition
+        lay = pm.Layout(1, part.num_stages, 1, part.layers, run.layout.schedule)
+        opts = pm.relayout_options(lay, survivors, costs, hw, rp, num_layers=num_layers, num_micro=num_micro,
+                                   since_checkpoint_s=since_checkpoint_s)
     best = pm.choose(opts, remaining_steps)
-    if not best.feasible:
-        raise RecoveryError(f"no strategy can continue: {'; '.join(f'{o.strategy}: {o.why}' for o in opts)}")
+    if math.isinf(best.time_to_finish(remaining_steps)):
+        reasons = "; ".join(f"{o.strategy}: {o.why or _unbounded(o)}" for o in opts)
+        raise RecoveryError(f"no strategy can continue on {survivors} devices: {reasons}")
     new = None
     if best.strategy in ("replan", "checkpoint"):
-        from jaxsys.train.pipeline.partition import StagePartition
-
-        L = best.layout
-        new = PipelineLayout.grid(dp=L.dp, pp=L.pp, num_micro=run.setup.num_micro,
-                                  partition=StagePartition(L.partition), schedule=L.schedule)
+        new = pipeline_layout(best.layout, num_micro=num_micro, num_devices=survivors)
     return best, new
+
+
+def _unbounded(opt) -> str:
+    return "no checkpoint to restart from" if opt.strategy == "checkpoint" else "unbounded expected time"
+
+
+def pipeline_layout(layout, *, num_micro: int, num_devices: int) -> PipelineLayout:
+    """The model's `Layout` (tp 1) as a `PipelineLayout` on `num_devices` devices (the first dp*pp
+    compute, the others hold only their shard of the state)."""
+    from jaxsys.train.pipeline.partition import StagePartition
+
+    return PipelineLayout.grid(dp=layout.dp, pp=layout.pp, num_micro=num_micro,
+                               partition=StagePartition(layout.partition), schedule=layout.schedule,
+                               num_devices=num_devices)
