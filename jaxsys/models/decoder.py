@@ -212,7 +212,8 @@ def forward(params: Params, tokens_BxT: jax.Array, *, cfg: ModelConfig,
             cache: KVCache | None = None, meta: AttentionMetadata | None = None,
             attention: AttentionFn = paged_attention, moe: MoEFn | None = None,
             dropout_rate: float = 0.0, dropout_keys_B: jax.Array | None = None,
-            logits_index_B: jax.Array | None = None, return_hidden: bool = False):
+            logits_index_B: jax.Array | None = None, return_hidden: bool = False,
+            hidden_layer: int | None = None):
     """Logits [B, T, V] (float32) and the updated cache.
 
     tokens_BxT: int32 token ids. positions_BxT: position of each token in its sequence (default
@@ -223,6 +224,10 @@ def forward(params: Params, tokens_BxT: jax.Array, *, cfg: ModelConfig,
     dropout_keys_B: per-example PRNG keys [B] (typed keys) to enable residual dropout (training).
     logits_index_B: compute logits only at this position of each row ([B, 1, V]; prefill needs
     just the last prompt token, which saves the vocabulary projection of the others).
+    return_hidden: also return a hidden state [B, T, D] (at `logits_index_B` when given): the
+    final-norm one the LM head reads, or with `hidden_layer = l` (static, 1..L) the residual stream
+    after the first l layers. The layer scan then carries that residual; without `hidden_layer` the
+    program is exactly the one it would be otherwise.
     """
     B, T = tokens_BxT.shape
     if positions_BxT is None:
@@ -268,7 +273,19 @@ def forward(params: Params, tokens_BxT: jax.Array, *, cfg: ModelConfig,
         return x, ((k, v) if cache is not None else None)
 
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    x, new_kv = jax.lax.scan(layer_fn, x, (params["layers"], layer_ids))
+    if hidden_layer is None:
+        x, new_kv = jax.lax.scan(layer_fn, x, (params["layers"], layer_ids))
+    else:
+        if not return_hidden or not 1 <= hidden_layer <= cfg.num_layers:
+            raise ValueError(f"hidden_layer needs return_hidden and must be in [1, {cfg.num_layers}], "
+                             f"got {hidden_layer}")
+
+        def keep_layer_fn(carry, xs):
+            x, kept = carry
+            x, kv = layer_fn(x, xs)
+            return (x, jnp.where(xs[1] == hidden_layer - 1, x, kept)), kv
+
+        (x, kept), new_kv = jax.lax.scan(keep_layer_fn, (x, jnp.zeros_like(x)), (params["layers"], layer_ids))
     new_cache = None
     if cache is not None:
         slots = slot_indices(meta.page_table, positions_BxT, cache.page_size)
@@ -277,6 +294,10 @@ def forward(params: Params, tokens_BxT: jax.Array, *, cfg: ModelConfig,
     if logits_index_B is not None:
         x = jnp.take_along_axis(x, logits_index_B[:, None, None], axis=1)
     logits = lm_head(params, x, cfg)
+    if hidden_layer is not None:
+        if logits_index_B is not None:
+            kept = jnp.take_along_axis(kept, logits_index_B[:, None, None], axis=1)
+        return logits, new_cache, kept
     if return_hidden:
         return logits, new_cache, x
     return logits, new_cache

@@ -10,6 +10,12 @@ a steady state that compiles again is a bug (the tests assert zero).
 Decode attention: the shared-prefix step (`shared_decode`, with `EngineConfig.shared_attention`)
 or plain split-KV paged decode (`plain_decode`); both run the kernel package's paged path.
 
+Hidden states out (ARES/STAR, issue 18 A): `decode_with_hidden(layer, ...)` is the decode step
+that also returns every row's residual stream after `layer` layers, for a remaining-length
+predictor. It is a separate compiled program per (layer, bucket), chosen by the caller per call
+(e.g. every k steps), so plain `decode` is the very same program with the option or without it,
+and both are compiled once per bucket.
+
 Tensor parallelism: give a mesh; parameters and the cache are sharded by the logical rules table
 (heads on `tensor`) and XLA partitions the steps. Same tokens as one device (tested).
 """
@@ -26,7 +32,8 @@ import numpy as np
 from jaxsys.generation import make_step_fns
 from jaxsys.models import decoder
 from jaxsys.models.config import ModelConfig
-from jaxsys.models.kv_cache import CACHE_LOGICAL_AXES, KVCache, init_cache
+from jaxsys.models.kv_cache import CACHE_LOGICAL_AXES, AttentionMetadata, KVCache, init_cache
+from jaxsys.sampling import sample
 from jaxsys.serve.engine.plain_decode import make_plain_decode
 from jaxsys.sharding import activate, logical_sharding, tree_shardings
 
@@ -64,9 +71,11 @@ class Engine:
             pshard = tree_shardings(decoder.param_logical_axes(cfg), params, mesh)
             self.params = jax.tree.map(jax.device_put, params, pshard)
         self.cache = cache
-        prefill, decode = make_step_fns(cfg, decode_attention or make_plain_decode(cfg, config))
+        self._decode_attention = decode_attention or make_plain_decode(cfg, config)
+        prefill, decode = make_step_fns(cfg, self._decode_attention)
         self._prefill_jit = jax.jit(prefill, donate_argnums=1)
         self._decode_jit = jax.jit(decode, donate_argnums=1)
+        self._hidden_decode_jits: dict[int, Callable] = {}
         self._executables: dict[tuple, Any] = {}
         self.compile_count = 0
         self.compile_seconds = 0.0
@@ -100,6 +109,35 @@ class Engine:
         nxt, self.cache = exe(*args)
         return np.asarray(nxt)
 
+    def decode_with_hidden(self, layer: int, tokens_B: np.ndarray, positions_B: np.ndarray,
+                           page_table_BxP: np.ndarray, kv_lens_B: np.ndarray, sampling: tuple[np.ndarray, ...],
+                           shared: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """`decode`, also returning the residual stream after the first `layer` layers of every row
+        (next tokens [B], hidden [B, D] float32; padded rows are garbage)."""
+        if not 1 <= layer <= self.cfg.num_layers:
+            raise ValueError(f"layer must be in [1, {self.cfg.num_layers}] for this model, got {layer}")
+        jitted = self._hidden_decode_jits.get(layer)
+        if jitted is None:
+            jitted = jax.jit(_hidden_decode_step(self.cfg, self._decode_attention, layer), donate_argnums=1)
+            self._hidden_decode_jits[layer] = jitted
+        args = (self.params, self.cache, tokens_B, positions_B, page_table_BxP, kv_lens_B, *sampling, shared)
+        exe = self._executable(f"decode_hidden{layer}", jitted, args)
+        nxt, self.cache, hidden_BxD = exe(*args)
+        return np.asarray(nxt), np.asarray(hidden_BxD, np.float32)
+
     @property
     def num_executables(self) -> int:
         return len(self._executables)
+
+
+def _hidden_decode_step(cfg: ModelConfig, attention: decoder.AttentionFn, layer: int) -> Callable:
+    """The decode step of `make_step_fns` that also returns the residual after `layer` layers."""
+
+    def decode(params, cache, tokens_B, positions_B, page_table, kv_lens, temp, top_k, top_p, seed, shared=None):
+        meta = AttentionMetadata(page_table, kv_lens, shared)
+        logits, cache, h_Bx1xD = decoder.forward(params, tokens_B[:, None], cfg=cfg,
+                                                 positions_BxT=positions_B[:, None], cache=cache, meta=meta,
+                                                 attention=attention, return_hidden=True, hidden_layer=layer)
+        return sample(logits[:, 0], temp, top_k, top_p, seed, kv_lens), cache, h_Bx1xD[:, 0]
+
+    return decode

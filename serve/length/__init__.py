@@ -12,7 +12,8 @@ no extra tokens), so a rescheduler (`jaxsys.serve.cluster`) can balance on futur
 
 Modules: `data` (generation with hidden-state capture, the cached dataset, splits by prompt),
 `predictor` (our hidden-state head, the prompt-only head, per-source mean/median baselines; optax
-training; MAE overall and by decode progress), `cli` (`python -m jaxsys.serve.length.cli`).
+training; MAE overall and by decode progress), `serving` (the head inside the serving loop, on
+the engine's own decode hidden states every k steps), `cli` (`python -m jaxsys.serve.length.cli`).
 """
 
 from jaxsys._lazy import lazy_exports
@@ -27,5 +28,7 @@ _LAZY = {
     "load_prompts": "jaxsys.serve.length.data",
     "latest_run": "jaxsys.serve.length.data",
     "split_of": "jaxsys.serve.length.data",
+    "LengthPredictor": "jaxsys.serve.length.predictor",
+    "LengthTracker": "jaxsys.serve.length.serving",
 }
 __getattr__, __dir__, __all__ = lazy_exports("jaxsys.serve.length", _LAZY)

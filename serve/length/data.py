@@ -6,10 +6,11 @@ hidden state of one chosen layer, the final-norm hidden state, and the number of
 generated so far (`g`). When the request finishes after `n` tokens the true remaining length of
 each logged step is `n - g`.
 
-How the hidden states are produced. Until the engine's decode step can return a layer's hidden
-state itself (issue 18 part A), this module runs its own batched, jitted decode loop over
+How the hidden states are produced. This module runs its own batched, jitted decode loop over
 `jaxsys.models.decoder.forward(..., return_hidden=True)` with a paged KV cache: the same model
-and the same math as the engine's decode step, and `jaxsys.sampling.sample` for the tokens.
+and the same math as the engine's decode step, and `jaxsys.sampling.sample` for the tokens. (When
+serving, the engine's own `decode_with_hidden` step gives the head the same layer-l vector:
+`jaxsys.serve.length.serving`; both are tested against the same cache-free reference.)
 
 - final-norm hidden: `forward`'s `return_hidden` output of the decode step itself, the vector the
   LM head reads ([D], with the final RMSNorm gain).
