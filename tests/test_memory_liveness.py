@@ -91,7 +91,13 @@ def _xla_total(ma) -> int:
     "keep-all", "nothing", "some-names",
     pytest.param("names", marks=pytest.mark.slow), pytest.param("dots", marks=pytest.mark.slow)])
 def test_liveness_peak_agrees_with_xla_memory_analysis(policy):
-    """Plans without offload: our peak within 15% of XLA's (arguments + outputs + temp) on CPU."""
+    """Plans without offload: our peak within 15% of XLA's (arguments + outputs + temp) on CPU.
+
+    A sanity bound, not an exact match: our model has one buffer per jaxpr value that is not fused
+    away (a fixed rule for which elementwise chains fuse), while XLA's buffer assignment fuses by
+    its own heuristics, shares buffers between values whose live ranges do not overlap and adds
+    scratch for layout changes. The plans use the model to rank plans and check budgets; the error
+    per plan is reported in the benchmark record (`liveness_vs_xla_memory_analysis`)."""
     ours, _, _, ma = _program(policy)
     xla = _xla_total(ma)
     assert abs(ours / xla - 1) < 0.15, (ours, xla)

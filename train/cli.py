@@ -40,6 +40,19 @@ pipeline parallelism (pipeline.enabled, on in configs/train/tiny_pipeline.yaml):
                     of the survivors fits (recovery.device_memory_gib), the state is saved to
                     checkpoint.dir and the run stops with how to resume.
 
+activation memory (memory.*; the GSPMD and elastic trainers):
+  --memory-policy keep|remat|offload|auto   what the backward pass keeps of each layer's named
+                    activations: keep all (default, the step as written), recompute all, offload
+                    all to host memory, or auto: per activation, the fastest choice whose modelled
+                    peak fits the budget (memory.policy).
+  --memory-budget B device memory per device for the step: bytes (4e9, 512MiB, 4GB) or a fraction
+                    of the device's memory (0.5, 50%) (memory.budget). auto plans within it; the
+                    fixed policies are checked against it. The plan is printed (one table per layer
+                    kind) and written into the metrics file; a budget that no plan meets stops the
+                    run before training, naming the smallest feasible budget. The elastic trainer
+                    re-plans when the device count changes. Peaks are modelled (liveness of the
+                    traced step), not measured.
+
 devices:
   On a CPU-only machine JAX has one device. --cpu-devices N gives it N virtual devices; a run whose
   --fail/--join schedule (or devices=N) names devices gets 8 (or as many as it names) unless
@@ -54,6 +67,9 @@ examples:
   # the GSPMD trainer on a data x fsdp x tensor mesh, bf16 compute, checkpoints every 10 steps
   jaxsys train lm --config tiny --cpu-devices 8 elastic.enabled=false mesh.data=2 mesh.fsdp=2 \\
       mesh.tensor=2 model.dtype=bfloat16 checkpoint.dir=/tmp/ckpt checkpoint.every=10
+  # the GSPMD trainer within a per-device memory budget, planned per layer activation
+  jaxsys train lm --config tiny --cpu-devices 8 elastic.enabled=false --memory-policy auto \\
+      --memory-budget 8MiB
 """
 
 
@@ -72,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="device (re)joins (elastic or pipelined trainer); repeatable")
     p.add_argument("--checkpoint-dir", metavar="DIR", help="Orbax checkpoints (checkpoint.dir)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in DIR")
+    p.add_argument("--memory-policy", choices=("keep", "remat", "offload", "auto"),
+                   help="activation memory policy (memory.policy; see 'activation memory' below)")
+    p.add_argument("--memory-budget", metavar="BYTES|FRACTION",
+                   help="device memory per device: 4e9, 512MiB, 0.5 or 50%% (memory.budget)")
     p.add_argument("--cpu-devices", type=int, metavar="N",
                    help="give a CPU-only machine N virtual devices (before JAX starts; see 'devices' below)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -139,6 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides.append(f"metrics_out={args.metrics_out}")
     if args.no_progress:
         overrides.append("progress=false")
+    if args.memory_policy:
+        overrides.append(f"memory.policy={args.memory_policy}")
+    if args.memory_budget:
+        overrides.append(f"memory.budget={args.memory_budget}")
     try:
         cfg = load_config(args.config, overrides)
         if args.fail or args.join:
@@ -170,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import jax
 
     from jaxsys.train.elastic.planner import UnrecoverableError
+    from jaxsys.train.memory import InfeasibleBudgetError
     from jaxsys.train.trainer import make_trainer
 
     if why and jax.default_backend() == "cpu":
@@ -189,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{PROG}: {line}", file=sys.stderr, flush=True)
         result = trainer.run()
         trainer.close()
-    except (TrainConfigError, EventSpecError, UnrecoverableError) as e:
+    except (TrainConfigError, EventSpecError, UnrecoverableError, InfeasibleBudgetError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import re
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -158,6 +159,64 @@ class ElasticConfig(ConfigSection):
         return v
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_BUDGET = re.compile(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)")
+
+
+def parse_memory_budget(value: Any) -> int | float | None:
+    """A memory budget as given in a config: bytes (`4000000000`, `4e9`, `512MiB`, `4GB`) -> int, or a
+    fraction of the device's memory (`0.5`, `50%`) -> float in (0, 1]. A plain number up to 1 is a
+    fraction, above 1 a byte count."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"a memory budget is bytes or a fraction, got {value!r}")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    else:
+        text = str(value).strip().lower().replace("_", "")
+        if text.endswith("%"):
+            try:
+                pct = float(text[:-1])
+            except ValueError:
+                raise ValueError(f"memory budget {value!r}: a percentage is a number followed by %") from None
+            if not 0 < pct <= 100:
+                raise ValueError(f"memory budget {value!r}: a percentage of device memory is in (0, 100]")
+            return pct / 100
+        m = _BUDGET.fullmatch(text)
+        if m is None or m.group(2) not in _BYTE_UNITS:
+            raise ValueError(f"memory budget {value!r}: expected bytes (4e9, 512MiB, 4GB) or a fraction of "
+                             "device memory (0.5, 50%)")
+        number, unit = float(m.group(1)), m.group(2)
+    if not number > 0 or number == float("inf"):
+        raise ValueError(f"memory budget must be positive, got {value!r}")
+    if unit:
+        return int(number * _BYTE_UNITS[unit])
+    return number if number <= 1 else int(number)
+
+
+class MemoryConfig(ConfigSection):
+    """Activation memory planning (`jaxsys.train.memory`): what the backward pass keeps on device,
+    recomputes, or offloads to host memory, per named residual of the decoder's layers."""
+
+    policy: Literal["auto", "keep", "remat", "offload"] = "keep"
+    """keep: every residual kept (no checkpoint: the step as written). remat: every named residual
+    recomputed in the backward pass, one layer at a time. offload: every named residual moved to
+    host memory and back. auto: per residual, the fastest choice (predicted from a profile of the
+    step) whose modelled peak fits `budget`."""
+    budget: int | float | None = None
+    """Device memory per device that the step may use: bytes (`4e9`, `512MiB`, `4GB`) or a fraction
+    of the device's memory (`0.5`, `50%`). auto plans within it (default: all of the device's
+    memory, which a CPU does not report); the fixed policies check their modelled peak against it.
+    A budget that no plan meets is an error naming the smallest feasible one."""
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget(cls, v: Any) -> int | float | None:
+        return parse_memory_budget(v)
+
+
 class PipelineConfig(ConfigSection):
     """Pipeline parallelism (`jaxsys.train.pipeline`): the layers split into `stages` consecutive
     stages, `pipelines` data-parallel copies of the pipeline, the global batch in micro-batches
@@ -251,6 +310,9 @@ def _check_pipeline(cfg: "LMTrainConfig") -> None:
     if cfg.mesh.tensor != 1:
         raise ValueError("the pipeline keeps every micro-batch's stage on one device (a tensor-parallel split of "
                          "a contraction changes its floating-point summation order); set mesh.tensor=1")
+    if cfg.memory.policy != "keep" or cfg.memory.budget is not None:
+        raise ValueError("memory.policy/memory.budget plan the GSPMD step; the pipelined step keeps each "
+                         "layer's input (memory.policy=keep, no budget)")
     if cfg.model.tie_word_embeddings:
         raise ValueError("the pipeline does not run tied embeddings (the first and the last stage would share "
                          "the embedding and its gradient); set model.tie_word_embeddings=false")
@@ -277,6 +339,7 @@ class LMTrainConfig(ConfigSection):
     mesh: MeshAxesConfig = MeshAxesConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     elastic: ElasticConfig = ElasticConfig()
+    memory: MemoryConfig = MemoryConfig()
     pipeline: PipelineConfig = PipelineConfig()
     recovery: RecoveryConfig = RecoveryConfig()
     steps: int = Field(100, gt=0)
@@ -427,7 +490,7 @@ def tokens_per_step(cfg: LMTrainConfig) -> int:
     return cfg.data.global_batch * cfg.data.seq_len
 
 
-__all__ = ["CheckpointConfig", "ElasticConfig", "LMDataConfig", "LMTrainConfig", "MeshAxesConfig",
-           "OptimConfig", "PipelineConfig", "RecoveryConfig",
+__all__ = ["CheckpointConfig", "ElasticConfig", "LMDataConfig", "LMTrainConfig", "MemoryConfig", "MeshAxesConfig",
+           "OptimConfig", "PipelineConfig", "RecoveryConfig", "parse_memory_budget",
            "TrainConfigError", "apply_overrides", "config_from_dict", "load_config", "lr_schedule",
            "resolve_config_path", "tokens_per_step"]

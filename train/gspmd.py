@@ -24,6 +24,8 @@ from jaxsys.sharding import MeshConfig, activate, logical_sharding, make_mesh, t
 from jaxsys.sharding import axes as ax
 from jaxsys.train import objective
 from jaxsys.train.config import LMTrainConfig, TrainConfigError
+from jaxsys.train.memory import KEEP_ALL, MemoryPlan, Remat
+from jaxsys.train.memory.training import StepMemory
 from jaxsys.train.optim import clip_by_norm, make_optimizer, opt_state_from, opt_state_parts
 from jaxsys.train.program import Advance, CommittedStep, example_ids, init_params_f32, select_devices, target_count
 
@@ -54,17 +56,18 @@ def decay_mask_tree(cfg: LMTrainConfig) -> Any:
     return jax.tree.unflatten(spec.treedef, list(spec.decay))
 
 
-def make_step_fn(cfg: LMTrainConfig, mesh) -> Callable:
+def make_step_fn(cfg: LMTrainConfig, mesh, remat: Remat = KEEP_ALL) -> Callable:
     """step(state, inputs: StepInputs) -> (state, {"loss", "grad_norm"}), traced under `mesh`'s
-    activation constraints."""
+    activation constraints (none for `mesh=None`). The loss goes through `remat`, the memory plan's
+    `jax.checkpoint` policy per layer (`KEEP_ALL`: the step as written)."""
     mask = decay_mask_tree(cfg)
 
     def step_fn(state, inp: StepInputs):
         keys_B = objective.example_keys(jax.random.key(cfg.seed), inp.step, inp.example_ids_B)
         with activate(mesh):
-            loss_sum, grads = jax.value_and_grad(
+            loss_sum, grads = jax.value_and_grad(remat(
                 lambda p: objective.lm_loss_sum(p, inp.tokens_BxT1, keys_B, cfg=cfg.model,
-                                                dropout=cfg.dropout))(state["params"])
+                                                dropout=cfg.dropout)))(state["params"])
         grads = jax.tree.map(lambda g: g / inp.n_valid, grads)
         g_norm = optax.tree.norm(grads)
         grads = clip_by_norm(grads, g_norm, cfg.optim.clip_norm)
@@ -79,8 +82,22 @@ def make_step_fn(cfg: LMTrainConfig, mesh) -> Callable:
     return step_fn
 
 
+def memory_shards(mesh) -> int:
+    """How many ways the step splits its buffers, for the memory plan's per-device peak: the batch
+    is split over data x fsdp, the parameters and optimizer state over fsdp x tensor, so
+    fsdp x min(data, tensor) under-counts neither (exact for the default all-fsdp mesh)."""
+    shape = dict(mesh.shape)
+    return shape.get("fsdp", 1) * min(shape.get("data", 1), shape.get("tensor", 1))
+
+
 class GSPMDStep:
-    """The GSPMD step program (implements `jaxsys.train.program.StepProgram`)."""
+    """The GSPMD step program (implements `jaxsys.train.program.StepProgram`).
+
+    With a `memory:` section other than the default (`policy: keep`, no budget), the step's
+    backward pass follows a memory plan (`jaxsys.train.memory.training`): planned in `build`,
+    before compiling (an infeasible budget is an error there), printed when the run starts and
+    written into the metrics file with the first step.
+    """
 
     def __init__(self, cfg: LMTrainConfig, *, devices: Sequence[jax.Device] | None = None):
         self.cfg = cfg
@@ -88,6 +105,7 @@ class GSPMDStep:
         self._count = 0
         self._state: dict[str, Any] | None = None
         self._compiled: Any = None
+        self._log: Callable[[str], None] | None = None
 
     @property
     def count(self) -> int:
@@ -106,8 +124,26 @@ class GSPMDStep:
         self._state_sh = {"params": param_sh, "mu": param_sh, "nu": param_sh, "count": self._rep}
         self._input_sh = StepInputs(*(logical_sharding(axes, shape, self.mesh)
                                       for axes, shape in zip(STEP_INPUT_AXES, self._input_shapes())))
-        self._step_fn = jax.jit(make_step_fn(self.cfg, self.mesh), in_shardings=(self._state_sh, self._input_sh),
+        self.memory = StepMemory(self.cfg.memory, self._planned_step, device=self.devices[0],
+                                 shards=memory_shards(self.mesh), donate_argnums=(0,))
+        remat = self.memory.remat_for(*self._global_args())
+        self._step_fn = jax.jit(make_step_fn(self.cfg, self.mesh, remat),
+                                in_shardings=(self._state_sh, self._input_sh),
                                 out_shardings=(self._state_sh, self._rep), donate_argnums=(0,))
+
+    def _planned_step(self, remat: Remat, state, inp: StepInputs):
+        """The step in the memory planner's form, over global arrays (no mesh constraints)."""
+        return make_step_fn(self.cfg, None, remat)(state, inp)
+
+    def _global_args(self) -> tuple[Any, StepInputs]:
+        """(state, inputs) as unsharded ShapeDtypeStructs: what the memory planner traces."""
+        unsharded = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)  # noqa: E731
+        return jax.tree.map(unsharded, (self.abstract_state(), self._abstract_inputs()))
+
+    @property
+    def memory_plan(self) -> MemoryPlan | None:
+        """The step's memory plan (None: `memory.policy=keep` without a budget, nothing planned)."""
+        return self.memory.plan
 
     def _input_shapes(self) -> StepInputs:
         B, T = self.cfg.data.global_batch, self.cfg.data.seq_len
@@ -149,6 +185,7 @@ class GSPMDStep:
         return self._compiled
 
     def start(self, step: int, *, log, checkpoints) -> None:
+        self._log = log
         self.compile()
 
     def advance(self, step: int, tokens_BxT1: np.ndarray, lr: np.float32) -> Advance:
@@ -157,4 +194,6 @@ class GSPMDStep:
         started = time.perf_counter()
         self._state, metrics = self._compiled(self._state, inputs)
         self._count += 1
-        return Advance(step + 1, CommittedStep(step, metrics, float(lr), len(self.devices), started))
+        events = [{"step": step, **e} for e in self.memory.report(self._log)]
+        return Advance(step + 1, CommittedStep(step, metrics, float(lr), len(self.devices), started,
+                                               events=events))

@@ -220,6 +220,9 @@ class StepSpec:
     """None: no snapshot, the state is donated. Else the memory kind of the replicas: the step then
     keeps its input (the snapshot's primary), verifies it against the reference checksums and
     emits the next snapshot (replica of shard k on device k+1, reference checksums)."""
+    remat: Any = None
+    """The memory plan's `jaxsys.train.memory.Remat` for the micro-batch loss (None: every
+    activation kept; see `jaxsys.train.memory.training.ElasticMemory`)."""
 
     @property
     def num_params(self) -> int:
@@ -297,8 +300,11 @@ def make_step(spec: StepSpec, mesh: Mesh):
     flat = spec.flat
     axis = layout_axis()
     norm_plan = NormPlan.make(P, N, S, spec.chunk)
-    loss_fn = jax.value_and_grad(
-        lambda p, tok, keys: objective.lm_loss_sum(p, tok, keys, cfg=spec.model, dropout=spec.dropout))
+
+    def loss(p, tok, keys):
+        return objective.lm_loss_sum(p, tok, keys, cfg=spec.model, dropout=spec.dropout)
+
+    loss_fn = jax.value_and_grad(loss if spec.remat is None else spec.remat(loss))
 
     def body(flat_3xS, inp: StepInputs) -> StepOutputs:
         params_S, mu_S, nu_S = flat_3xS[0], flat_3xS[1], flat_3xS[2]

@@ -60,6 +60,7 @@ from jaxsys.train.elastic.snapshot import (Snapshot, VerifyResult, build_snapsho
                                            build_verify_program, inject_bit_flip, per_device, repair,
                                            resolve_replica_memory, take_snapshot, verify)
 from jaxsys.train.elastic.transfer import execute_plan, precompile_plan
+from jaxsys.train.memory.training import ElasticMemory
 from jaxsys.train.optim import compiled_optim
 from jaxsys.train.program import (Advance, CommittedStep, example_ids, init_params_f32, select_devices,
                                   target_count)
@@ -148,6 +149,8 @@ class ElasticStep:
         self.membership = membership if membership is not None else self._default_membership()
         self.faults = sorted(faults, key=lambda f: f.step)
         self.memory = resolve_replica_memory(cfg.elastic.replica_memory, self.devices)
+        self.activation_memory = ElasticMemory(cfg.memory, device=self.devices[0])
+        """The memory plan of the step per device count (`memory:` in the config)."""
         self.recoveries: list[Recovery] = []
         self.events: list[dict[str, Any]] = []
         self.active: list[int] = list(range(len(self.devices)))
@@ -195,12 +198,12 @@ class ElasticStep:
 
     def _spec(self, plan: MicroBatchPlan) -> canonical.StepSpec:
         cfg = self.cfg
-        return canonical.StepSpec(
+        return self.activation_memory.with_remat(canonical.StepSpec(
             model=cfg.model, flat=self.flat_spec, optim=compiled_optim(cfg.optim),
             num_devices=plan.num_devices, slots=plan.slots, num_micro=cfg.data.micro_batches,
             micro_size=cfg.data.micro_size, seq_len=cfg.data.seq_len, dropout=cfg.dropout,
             seed=cfg.seed, chunk=cfg.elastic.chunk_size,
-            snapshot=self.memory if cfg.elastic.snapshot else None)
+            snapshot=self.memory if cfg.elastic.snapshot else None), self.devices)
 
     def _step_exe(self, active: Sequence[int], info: bool = False):
         spec = self._spec(self._plan(active))
@@ -302,6 +305,7 @@ class ElasticStep:
     # ------------------------------------------------------------------ state (StepProgram)
     def build(self) -> None:
         self.mesh = canonical.layout_mesh(self.active_devices)
+        self._spec(self._plan(self.active))  # a memory budget no plan meets fails here, before training
 
     def init_state(self) -> None:
         params = init_params_f32(self.cfg)
@@ -374,6 +378,8 @@ class ElasticStep:
         self._next_step = step
         self._apply_joins(step)
         exe = self._step_exe(self.active)
+        for event in self.activation_memory.report(len(self.active), self._log):
+            self._record_event(step, event)
         inputs = self._inputs(step, tokens_BxT1, self._plan(self.active), lr)
         started = time.perf_counter()
         snap = self._snapshot_for(step)

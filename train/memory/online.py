@@ -33,13 +33,14 @@ POLICIES = ("auto", "keep", "remat", "offload")
 class MemoryPlanner:
     """Plans (and compiles) a step for each program it is called with.
 
-    step_fn: `step_fn(remat, *args)`; it differentiates `remat(loss_fn)`.
+    step_fn: `step_fn(remat, *args)`; it differentiates `remat(loss_fn)` (None: every `plan_for`
+      names its step).
     budget_bytes: device memory per device the step may use (the modelled peak must fit).
     shards: the step runs fully sharded over this many devices (see `plan`); `set_shards` after a
       device-count change re-plans every program without profiling it again.
     """
 
-    def __init__(self, step_fn: Callable, budget_bytes: int, *, policy: str = "auto",
+    def __init__(self, step_fn: Callable | None, budget_bytes: int, *, policy: str = "auto",
                  hardware: Hardware | None = None, shards: int = 1, donate_argnums: Sequence[int] = (),
                  allow_offload: bool = True, profiler: Profiler | None = None):
         if policy not in POLICIES:
@@ -60,16 +61,19 @@ class MemoryPlanner:
         program, from the profiles already made."""
         if shards != self.shards:
             self.shards = shards
-            self._plans.clear()
-            self._jitted.clear()
+            self._plans.clear()  # compiled steps stay: a plan that does not change is not recompiled
 
-    def plan_for(self, *args) -> MemoryPlan:
-        sig = call_signature(self.step_fn, args, self.donate_argnums)
+    def plan_for(self, *args, step_fn: Callable | None = None) -> MemoryPlan:
+        """The plan of the program `step_fn(remat, *args)` (default: the planner's step). A step
+        given here is one of a family the planner serves (the same step for several device
+        counts, say); equal step objects are the same program."""
+        step_fn = self.step_fn if step_fn is None else step_fn
+        sig = call_signature(step_fn, args, self.donate_argnums)
         found = self._plans.get(sig)
         if found is not None:
             return found
         t0 = time.perf_counter()
-        prof = self.profiler.profile(self.step_fn, *args, donate_argnums=self.donate_argnums)
+        prof = self.profiler.profile(step_fn, *args, donate_argnums=self.donate_argnums)
         t1 = time.perf_counter()
         chosen = self._choose(prof)
         t2 = time.perf_counter()

@@ -31,6 +31,8 @@ from jaxsys.train.memory.profiler import DECISIONS, KEEP, OFFLOAD, RECOMPUTE, Pr
 from jaxsys.train.memory.remat import Remat
 
 EXHAUSTIVE_MAX_NAMES = 12
+NO_BUDGET = 2**62
+"""The budget of a plan made without one (a fixed policy that no budget constrains)."""
 
 
 class InfeasibleBudgetError(ValueError):
@@ -118,13 +120,23 @@ class MemoryPlan:
                                  f"{dec:<10}{r.recompute_s * 1e3:>9.2f}ms{_mib(r.swap_bytes / self.shards):>11}")
             if prof.unused_names:
                 lines.append(f" tagged but never read by the backward pass: {', '.join(prof.unused_names)}")
-        lines.append(f" modelled peak {_mib(self.peak_bytes)} per device of budget {_mib(self.budget_bytes)}"
-                     f"; offloaded {_mib(self.host_bytes)}; predicted step {self.step_s * 1e3:.1f} ms")
+        budget = "no budget" if self.budget_bytes >= NO_BUDGET else f"budget {_mib(self.budget_bytes)}"
+        lines.append(f" modelled peak {_mib(self.peak_bytes)} per device ({budget}, {self.shards} "
+                     f"shard{'s' if self.shards > 1 else ''}); offloaded {_mib(self.host_bytes)}; "
+                     f"predicted step {self.step_s * 1e3:.1f} ms")
         return "\n".join(lines)
+
+    def by_kind(self) -> dict[str, dict[str, str]]:
+        """{layer kind: {residual name: decision}} (empty without the profile)."""
+        out: dict[str, dict[str, str]] = {}
+        for r in self.profile.residuals if self.profile is not None else ():
+            out.setdefault(r.kind, {})[r.name] = KEEP if self.keep_all else self.decision.get(r.name, KEEP)
+        return out
 
     def to_json(self) -> dict[str, Any]:
         return {"label": self.label, "fingerprint": self.fingerprint, "keep_all": self.keep_all,
-                "decisions": self.decision, "budget_bytes": self.budget_bytes,
+                "decisions": self.decision,
+                "budget_bytes": None if self.budget_bytes >= NO_BUDGET else self.budget_bytes,
                 "peak_bytes": self.peak_bytes, "host_bytes": self.host_bytes,
                 "predicted_step_s": self.step_s, "shards": self.shards}
 
@@ -147,7 +159,10 @@ def _score(prof: Profile, choice: np.ndarray, link: float, shards: int) -> tuple
     saved_mask = ((1.0 - rec) @ (2.0 ** np.arange(n))).astype(np.int64)
     rec_s = prof.layers * prof.scale * prof.recompute_table()[saved_mask]
     keep_saved_s = prof.keep_s_per_byte * prof.layers * (rec @ layer)
-    transfer = off @ layer / shards / link
+    moved = off @ layer / shards
+    # without a host link (rate nan or 0) only the plans that offload get an unusable time
+    with np.errstate(invalid="ignore", divide="ignore"):
+        transfer = np.where(moved > 0, moved / link, 0.0)
     bwd_layer = prof.layer_backward_s + rec_s / prof.layers
     exposed = prof.layers * (np.maximum(0.0, transfer - prof.layer_forward_s) + np.maximum(0.0, transfer - bwd_layer))
     return peak, host, prof.step_s + rec_s - keep_saved_s + exposed
