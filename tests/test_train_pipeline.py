@@ -147,6 +147,7 @@ def test_checkpoint_resumes_onto_another_layout(grid, tmp_path):
 
 
 # ----------------------------------------------------------------------------- recovery
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["auto", "reroute", "redundant", "replan", "checkpoint"])
 def test_recovery_in_the_trainer_is_bitwise_the_failure_free_run(grid, strategy, tmp_path):
     """Device 1 (stage 1 of pipeline 0) lost during step 3; the checkpoint restart goes back to
@@ -161,6 +162,7 @@ def test_recovery_in_the_trainer_is_bitwise_the_failure_free_run(grid, strategy,
     assert res.records[-1].num_devices == 7
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["reroute", "auto"])
 def test_second_failure_on_the_recovered_layout(grid, strategy):
     """Device 1 lost at step 1; then, on the recovered layout, device 5 (the other copy of stage 1,
@@ -178,6 +180,7 @@ def test_second_failure_on_the_recovered_layout(grid, strategy):
         assert "reroute impossible" in fail[1]["chosen_by"]
 
 
+@pytest.mark.slow
 def test_rejoin_restores_the_grid(grid):
     """Device 1 lost during step 1 (re-planned over 7), back from step 3: the configured grid again."""
     tr, res = train("recovery.fail=1@1", "recovery.join=1@3", "recovery.strategy=replan")
@@ -215,6 +218,7 @@ def test_bad_input_is_rejected_before_training(args, match, capsys):
     assert match in err and "compiled" not in err
 
 
+@pytest.mark.slow
 def test_no_feasible_layout_saves_the_state_and_stops(grid, tmp_path):
     """A memory limit that the 8-device grid meets and no option over 7 survivors does: the
     failure stops the run with a message (no hang), the pre-step state is saved as a checkpoint,
