@@ -175,8 +175,8 @@ def model_proposals(draft_params, draft_cfg: ModelConfig, context_BxW, last_B, b
 def make_verify_step(cfg: ModelConfig, draft: str, draft_cfg: ModelConfig | None = None):
     """The pure verify step (jit it donating the cache, argument 1):
 
-    step(params, cache, last_B, base_B, page_table_BxP, proposals_BxG, draft_len_B, context_BxW,
-         temperature_B, top_k_B, top_p_B, seed_B, draft_params)
+    step((params, draft_params), cache, last_B, base_B, page_table_BxP, proposals_BxG, draft_len_B, context_BxW,
+         temperature_B, top_k_B, top_p_B, seed_B)
       -> ((accepted_B, next_B, draft_BxG), cache)
 
     last_B: each request's last sampled token; base_B its position (n - 1; -1 marks a padding row).
@@ -185,8 +185,9 @@ def make_verify_step(cfg: ModelConfig, draft: str, draft_cfg: ModelConfig | None
     The request emits draft_BxG[:accepted] then next.
     """
 
-    def step(params, cache, last_B, base_B, page_table_BxP, proposals_BxG, draft_len_B, context_BxW,
-             temperature_B, top_k_B, top_p_B, seed_B, draft_params):
+    def step(weights, cache, last_B, base_B, page_table_BxP, proposals_BxG, draft_len_B, context_BxW,
+             temperature_B, top_k_B, top_p_B, seed_B):
+        params, draft_params = weights  # the draft's weights travel with the target's (never part of the shape key)
         G = proposals_BxG.shape[1]
         s = Sampling(temperature_B, top_k_B, top_p_B)
         if draft == "ngram":
@@ -261,8 +262,8 @@ class Verifier:
         if self._by_forward:
             return self._step_by_forward(last_B, base_B, page_table_BxP, proposals_BxG, draft_len_B, sampling)
         engine = self.engine
-        args = (engine.params, engine.cache, last_B, base_B, page_table_BxP, proposals_BxG, draft_len_B, context_BxW,
-                *sampling, self.draft_params)
+        args = ((engine.params, self.draft_params), engine.cache, last_B, base_B, page_table_BxP, proposals_BxG,
+                draft_len_B, context_BxW, *sampling)
         exe = engine._executable("verify", self._jit, args)  # compiled per shape, counted with prefill/decode
         out, engine.cache = exe(*args)
         return tuple(np.asarray(x) for x in jax.device_get(out))
