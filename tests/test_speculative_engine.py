@@ -56,6 +56,11 @@ def _spec_llm(model, draft: str, engine=MAIN):
     return _llm(model, _spec(draft), engine, **extra)
 
 
+# Compile-heavy (one engine per draft, verify programs per gamma and bucket): several minutes on
+# 2 cores, over the CI budget; run with `make test-all`.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_model(0)
