@@ -114,6 +114,7 @@ def test_rows_read_back_through_the_trainer_source(tmp_path, examples):
     np.testing.assert_array_equal(target_count(windows), [len(exs[i].completion_ids) for i in order])
 
 
+@pytest.mark.slow  # a 12-step fine-tune: over a minute on 2 cores
 def test_finetune_through_the_trainer_learns_the_completions(tmp_path, bench, examples):
     model = tiny_text_model()
     exs = [e for e in examples["glm"] if e.agent == "c"]  # short prompts: a fast test
