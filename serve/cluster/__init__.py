@@ -10,9 +10,14 @@ length predictor made for them; `policies` holds round-robin, least-KV, Llumnix-
                       make_policy("ours"), SimConfig(num_instances=64))
     print(result.summary())          # simulated: p50/p99 TPOT, TTFT, SLO attainment, migrations
 
-The real instances on sub-meshes, KV-page migration and the router behind `jaxsys serve
---instances N` (issue 18 D) will live here too; `validation.compare_with_real_run` is where the
-simulator meets them.
+The real thing (issue 18 D): `instances` builds engine instances on sub-meshes of the devices,
+`router.Cluster` dispatches to them and rebalances them with the same policies, `migration` moves
+a running request's KV pages between instances (or recomputes it elsewhere when its instance
+stops), and `validation` replays a trace on the real cluster and compares it with the simulator.
+
+    instances = make_instances(model, 4, devices_per_instance=2, predictor=head)
+    cluster = Cluster(instances, "ours")
+    outs = cluster.generate(prompt_ids, SamplingParams(max_tokens=64))
 """
 
 from jaxsys._lazy import lazy_exports
@@ -31,5 +36,10 @@ _LAZY = {
     "poisson_trace": "jaxsys.serve.cluster.workload",
     "make_policy": "jaxsys.serve.cluster.policies",
     "POLICIES": "jaxsys.serve.cluster.policies",
+    "Instance": "jaxsys.serve.cluster.instances",
+    "make_instances": "jaxsys.serve.cluster.instances",
+    "Cluster": "jaxsys.serve.cluster.router",
+    "MigrationRecord": "jaxsys.serve.cluster.migration",
+    "migrate": "jaxsys.serve.cluster.migration",
 }
 __getattr__, __dir__, __all__ = lazy_exports("jaxsys.serve.cluster", _LAZY)

@@ -57,7 +57,7 @@ class RoundRobin(_Policy):
         self._next = 0
 
     def dispatch(self, cluster, rid: int) -> int:
-        i = self._next
+        i = self._next % cluster.cfg.num_instances  # the count shrinks when a live instance stops
         self._next = (i + 1) % cluster.cfg.num_instances
         return i
 
