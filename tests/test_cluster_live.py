@@ -14,6 +14,9 @@ from jaxsys.sampling import SamplingParams
 
 from serve_helpers import check_accounting, check_idle, greedy_reference, tiny_model
 
+# Compile-heavy (about 5 minutes on 2 cores), over the CI budget; run with `make test-all`.
+pytestmark = pytest.mark.slow
+
 ENGINE = dict(page_size=4, num_pages=64, max_decode_batch=4, max_prefill_batch=4, prefill_chunk=16)
 PROMPTS = [[5, 17, 3, 99, 42], [7, 1, 2, 3, 4, 5, 6, 8, 9], [100, 101, 3], [11, 12, 13, 14, 15, 16, 17]]
 GREEDY = SamplingParams(max_tokens=14)
