@@ -51,19 +51,22 @@ SYSTEMS: list[System] = [
            "CPU, ours vs split-KV paged decode, geomean over all configurations", "jaxsys bench attention"),
     System("GLM", "arXiv 2511.01633", "multi-agent Graph-CoT on a graph-aware KV cache", "`serve/graphcot/`",
            "works on our engine (C/R/A agents, sandboxed retriever, graph-aware priority eviction, pipelined "
-           "retrieval) against Graph-CoT; fine-tuning the 135M model for accuracy is open",
+           "retrieval) against Graph-CoT; the fine-tune for accuracy is built (`jaxsys bench graphcot_finetune`) "
+           "but not yet run",
            "graphcot.json", "tokens_per_question_glm_over_graphcot",
            "tokens per question, GLM / Graph-CoT", "jaxsys bench graphcot"),
     System("ARES / STAR", "arXiv 2510.13668", "hidden-state length prediction, decode rescheduling",
            "`serve/length/`, `serve/cluster/`",
-           "predictors on our model's hidden states and the SimPy cluster simulator work; real multi-instance "
-           "serving with KV migration is open",
+           "predictors on our model's hidden states, the engine's hidden-state decode step, live instances with "
+           "KV-page migration and the SimPy simulator work; the cluster behind the server and its validation "
+           "against the simulator are open",
            "cluster.json", "sim_p99_tpot_ours_over_best_static (simulated, geomean)",
            "simulated p99 TPOT, ours / best static dispatch", "jaxsys bench cluster"),
     System("SpecMoEOff", "arXiv 2508.21706", "MoE expert offloading + speculative decoding",
            "`serve/moe_offload/`, `serve/speculative/`",
            "expert offloading with a device expert cache, a MoEfied SmolLM2 with real routing, drafts and the "
-           "exact acceptance rule, the roofline tuner work; speculation inside the engine is open",
+           "exact acceptance rule, the roofline tuner work; speculative decoding in the engine has landed with "
+           "its greedy-equality test passing, the rest of its tests not yet run green",
            "moe_offload.json",
            "simulated speedup over offloading without speculation (geomean, Mixtral-8x7B, H100 PCIe4/5)",
            "simulated speedup over offloading alone", "jaxsys bench moe_offload"),
