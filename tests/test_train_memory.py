@@ -15,6 +15,9 @@ from jaxsys.train.gspmd import GSPMDStep, memory_shards
 from jaxsys.train.memory import InfeasibleBudgetError, traced_peak_bytes
 from jaxsys.train.trainer import Trainer
 
+# Several minutes on 2 cores (profiling and planning real steps), over the CI budget; `make test-all`.
+pytestmark = pytest.mark.slow
+
 GSPMD = ["elastic.enabled=false", "progress=false", "steps=3"]
 
 
