@@ -22,6 +22,7 @@ Three programs implement it:
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol, Sequence
 
 import jax
@@ -57,6 +58,34 @@ class Advance(NamedTuple):
     next_step: int
     """The step to run next: `step + 1` after a commit, `step` (or earlier) after a recovery."""
     committed: CommittedStep | None
+
+
+class StepEventLog:
+    """Log lines and membership events of a step program that changes its devices mid-run.
+
+    `events` holds every event of the run; those of the step being committed also go into its
+    `CommittedStep.events` (the subclass drains `_step_events` when it commits). Log lines go to
+    the function given at construction, else the host loop's, else stderr.
+    """
+
+    def __init__(self, log: Callable[[str], None] | None = None) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._step_events: list[dict[str, Any]] = []
+        self._log_fn = log
+        self._loop_log: Callable[[str], None] | None = None
+
+    def _log(self, msg: str) -> None:
+        if self._log_fn is not None:
+            self._log_fn(msg)
+        elif self._loop_log is not None:
+            self._loop_log(msg)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def _record_event(self, step: int, event: dict[str, Any]) -> None:
+        event = {"step": step, **event}
+        self.events.append(event)
+        self._step_events.append(event)
 
 
 class StepProgram(Protocol):

@@ -39,7 +39,6 @@ host still prepares the next batch while the step runs, so the wait costs one di
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from typing import Any, Callable, Literal, Sequence
 
@@ -62,8 +61,8 @@ from jaxsys.train.elastic.snapshot import (Snapshot, VerifyResult, build_snapsho
 from jaxsys.train.elastic.transfer import execute_plan, precompile_plan
 from jaxsys.train.memory.training import ElasticMemory
 from jaxsys.train.optim import compiled_optim
-from jaxsys.train.program import (Advance, CommittedStep, example_ids, init_params_f32, select_devices,
-                                  target_count)
+from jaxsys.train.program import (Advance, CommittedStep, StepEventLog, example_ids, init_params_f32,
+                                  select_devices, target_count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +117,7 @@ class Recovery:
                 f"lost steps {self.lost_steps}")
 
 
-class ElasticStep:
+class ElasticStep(StepEventLog):
     """The elastic step program (see the module docstring).
 
     cache: where executables live (default: the process-wide cache, so runs in one process
@@ -133,6 +132,7 @@ class ElasticStep:
                  faults: Sequence[BitFlip] = (), log: Callable[[str], None] | None = None):
         if not cfg.elastic.enabled:
             cfg = cfg.replace(**{"elastic.enabled": True})
+        super().__init__(log)
         self.cfg = cfg
         self.devices = select_devices(cfg, devices)
         remote = [d for d in self.devices if d.process_index != jax.process_index()]
@@ -152,17 +152,13 @@ class ElasticStep:
         self.activation_memory = ElasticMemory(cfg.memory, device=self.devices[0])
         """The memory plan of the step per device count (`memory:` in the config)."""
         self.recoveries: list[Recovery] = []
-        self.events: list[dict[str, Any]] = []
         self.active: list[int] = list(range(len(self.devices)))
-        self._log_fn = log
-        self._loop_log: Callable[[str], None] | None = None
         self._checkpoints = None
         self._base_plan = MicroBatchPlan.balanced(cfg.data.micro_batches, len(self.devices))
         self._flat: jax.Array | None = None
         self._snap: Snapshot | None = None
         self._count = 0
         self._pending_recovery: Recovery | None = None
-        self._step_events: list[dict[str, Any]] = []
         self._done_fail_checks: set[int] = set()
         self._done_joins: set[int] = set()
         self._done_faults: set[BitFlip] = set()
@@ -491,20 +487,6 @@ class ElasticStep:
                                   out.flat_3xNS, out.replica_3xNS, out.ref_Nx2, self.memory)
         events, self._step_events = self._step_events, []
         return CommittedStep(step, metrics, lr, len(self.active), started, step_time, events)
-
-    # ------------------------------------------------------------------ helpers
-    def _log(self, msg: str) -> None:
-        if self._log_fn is not None:
-            self._log_fn(msg)
-        elif self._loop_log is not None:
-            self._loop_log(msg)
-        else:
-            print(msg, file=sys.stderr, flush=True)
-
-    def _record_event(self, step: int, event: dict[str, Any]) -> None:
-        event = {"step": step, **event}
-        self.events.append(event)
-        self._step_events.append(event)
 
     # ------------------------------------------------------------------ membership changes
     def _apply_joins(self, step: int) -> None:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 import time
 from typing import Any, Callable, NoReturn, Sequence
 
@@ -59,13 +58,13 @@ from jaxsys.train.elastic.snapshot import Snapshot, per_device
 from jaxsys.train.elastic.transfer import execute_plan
 from jaxsys.train.pipeline.partition import PartitionError, StageMap, StagePartition
 from jaxsys.train.pipeline.runtime import PipelineLayout, PipelineRun, PipelineSetup
-from jaxsys.train.program import Advance, CommittedStep, init_params_f32, select_devices
+from jaxsys.train.program import Advance, CommittedStep, StepEventLog, init_params_f32, select_devices
 from jaxsys.train.recovery import strategies as rs
 
 MiB = 2**20
 
 
-class PipelineStep:
+class PipelineStep(StepEventLog):
     """The pipelined step program (see the module docstring).
 
     cache: where the gather/update programs live (default: one cache per program; the unit
@@ -77,6 +76,7 @@ class PipelineStep:
                  cache: ExecutableCache | None = None, log: Callable[[str], None] | None = None):
         if not cfg.pipeline.enabled:
             cfg = cfg.replace(**{"pipeline.enabled": True, "elastic.enabled": False})
+        super().__init__(log)
         self.cfg = cfg
         self.devices = select_devices(cfg, devices)
         n, pc, data = len(self.devices), cfg.pipeline, cfg.data
@@ -112,14 +112,10 @@ class PipelineStep:
         self.active: list[int] = list(range(n))
         """Indices (into `devices`) of the devices in service, in the order of `run.devices`."""
         self.recoveries: list[rs.RecoveryReport] = []
-        self.events: list[dict[str, Any]] = []
         self.run: PipelineRun | None = None
-        self._log_fn = log
-        self._loop_log: Callable[[str], None] | None = None
         self._checkpoints = None
         self._asked_fail: set[int] = set()
         self._asked_join: set[int] = set()
-        self._step_events: list[dict[str, Any]] = []
         self._layout_changed = True
         self._model_inputs: tuple[Any, Any] | None = None
         self._step_times: list[float] = []
@@ -214,7 +210,7 @@ class PipelineStep:
             return Advance(self._recover(step, fails, snap), None)
         self._step_times.append(step_time)
         if self._layout_changed:
-            self._record(step, self.layout_event())
+            self._record_event(step, self.layout_event())
             self._layout_changed = False
         events, self._step_events = self._step_events, []
         extra = {"bubble_fraction": round(run.tables.bubble_fraction(), 6)}
@@ -262,7 +258,7 @@ class PipelineStep:
         self._layout_changed = True
         joined = sorted(e.device for e in joins)
         seconds = time.perf_counter() - t0
-        self._record(step, {"event": "join", "devices": joined, "layout": rs.describe(layout), "seconds": seconds,
+        self._record_event(step, {"event": "join", "devices": joined, "layout": rs.describe(layout), "seconds": seconds,
                             "elements_moved": plan.network_elements()})
         self._log(f"step {step}: device(s) {joined} joined -> {rs.describe(layout)} ({seconds:.3f} s)")
 
@@ -289,7 +285,7 @@ class PipelineStep:
         self.recoveries.append(rep)
         self._layout_changed = True
         resume = step - rep.lost_steps
-        self._record(resume, {"event": "fail", "devices": lost, "strategy": rep.strategy, "chosen_by": how,
+        self._record_event(resume, {"event": "fail", "devices": lost, "strategy": rep.strategy, "chosen_by": how,
                               "recovery": rep.to_json()})
         self._log(rep.summary())
         return resume
@@ -409,20 +405,6 @@ class PipelineStep:
             raise rs.RecoveryError(f"no layout of {num_devices} devices fits in memory "
                                    f"({hw.memory / 2**30:.3g} GiB per device)")
         return rs.pipeline_layout(found[0], num_micro=self.num_micro, num_devices=num_devices)
-
-    # ------------------------------------------------------------------ helpers
-    def _log(self, msg: str) -> None:
-        if self._log_fn is not None:
-            self._log_fn(msg)
-        elif self._loop_log is not None:
-            self._loop_log(msg)
-        else:
-            print(msg, file=sys.stderr, flush=True)
-
-    def _record(self, step: int, event: dict[str, Any]) -> None:
-        event = {"step": step, **event}
-        self.events.append(event)
-        self._step_events.append(event)
 
 
 def _validated_schedule(cfg: LMTrainConfig, num_devices: int) -> EventSchedule:
