@@ -200,12 +200,7 @@ def test_choice_on_a_run_maps_cells_and_layouts():
     """The model's choice for a real run: a grid maps to (dp, pp), the failed device to its cell;
     with free transfers and a long remaining run re-planning wins, with a short one rerouting."""
     run = new_run()
-    costs = pm.Costs(layer_fwd=1e-3, layer_bwd=2e-3, head_fwd=0.0, head_bwd=1e-3, embed_fwd=1e-4, embed_bwd=1e-4,
-                     act_bytes=1024, layer_work_bytes=8192, layer_params=9280, edge_params=4128, param_bytes=4,
-                     state_bytes_per_param=16)
-    hw = pm.Hardware(devices_per_node=8, intra_bw=5e9, inter_bw=5e9, latency=5e-5, memory=2**34)
-    rp = pm.RecoveryParams(detect_s=0.0, restart_s=10.0, checkpoint_every_s=60.0, checkpoint_read_bw=1e9,
-                           compile_s=5.0, retarget_s=0.0)
+    costs, hw, rp = _toy_model()
     assert rs.model_layout(run.layout) == pm.Layout(2, 2, 1, (2, 2), "1f1b")
     short, none = rs.choose(run, [FAILED], costs, hw, rp, remaining_steps=1, since_checkpoint_s=0.0)
     assert short.strategy in ("reroute", "redundant") and none is None
