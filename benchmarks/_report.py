@@ -84,8 +84,9 @@ SYSTEMS: list[System] = [
            "simulated throughput, ours / always-replan", "jaxsys bench recovery"),
     System("Chameleon", "arXiv 2509.11076", "adaptive activation memory (keep / recompute / offload)",
            "`train/memory/`",
-           "named residuals, liveness profiler, planner and online re-planning work; peaks on CPU are modelled "
-           "(XLA does not lower offload here)",
+           "named residuals, liveness profiler, planner, online re-planning and `memory:` in the trainer work; "
+           "peaks on CPU are modelled (XLA does not lower offload here); known defect: with elastic training a "
+           "re-plan after a device loss breaks bitwise equality",
            "memory.json", "ours vs full remat at 1/2 of the keep-all peak (step time ratio)",
            "step time, full remat / ours at half the keep-all peak", "jaxsys bench memory"),
     System("CSGNN", "arXiv 2505.19188", "chordless-cycle GNN vs KP-GNN and GIN", "`jaxsys/gnn/`",
