@@ -11,7 +11,7 @@ Three parts, one record (`benchmarks/results/cluster.json`):
 2. Calibration: decode-step and prefill times of our engine (`ServingLLM`) at several batch sizes
    and contexts on this machine, and the step-time model fitted to them with its error (or a
    calibration file from an earlier run, `--calibration`).
-3. Simulation (SimPy; every figure here is SIMULATED): test-split generations replayed with the
+3. Simulation (SimPy; every figure here is SIMULATED; the sweep is `jaxsys.serve.cluster.sweep`): test-split generations replayed with the
    predictions each predictor made for them, Poisson arrivals, the same trace for every policy,
    over instance counts and loads, on two parameter sets: "cpu-calibrated" (part 2) and
    "h100-like" (a stated roofline of an 8B-class model on one H100). Policies: round-robin,
@@ -32,7 +32,6 @@ p50) need the real instances of issue 18 part D (`jaxsys.serve.cluster.validatio
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -40,11 +39,11 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import LOADAVG_AT_IMPORT, geomean, target, write_results  # noqa: E402
+from _common import LOADAVG_AT_IMPORT, target, write_results  # noqa: E402
 
-POLICIES = ("round_robin", "least_kv", "llumnix", "ours", "ours_oracle")
-STATIC = ("round_robin", "least_kv")
-WINDOW = (0.2, 0.9)  # arrival-index window of the measured requests
+from jaxsys.serve.cluster.sweep import WINDOW, SweepConfig, summarize, sweep  # noqa: E402  (numpy only, no jax)
+
+DEFAULTS = SweepConfig()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,17 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", type=Path, default=None,
                    help="a calibration JSON from an earlier run (default: measure the engine now)")
     p.add_argument("--calibration-out", type=Path, default=None, help="also save the calibration here")
-    p.add_argument("--instances", type=int, nargs="+", default=[4, 16, 64, 256])
-    p.add_argument("--loads", type=float, nargs="+", default=[0.6, 0.8, 1.0, 1.2, 1.4, 1.7, 2.0],
+    p.add_argument("--instances", type=int, nargs="+", default=list(DEFAULTS.instances))
+    p.add_argument("--loads", type=float, nargs="+", default=list(DEFAULTS.loads),
                    help="arrival rates as fractions of the nominal per-instance capacity rate")
-    p.add_argument("--requests-per-instance", type=int, default=300)
-    p.add_argument("--max-requests", type=int, default=40_000, help="cap on requests per simulation")
+    p.add_argument("--requests-per-instance", type=int, default=DEFAULTS.requests_per_instance)
+    p.add_argument("--max-requests", type=int, default=DEFAULTS.max_requests, help="cap on requests per simulation")
     p.add_argument("--hardware", nargs="+", default=["cpu-calibrated", "h100-like"],
                    choices=["cpu-calibrated", "h100-like"])
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.1, 0.2],
+    p.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULTS.thresholds),
                    help="migration-threshold grid of the migrating policies (same for both)")
     p.add_argument("--prefill", default="disaggregated", choices=["disaggregated", "colocated"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes running the simulations (the results do not depend on it; default: one per core)")
     p.add_argument("--skip-sim", action="store_true")
     p.add_argument("--out", type=Path, default=None, help="output JSON (default benchmarks/results/cluster.json)")
     return p
@@ -141,118 +142,10 @@ def calibration_section(path: Path | None, save: Path | None):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. simulation
+# 3. simulation (the library: jaxsys.serve.cluster.sweep)
 
 
-def nominal_rate(workload, hw) -> float:
-    """Requests per second one instance sustains when full: the smaller of the KV-bound rate
-    (capacity over the mean KV-token-seconds of a request) and the batch-bound rate (max batch
-    over the mean decode time of a request), with steps priced at a full instance."""
-    import numpy as np
-
-    n = np.maximum(workload.output_len, 1).astype(np.float64)
-    P = workload.prompt_len.astype(np.float64)
-    ctx_mean = float(np.mean(n * (P + n / 2)) / np.mean(n))
-    batch_full = min(hw.max_batch, hw.kv_capacity_tokens / ctx_mean)
-    t_full = float(hw.step_time(batch_full, batch_full * ctx_mean))
-    kv_rate = hw.kv_capacity_tokens / (float(np.mean((n - 1) * (P + n / 2))) * t_full)
-    batch_rate = hw.max_batch / (float(np.mean(n - 1)) * t_full)
-    return min(kv_rate, batch_rate)
-
-
-def _run(workload, trace, hw, name, N, prefill, threshold=None):
-    from jaxsys.serve.cluster.policies import make_policy
-    from jaxsys.serve.cluster.sim import SimConfig, simulate
-
-    kw = {"threshold": threshold} if threshold is not None and name in ("llumnix", "ours", "ours_oracle") else {}
-    return simulate(workload, trace, hw, make_policy(name, **kw), SimConfig(N, prefill=prefill))
-
-
-def tune_thresholds(workload, hw, args, rate1: float) -> dict[str, float]:
-    """Each migrating policy's threshold: the grid value with the lowest p99 TPOT on a tuning trace
-    (its own seed) at 16 instances (or the most swept, if fewer) and load 1.0. Same grid, same
-    trace, for every policy."""
-    from jaxsys.serve.cluster.workload import poisson_trace
-
-    N = min(16, max(args.instances))
-    trace = poisson_trace(workload.size, rate1 * N, min(args.requests_per_instance * N, args.max_requests),
-                          seed=args.seed + 1000)
-    chosen = {}
-    for name in ("llumnix", "ours", "ours_oracle"):
-        scores = {th: _run(workload, trace, hw, name, N, args.prefill, th).summary(WINDOW)["tpot_p99_s"]
-                  for th in args.thresholds}
-        chosen[name] = min(scores, key=scores.get)
-        print(f"  tuned {name}: threshold {chosen[name]} (p99 TPOT by threshold: "
-              + ", ".join(f"{k}: {v * 1e3:.1f} ms" for k, v in scores.items()) + ")", flush=True)
-    return chosen
-
-
-def simulation_section(workload, hardware: dict, args):
-    from jaxsys.serve.cluster.sim import goodput_rate
-    from jaxsys.serve.cluster.workload import poisson_trace
-
-    records, per_hw = [], {}
-    for hw_name, hw in hardware.items():
-        rate1 = nominal_rate(workload, hw)
-        print(f"[simulation] {hw_name} (SIMULATED; {hw.calibrated_on}): nominal rate {rate1:.3g} req/s per instance",
-              flush=True)
-        th = tune_thresholds(workload, hw, args, rate1)
-        cells = []
-        for N in args.instances:
-            for load in args.loads:
-                R = min(args.requests_per_instance * N, args.max_requests)
-                trace = poisson_trace(workload.size, load * rate1 * N, R, seed=args.seed)
-                row = {"hardware": hw_name, "instances": N, "load": load, "rate_per_s": load * rate1 * N,
-                       "requests": R, "policies": {}}
-                for name in POLICIES:
-                    t0 = time.perf_counter()
-                    res = _run(workload, trace, hw, name, N, args.prefill, th.get(name))
-                    s = res.summary(WINDOW)
-                    s["wall_s"] = time.perf_counter() - t0
-                    s["threshold"] = th.get(name)
-                    row["policies"][name] = s
-                best = min(STATIC, key=lambda n: row["policies"][n]["tpot_p99_s"])
-                row["best_static"] = best
-                row["p99_tpot_ours_over_best_static"] = row["policies"]["ours"]["tpot_p99_s"] / row["policies"][best][
-                    "tpot_p99_s"]
-                row["p99_tpot_ours_over_llumnix"] = row["policies"]["ours"]["tpot_p99_s"] / row["policies"]["llumnix"][
-                    "tpot_p99_s"]
-                print(f"  N={N:4d} load {load:.2f}: p99 TPOT (ms) " + "  ".join(
-                    f"{n} {row['policies'][n]['tpot_p99_s'] * 1e3:.1f}" for n in POLICIES)
-                      + f"  | SLO " + " ".join(f"{row['policies'][n]['slo_attainment']:.2f}" for n in POLICIES),
-                      flush=True)
-                cells.append(row)
-                records.append(row)
-        goodput = {}
-        for N in args.instances:
-            rows = [r for r in cells if r["instances"] == N]
-            rates = [r["rate_per_s"] for r in rows]
-            g = {name: goodput_rate(rates, [r["policies"][name]["slo_attainment"] for r in rows]) for name in POLICIES}
-            goodput[N] = {name: {"rate_per_s": v[0], "bounded_by_sweep": v[1]} for name, v in g.items()}
-        per_hw[hw_name] = {"hardware": hw.model_dump(), "nominal_rate_per_instance": rate1, "thresholds": th,
-                           "goodput": goodput}
-    return records, per_hw
-
-
-def simulation_targets(records, per_hw) -> tuple[list[dict], dict]:
-    def ratio_list(key):
-        return [r[key] for r in records if math.isfinite(r[key]) and r[key] > 0]
-
-    g_static, g_llumnix, skipped = [], [], []
-    for hw_name, h in per_hw.items():
-        for N, g in h["goodput"].items():
-            best = max(g[n]["rate_per_s"] for n in STATIC)
-            ours = g["ours"]["rate_per_s"]
-            if best > 0 and g["llumnix"]["rate_per_s"] > 0 and ours > 0:
-                g_static.append(ours / best)
-                g_llumnix.append(ours / g["llumnix"]["rate_per_s"])
-            else:
-                skipped.append(f"{hw_name} N={N}")
-    summary = {"p99_tpot_ours_over_best_static_geomean": geomean(ratio_list("p99_tpot_ours_over_best_static")),
-               "p99_tpot_ours_over_llumnix_geomean": geomean(ratio_list("p99_tpot_ours_over_llumnix")),
-               "goodput_ours_over_best_static_geomean": geomean(g_static) if g_static else float("nan"),
-               "goodput_ours_over_llumnix_geomean": geomean(g_llumnix) if g_llumnix else float("nan"),
-               "goodput_configs_skipped (lowest swept load already misses the SLO)": skipped}
+def simulation_targets(summary: dict) -> list[dict]:
     targets = [
         target("sim_p99_tpot_ours_over_best_static (simulated, geomean)",
                summary["p99_tpot_ours_over_best_static_geomean"], 0.5, higher_is_better=False),
@@ -266,7 +159,7 @@ def simulation_targets(records, per_hw) -> tuple[list[dict], dict]:
     # "beats" is strict: equal is not better
     targets[2]["met"] = bool(targets[2]["value"] < 1.0)
     targets[3]["met"] = bool(targets[3]["value"] > 1.0)
-    return targets, summary
+    return targets
 
 
 def main(argv=None) -> int:
@@ -278,6 +171,14 @@ def main(argv=None) -> int:
     from jaxsys.serve.cluster.hardware import h100_like
     from jaxsys.serve.cluster.workload import Workload
     from jaxsys.serve.length.data import latest_run
+
+    try:
+        cfg = SweepConfig(instances=tuple(args.instances), loads=tuple(args.loads),
+                          requests_per_instance=args.requests_per_instance, max_requests=args.max_requests,
+                          thresholds=tuple(args.thresholds), prefill=args.prefill, seed=args.seed)
+    except ValueError as e:
+        print(f"jaxsys bench cluster: {e}", file=sys.stderr)
+        return 2
 
     t_start = time.perf_counter()
     try:
@@ -303,9 +204,10 @@ def main(argv=None) -> int:
                                                     "prompt_only": report.predictors[prompt]}, split="test")
         header["workload"] = {"description": workload.description, "size": workload.size,
                               "ours_predictor": ours, "prompt_only_predictor": prompt}
-        records, per_hw = simulation_section(workload, hardware, args)
-        sim_targets, sim_summary = simulation_targets(records, per_hw)
-        targets += sim_targets
+        records, per_hw = sweep(workload, hardware, cfg, log=lambda line: print(line, flush=True),
+                                workers=max(args.workers, 1))
+        sim_summary = summarize(records, per_hw)
+        targets += simulation_targets(sim_summary)
         header["simulation"] = {"per_hardware": per_hw, "summary": sim_summary}
     header["seconds"] = time.perf_counter() - t_start
     for t in targets:

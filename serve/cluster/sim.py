@@ -26,9 +26,9 @@ The model, per instance (one SimPy process):
 
 The router's policy (`policies`) picks the instance of each new request and, every
 `rebalance_interval_s`, may order migrations. Instance loads the policies read (KV tokens,
-batch, queue, predicted KV profile over the next steps) live in cluster-wide arrays updated by
-each step, so a
-decision over 256 instances is a few vectorised operations.
+batch, queue, predicted KV profile over the next steps) live in cluster-wide arrays that each
+step publishes (computed when a policy reads them), so a decision over 256 instances is a few
+vectorised operations.
 
 Per request the result has TTFT (arrival to first token) and TPOT (time between the first and
 last token over the tokens in between); the summary has their p50/p99 and SLO attainment (the
@@ -67,7 +67,18 @@ class SimConfig:
 
 
 class Instance:
-    """One decode instance: fixed batch slots (numpy arrays) and a FCFS queue."""
+    """One decode instance: fixed batch slots (numpy arrays) and a FCFS queue.
+
+    Why it is written this way: a sweep runs millions of decode steps, so a step must cost a few
+    Python operations, not a few dozen numpy calls. Between two changes of its running set
+    (an admission, a preemption, a finish, a migration), every running request gains exactly one
+    token per step, so the instance caches, when the set changes, what a step needs: the running
+    slots, their KV tokens, the steps until the first of them finishes, and the pages they hold
+    as a function of the steps since (`_pages_at`: n * (k // page) + T[k % page]). The loads the
+    router reads are published lazily (`publish` snapshots what may change before the next read,
+    `Cluster` computes the arrays when a policy reads them), with the values an eager publish
+    would have had.
+    """
 
     def __init__(self, cluster: "Cluster", index: int):
         hw = cluster.hw
@@ -80,21 +91,57 @@ class Instance:
         self.needs_prefill = np.zeros(S, bool)
         self.admitted_at = np.zeros(S, np.int64)  # admission order, for LIFO preemption
         self.reserved_pages = 0
+        self.reserved_slots = 0
         self.queue: deque[int] = deque()
         self.queued_tokens = 0  # context tokens of the queued requests (constant while queued)
-        self.queued_profile = np.zeros(len(cluster.horizon_points))  # their predicted KV profile
+        # their predicted KV profile; replaced, never mutated in place (`publish` keeps a reference)
+        self.queued_profile = np.zeros(len(cluster.horizon_points))
         self.wake = cluster.env.event()
         self.migrating_out = False
         self.migrating_in = False
         self._order = 0
+        self._any_prefill = False  # some running slot still needs its prefill
+        self._touched = False  # a migration changed the running set during the current step
+        self._set_changed()
+        self._published = (0, 0, 0, self.queued_profile)
+
+    # ---------------------------------------------------------------- the running set's cache
+    def _set_changed(self) -> None:
+        self._slots = None
+        self._touched = True
+
+    def _running(self) -> np.ndarray:
+        """The running slots (ascending), refreshing the cache after a change of the set."""
+        if self._slots is None:
+            c, ps = self.cluster, self.hw.page_size
+            slots = np.nonzero(self.active)[0]
+            ctx = self.ctx[slots]
+            self._slots, self._rids = slots, self.rid[slots]
+            self._n = len(slots)
+            self._kv = int(ctx.sum())
+            self._left = int((c.target[self._rids] - c.generated[self._rids]).min()) if self._n else 0
+            # pages held after k more steps: n * (k // ps) + T[k % ps], T[r] = sum ceil((ctx + r) / ps)
+            r = np.arange(ps + 1)
+            self._page_table = (-(-(ctx[:, None] + r[None, :]) // ps)).sum(0).tolist()
+            self._k = 0
+        return self._slots
+
+    def _pages_at(self, k: int) -> int:
+        ps = self.hw.page_size
+        return self._n * (k // ps) + self._page_table[k % ps]
 
     # ---------------------------------------------------------------- bookkeeping
     def used_pages(self) -> int:
-        return int(self.hw.pages(self.ctx[self.active]).sum()) + self.reserved_pages
+        self._running()
+        return self._pages_at(self._k) + self.reserved_pages
 
     def free_slot(self) -> int:
         free = np.nonzero(~self.active & ~self.reserved)[0]
         return int(free[0]) if len(free) else -1
+
+    def has_free_slot(self) -> bool:
+        self._running()
+        return self._n + self.reserved_slots < self.hw.max_batch
 
     def notify(self) -> None:
         if not self.wake.triggered:
@@ -108,10 +155,10 @@ class Instance:
 
     def _count_queued(self, rid: int, sign: int) -> None:
         c = self.cluster
-        self.queued_tokens += sign * int(c.prompt_len[rid] + c.generated[rid])
+        ctx = int(c.prompt_len[rid] + c.generated[rid])
+        self.queued_tokens += sign * ctx
         if c.track_future:
-            ctx = np.array([c.prompt_len[rid] + c.generated[rid]])
-            self.queued_profile += sign * c.kv_profile(np.array([rid]), ctx)[0]
+            self.queued_profile = self.queued_profile + sign * c.kv_profile_one(rid, ctx)
 
     def place(self, slot: int, rid: int, *, prefill: bool) -> None:
         c = self.cluster
@@ -120,93 +167,134 @@ class Instance:
         self.active[slot] = True
         self.reserved[slot] = False
         self.needs_prefill[slot] = prefill
+        self._any_prefill |= prefill
         self._order += 1
         self.admitted_at[slot] = self._order
         c.instance_of[rid] = self.index
+        self._set_changed()
+
+    def remove(self, slot: int) -> None:
+        """Free `slot` (finished, preempted or migrated away)."""
+        self.active[slot] = False
+        self.rid[slot] = -1
+        self._set_changed()
 
     def _admit(self) -> None:
         c, hw = self.cluster, self.hw
-        while self.queue:
+        ps, cap = hw.page_size, hw.kv_capacity_tokens // hw.page_size
+        self._running()
+        free = hw.max_batch - self._n - self.reserved_slots
+        used = self._pages_at(self._k) + self.reserved_pages
+        while self.queue and free > 0:
             rid = self.queue[0]
-            slot = self.free_slot()
-            need = int(hw.pages(c.prompt_len[rid] + c.generated[rid] + 1))
-            if slot < 0 or self.used_pages() + need > hw.kv_capacity_tokens // hw.page_size:
+            ctx = int(c.prompt_len[rid] + c.generated[rid])
+            if used + -(-(ctx + 1) // ps) > cap:
                 return
             self.queue.popleft()
             self._count_queued(rid, -1)
             # a fresh disaggregated request arrives with its KV; everything else computes it here
-            self.place(slot, rid, prefill=not (c.cfg.prefill == "disaggregated" and c.generated[rid] == 1
-                                               and not c.recompute[rid]))
+            self.place(self.free_slot(), rid, prefill=not (c.cfg.prefill == "disaggregated" and c.generated[rid] == 1
+                                                           and not c.recompute[rid]))
             c.recompute[rid] = False
+            free -= 1
+            used += -(-ctx // ps)
 
     def _preempt_overflow(self) -> None:
         c, hw = self.cluster, self.hw
         cap = hw.kv_capacity_tokens // hw.page_size
-        while self.active.any() and int(hw.pages(self.ctx[self.active] + 1).sum()) + self.reserved_pages > cap:
-            slots = np.nonzero(self.active)[0]
+        while True:
+            self._running()
+            if not self._n or self._pages_at(self._k + 1) + self.reserved_pages <= cap:
+                return
+            slots = self._slots
             victim = int(slots[np.argmax(self.admitted_at[slots])])
             rid = int(self.rid[victim])
-            self.active[victim] = False
-            self.rid[victim] = -1
+            self.remove(victim)
             c.preemptions[rid] += 1
             c.recompute[rid] = True
             self.queue.appendleft(rid)
             self._count_queued(rid, +1)
 
     def publish(self) -> None:
-        """Refresh this instance's entries of the cluster-wide load arrays."""
+        """Mark this instance's entries of the cluster-wide load arrays stale, with a snapshot of
+        what may change before they are read (the queue, the reservations); the running set
+        cannot change without another publish."""
+        self._published = (self.reserved_pages, self.queued_tokens, len(self.queue), self.queued_profile)
+        self.cluster._stale.add(self.index)
+
+    def write_loads(self) -> None:
+        """This instance's entries of the cluster-wide load arrays, as of its last `publish`."""
         c = self.cluster
-        act = self.active
-        c.batch[self.index] = int(act.sum())
-        c.kv_tokens[self.index] = int(self.ctx[act].sum())
-        c.used_pages[self.index] = self.used_pages()
-        c.queued_tokens[self.index] = self.queued_tokens
-        c.queue_len[self.index] = len(self.queue)
+        reserved, queued_tokens, queue_len, queued_profile = self._published
+        slots = self._running()
+        c._batch[self.index] = self._n
+        c._kv_tokens[self.index] = self._kv
+        c._used_pages[self.index] = self._pages_at(self._k) + reserved
+        c._queued_tokens[self.index] = queued_tokens
+        c._queue_len[self.index] = queue_len
         if c.track_future:
-            c.future_profile[self.index] = c.kv_profile(self.rid[act], self.ctx[act]).sum(0) + self.queued_profile
+            c._future_profile[self.index] = c.kv_profile(self._rids, self.ctx[slots]).sum(0) + queued_profile
 
     # ---------------------------------------------------------------- the decode loop
     def run(self):
         c, hw, env = self.cluster, self.hw, self.cluster.env
+        a, b, cc, p0, p1 = hw.step_a, hw.step_b, hw.step_c, hw.prefill_p0, hw.prefill_p1
         while True:
-            self._admit()
+            if self.queue:
+                self._admit()
             self._preempt_overflow()
             self.publish()
-            if not self.active.any():
+            slots = self._running()
+            if not self._n:
                 self.wake = env.event()
                 if self.queue:  # blocked on a reservation: retry after a step's time
-                    yield env.timeout(hw.step_a + hw.step_b)
+                    yield env.timeout(a + b)
                 else:
                     yield self.wake
                 continue
-            dec = self.active & ~self.needs_prefill
-            pre = self.active & self.needs_prefill
+            B, K, pre = self._n, self._kv, None
+            if self._any_prefill:
+                pre = slots[self.needs_prefill[slots]]
+                if len(pre):
+                    P = int(self.ctx[pre].sum())
+                    B, K = B - len(pre), K - P
+                else:
+                    pre = None
             dt = 0.0
-            if dec.any():
-                dt += float(hw.step_time(int(dec.sum()), int(self.ctx[dec].sum())))
-            if pre.any():
-                dt += float(hw.prefill_time(int(self.ctx[pre].sum())))
-            slots0 = np.nonzero(self.active)[0]
-            rids0 = self.rid[slots0].copy()
+            if B:
+                dt += a + b * B + cc * K
+            if pre is not None:
+                dt += p0 + p1 * P
+            rids = self._rids
+            self._touched = False
             yield env.timeout(dt)
             now = env.now
-            # a request that migrated away during the step loses its token; one that arrived waits
-            slots = slots0[self.active[slots0] & (self.rid[slots0] == rids0)]
-            rids = self.rid[slots]
+            if self._touched:  # a request that migrated away during the step loses its token
+                keep = self.active[slots] & (self.rid[slots] == rids)
+                slots, rids = slots[keep], rids[keep]
             c.generated[rids] += 1
             self.ctx[slots] += 1
-            self.needs_prefill[slots] = False
-            first = rids[np.isnan(c.first_token[rids])]
-            c.first_token[first] = now
-            done = slots[c.generated[rids] >= c.target[rids]]
-            for s in done:
-                rid = int(self.rid[s])
-                c.finish[rid] = now
-                self.active[s] = False
-                self.rid[s] = -1
-                c.remaining_requests -= 1
-            if c.remaining_requests == 0 and not c.done.triggered:
-                c.done.succeed()
+            if self._slots is slots:  # the set is unchanged: advance the cache by one step
+                self._kv += self._n
+                self._k += 1
+                self._left -= 1
+                check = self._left <= 0
+            else:  # (a cache rebuilt during the step predates its tokens)
+                self._set_changed()
+                check = True
+            if pre is not None:
+                self.needs_prefill[slots] = False
+                first = rids[np.isnan(c.first_token[rids])]
+                c.first_token[first] = now
+            self._any_prefill = False
+            if check:
+                for s in slots[c.generated[rids] >= c.target[rids]]:
+                    rid = int(self.rid[s])
+                    c.finish[rid] = now
+                    self.remove(s)
+                    c.remaining_requests -= 1
+                if c.remaining_requests == 0 and not c.done.triggered:
+                    c.done.succeed()
 
 
 class Cluster:
@@ -230,13 +318,15 @@ class Cluster:
         self.instance_of = np.full(R, -1, np.int64)
         self.migrating = np.zeros(R, bool)
         N = cfg.num_instances
-        self.batch = np.zeros(N, np.int64)
-        self.kv_tokens = np.zeros(N, np.int64)
-        self.used_pages = np.zeros(N, np.int64)
-        self.queued_tokens = np.zeros(N, np.int64)
-        self.queue_len = np.zeros(N, np.int64)
+        self._batch = np.zeros(N, np.int64)
+        self._kv_tokens = np.zeros(N, np.int64)
+        self._used_pages = np.zeros(N, np.int64)
+        self._queued_tokens = np.zeros(N, np.int64)
+        self._queue_len = np.zeros(N, np.int64)
         self.horizon_points = np.linspace(0, cfg.horizon_steps, 9)
-        self.future_profile = np.zeros((N, len(self.horizon_points)))
+        self._horizon = self.horizon_points.tolist()
+        self._future_profile = np.zeros((N, len(self.horizon_points)))
+        self._stale: set[int] = set()  # instances whose entries of the load arrays are out of date
         self.track_future = track_future
         self.capacity_pages = hw.kv_capacity_tokens // hw.page_size
         self.instances = [Instance(self, i) for i in range(N)]
@@ -244,6 +334,48 @@ class Cluster:
         self.done = env.event()
         self.migration_count = 0
         self.migrated_bytes = 0
+
+    # ---------------------------------------------------------------- the router's view
+    def _loads(self) -> None:
+        if self._stale:
+            for i in self._stale:
+                self.instances[i].write_loads()
+            self._stale.clear()
+
+    @property
+    def batch(self) -> np.ndarray:
+        """[N] running requests per instance (the load arrays are as of each instance's last publish)."""
+        self._loads()
+        return self._batch
+
+    @property
+    def kv_tokens(self) -> np.ndarray:
+        """[N] KV tokens of the running requests."""
+        self._loads()
+        return self._kv_tokens
+
+    @property
+    def used_pages(self) -> np.ndarray:
+        """[N] KV pages held (running requests and reservations for incoming migrations)."""
+        self._loads()
+        return self._used_pages
+
+    @property
+    def queued_tokens(self) -> np.ndarray:
+        """[N] context tokens of the queued requests."""
+        self._loads()
+        return self._queued_tokens
+
+    @property
+    def queue_len(self) -> np.ndarray:
+        self._loads()
+        return self._queue_len
+
+    @property
+    def future_profile(self) -> np.ndarray:
+        """[N, J] predicted KV tokens at `horizon_points` steps from now (predictive policies only)."""
+        self._loads()
+        return self._future_profile
 
     # ---------------------------------------------------------------- predictions
     def predicted_remaining(self, rids: np.ndarray) -> np.ndarray:
@@ -253,6 +385,17 @@ class Cluster:
         if self.table is None:
             return (self.target[rids] - self.generated[rids]).astype(np.float64)
         return self.table.lookup(self.entry[rids], self.generated[rids])
+
+    def kv_profile_one(self, rid: int, ctx: int) -> np.ndarray:
+        """[J] `kv_profile` of one request, without the array overhead (the same numbers)."""
+        g = int(self.generated[rid])
+        if self.table is None:
+            rem = float(self.target[rid] - g)
+        else:
+            t, e = self.table, int(self.entry[rid])
+            j = min(g // t.k, int(t.counts[e]) - 1)
+            rem = max(float(t.values[t.offsets[e] + j]) - (g - j * t.k), 0.0)
+        return np.array([ctx + h if rem > h else 0.0 for h in self._horizon])
 
     def kv_profile(self, rids: np.ndarray, ctx: np.ndarray) -> np.ndarray:
         """[n, J] predicted KV tokens of each request at `horizon_points` steps from now: it holds
@@ -266,7 +409,7 @@ class Cluster:
     # ---------------------------------------------------------------- migration
     def can_migrate(self, rid: int, dst: int) -> bool:
         d = self.instances[dst]
-        if self.migrating[rid] or d.migrating_in or d.free_slot() < 0:
+        if self.migrating[rid] or d.migrating_in or not d.has_free_slot():
             return False
         need = int(self.hw.pages(self.prompt_len[rid] + self.generated[rid] + 64))
         return int(d.used_pages()) + need <= self.capacity_pages
@@ -279,20 +422,20 @@ class Cluster:
         slot = d.free_slot()
         need = int(hw.pages(self.prompt_len[rid] + self.generated[rid] + 64))
         d.reserved[slot] = True
+        d.reserved_slots += 1
         d.reserved_pages += need
         d.migrating_in = s.migrating_out = True
         self.migrating[rid] = True
         tokens = int(self.prompt_len[rid] + self.generated[rid])
         yield self.env.timeout(hw.migration_time(tokens))
         d.reserved_pages -= need
+        d.reserved_slots -= 1
         d.reserved[slot] = False
         d.migrating_in = s.migrating_out = False
         self.migrating[rid] = False
         here = np.nonzero(s.active & (s.rid == rid))[0]
         if len(here) and not s.needs_prefill[here[0]]:
-            src_slot = int(here[0])
-            s.active[src_slot] = False
-            s.rid[src_slot] = -1
+            s.remove(int(here[0]))
             d.place(slot, rid, prefill=False)
             self.migrations[rid] += 1
             self.migration_count += 1
