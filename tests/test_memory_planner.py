@@ -11,8 +11,8 @@ import pytest
 from jaxsys.models import decoder
 from jaxsys.models import residuals as rn
 from jaxsys.models.config import ModelConfig
-from jaxsys.train.memory import (Hardware, InfeasibleBudgetError, Profiler, Remat, fixed_plan, plan,
-                                 traced_peak_bytes)
+from jaxsys.train.memory import (Hardware, InfeasibleBudgetError, Profiler, Remat, evaluate, fixed_plan,
+                                 plan, traced_peak_bytes)
 from jaxsys.train.memory.costs import dot_flops
 from jaxsys.train.memory.profiler import DECISIONS, KEEP, OFFLOAD, RECOMPUTE
 from jaxsys.train.memory.steps import init_opt_state, lm_train_step
@@ -181,6 +181,29 @@ def test_infeasible_budget_names_the_smallest_feasible_one(env):
         plan(prof, smallest - 1)
     with pytest.raises(InfeasibleBudgetError, match="`keep` for every residual"):
         fixed_plan(prof, KEEP, smallest)
+
+
+def test_a_plan_within_two_programs_fits_both(env):
+    """`also_within`: one plan for a program and a larger one of the same layers (what the elastic
+    step needs for a device of headroom); `evaluate` scores those decisions on the other program."""
+    step, params, opt, profiler, prof = env
+    longer = profiler.profile(step, params, opt, _tokens(96))
+    budget = _between(longer, 0.3)
+    alone = plan(prof, budget)
+    both = plan(prof, budget, also_within=(longer,))
+    there = evaluate(longer, both)
+    assert there.decisions == both.decisions and there.fingerprint == longer.fingerprint
+    assert both.peak_bytes <= budget and there.peak_bytes <= budget
+    assert there.peak_bytes == longer.peak_bytes(both.decision)
+    assert there.step_s == pytest.approx(longer.step_time_s(both.decision))
+    assert alone.step_s <= both.step_s * (1 + 1e-12)
+    rng = np.random.default_rng(3)  # none of a sample of plans that fit both programs is faster
+    for choice in rng.integers(0, 3, (1000, len(NAMES))):
+        dec = {n: DECISIONS[c] for n, c in zip(NAMES, choice)}
+        if prof.peak_bytes(dec) <= budget and longer.peak_bytes(dec) <= budget:
+            assert prof.step_time_s(dec) >= both.step_s * (1 - 1e-12)
+    with pytest.raises(InfeasibleBudgetError):
+        plan(prof, _between(longer, 0.0) - 1, also_within=(longer,))
 
 
 def test_no_offload_and_sharding(env):

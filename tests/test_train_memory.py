@@ -169,9 +169,6 @@ def test_step_memory_replans_on_a_new_bucket_and_device_count(bounds):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known defect (#21): a re-plan that changes the decisions after a "
-                   "device loss changes the gradients' last bits (losses equal, parameter checksums differ), "
-                   "breaking the elastic bitwise invariant; the elastic plan must not depend on the device count")
 def test_elastic_device_loss_replans_and_trains_like_the_run_without_it(tmp_path):
     from jaxsys.train.elastic.runtime import ElasticStep
 

@@ -31,6 +31,7 @@ from jaxsys.train.memory.online import POLICIES as POLICIES
 from jaxsys.train.memory.online import MemoryPlanner as MemoryPlanner
 from jaxsys.train.memory.planner import InfeasibleBudgetError as InfeasibleBudgetError
 from jaxsys.train.memory.planner import MemoryPlan as MemoryPlan
+from jaxsys.train.memory.planner import evaluate as evaluate
 from jaxsys.train.memory.planner import fixed_plan as fixed_plan
 from jaxsys.train.memory.planner import plan as plan
 from jaxsys.train.memory.planner import resolve_budget as resolve_budget
@@ -45,4 +46,4 @@ from jaxsys.train.memory.remat import Remat as Remat
 
 __all__ = ["Hardware", "InfeasibleBudgetError", "KEEP_ALL", "Liveness", "MemoryPlan", "MemoryPlanner",
            "POLICIES", "Profile", "ProfileCost", "Profiler", "Remat", "Residual", "analyze_liveness",
-           "fixed_plan", "plan", "profile", "resolve_budget", "traced_peak_bytes"]
+           "evaluate", "fixed_plan", "plan", "profile", "resolve_budget", "traced_peak_bytes"]

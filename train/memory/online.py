@@ -25,7 +25,7 @@ import jax
 
 from jaxsys.train.memory.costs import Hardware
 from jaxsys.train.memory.planner import InfeasibleBudgetError, MemoryPlan, fixed_plan, plan
-from jaxsys.train.memory.profiler import KEEP, OFFLOAD, RECOMPUTE, Profiler, call_signature
+from jaxsys.train.memory.profiler import KEEP, OFFLOAD, RECOMPUTE, Profile, Profiler, call_signature
 
 POLICIES = ("auto", "keep", "remat", "offload")
 
@@ -75,7 +75,7 @@ class MemoryPlanner:
         t0 = time.perf_counter()
         prof = self.profiler.profile(step_fn, *args, donate_argnums=self.donate_argnums)
         t1 = time.perf_counter()
-        chosen = self._choose(prof)
+        chosen = self.choose(prof)
         t2 = time.perf_counter()
         self._plans[sig] = chosen
         self.events.append({"fingerprint": prof.fingerprint, "reused": prof.cost.reused,
@@ -85,9 +85,12 @@ class MemoryPlanner:
                             **{k: v for k, v in chosen.to_json().items() if k != "decisions"}})
         return chosen
 
-    def _choose(self, prof) -> MemoryPlan:
+    def choose(self, prof: Profile, also_within: Sequence[Profile] = ()) -> MemoryPlan:
+        """The plan of this planner's policy for a profiled program; `auto` plans that must fit
+        `also_within` as well (see `plan`). Raises `InfeasibleBudgetError`."""
         if self.policy == "auto":
-            return plan(prof, self.budget_bytes, shards=self.shards, allow_offload=self.allow_offload)
+            return plan(prof, self.budget_bytes, shards=self.shards, allow_offload=self.allow_offload,
+                        also_within=also_within)
         if self.policy == "keep":
             peak = prof.keep_all_peak_bytes // self.shards
             if peak > self.budget_bytes:

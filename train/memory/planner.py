@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -168,13 +168,24 @@ def _score(prof: Profile, choice: np.ndarray, link: float, shards: int) -> tuple
     return peak, host, prof.step_s + rec_s - keep_saved_s + exposed
 
 
-def _greedy(prof: Profile, budget: int, link: float, shards: int, allowed: list[int]) -> np.ndarray:
-    """Start from keeping everything; while over budget, apply the single change (per name, to an
-    allowed decision) with the least added time per byte saved."""
+def _fit_peak(prof: Profile, others: Sequence[Profile], choice: np.ndarray, shards: int) -> np.ndarray:
+    """The largest modelled peak per device of plans [m, n] over `prof` and `others`."""
+    masks = [choice == d for d in range(3)]
+    peak = prof.peak_bytes_batch(*masks) / shards
+    for q in others:
+        peak = np.maximum(peak, q.peak_bytes_batch(*masks) / shards)
+    return peak
+
+
+def _greedy(prof: Profile, budget: int, link: float, shards: int, allowed: list[int],
+            others: Sequence[Profile] = ()) -> np.ndarray:
+    """Start from keeping everything; while over budget (on `prof` or any of `others`), apply the
+    single change (per name, to an allowed decision) with the least added time per byte saved."""
     n = len(prof.residuals)
     cur = np.zeros(n, np.int8)
     while True:
-        peak, _, t = _score(prof, cur[None], link, shards)
+        t = _score(prof, cur[None], link, shards)[2]
+        peak = _fit_peak(prof, others, cur[None], shards)
         if peak[0] <= budget:
             return cur
         cands = []
@@ -187,8 +198,8 @@ def _greedy(prof: Profile, budget: int, link: float, shards: int, allowed: list[
         if not cands:
             return cur
         cands = np.stack(cands)
-        p, _, tt = _score(prof, cands, link, shards)
-        saved = peak[0] - p
+        tt = _score(prof, cands, link, shards)[2]
+        saved = peak[0] - _fit_peak(prof, others, cands, shards)
         merit = np.where(saved > 0, (tt - t[0]) / np.maximum(saved, 1), np.inf)
         best = int(np.argmin(merit))
         if not np.isfinite(merit[best]):
@@ -197,7 +208,8 @@ def _greedy(prof: Profile, budget: int, link: float, shards: int, allowed: list[
 
 
 def plan(profile: Profile, budget_bytes: int, hardware: Hardware | None = None, *, shards: int = 1,
-         allow_offload: bool = True, host_budget_bytes: int | None = None) -> MemoryPlan:
+         allow_offload: bool = True, host_budget_bytes: int | None = None,
+         also_within: Sequence[Profile] = ()) -> MemoryPlan:
     """The fastest plan (by the profile's model) whose modelled peak per device fits the budget.
 
     hardware: rates for the host link (default: the profile's, measured when it was made).
@@ -206,10 +218,17 @@ def plan(profile: Profile, budget_bytes: int, hardware: Hardware | None = None, 
       same global batch is the same program: re-plan with the new `shards`, no new profile.
     allow_offload: consider offloading to host memory (off: keep or recompute only).
     host_budget_bytes: host memory available for offloaded residuals, per device.
+    also_within: profiles of other programs with the same residuals (the same step on fewer
+      devices, say) on which the plan must fit the budget too: the plan then stays valid when the
+      program changes to one of them. Time is still that of `profile`'s program.
     Raises `InfeasibleBudgetError` (naming the smallest feasible budget) when nothing fits.
     """
     if shards < 1:
         raise ValueError(f"shards must be >= 1, got {shards}")
+    for q in also_within:
+        if q.names != profile.names:
+            raise ValueError(f"plan: also_within profiles must have the residuals {list(profile.names)}, "
+                             f"got {list(q.names)}")
     budget_bytes = int(budget_bytes)
     link = (hardware or profile.hardware).link_bytes_per_s
     if not np.isfinite(link) or link <= 0:
@@ -221,19 +240,20 @@ def plan(profile: Profile, budget_bytes: int, hardware: Hardware | None = None, 
         if not allow_offload:
             choice = choice[(choice != 2).all(1)]
     else:
-        choice = _greedy(profile, budget_bytes, link, shards, allowed)[None]
+        choice = _greedy(profile, budget_bytes, link, shards, allowed, also_within)[None]
     peak, host, seconds = _score(profile, choice, link, shards)
-    ok = peak <= budget_bytes
+    fit_peak = _fit_peak(profile, also_within, choice, shards) if also_within else peak
+    ok = fit_peak <= budget_bytes
     if host_budget_bytes is not None:
         ok &= host <= host_budget_bytes
     best_keep_all = None
     if budget_bytes * shards >= profile.probe_peak_bytes:
         keep_all_peak = profile.keep_all_peak_bytes / shards
-        if keep_all_peak <= budget_bytes:
+        if max([keep_all_peak] + [q.keep_all_peak_bytes / shards for q in also_within]) <= budget_bytes:
             best_keep_all = (int(keep_all_peak), profile.keep_all_step_s)
     if not ok.any() and best_keep_all is None:
         feasible_host = np.ones_like(ok) if host_budget_bytes is None else host <= host_budget_bytes
-        smallest = peak[feasible_host].min() if feasible_host.any() else peak.min()
+        smallest = fit_peak[feasible_host].min() if feasible_host.any() else fit_peak.min()
         raise InfeasibleBudgetError(budget_bytes, int(np.ceil(smallest)))
     label = "auto" if allow_offload else "auto (no offload)"
     if best_keep_all is not None and (not ok.any() or best_keep_all[1] <= seconds[ok].min()):
@@ -245,6 +265,24 @@ def plan(profile: Profile, budget_bytes: int, hardware: Hardware | None = None, 
     decisions = tuple((nm, DECISIONS[int(c)]) for nm, c in zip(profile.names, choice[i]))
     return MemoryPlan(decisions, False, budget_bytes, int(np.ceil(peak[i])), int(host[i]),
                       float(seconds[i]), profile.fingerprint, shards, label, profile)
+
+
+def evaluate(profile: Profile, like: MemoryPlan) -> MemoryPlan:
+    """`like`'s decisions scored on another program with the same residuals (`profile`: the same
+    step on another device count, say): its modelled peak, host bytes and step time there. The
+    budget is not checked: compare `peak_bytes` with `budget_bytes`."""
+    if tuple(like.decision) != profile.names:
+        raise ValueError(f"evaluate: the plan is for residuals {list(like.decision)}, the profile has "
+                         f"{list(profile.names)}")
+    shards = like.shards
+    if like.keep_all:
+        return dataclasses.replace(like, peak_bytes=int(np.ceil(profile.keep_all_peak_bytes / shards)),
+                                   host_bytes=0, step_s=profile.keep_all_step_s,
+                                   fingerprint=profile.fingerprint, profile=profile)
+    choice = np.array([[DECISIONS.index(like.decision[n]) for n in profile.names]], np.int8)
+    peak, host, seconds = _score(profile, choice, profile.hardware.link_bytes_per_s, shards)
+    return dataclasses.replace(like, peak_bytes=int(np.ceil(peak[0])), host_bytes=int(host[0]),
+                               step_s=float(seconds[0]), fingerprint=profile.fingerprint, profile=profile)
 
 
 def fixed_plan(profile: Profile, decision: str, budget_bytes: int, *, shards: int = 1) -> MemoryPlan:

@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from typing import Any, Callable, Sequence
 
 import jax
 
 from jaxsys.train.config import MemoryConfig, TrainConfigError
 from jaxsys.train.memory.online import MemoryPlanner
-from jaxsys.train.memory.planner import NO_BUDGET, MemoryPlan
+from jaxsys.train.memory.planner import NO_BUDGET, InfeasibleBudgetError, MemoryPlan, evaluate
 from jaxsys.train.memory.profiler import Profiler
 from jaxsys.train.memory.remat import KEEP_ALL, Remat
 
@@ -165,15 +166,31 @@ class _CanonicalStep:
 
 
 class ElasticMemory:
-    """The memory plans of the elastic step, one per device set size.
+    """The memory plans of the elastic step, one per device set size, chosen so that a device loss
+    or join does not change the math.
 
     The elastic step (`jaxsys.train.elastic.canonical`) runs each micro-batch's forward and backward
     pass on one device inside a `shard_map`, so the profile is of the per-device program as it is
     (shards=1): the micro-batch's activations, plus what the device holds around them (its state
     shard, the gathered parameters, the gradients of its slots). A device loss or join changes that
-    program (shard size, slots per device): `with_remat` plans the new one from the layer body
-    already measured, and the step for the new set runs the new plan. Thread-safe: the elastic
-    runtime compiles the likely next device sets in the background.
+    program (shard size, slots per device), and with it the memory left for activations.
+
+    The canonical step gives the same bits on any device count because every micro-batch runs the
+    same compiled loss and gradient whichever device runs it. A remat plan is part of that program:
+    under another plan XLA fuses the recomputed forward into the backward pass differently from
+    the forward itself (other fusions, other floating-point contractions), and the gradients differ
+    in their last bits. So a count does not simply get the fastest plan for itself:
+
+    * the first count planned (the run's start) gets the fastest plan that fits the budget on it
+      and on one device fewer (when some plan does; else on it alone);
+    * every other count keeps the plan of its neighbour towards the start (one device more below
+      the start, one fewer above it) while that plan fits it: a loss the plan absorbs, or any join,
+      runs the same micro-batch program, hence the same bits;
+    * a count the neighbour's plan does not fit gets a new plan (again with a device of headroom
+      where one fits). The budget wins over the bits there, and the log says so.
+
+    Each count's program is profiled once, from the layer body measured first (reused: `body`).
+    Thread-safe: the elastic runtime compiles the likely next device sets in the background.
     """
 
     def __init__(self, cfg: MemoryConfig, *, device: jax.Device):
@@ -181,6 +198,10 @@ class ElasticMemory:
         self._planning = threading.Lock()  # one plan at a time: the profiler is not thread-safe
         self._lock = threading.Lock()  # the bookkeeping (never held while planning)
         self._specs: dict[Any, Any] = {}
+        self._start: int | None = None
+        self._profiles: dict[int, tuple[Any, dict[str, Any]]] = {}  # count -> profile, its cost
+        self._plans: dict[int, tuple[MemoryPlan, int | None]] = {}  # count -> plan, count it came from
+        self._remats: dict[tuple, Remat] = {}
         self._events: dict[int, tuple[MemoryPlan, dict[str, Any]]] = {}
         self._reported: set[int] = set()
 
@@ -189,8 +210,8 @@ class ElasticMemory:
         return self.memory.enabled
 
     def with_remat(self, spec, devices: Sequence[jax.Device]):
-        """`spec` with the `Remat` of its plan (`spec` itself without planning). devices: any
-        `spec.num_devices` devices (the program does not depend on which)."""
+        """`spec` with the `Remat` of its plan (`spec` itself without planning). devices: the run's
+        devices, at least `spec.num_devices` (the program does not depend on which)."""
         if not self.enabled:
             return spec
         found = self._specs.get(spec)  # the step loop asks every step: no lock on a hit
@@ -200,20 +221,62 @@ class ElasticMemory:
             found = self._specs.get(spec)
             if found is not None:
                 return found
-            from jaxsys.train.elastic import canonical
-
-            devs = tuple(devices[:spec.num_devices])
-            step = _CanonicalStep(spec, devs)
-            planner = self.memory.planner
-            n_events = len(planner.events)
-            plan = planner.plan_for(*canonical.abstract_step_args(spec, canonical.layout_mesh(devs)),
-                                    step_fn=step)
-            event = plan_event(plan, planner.events[n_events:])
-            out = dataclasses.replace(spec, remat=KEEP_ALL if plan.keep_all else plan.remat)
+            n = spec.num_devices
+            if self._start is None:
+                self._start = n
+            plan, source = self._plan_of(n, spec, devices)
+            key = (plan.decisions, plan.keep_all)  # one Remat per policy: equal plans, equal programs
+            if key not in self._remats:
+                self._remats[key] = KEEP_ALL if plan.keep_all else plan.remat
+            out = dataclasses.replace(spec, remat=self._remats[key])
+            cost = self._profiles[n][1]
+            event = {**plan_event(plan, [cost]), "devices": n, "plan_of_devices": source}
             with self._lock:
-                self._events[spec.num_devices] = (plan, {**event, "devices": spec.num_devices})
+                self._events[n] = (plan, event)
                 self._specs[spec] = out
             return out
+
+    def _profile(self, n: int, spec, devices: Sequence[jax.Device]):
+        """The profile of the step on `n` devices (made once; `spec` is that step on any count)."""
+        if n not in self._profiles:
+            from jaxsys.train.elastic import canonical
+            from jaxsys.train.elastic.layout import MicroBatchPlan
+
+            if spec.num_devices != n:  # a neighbour of the count asked for: the balanced split
+                spec = dataclasses.replace(spec, num_devices=n, slots=MicroBatchPlan.balanced(spec.num_micro, n).slots)
+            devs = tuple(devices[:n])
+            profiler = self.memory.planner.profiler
+            t0 = time.perf_counter()
+            prof = profiler.profile(_CanonicalStep(dataclasses.replace(spec, remat=None), devs),
+                                    *canonical.abstract_step_args(spec, canonical.layout_mesh(devs)))
+            self._profiles[n] = (prof, {"reused": prof.cost.reused, "profile_s": time.perf_counter() - t0})
+        return self._profiles[n][0]
+
+    def _plan_of(self, n: int, spec, devices: Sequence[jax.Device]) -> tuple[MemoryPlan, int | None]:
+        """(the plan for `n` devices, the count whose plan it keeps or None: chosen for `n`)."""
+        if n in self._plans:
+            return self._plans[n]
+        planner = self.memory.planner
+        prof = self._profile(n, spec, devices)
+        t0 = time.perf_counter()
+        found = None
+        toward = n + 1 if n < self._start else n - 1 if n > self._start else None
+        if toward is not None:
+            near, _ = self._plan_of(toward, spec, devices)
+            same = evaluate(prof, near)
+            if same.peak_bytes <= planner.budget_bytes:
+                found = (same, toward if self._plans[toward][1] is None else self._plans[toward][1])
+        if found is None:
+            chosen = None
+            if planner.policy == "auto" and n > 1:
+                try:
+                    chosen = planner.choose(prof, also_within=(self._profile(n - 1, spec, devices),))
+                except InfeasibleBudgetError:
+                    pass  # no plan fits one device fewer: plan this count alone
+            found = (chosen or planner.choose(prof), None)
+        self._profiles[n][1].setdefault("plan_s", time.perf_counter() - t0)
+        self._plans[n] = found
+        return found
 
     def plan(self, num_devices: int) -> MemoryPlan | None:
         """The plan of the step on `num_devices` devices (None: not planned)."""
@@ -230,5 +293,13 @@ class ElasticMemory:
             self._reported.add(num_devices)
             plan, event = self._events[num_devices]
         if log is not None:
-            log(f"memory plan for {num_devices} devices:\n{plan.table()}")
+            source = event["plan_of_devices"]
+            if source is not None:
+                why = f"the plan of {source} devices, which fits: the same micro-batch program, the same bits"
+            elif num_devices != self._start:
+                why = ("a new plan: the previous one does not fit this device count; the micro-batch "
+                       "program changes, and with it the gradients' last bits")
+            else:
+                why = "the run's first plan"
+            log(f"memory plan for {num_devices} devices ({why}):\n{plan.table()}")
         return [event]
