@@ -15,7 +15,11 @@ policies   The decoder's training step (Adam) on this machine's first device. Bu
            that compute cannot hide (the planner's model at the link rate measured by
            `Hardware.calibrate()`); records give both parts. Peak memory is MODELLED: our liveness
            analysis of each traced program (`peak_bytes`), with XLA's memory_analysis() beside it
-           (on CPU it reflects remat but not offload).
+           (on CPU it reflects remat but not offload). Each record has the step's minor page faults
+           (`page_faults_per_step`): on CPU XLA allocates a step's temporaries afresh and glibc maps
+           blocks over 32 MiB anew, so every step faults in its whole peak; with the zero-fill of
+           each stacked residual buffer before the forward scan, keeping a byte costs about as much
+           as recomputing it there, which the planner's measured keep cost reflects.
            Targets: at each budget ours >= 1.25x faster than full remat, and never slower than the
            fastest fixed policy whose modelled peak fits the budget.
 
@@ -53,6 +57,7 @@ import argparse
 import functools
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -114,17 +119,21 @@ def _xla_bytes(compiled) -> int | None:
                - ma.alias_size_in_bytes)
 
 
-def _round_robin(fns: dict, args, repeats: int) -> dict[str, list[float]]:
-    """Each compiled step run once to warm up, then `repeats` rounds over all of them in turn."""
+def _round_robin(fns: dict, args, repeats: int) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Each compiled step run once to warm up, then `repeats` rounds over all of them in turn:
+    (seconds, minor page faults of this process) per step."""
     for fn in fns.values():
         jax.block_until_ready(fn(*args))
     times = {k: [] for k in fns}
+    faults = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             jax.block_until_ready(fn(*args))
             times[k].append(time.perf_counter() - t0)
-    return times
+            faults[k].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    return times, faults
 
 
 # --------------------------------------------------------------------------- policies
@@ -203,15 +212,16 @@ def section_policies(args, hw: Hardware) -> tuple[list, list, dict]:
             rows[name]["plan_table"] = v["plan"].table()
         print(f"  compiled {name} in {compile_s:.1f} s", flush=True)
 
-    times = _round_robin(compiled, step_args, args.repeats)
+    times, faults = _round_robin(compiled, step_args, args.repeats)
     for name, first in same.items():
         rows[name] = {**rows[first], "variant": name, "same_program_as": first,
                       "plan": variants[name]["plan"].to_json(), "plan_table": variants[name]["plan"].table()}
-        times[name] = times[first]
+        times[name], faults[name] = times[first], faults[first]
     for name, ts in times.items():
         med = statistics.median(ts)
         rows[name].update(step_s_measured=med, step_s_measured_repeats=ts,
-                          step_s=med + rows[name]["transfer_s_modelled"])
+                          step_s=med + rows[name]["transfer_s_modelled"],
+                          page_faults_per_step=int(statistics.median(faults[name])))
         print(f"  {name:<36} measured {med * 1e3:8.1f} ms  + modelled transfer "
               f"{rows[name]['transfer_s_modelled'] * 1e3:6.1f} ms  peak {rows[name]['peak_bytes'] / 2**20:7.1f} MiB",
               flush=True)
