@@ -111,6 +111,23 @@ def test_offloaded_steps_over_the_paged_cache_match_forward(kind, attention, pol
     assert model.compile_count == compiles, "a decode step of a seen shape recompiled"
 
 
+def test_later_steps_of_a_shape_compile_nothing_whatever_their_routing(tmp_root):
+    """Which active-expert bucket a step's FFN runs depends on its routing (2 tokens pick 2..4 of 4
+    experts; 3 slots split 4 into 3 + 1): the first step of a token count compiles every bucket."""
+    cfg, params, _, _ = _loaded("mixtral", tmp_root)
+    model = OffloadedMoE(cfg, params, OffloadConfig(expert_cache=3, prefetch=False))
+    rng = np.random.default_rng(7)
+    model.forward(rng.integers(0, cfg.vocab_size, (2, 1)))
+    compiles = model.compile_count
+    needed = set()
+    for _ in range(16):
+        before = model.stats.experts_needed
+        model.forward(rng.integers(0, cfg.vocab_size, (2, 1)))
+        needed.add(model.stats.experts_needed - before)
+    assert len(needed) > 1, "the routing never varied: the test would prove nothing"
+    assert model.compile_count == compiles, "a step of a seen token count compiled"
+
+
 def test_counters_and_a_warm_cache(tmp_root):
     cfg, params, ids, _ = _loaded("mixtral", tmp_root)
     model = OffloadedMoE(cfg, params, OffloadConfig(expert_cache=cfg.num_experts, prefetch=False))

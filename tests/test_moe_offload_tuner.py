@@ -70,6 +70,28 @@ def test_workload_interpolates_and_rescales():
     assert same.unique_experts == pytest.approx(W.unique_experts)
     fewer = W.rescaled(8, 1, 8, 2)
     assert all(fewer.unique_experts[k] < W.unique_experts[k] for k in W.unique_experts if W.unique_experts[k] < 8)
+    assert fewer.unique_experts[(1, 1)] == pytest.approx(1.0)  # one token needs exactly its top-k
+    half = dataclasses.replace(W, unique_experts={(1, 1): 4.0, (1, 4): 6.9, (4, 4): 8.0})
+    mixtral_like = half.rescaled(8, 2, 8, 4)  # the MoEfied model's top-4 of 8 carried to top-2 of 8
+    assert mixtral_like.unique_experts[(1, 1)] == pytest.approx(2.0) and mixtral_like.unique_experts[(4, 4)] == 8.0
+    assert 2.0 < mixtral_like.unique_experts[(1, 4)] < 6.9
+
+
+def test_measured_tokens_per_step_replace_the_independent_acceptance_formula(tmp_path):
+    from jaxsys.serve.speculative import expected_tokens_per_step
+
+    measured = dataclasses.replace(W, tokens_per_step={"ngram": {3: 2.5}})
+    plan = tu.Plan(3, 2, 2, "device", "ngram")
+    by_formula, by_measure = tu.predict(HW, M, W, plan), tu.predict(HW, M, measured, plan)
+    assert by_formula.tokens_per_step == pytest.approx(2 * expected_tokens_per_step(0.8, 3))
+    assert by_measure.tokens_per_step == pytest.approx(2 * 2.5) and by_measure.step_s == by_formula.step_s
+    other = tu.Plan(2, 1, 2, "device", "ngram")  # not measured at gamma 2: the formula
+    assert tu.predict(HW, M, measured, other).tokens_per_step == pytest.approx(expected_tokens_per_step(0.8, 2))
+    ev = json.loads(open(_stats_file(tmp_path)).read())
+    ev["ngram"]["by_gamma"] = {"1": {"tokens_per_step": 1.4}, "3": {"tokens_per_step": 1.9}}
+    w = tu.workload_from_evaluation(ev)
+    assert w.tokens_per_step == {"ngram": {1: 1.4, 3: 1.9}} and w.step_tokens("ngram", 3) == 1.9
+    assert w.rescaled(8, 1, 8, 2).step_tokens("ngram", 1) == 1.4
 
 
 def test_tuner_errors():

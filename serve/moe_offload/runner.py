@@ -151,6 +151,7 @@ class OffloadedMoE:
         self.stats = OffloadStats()
         self.inv_freq = jnp.asarray(rope_inv_freq(cfg))
         self._executables: dict[tuple, Any] = {}
+        self._ffn_ready: set[int] = set()  # token counts whose FFN is compiled for every bucket
         self.compile_count = 0
         self._build()
 
@@ -194,8 +195,8 @@ class OffloadedMoE:
             "ffn": jax.jit(ffn), "write": jax.jit(write, donate_argnums=0), "head": jax.jit(head),
         }
 
-    def _call(self, name: str, *args):
-        """Run one compiled piece; the first call per shape compiles ahead of time and is counted."""
+    def _compiled(self, name: str, args: tuple):
+        """The executable of one piece for these argument shapes, compiled ahead of time once (counted)."""
         leaves = jax.tree.leaves(args)
         key = (name, jax.tree.structure(args), tuple((np.shape(a), str(a.dtype)) for a in leaves))
         exe = self._executables.get(key)
@@ -203,7 +204,28 @@ class OffloadedMoE:
             exe = self._jit[name].lower(*args).compile()
             self._executables[key] = exe
             self.compile_count += 1
-        return exe(*args)
+        return exe
+
+    def _call(self, name: str, *args):
+        """Run one compiled piece (see `_compiled`)."""
+        return self._compiled(name, args)(*args)
+
+    def _expert_buckets(self) -> list[int]:
+        """Every active-expert count the FFN piece is compiled for: powers of two capped at the slots."""
+        S = self.config.expert_cache
+        return sorted({pow2_bucket(u, maximum=S) for u in range(1, S + 1)})
+
+    def _compile_ffn(self, acc, h, top_i, top_v, buf) -> None:
+        """Compile the FFN piece for every active-expert bucket at once, the first time a token count
+        is seen: which bucket a step needs depends on its routing, so compiling on first use would put
+        compiles into steady-state steps."""
+        N = h.shape[0]
+        if N in self._ffn_ready:
+            return
+        for U in self._expert_buckets():
+            ids = np.zeros(U, np.int32)
+            self._compiled("ffn", (acc, h, top_i, top_v, buf, ids, ids, np.zeros(U, bool)))
+        self._ffn_ready.add(N)
 
     # ------------------------------------------------------------------ the step
     def forward(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None, *,
@@ -262,6 +284,10 @@ class OffloadedMoE:
     def _experts(self, i, acc, h, top_i, top_v, needed, step, *, prefetch, valid_N):
         cache = self.caches[i]
         S = cache.num_slots
+        self._compile_ffn(acc, h, top_i, top_v, cache.buf)
+        # more experts than slots run in groups of S: the resident ones first, so that fetching the
+        # missing ones never evicts an expert this step has yet to use
+        needed = [e for e in needed if e in cache.slot_of] + [e for e in needed if e not in cache.slot_of]
         groups = [needed[j:j + S] for j in range(0, len(needed), S)] or [[]]
         for g, group in enumerate(groups):
             slots = cache.ensure(group, step)

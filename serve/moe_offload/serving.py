@@ -62,8 +62,8 @@ class OffloadEngine:
     # ------------------------------------------------------------------ compilation
     def compiled(self, kind: str, jitted: Callable, args: tuple) -> Any:
         """The executable of `jitted` for these argument shapes, compiled ahead of time once."""
-        leaves, treedef = jax.tree.flatten(args)
-        key = (kind, treedef, tuple((np.shape(a), np.result_type(a).str) for a in leaves))
+        leaves, treedef = jax.tree.flatten(args)  # host arrays and device arrays (e.g. logits) alike
+        key = (kind, treedef, tuple((np.shape(a), np.dtype(getattr(a, "dtype", type(a))).str) for a in leaves))
         exe = self._executables.get(key)
         if exe is None:
             t0 = time.perf_counter()

@@ -15,7 +15,8 @@ One cost model prices a verify step of B requests x (gamma + 1) tokens, layer by
   steps through n layers of the same machine;
 - fixed overheads per layer and per step (launches, the routing read-back, bookkeeping).
 
-A step emits B * (1 - a^(gamma+1)) / (1 - a) tokens (Leviathan et al.); throughput = tokens / time.
+A step emits B * (1 - a^(gamma+1)) / (1 - a) tokens (Leviathan et al.), or B times the tokens per
+step measured for the draft at that gamma where the workload has them; throughput = tokens / time.
 `choose` searches (gamma, batch, cache size, attention place, draft) within the memory sizes.
 
 The same model prices the baselines of the comparison: offloading without speculation
@@ -151,13 +152,27 @@ class Workload:
     """Measured statistics. unique_experts: {(batch, tokens per request): distinct experts per
     layer}; hit_rate: {cache slots: LRU hit rate}; acceptance: {draft name: per-token acceptance};
     draft_layers: {draft name: layers it runs (0 for n-gram lookup)}; context: cached tokens per
-    request."""
+    request; tokens_per_step: {draft name: {gamma: tokens a request emits per verify step}} where
+    measured (`step_tokens`)."""
 
     unique_experts: dict[tuple[int, int], float]
     hit_rate: dict[int, float]
     acceptance: dict[str, float]
     draft_layers: dict[str, int]
     context: int = 512
+    tokens_per_step: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)
+
+    def step_tokens(self, draft: str, gamma: int) -> float:
+        """Tokens a request emits per verify step of `gamma` drafts: the measured value where there
+        is one (a draft whose acceptances are not independent, like n-gram lookup, which proposes
+        nothing or whole copied runs, is only described by it), else Leviathan et al.'s
+        (1 - a^(g+1)) / (1 - a) with the per-token acceptance a."""
+        if gamma == 0:
+            return 1.0
+        measured = self.tokens_per_step.get(draft, {})
+        if gamma in measured:
+            return measured[gamma]
+        return expected_tokens_per_step(self.acceptance[draft], gamma)
 
     def unique(self, batch: int, tokens: int, num_experts: int) -> float:
         """U(b, t), interpolated in log(b * t) over the measured table, capped at E."""
@@ -179,11 +194,21 @@ class Workload:
         return self.hit_rate[below[-1]] if below else 0.0
 
     def rescaled(self, num_experts: int, top_k: int, from_experts: int, from_top_k: int) -> "Workload":
-        """Carry the statistics of a model with (from_experts, from_top_k) to (num_experts, top_k): the
-        fraction of experts a token set leaves untouched, (1 - U/E), is raised to the power k/k'
-        (each pick independent: an assumption), and the hit rate is taken at the same cache fraction."""
-        ratio = top_k / from_top_k
-        uniq = {bt: num_experts * (1 - (1 - u / from_experts) ** ratio) for bt, u in self.unique_experts.items()}
+        """Carry the statistics of a model with (from_experts, from_top_k) to (num_experts, top_k).
+
+        Distinct experts: each token picks k distinct experts, so n independent tokens leave an
+        expert unused with probability (1 - k/E)^n. A measured U over a token set gives the set's
+        effective number of independent tokens, n = log(1 - U/E') / log(1 - k'/E') (below the real
+        count where consecutive tokens reuse experts), and that n is carried over:
+        U = E (1 - (1 - k/E)^n). One token then needs exactly k experts, as it must. The hit rate is
+        taken at the same cache fraction."""
+        def carry(u: float) -> float:
+            if u >= from_experts or from_top_k >= from_experts:  # every expert used: nothing to carry
+                return float(num_experts)
+            n = math.log(1 - u / from_experts) / math.log(1 - from_top_k / from_experts)
+            return num_experts * (1 - (1 - top_k / num_experts) ** n)
+
+        uniq = {bt: carry(u) for bt, u in self.unique_experts.items()}
         hits = {}
         for c in range(top_k, num_experts + 1):
             frac_slots = max(from_top_k, round(c / num_experts * from_experts))
@@ -275,8 +300,7 @@ def predict(hw: HardwareSpec, m: ModelShape, w: Workload, plan: Plan, *, overlap
         one = predict(hw, m, w, dataclasses.replace(plan, gamma=0, draft="none"), overlap=overlap)
         draft = plan.gamma * one.step_s * w.draft_layers[plan.draft] / L
     step = target_step + draft
-    a = w.acceptance.get(plan.draft, 0.0) if plan.gamma > 0 else 0.0
-    tps = plan.batch * expected_tokens_per_step(a, plan.gamma)
+    tps = plan.batch * w.step_tokens(plan.draft, plan.gamma)
     parts = {"fetch_s": L * fetch, "experts_s": L * experts, "dense_s": L * dense, "attention_s": L * attention,
              "head_s": head, "draft_s": draft, "overhead_s": L * hw.overhead.per_layer_s + hw.overhead.per_step_s,
              "misses_per_layer": misses, "unique_per_layer": U}
@@ -347,7 +371,9 @@ def workload_from_evaluation(ev: dict[str, Any], *, mode: str = "greedy", contex
     for name, a in ev.get("acceptance_teacher_forced", {}).items():
         acc[name] = float(a[mode])
         layers_[name] = int(name.rsplit("_", 1)[1])
+    per_step = {}
     if "ngram" in ev:
         acc["ngram"] = float(ev["ngram"]["acceptance"])
         layers_["ngram"] = 0
-    return Workload(uniq, hits, acc, layers_, context)
+        per_step["ngram"] = {int(g): float(r["tokens_per_step"]) for g, r in ev["ngram"].get("by_gamma", {}).items()}
+    return Workload(uniq, hits, acc, layers_, context, per_step)
