@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -38,46 +39,142 @@ def _prompts(tokenizer, n: int) -> list[list[int]]:
     return [tokenizer.encode_chat([{"role": "user", "content": r["question"]}]) for r in rows]
 
 
-def measure_machine(log) -> dict:
-    """This machine's roofline parameters, from microbenchmarks (the accelerator is the CPU here)."""
+def measure_machine(log, cfg) -> dict:
+    """This machine's roofline parameters (the accelerator is the CPU here), each from a
+    microbenchmark of the operation the cost model prices with it, never from the configurations
+    the tuner is then validated on:
+
+    - memory bandwidth: a [1, 576] x [576, 32768] product (a 72 MiB weight, read once per token as
+      decode reads its weights); a plain reduction, recorded beside it, streams faster than
+      XLA:CPU's matrix-vector kernel attains;
+    - FLOP/s: a [16, 576] x [576, 32768] product, the skinniest shape that the measured steps run
+      at their largest (16 tokens); XLA:CPU attains far less on such shapes than on a large matmul
+      (a [256, 576] x [576, 4608] one, recorded beside it), and decode never runs large ones;
+    - link: misses of a device expert cache with the model's expert size (`LayerExpertCache.ensure`:
+      the copy from host memory into a slot, with the fixed cost of each small copy), what the
+      runner does per fetched expert; the bulk 64 MiB copy rate is recorded beside it;
+    - overlap: whether such copies run concurrently with compute (fetches dispatched, then a
+      matrix-vector product, all awaited, against the two one after the other);
+    - per-layer and per-step overheads: the offloaded runner's host loop (dispatches, routing
+      read-back, cache bookkeeping) on a tiny model of the same depth and experts, all experts
+      resident, at two depths.
+    """
     import jax
     import jax.numpy as jnp
     import numpy as np
 
+    from jaxsys.serve.moe_offload.policy import make_policy
+    from jaxsys.serve.moe_offload.store import HostExpertStore, LayerExpertCache
+
     dev = jax.devices()[0]
-    a = jnp.ones((256, 576), jnp.float32)
-    b = jnp.ones((576, 4608), jnp.float32)
+    best = lambda fn, n: min(_time(fn) for _ in range(n))  # noqa: E731
+    med = lambda fn, n: statistics.median(_time(fn) for _ in range(n))  # noqa: E731
     mm = jax.jit(lambda a, b: a @ b)
-    mm(a, b).block_until_ready()
-    t = min(_time(lambda: mm(a, b).block_until_ready()) for _ in range(20))
-    flops = 2 * 256 * 576 * 4608 / t
+
+    def matmul_s(rows: int, cols: int, n: int = 20) -> float:
+        a, b = jnp.ones((rows, 576), jnp.float32), jnp.ones((576, cols), jnp.float32)
+        mm(a, b).block_until_ready()
+        return med(lambda: mm(a, b).block_until_ready(), n)
+
+    cols = 32768  # a 72 MiB weight: far larger than the caches, as a layer's weights are
+    t_mv = matmul_s(1, cols)
+    gemv_bw = 576 * cols * 4 / t_mv
+    rows = 16  # the most tokens one step of the measured configurations runs (batch 4 x 4 verify positions)
+    flops = 2 * rows * 576 * cols / matmul_s(rows, cols)
+    gemm_flops = 2 * 256 * 576 * 4608 / matmul_s(256, 4608)
     big = jnp.ones((64 * 1024 * 1024 // 4,), jnp.float32)
     red = jax.jit(jnp.sum)
     red(big).block_until_ready()
-    bw = big.nbytes / min(_time(lambda: red(big).block_until_ready()) for _ in range(10))
-    host = jax.device_put(np.ones(big.shape, np.float32),
-                          jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host"))
-    host.block_until_ready()
+    stream_bw = big.nbytes / best(lambda: red(big).block_until_ready(), 10)
+    x, w = jnp.ones((1, 576), jnp.float32), jnp.ones((576, cols), jnp.float32)
+    pinned = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
     ds = jax.sharding.SingleDeviceSharding(dev)
-    link = big.nbytes / min(_time(lambda: jax.device_put(host, ds).block_until_ready()) for _ in range(10))
-    tiny = jax.jit(lambda x: x + 1)
-    x = jnp.zeros((4,), jnp.int32)
-    jax.device_get(tiny(x))
-    call = statistics.median(_time(lambda: jax.device_get(tiny(x))) for _ in range(200))
+    host = jax.device_put(np.ones(big.shape, np.float32), pinned)
+    host.block_until_ready()
+    bulk_link = big.nbytes / best(lambda: jax.device_put(host, ds).block_until_ready(), 10)
+    D, F, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+    rng = np.random.default_rng(0)
+    store = HostExpertStore(*(rng.standard_normal(s, np.float32) for s in ((1, E, D, F), (1, E, D, F), (1, E, F, D))),
+                            dev)
+    cache = LayerExpertCache(store, 0, E // 2, make_policy("lru")())
+    order = [e % E for e in range(2 * E)]  # every expert evicted before it comes back: each ensure misses
+
+    def fetch_all():
+        for i, e in enumerate(order):
+            cache.ensure([e], i)
+        return cache.buf
+
+    fetch_all().block_until_ready()
+    t_fetch = statistics.median(_time(lambda: fetch_all().block_until_ready()) for _ in range(20))
+    link = len(order) * store.expert_bytes / t_fetch
+
+    def both():
+        buf = fetch_all()
+        y = mm(x, w)
+        jax.block_until_ready((buf, y))
+
+    both()
+    t_both = statistics.median(_time(both) for _ in range(20))
+    overlap_fraction = (t_fetch + t_mv - t_both) / min(t_fetch, t_mv)
+    overlap = bool(overlap_fraction >= 0.5)
+    per_layer, per_step = runner_overheads(cfg, prefetch=overlap)
     spec = {"name": "this-cpu (measured)",
-            "accelerator": {"flops": flops, "bandwidth": bw, "memory_bytes": 1e12},
+            "accelerator": {"flops": flops, "bandwidth": gemv_bw, "memory_bytes": 1e12},
             "link": {"bandwidth": link},
-            "host": {"flops": flops, "bandwidth": bw, "memory_bytes": 1e12},
-            "overhead": {"per_layer_s": 2 * call, "per_step_s": 3 * call}}
-    log(f"machine: {flops / 1e9:.0f} GFLOP/s, {bw / 1e9:.1f} GB/s memory, {link / 1e9:.1f} GB/s host->device, "
-        f"{call * 1e6:.0f} us per dispatch+sync")
-    return spec
+            "host": {"flops": flops, "bandwidth": gemv_bw, "memory_bytes": 1e12},
+            "overhead": {"per_layer_s": per_layer, "per_step_s": per_step}}
+    measured = {"stream_bandwidth": stream_bw, "large_matmul_flops": gemm_flops, "bulk_link_bandwidth": bulk_link,
+                "expert_copy_s": t_fetch / len(order), "overlap_fraction": overlap_fraction,
+                "overlap": overlap}
+    log(f"machine: {flops / 1e9:.0f} GFLOP/s at 16 rows ({gemm_flops / 1e9:.0f} large), {gemv_bw / 1e9:.1f} GB/s "
+        f"matrix-vector ({stream_bw / 1e9:.1f} streaming), {link / 1e9:.2f} GB/s per expert copy "
+        f"({bulk_link / 1e9:.1f} bulk), copy/compute overlap {overlap_fraction:.2f}, runner overhead "
+        f"{per_layer * 1e3:.2f} ms/layer + {per_step * 1e3:.2f} ms/step")
+    return {"spec": spec, "measured": measured}
+
+
+def runner_overheads(cfg, *, prefetch: bool, steps: int = 20) -> tuple[float, float]:
+    """(per-layer, per-step) seconds of the offloaded runner's host loop: decode steps of a tiny
+    model with `cfg`'s depth, experts and top-k (negligible compute, every expert resident after
+    the first step), at full depth and at a third of it."""
+    import jax
+
+    from jaxsys.models import init_params
+    from jaxsys.serve.moe_offload.runner import OffloadConfig, OffloadedMoE
+
+    def step_s(layers: int) -> float:
+        tiny = cfg.replace(num_layers=layers, hidden_size=64, num_heads=2, num_kv_heads=1, head_dim=32,
+                           vocab_size=256, intermediate_size=64, moe_intermediate_size=16,
+                           shared_expert_intermediate_size=32 if cfg.shared_expert_intermediate_size else 0)
+        params = init_params(tiny, jax.random.key(0))
+        model = OffloadedMoE(tiny, params, OffloadConfig(expert_cache=tiny.num_experts, prefetch=prefetch))
+        dec = Decoder(lambda t, p, c, m: model.forward(t, p, cache=c, meta=m), tiny, [[1, 2, 3, 4]],
+                      max_new=2 * steps + 8)
+        dec.prefill()
+        for _ in range(4):
+            dec.step(1)
+        return statistics.median(_time(lambda: dec.step(1)) for _ in range(steps))
+
+    deep, shallow = cfg.num_layers, max(1, cfg.num_layers // 3)
+    t_deep, t_shallow = step_s(deep), step_s(shallow)
+    per_layer = max(t_deep - t_shallow, 0.0) / (deep - shallow)
+    return per_layer, max(t_deep - deep * per_layer, 0.0)
 
 
 def _time(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+@functools.lru_cache(maxsize=None)
+def _greedy_accept_jit():
+    """`greedy_accept` compiled once per shape (eager, its few ops would each pay a dispatch)."""
+    import jax
+
+    from jaxsys.serve.speculative import greedy_accept
+
+    return jax.jit(greedy_accept)
 
 
 class Decoder:
@@ -121,15 +218,21 @@ class Decoder:
         self.contexts = [list(p) for p in self.prompts]  # prompt + emitted tokens (speculative_step)
 
     def step(self, tokens_per_request: int = 1):
-        """One step of T tokens per request: T = 1 is decode; T = gamma + 1 has a verify step's shape
-        (the next token followed by copies of it: the cost, not the acceptance, is what is timed)."""
+        """One step of T tokens per request: T = 1 is decode; T = gamma + 1 has a verify step's shape:
+        the next token followed by T - 1 tokens of the request's own text (its last ones), which
+        route like real drafts (copies of one token would need fewer experts). The cost, not the
+        acceptance, is what is timed; all T are kept as the request's text."""
         import numpy as np
 
         T = tokens_per_request
-        toks = np.repeat(self.next[:, None], T, axis=1)
+        toks = np.zeros((self.B, T), np.int32)
+        for b in range(self.B):
+            toks[b] = [int(self.next[b]), *self.contexts[b][len(self.contexts[b]) - (T - 1):]][:T]
         pos = (self.lens[:, None] + np.arange(T)[None, :]).astype(np.int32)
         self.lens = self.lens + T
         logits, self.cache = self.forward(toks, pos, self.cache, self._meta())
+        for b in range(self.B):
+            self.contexts[b] += [int(t) for t in toks[b]]
         self.next = np.asarray(logits)[:, -1].argmax(-1).astype(np.int32)
 
     def speculative_step(self, gamma: int) -> tuple[int, int, int]:
@@ -140,7 +243,7 @@ class Decoder:
         Returns (proposed, accepted, emitted) over the batch."""
         import numpy as np
 
-        from jaxsys.serve.speculative import greedy_accept, ngram_propose_host
+        from jaxsys.serve.speculative import ngram_propose_host
 
         T = gamma + 1
         toks = np.zeros((self.B, T), np.int32)
@@ -154,7 +257,7 @@ class Decoder:
             pos[b, :1 + d] = self.lens[b] + np.arange(1 + d)
         kv_after = self.lens + 1 + draft_len
         logits, self.cache = self.forward(toks, pos, self.cache, self._meta_lens(kv_after))
-        accepted, nxt = (np.asarray(x) for x in greedy_accept(toks[:, 1:], draft_len, logits))
+        accepted, nxt = (np.asarray(x) for x in _greedy_accept_jit()(toks[:, 1:], draft_len, logits))
         for b in range(self.B):
             a = int(accepted[b])
             self.contexts[b] += [int(self.next[b]), *map(int, toks[b, 1:1 + a])]
@@ -189,8 +292,15 @@ def run_real(args, log) -> tuple[list[dict], dict, dict]:
         ev["model"] = moefy.model_record(cfg)
         ev_path.write_text(json.dumps(ev, indent=1))
     ev = json.loads(ev_path.read_text())
-    machine = measure_machine(log)
-    hw = tu.HardwareSpec.model_validate(machine)
+    if "by_gamma" not in ev["ngram"]:  # an evaluation from before tokens per step were measured per gamma
+        ev["ngram"] = moefy.ngram_acceptance(params, cfg, dense, SHARED_DATA)
+        ev_path.write_text(json.dumps(ev, indent=1))
+    machine = measure_machine(log, cfg)
+    hw = tu.HardwareSpec.model_validate(machine["spec"])
+    # prefetching guesses pays off only where copies run beside compute; where they do not, every
+    # wrong guess is a copy on the critical path (offload alone and speculation share the setting)
+    prefetch = machine["measured"]["overlap"]
+    log(f"expert prefetch {'on' if prefetch else 'off'} (copies {'' if prefetch else 'do not '}overlap compute)")
     shape = tu.ModelShape.from_config(cfg)
     jit_fwd = jax.jit(decoder.forward, static_argnames=("cfg", "moe"), donate_argnames=("cache",))
 
@@ -208,7 +318,7 @@ def run_real(args, log) -> tuple[list[dict], dict, dict]:
             if slots is None:
                 fwd, model = on_device, None
             else:
-                model = OffloadedMoE(cfg, params, OffloadConfig(expert_cache=slots, policy="lru", prefetch=True))
+                model = OffloadedMoE(cfg, params, OffloadConfig(expert_cache=slots, policy="lru", prefetch=prefetch))
                 fwd = lambda t, p, c, m, model=model: model.forward(t, p, cache=c, meta=m)  # noqa: E731
             for T in [1] + [g + 1 for g in args.verify_gammas]:
                 runs = []
@@ -219,12 +329,14 @@ def run_real(args, log) -> tuple[list[dict], dict, dict]:
                     dec.step(T)  # warm-up: compiles this shape
                     if model is not None:
                         model.reset_stats()
+                        compiles = model.compile_count
                     t0 = time.perf_counter()
                     for _ in range(args.steps):
                         dec.step(T)
                     runs.append(time.perf_counter() - t0)
                     if model is not None:
                         stats = model.snapshot_stats()
+                        stats["compiles_in_timed_steps"] = model.compile_count - compiles
                 step_s = statistics.median(runs) / args.steps
                 rec = {"variant": name, "batch": B, "tokens_per_request_per_step": T, "expert_cache": slots,
                        "step_s_repeats": [r / args.steps for r in runs], "step_s": step_s,
@@ -234,7 +346,8 @@ def run_real(args, log) -> tuple[list[dict], dict, dict]:
                     rec["bytes_moved_per_step"] = stats["bytes_moved"] / max(stats["steps"], 1)
                 if slots is not None:
                     w = tu.workload_from_evaluation(ev, context=int(np.mean([len(p) for p in prompts])) + 32)
-                    pred = tu.predict(hw, shape, w, tu.Plan(T - 1, B, slots, "device", "ngram" if T > 1 else "none"))
+                    pred = tu.predict(hw, shape, w, tu.Plan(T - 1, B, slots, "device", "ngram" if T > 1 else "none"),
+                                      overlap=machine["measured"]["overlap"])
                     rec["predicted_step_s"] = pred.step_s
                     rec["prediction_error"] = pred.step_s / step_s - 1
                 records.append(rec)
@@ -259,6 +372,7 @@ def run_speculative(fwd, model, cfg, prompts, gamma: int, args) -> dict:
         dec.speculative_step(gamma)  # warm-up: compiles this shape
         if model is not None:
             model.reset_stats()
+            compiles = model.compile_count
         proposed = accepted = emitted = 0
         t0 = time.perf_counter()
         for _ in range(args.steps):
@@ -267,6 +381,7 @@ def run_speculative(fwd, model, cfg, prompts, gamma: int, args) -> dict:
         runs.append((time.perf_counter() - t0, proposed, accepted, emitted))
         if model is not None:
             stats = model.snapshot_stats()
+            stats["compiles_in_timed_steps"] = model.compile_count - compiles
     t, proposed, accepted, emitted = sorted(runs)[len(runs) // 2]
     rec = {"gamma": gamma, "tokens_per_request_per_step": gamma + 1,
            "step_s_repeats": [r[0] / args.steps for r in runs], "step_s": t / args.steps,
@@ -351,6 +466,7 @@ def main() -> None:
                   machine=machine, moefied=ev, pending=pending,
                   config={"batches": args.batches, "caches": args.caches, "verify_gammas": args.verify_gammas,
                           "speculate_gammas": args.speculate_gammas,
+                          "expert_prefetch": machine["measured"]["overlap"],
                           "steps": args.steps, "repeats": args.repeats})
 
 
