@@ -1,19 +1,19 @@
 """Fine-tune SmolLM2-135M-Instruct for GLM and for Graph-CoT on oracle traces (same token budget), then evaluate both.
 
 Part D of the GLM issue, the one place that joins `jaxsys.serve.graphcot` (the traces, the
-evaluation) and `jaxsys.train` (the trainer), which never import each other:
+evaluation) and `jaxsys.train` (the fine-tune, `jaxsys.train.sft`), which never import each other:
 
 1. Questions as `jaxsys bench graphcot` makes them (GRBench goodreads templates over goodbooks-10k,
    same seed, same train/dev/test split). The oracle plays each protocol on `--train-questions`
    train questions (templates in turn); every LLM call becomes one example, its prompt tokenized
    exactly as the engine serves it (`jaxsys.serve.graphcot.sft`).
-2. Each system's examples are fine-tuned into its own copy of the model with `jaxsys.train`'s
-   trainer (GSPMD step, AdamW, full fine-tune starting from the pretrained weights), the loss on
+2. Each system's examples are fine-tuned into its own copy of the model by `jaxsys.train.sft.finetune`
+   (the trainer's GSPMD step, AdamW, full fine-tune starting from the pretrained weights), the loss on
    the completion tokens only (the prompt is masked). The budget is the same for both systems:
    the same number of steps of the same number of tokens (`--tokens-per-step`); a row holds one
    example, and each system's row length is the power of two that holds 95% of its examples (the
    longest are left out; Graph-CoT's prompts are longer, so it gets fewer, longer rows per step).
-3. Each fine-tuned model is saved as an HF folder (config.json, model.safetensors, tokenizer.json)
+3. Each fine-tuned model is saved as an HF folder (`jaxsys.models.hf_export.save_hf_folder`)
    under the user's cache directory (`$JAXSYS_CACHE_DIR` or `~/.cache/jaxsys`, `graphcot-sft/<key>/`,
    the key a hash of every setting above), reused by later runs; `jaxsys.load_model`, `jaxsys graphcot
    --model`, `jaxsys serve --model` and `jaxsys bench graphcot --finetuned-glm/--finetuned-graphcot`
@@ -45,7 +45,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import write_results  # noqa: E402
 
 SYSTEMS = ("glm", "graphcot")
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # what the cache key covers: every setting that changes the fine-tuned weights
 TRAINING_KEYS = ("model", "graph", "per_template", "seed", "train_questions", "tokens_per_step", "steps", "lr",
                  "warmup_steps", "max_seq_len", "train_seed")
@@ -92,119 +91,6 @@ def run_key(args: argparse.Namespace) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
-# ------------------------------------------------------------------------------ HF export
-
-def hf_config(cfg) -> dict[str, Any]:
-    """The HF `config.json` of a dense Llama-family `ModelConfig` (what `ModelConfig.from_hf` reads)."""
-    if cfg.is_moe or cfg.model_type not in HF_ARCHITECTURES:
-        raise ValueError(f"HF export covers dense {', '.join(HF_ARCHITECTURES)} models, not {cfg.model_type!r}")
-    hf = {"architectures": [HF_ARCHITECTURES[cfg.model_type]], "model_type": cfg.model_type,
-          "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-          "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-          "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-          "max_position_embeddings": cfg.max_position_embeddings, "rope_theta": cfg.rope_theta,
-          "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": cfg.tie_word_embeddings,
-          "attention_bias": cfg.attention_bias, "hidden_act": "silu", "bos_token_id": cfg.bos_token_id,
-          "eos_token_id": list(cfg.eos_token_ids), "torch_dtype": "float32"}
-    if cfg.rope_scaling is not None:
-        hf["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(cfg.rope_scaling)}
-    if cfg.sliding_window is not None:
-        hf["sliding_window"] = cfg.sliding_window
-    return hf
-
-
-def hf_tensors(params, cfg) -> dict[str, Any]:
-    """HF tensor names and layouts of our parameter tree: the inverse of `weights.load_hf_folder`."""
-    import numpy as np
-
-    def host(x):
-        return np.ascontiguousarray(np.asarray(x, np.float32))
-
-    D = cfg.hidden_size
-    lay = params["layers"]
-    out = {"model.embed_tokens.weight": host(params["embed"]), "model.norm.weight": host(params["final_norm"])}
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = host(np.asarray(params["lm_head"]).T)
-    for i in range(cfg.num_layers):
-        pre = f"model.layers.{i}."
-        out[pre + "input_layernorm.weight"] = host(lay["attn_norm"][i])
-        out[pre + "post_attention_layernorm.weight"] = host(lay["mlp_norm"][i])
-        for n in "qkv":
-            out[pre + f"self_attn.{n}_proj.weight"] = host(np.asarray(lay[f"w{n}"][i]).reshape(D, -1).T)
-            if cfg.attention_bias:
-                out[pre + f"self_attn.{n}_proj.bias"] = host(np.asarray(lay[f"b{n}"][i]).reshape(-1))
-        out[pre + "self_attn.o_proj.weight"] = host(np.asarray(lay["wo"][i]).reshape(-1, D).T)
-        for name, key in (("gate_proj", "w_gate"), ("up_proj", "w_up"), ("down_proj", "w_down")):
-            out[pre + f"mlp.{name}.weight"] = host(np.asarray(lay[key][i]).T)
-    return out
-
-
-def save_hf_folder(folder: str | os.PathLike, params, cfg, tokenizer) -> Path:
-    """An HF model folder that `jaxsys.load_model` (and transformers) load: config.json,
-    model.safetensors (float32), tokenizer.json and tokenizer_config.json (chat template, special
-    tokens), written into a new folder."""
-    from safetensors.numpy import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=False)
-    (folder / "config.json").write_text(json.dumps(hf_config(cfg), indent=1))
-    save_file(hf_tensors(params, cfg), str(folder / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer.backend.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": tokenizer.chat_template, "bos_token": tokenizer.bos_token,
-         "eos_token": tokenizer.eos_token, "add_bos_token": tokenizer.add_bos}, indent=1))
-    return folder
-
-
-# ------------------------------------------------------------------------------ fine-tuning
-
-def train_config(model_cfg, *, rows_path: Path, seq_len: int, batch: int, steps: int, lr: float,
-                 warmup_steps: int, seed: int):
-    """The trainer's config: a full fine-tune on one device, AdamW without weight decay."""
-    from jaxsys.train.config import (ElasticConfig, LMDataConfig, LMTrainConfig, MeshAxesConfig,
-                                     OptimConfig)
-
-    return LMTrainConfig(
-        model=model_cfg.replace(dtype="float32"),
-        data=LMDataConfig(source="tokens", paths=(str(rows_path),), seq_len=seq_len, global_batch=batch,
-                          micro_batches=1, seed=seed),
-        optim=OptimConfig(lr=lr, schedule="cosine", warmup_steps=min(warmup_steps, steps - 1), min_lr_ratio=0.1,
-                          weight_decay=0.0, clip_norm=1.0),
-        mesh=MeshAxesConfig(data=1, fsdp=1, tensor=1), elastic=ElasticConfig(enabled=False),
-        steps=steps, seed=seed, devices=1, progress=True)
-
-
-def finetune(params, model_cfg, rows_path: Path, *, seq_len: int, batch: int, steps: int, lr: float,
-             warmup_steps: int, seed: int) -> tuple[Any, dict[str, Any]]:
-    """Fine-tune `params` on the rows at `rows_path`: (new host params, training record)."""
-    import jax
-    import numpy as np
-
-    from jaxsys.train.data import batch_for_step
-    from jaxsys.train.trainer import Trainer
-
-    cfg = train_config(model_cfg, rows_path=rows_path, seq_len=seq_len, batch=batch, steps=steps, lr=lr,
-                       warmup_steps=warmup_steps, seed=seed)
-    trainer = Trainer(cfg)
-    trainer.setup()
-    host = jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(params))
-    trainer.program.load_state({"params": host, "mu": jax.tree.map(np.zeros_like, host),
-                                "nu": jax.tree.map(np.zeros_like, host), "count": np.zeros((), np.int32)})
-    loss_tokens = sum(int(np.count_nonzero(batch_for_step(trainer.source, s, batch)[:, 1:] >= 0))
-                      for s in range(steps))
-    t0 = time.perf_counter()
-    trainer.compile()
-    compile_s = time.perf_counter() - t0
-    result = trainer.run()
-    wall = time.perf_counter() - t0
-    new = trainer.params()
-    trainer.close()
-    return new, {"seq_len": seq_len, "global_batch": batch, "steps": steps, "tokens": steps * batch * seq_len,
-                 "loss_tokens": loss_tokens, "lr": lr, "warmup_steps": cfg.optim.warmup_steps,
-                 "losses": result.losses, "step_time_s": [r.step_time_s for r in result.records],
-                 "compile_s": compile_s, "wall_s": wall}
-
-
 def prepare_examples(model, graph, train_qs):
     from jaxsys.serve.graphcot.sandbox import Sandbox
     from jaxsys.serve.graphcot.sft import sft_examples
@@ -215,7 +101,9 @@ def prepare_examples(model, graph, train_qs):
 
 def finetuned_models(model, graph, train_qs, args) -> dict[str, tuple[Path, dict[str, Any]]]:
     """{system: (HF folder, training record)}, from the cache or fine-tuned now."""
+    from jaxsys.models.hf_export import save_hf_folder
     from jaxsys.serve.graphcot.sft import describe, pack_rows, seq_len_for, write_rows
+    from jaxsys.train.sft import finetune
 
     root = cache_root(args.cache_dir) / run_key(args)
     out = {}

@@ -1,11 +1,9 @@
 """Part D's pieces: the masked-prompt objective of `jaxsys.train`, the SFT rows built from oracle
 traces (prompts as the engine serves them, read back by the trainer's token source), a short
-fine-tune through the real trainer that learns the completions, and the HF export that
-`jaxsys.load_model` reads back bit for bit."""
+fine-tune through `jaxsys.train.sft` that learns the completions, and the exported model keeping
+the chat format the agents are served in (the export itself: tests/test_models_hf_export.py)."""
 
 from __future__ import annotations
-
-import importlib.util
 
 import jax
 import numpy as np
@@ -13,23 +11,16 @@ import pytest
 
 pytest.importorskip("RestrictedPython")
 
-from conftest import ROOT  # noqa: E402
 from graphcot_helpers import small_graph, smollm2_tokenizer, tiny_text_model  # noqa: E402
 
 from jaxsys.models import decoder  # noqa: E402
 from jaxsys.models.config import ModelConfig  # noqa: E402
+from jaxsys.serve.graphcot import prompts  # noqa: E402
+from jaxsys.serve.graphcot.backends import encode_segments  # noqa: E402
 from jaxsys.serve.graphcot.prompts import messages  # noqa: E402
 from jaxsys.serve.graphcot.questions import generate_questions, split  # noqa: E402
 from jaxsys.serve.graphcot.sandbox import Sandbox  # noqa: E402
 from jaxsys.serve.graphcot.sft import end_of_turn_id, pack_rows, seq_len_for, sft_examples, write_rows  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_graphcot_finetune", ROOT / "benchmarks" / "graphcot_finetune.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -115,13 +106,15 @@ def test_rows_read_back_through_the_trainer_source(tmp_path, examples):
 
 
 @pytest.mark.slow  # a 12-step fine-tune: over a minute on 2 cores
-def test_finetune_through_the_trainer_learns_the_completions(tmp_path, bench, examples):
+def test_finetune_through_the_trainer_learns_the_completions(tmp_path, examples):
+    from jaxsys.train.sft import finetune
+
     model = tiny_text_model()
     exs = [e for e in examples["glm"] if e.agent == "c"]  # short prompts: a fast test
     seq_len = seq_len_for(exs, cap=1024)
     rows, _ = pack_rows(exs, seq_len)
     path = write_rows(tmp_path / "rows.npy", rows)
-    params, record = bench.finetune(model.params, model.config, path, seq_len=seq_len, batch=2, steps=12,
+    params, record = finetune(model.params, model.config, path, seq_len=seq_len, batch=2, steps=12,
                                     lr=1e-2, warmup_steps=1, seed=0)
     losses = record["losses"]
     assert len(losses) == 12 and losses[-1] < 0.5 * losses[0]
@@ -132,28 +125,13 @@ def test_finetune_through_the_trainer_learns_the_completions(tmp_path, bench, ex
     assert all(jax.tree.leaves(changed))  # a full fine-tune from the given weights
 
 
-@pytest.mark.parametrize("variant", ["llama-untied", "qwen2-tied-bias"])
-def test_hf_export_loads_back_exactly(tmp_path, bench, variant):
+def test_exported_model_keeps_the_served_chat_format(tmp_path):
     import jaxsys
+    from jaxsys.models.hf_export import save_hf_folder
 
     model = tiny_text_model()
-    cfg, params = model.config, model.params
-    if variant == "qwen2-tied-bias":
-        cfg = cfg.replace(model_type="qwen2", tie_word_embeddings=True, attention_bias=True)
-        params = decoder.init_params(cfg, jax.random.key(1))
-    folder = bench.save_hf_folder(tmp_path / "m", params, cfg, model.tokenizer)
-    loaded = jaxsys.load_model(folder)
-    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                  "head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings", "attention_bias", "model_type"):
-        assert getattr(loaded.config, field) == getattr(cfg, field), field
-    assert loaded.config.eos_token_ids[0] == cfg.eos_token_ids[0]
-    assert jax.tree.structure(loaded.params) == jax.tree.structure(params)
-    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    chat = [{"role": "system", "content": "You are one of several agents."}, {"role": "user", "content": "Who wrote Emma?"}]
-    assert loaded.tokenizer.encode_chat(chat) == model.tokenizer.encode_chat(chat)
+    loaded = jaxsys.load_model(save_hf_folder(tmp_path / "m", model.params, model.config, model.tokenizer))
+    segments = prompts.r_prompt(prompts.glm_system("a small book graph"), "Who wrote Emma?", {}, [], sharing=True)
+    assert encode_segments(loaded.tokenizer, segments) == encode_segments(model.tokenizer, segments)
     assert end_of_turn_id(loaded.tokenizer) == end_of_turn_id(model.tokenizer)
-    with pytest.raises(FileExistsError):
-        bench.save_hf_folder(folder, params, cfg, model.tokenizer)
-    with pytest.raises(ValueError, match="dense"):
-        bench.hf_config(cfg.replace(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32))
+    assert set(loaded.config.eos_token_ids) == set(model.config.eos_token_ids)
