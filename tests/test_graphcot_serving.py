@@ -80,6 +80,8 @@ def test_end_to_end_on_the_engine(engine, graph, questions, system):
     wait_idle(llm.scheduler)
     check_idle(llm.scheduler)
     assert not policy._active  # every question told the policy it finished
+    tags = set().union(*(page for n in radix.nodes() for page in n.page_tags))
+    assert {("system",), ("template",)} <= tags  # the requests' page tags reached the tree
 
 
 def test_pipelining_off_gives_the_same_records_shape(engine, graph, questions):
@@ -125,8 +127,9 @@ def test_priority_policy_evicts_finished_questions_first():
     prompt = {"q1": system + list(range(200, 208)), "q2": system + list(range(300, 308))}
     pages = {"q1": [1, 2, 3, 4], "q2": [1, 2, 5, 6]}
     for qid in ("q2", "q1"):  # q2 first: older
-        policy.register(prompt[qid], [Span(0, 8, "system"), Span(8, 16, "private")], qid)
-        path, _ = cache.insert(prompt[qid], pages[qid])
+        tags = policy.register(prompt[qid], [Span(0, 8, "system"), Span(8, 16, "private")], qid)
+        assert tags == [{("system",)}] * 2 + [{("private", qid)}] * 2
+        cache.insert(prompt[qid], pages[qid], tags=tags)
     for n in cache.nodes():
         n.last_access = {1: 0.0, 3: 5.0, 5: 1.0}.get(n.pages[0], 0.0)  # q2 older than q1
     policy.question_done("q1")
@@ -144,18 +147,25 @@ def test_priority_policy_evicts_finished_questions_first():
 
 
 def test_vertex_priority_grows_with_reuse():
+    from jaxsys.serve.scheduler.radix import RadixCache
+
     policy = VertexPriorityPolicy(4)
-
-    class Node:  # the attributes `key` reads from a radix node
-        def __init__(self, tokens):
-            self.id, self.depth_tokens, self.tokens, self.parent, self.last_access = 1, 0, tuple(tokens), None, 0.0
-
-    tokens = [7, 7, 7, 7]
-    policy.register(tokens, [Span(0, 4, "vertex", "book-1")], "q1")
-    once = policy.priority(Node(tokens))
-    for q in ("q2", "q3", "q4"):
-        policy.register(tokens, [Span(0, 4, "vertex", "book-1")], q)
-    assert once == 2.0 and policy.priority(Node(tokens)) == 3.0
+    cache = RadixCache(4, policy)
+    tokens = [7, 7, 7, 7, 8, 8, 8, 8]
+    spans = [Span(0, 3, "template"), Span(3, 6, "vertex", "book-1"), Span(6, 8, "question")]
+    tags = policy.register(tokens, spans, "q1")
+    assert tags == [{("template",), ("vertex", "book-1")}, {("vertex", "book-1"), ("question", "q1")}]
+    [node], _ = cache.insert(tokens, [1, 2], tags=tags)
+    upper = cache.match(tokens[:4])[0][0]  # split after the first page: the tags follow their pages
+    assert upper.page_tags == tags[:1] and node.page_tags == tags[1:] and node.parent is upper
+    assert policy.priority(upper) == 3.0 and policy.priority(node) == 2.5  # template; question in flight
+    policy.question_done("q1")
+    assert policy.priority(node) == 2.0  # the vertex, used by one question: 1 + log2(2)
+    for q in ("q2", "q3", "q4"):  # other questions share the vertex page: their tags merge into it
+        cache.insert(tokens, [1, 2], tags=policy.register(tokens, spans, q))
+    assert node.page_tags[0] >= {("question", "q2"), ("question", "q4")}
+    assert policy.priority(node) == 3.0  # 1 + log2(1 + 4) capped at 3
+    assert policy.priority(cache.insert([9, 9, 9, 9], [3])[0][0]) == 0.0  # untagged: plain LRU
 
 
 def test_phase_gate_never_overlaps_llm_and_tool_work():

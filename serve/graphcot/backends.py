@@ -7,8 +7,9 @@ continuous batching runs those calls together.
 
 `EngineBackend` tokenizes the chat prompt piece by piece (each piece starts at a segment), so a
 segment's tokens never depend on what follows it and identical prefixes are identical token runs
-for the radix cache; it registers each prompt's segments with the priority eviction policy when
-one is plugged in, and reports how many prompt tokens the radix cache already held.
+for the radix cache; when the priority eviction policy is plugged in, it registers each prompt's
+segments with it and sends the page tags it returns with the request (they land on the radix
+nodes), and it reports how many prompt tokens the radix cache already held.
 """
 
 from __future__ import annotations
@@ -115,8 +116,7 @@ class EngineBackend:
         if len(ids) + 1 >= self.context:
             raise PromptTooLong(f"the prompt has {len(ids)} tokens; the model's context is {self.context}")
         max_tokens = max(1, min(max_tokens, self.context - len(ids) - 1))
-        if self.policy is not None:
-            self.policy.register(ids, spans, qid)
+        tags = self.policy.register(ids, spans, qid) if self.policy is not None else None
         done = threading.Event()
         failure: list[str] = []
 
@@ -129,7 +129,7 @@ class EngineBackend:
         with self._lock:
             rid = f"{agent or 'call'}-{qid}-{next(self._ids)}"
         request = Request(ids, SamplingParams(max_tokens=max_tokens, stop=tuple(stop), ignore_eos=ignore_eos),
-                          on_output, request_id=rid)
+                          on_output, request_id=rid, cache_tags=tags)
         try:
             self.llm.scheduler.submit(request)
         except RequestError as e:

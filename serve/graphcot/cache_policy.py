@@ -20,16 +20,15 @@ highest priority of its pages:
     question / private state 2.5 while the question is in flight, 0 once it finished
     anything unregistered    0 (plain LRU)
 
-The radix tree stores token ids only, so the client tells the policy what each page holds: before
-submitting a prompt it calls `register(tokens, spans, qid)` with the prompt's segments; pages are
-identified by a hash chained over the whole prefix up to the page (a node's pages are found by
-walking its parents), so a page is recognised wherever the tree splits it. `question_done(qid)`
-drops a finished question's private pages to priority 0. Calls come from many client threads while
-`key` runs on the scheduler thread, hence the lock.
-
-Scheduler hook that would make this exact and cheaper: per-request priority metadata carried by
-the request and copied onto the radix nodes it inserts (`RadixNode.priority` exists for this), so
-the policy would not have to rebuild page identities from token hashes.
+The client tells the tree what each page holds: before submitting a prompt it calls
+`register(tokens, spans, qid)` with the prompt's segments and gets back one tag set per whole page
+(`("system",)`, `("template",)`, `("vertex", id)`, `("question", qid)`, `("private", qid)`), which
+travel with the request (`Request.cache_tags`) and land on the radix nodes of its path
+(`RadixNode.page_tags`, merged when another request shares the page, split with the node). `key`
+reads the tags straight from the node, so a page is known wherever the tree splits or shares it.
+`question_done(qid)` drops a finished question's private pages to priority 0. The reuse counts and
+the set of questions in flight change on client threads while `key` runs on the scheduler thread,
+hence the lock.
 """
 
 from __future__ import annotations
@@ -52,18 +51,9 @@ class Span:
     vertex: str | None = None
 
 
-@dataclasses.dataclass
-class _PageInfo:
-    kinds: set[str]
-    vertices: set[str]
-    qids: set[str]
-
-
-def _chain(prev: int, page: Sequence[int]) -> int:
-    return hash((prev, tuple(page)))
-
-
 class VertexPriorityPolicy:
+    """GLM's priority eviction policy (see the module docstring) for `RadixCache(policy=...)`."""
+
     def __init__(self, page_size: int, *, horizon_s: float | None = None):
         if page_size <= 0 or (horizon_s is not None and horizon_s < 0):
             raise ValueError("page_size must be positive and horizon_s non-negative")
@@ -71,86 +61,61 @@ class VertexPriorityPolicy:
         self.fixed_horizon_s = horizon_s
         self._gap_s = 5.0  # mean time between two calls of a question (exponential average)
         self._last_call: dict[str, float] = {}
-        self._pages: dict[int, _PageInfo] = {}
         self._vertex_questions: dict[str, set[str]] = {}
         self._active: set[str] = set()
-        self._node_hashes: dict[tuple[int, int, int], list[int]] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ client side
-    def register(self, tokens: Sequence[int], spans: Sequence[Span], qid: str) -> None:
-        """Record what each whole page of `tokens` holds (`spans` cover the prompt in order)."""
+    def register(self, tokens: Sequence[int], spans: Sequence[Span], qid: str) -> list[frozenset]:
+        """Note a call of question `qid` and return the tags of each whole page of `tokens` (what
+        the `spans`, which cover the prompt in order, put on it), for `Request.cache_tags`."""
         ps = self.page_size
         now = time.monotonic()
+        tags: list[frozenset] = []
         with self._lock:
             self._active.add(qid)
             if qid in self._last_call:
                 self._gap_s += 0.1 * (now - self._last_call[qid] - self._gap_s)
             self._last_call[qid] = now
-            h = 0
             j = 0
             for p in range(len(tokens) // ps):
                 lo, hi = p * ps, (p + 1) * ps
-                h = _chain(h, tokens[lo:hi])
-                info = self._pages.setdefault(h, _PageInfo(set(), set(), set()))
                 while j < len(spans) and spans[j].end <= lo:
                     j += 1
+                page = set()
                 k = j
                 while k < len(spans) and spans[k].start < hi:
                     s = spans[k]
-                    info.kinds.add(s.kind)
-                    if s.vertex is not None:
-                        info.vertices.add(s.vertex)
+                    if s.kind == "vertex" and s.vertex is not None:
+                        page.add(("vertex", s.vertex))
                         self._vertex_questions.setdefault(s.vertex, set()).add(qid)
-                    if s.kind in ("question", "private"):
-                        info.qids.add(qid)
+                    elif s.kind in ("question", "private"):
+                        page.add((s.kind, qid))
+                    elif s.kind in STAGE_PRIORITY:
+                        page.add((s.kind,))
                     k += 1
+                tags.append(frozenset(page))
+        return tags
 
     def question_done(self, qid: str) -> None:
         with self._lock:
             self._active.discard(qid)
             self._last_call.pop(qid, None)
-            stale = [h for h, info in self._pages.items()
-                     if info.qids and not info.qids & self._active and info.kinds <= {"question", "private"}]
-            for h in stale:
-                del self._pages[h]
 
     # ------------------------------------------------------------------ EvictionPolicy
-    def _page_priority(self, info: _PageInfo) -> float:
-        best = 0.0
-        for kind in info.kinds:
-            if kind == "vertex":
-                continue
-            if kind in ("question", "private"):
-                if info.qids & self._active:
-                    best = max(best, STAGE_PRIORITY[kind])
-            else:
-                best = max(best, STAGE_PRIORITY.get(kind, 0.0))
-        for v in info.vertices:
-            reuse = len(self._vertex_questions.get(v, ()))
-            best = max(best, min(VERTEX_CAP, VERTEX_BASE + math.log2(1 + reuse)))
-        return best
-
-    def _hashes(self, node) -> list[int]:
-        key = (node.id, node.depth_tokens, len(node.tokens))
-        hashes = self._node_hashes.get(key)
-        if hashes is None:
-            parent = node.parent
-            h = self._hashes(parent)[-1] if parent is not None and parent.parent is not None else 0
-            hashes = []
-            ps = self.page_size
-            for p in range(len(node.tokens) // ps):
-                h = _chain(h, node.tokens[p * ps:(p + 1) * ps])
-                hashes.append(h)
-            if len(self._node_hashes) > 200_000:
-                self._node_hashes.clear()
-            self._node_hashes[key] = hashes
-        return hashes
+    def _tag_priority(self, tag: tuple) -> float:
+        kind = tag[0]
+        if kind == "vertex":
+            reuse = len(self._vertex_questions.get(tag[1], ()))
+            return min(VERTEX_CAP, VERTEX_BASE + math.log2(1 + reuse))
+        if kind in ("question", "private"):
+            return STAGE_PRIORITY[kind] if tag[1] in self._active else 0.0
+        return STAGE_PRIORITY.get(kind, 0.0)
 
     def priority(self, node) -> float:
+        """The highest priority of the node's pages (0 for pages nobody tagged)."""
         with self._lock:
-            infos = [self._pages.get(h) for h in self._hashes(node)]
-            return max((self._page_priority(i) for i in infos if i is not None), default=0.0)
+            return max((self._tag_priority(t) for page in node.page_tags for t in page), default=0.0)
 
     @property
     def horizon_s(self) -> float:

@@ -7,6 +7,13 @@ Only full pages are shared; a request's trailing partial page stays private.
 Reference counts say how many running requests use a node (and so all its ancestors). Nodes with
 no references stay cached until the allocator needs pages; then `evict` frees leaves in the order an
 `EvictionPolicy` gives (LRU by default; the Graph-CoT system plugs in a priority policy).
+
+Priority metadata. A request may say what each whole page of its prompt holds (`Request.cache_tags`:
+one set of hashable tags per page, e.g. `("vertex", "book-12")`); `insert` merges them into
+`RadixNode.page_tags` on every node of the request's path, matched or new, and splits carry them
+with their pages. An eviction policy then reads what a node holds straight from the node (GLM's
+`VertexPriorityPolicy` ranks system prompt, agent template, graph vertices and a question's private
+state this way); the tree never interprets the tags.
 """
 
 from __future__ import annotations
@@ -14,12 +21,14 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Callable, Hashable, Iterable, Protocol, Sequence
+
+PageTags = frozenset  # the tags of one page (hashables; meaning is the eviction policy's business)
 
 
 class RadixNode:
     __slots__ = ("id", "parent", "children", "tokens", "pages", "ref", "last_access", "priority", "depth_tokens",
-                 "ready")
+                 "ready", "page_tags")
 
     def __init__(self, node_id: int, parent: "RadixNode | None", tokens: tuple[int, ...], pages: list[int]):
         self.id = node_id
@@ -31,6 +40,7 @@ class RadixNode:
         self.last_access = time.monotonic()
         self.priority = 0.0  # free for eviction policies (e.g. Graph-CoT node importance)
         self.ready = True  # False while the request that inserted it is still computing its KV
+        self.page_tags: list[PageTags] = [PageTags()] * len(pages)  # per page: what requests said it holds
         self.depth_tokens = (parent.depth_tokens + len(parent.tokens)) if parent is not None else 0
 
     @property
@@ -105,6 +115,8 @@ class RadixCache:
         upper.last_access = node.last_access
         upper.priority = node.priority
         upper.ready = node.ready
+        upper.page_tags = node.page_tags[:n_pages]
+        node.page_tags = node.page_tags[n_pages:]
         parent = node.parent
         parent.children[upper.tokens[:ps]] = upper
         node.tokens, node.pages = node.tokens[n_pages * ps:], node.pages[n_pages:]
@@ -113,11 +125,13 @@ class RadixCache:
         upper.children[node.tokens[:ps]] = node
         return upper
 
-    def insert(self, tokens: Sequence[int], pages: Sequence[int], *, ready: bool = True
-               ) -> tuple[list[RadixNode], list[int]]:
+    def insert(self, tokens: Sequence[int], pages: Sequence[int], *, ready: bool = True,
+               tags: Sequence[Iterable[Hashable]] | None = None) -> tuple[list[RadixNode], list[int]]:
         """Cache the whole pages of `tokens` (KV in `pages`). Where a prefix is already cached, the
         cached pages win and the caller's duplicates are returned (they stay the caller's).
         `ready=False` inserts a node whose KV is still being computed: requests that match it wait.
+        `tags[i]`, when given, are merged into the tags of the path's page i (see the module
+        docstring); pages past the end of `tags` get none.
         Returns (the nodes on the path, duplicate pages)."""
         keys = self._page_keys(tokens)
         pages = list(pages)[:len(keys)]
@@ -133,7 +147,22 @@ class RadixCache:
             parent.children[new_tokens[:ps]] = node
             self.num_cached_pages += len(node.pages)
             path.append(node)
+        if tags:
+            self._merge_tags(path, tags)
         return path, duplicates
+
+    @staticmethod
+    def _merge_tags(path: Sequence[RadixNode], tags: Sequence[Iterable[Hashable]]) -> None:
+        i = 0
+        for node in path:
+            if i >= len(tags):
+                break
+            mine = node.page_tags
+            for j in range(min(len(node.pages), len(tags) - i)):
+                extra = PageTags(tags[i + j])
+                if not extra <= mine[j]:
+                    mine[j] = mine[j] | extra
+            i += len(node.pages)
 
     # ------------------------------------------------------------------ references
     def acquire(self, node: RadixNode | None) -> None:

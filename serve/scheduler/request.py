@@ -6,7 +6,7 @@ import dataclasses
 import enum
 import itertools
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 from jaxsys.models.tokenizer import StreamDecoder
 from jaxsys.sampling import SamplingParams, StopMatcher
@@ -46,6 +46,7 @@ class Request:
     on_output: Callable[[RequestOutput], None] | None = None
     request_id: str = dataclasses.field(default_factory=lambda: f"req-{next(_ids)}")
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
+    cache_tags: Sequence[frozenset] | None = None  # per whole prompt page: what it holds (radix page_tags)
     # --- scheduler state (owned by the scheduler thread)
     state: State = State.WAITING
     node: object = None  # deepest radix node this request holds a reference on

@@ -258,7 +258,8 @@ class Scheduler:
             self.radix.lookup_tokens += r.prompt_len
             self.radix.hit_tokens += r.num_computed
             full = r.prompt_len // ps
-            new_path, dups = self.radix.insert(r.prompt_ids[:full * ps], r.pages[:full], ready=False)
+            new_path, dups = self.radix.insert(r.prompt_ids[:full * ps], r.pages[:full], ready=False,
+                                               tags=r.cache_tags)
             tree_pages = set()
             deepest = None
             n_ok = 0
