@@ -14,6 +14,10 @@ Speculative decoding: `ServingLLM(model, speculate="ngram", gamma=4)` (prompt lo
 gamma set, draft depth, n-gram sizes). Greedy outputs are the same tokens as without speculation,
 sampled ones follow the same distribution (exact acceptance). `llm.set_gamma(n)` switches gamma
 within the compiled set; `llm.scheduler.stats` counts proposals and acceptances.
+`gamma="auto"` (or an `AutoTune` naming the hardware and routing statistics) lets the roofline
+tuner pick, per number of running requests, the gamma of the compiled set (or none) predicted
+fastest, from the acceptance measured while serving, and size the expert cache and prefetch
+(`jaxsys.serve.moe_offload.autotune`; `llm.autotune` holds its choice).
 
 Expert offloading (an MoE model): `ServingLLM(model, offload_experts=True, expert_cache=N)` keeps
 the routed experts in host memory behind N device slots per layer
@@ -32,6 +36,7 @@ from jaxsys.sampling import SamplingParams
 from jaxsys.serve.engine.engine import Engine, EngineConfig
 from jaxsys.serve.engine.shared_decode import make_shared_decode
 from jaxsys.serve.engine.verify import Verifier
+from jaxsys.serve.moe_offload.autotune import AutoTune
 from jaxsys.serve.scheduler.radix import EvictionPolicy
 from jaxsys.serve.scheduler.request import Request, RequestOutput
 from jaxsys.serve.scheduler.scheduler import Scheduler, new_request
@@ -43,10 +48,10 @@ class ServingLLM:
     def __init__(self, model: str | LoadedModel = "smollm2-135m-instruct", *,
                  config: EngineConfig = EngineConfig(), mesh: jax.sharding.Mesh | None = None,
                  eviction_policy: EvictionPolicy | None = None, dtype: str = "float32",
-                 speculate: str | SpeculativeConfig | None = None, gamma: int | None = None,
+                 speculate: str | SpeculativeConfig | None = None, gamma: int | str | AutoTune | None = None,
                  draft_model: str | LoadedModel | None = None, offload_experts: bool = False,
                  expert_cache: int | None = None):
-        speculation = _speculation(speculate, gamma, draft_model)
+        speculation, auto = _speculation(speculate, gamma, draft_model)
         if expert_cache is not None and not offload_experts:
             raise ValueError("expert_cache needs offload_experts=True")
         if offload_experts and mesh is not None:
@@ -54,10 +59,22 @@ class ServingLLM:
         self.model = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype)
         self.name = self.model.name
         attention, builder = None, None  # the engine's default: plain split-KV paged decode
+        self.autotune = None
+        if auto is not None:
+            from jaxsys.serve.moe_offload.autotune import choose_engine
+
+            cfg = self.model.config
+            self.autotune = choose_engine(auto, cfg, draft=speculation.draft,
+                                          draft_layers=speculation.draft_layers or max(1, cfg.num_layers // 2),
+                                          gammas=speculation.gammas, max_batch=config.max_decode_batch,
+                                          offload=offload_experts, expert_cache=expert_cache)
         if offload_experts:
             from jaxsys.serve.moe_offload.serving import OffloadEngine
 
-            self.engine = OffloadEngine(self.model.config, self.model.params, config, expert_cache=expert_cache)
+            if self.autotune is not None:
+                expert_cache = self.autotune.expert_cache
+            self.engine = OffloadEngine(self.model.config, self.model.params, config, expert_cache=expert_cache,
+                                        prefetch=True if self.autotune is None else self.autotune.prefetch)
         else:
             if config.shared_attention:
                 attention, builder = make_shared_decode(self.model.config, config)
@@ -68,7 +85,8 @@ class ServingLLM:
             if draft_model is not None:
                 loaded = draft_model if isinstance(draft_model, LoadedModel) else load_model(draft_model, dtype=dtype)
                 draft = (loaded.config, loaded.params)
-            self.verifier = Verifier(self.engine, speculation, draft)
+            self.verifier = Verifier(self.engine, speculation, draft,
+                                     schedule=None if self.autotune is None else self.autotune.schedule)
         self.scheduler = Scheduler(self.engine, self.model.tokenizer, eviction_policy=eviction_policy,
                                    shared_step_builder=builder, verifier=self.verifier)
         self.tokenizer = self.model.tokenizer
@@ -120,13 +138,21 @@ class ServingLLM:
                 for p, r in zip(prompts, reqs)]
 
 
-def _speculation(speculate: str | SpeculativeConfig | None, gamma: int | None,
-                 draft_model: str | LoadedModel | None) -> SpeculativeConfig | None:
-    """The speculative configuration from ServingLLM's arguments (checked before any model loads)."""
+def _speculation(speculate: str | SpeculativeConfig | None, gamma: int | str | AutoTune | None,
+                 draft_model: str | LoadedModel | None) -> tuple[SpeculativeConfig | None, AutoTune | None]:
+    """The speculative configuration and the automatic tuning from ServingLLM's arguments (checked
+    before any model loads)."""
     if speculate is None:
         if gamma is not None or draft_model is not None:
             raise DraftError("gamma and draft_model need speculate='ngram', 'self' or 'model'")
-        return None
+        return None, None
+    auto = None
+    if isinstance(gamma, str):
+        if gamma != "auto":
+            raise DraftError(f"gamma is a number of draft tokens or 'auto', got {gamma!r}")
+        auto, gamma = AutoTune(), None
+    elif isinstance(gamma, AutoTune):
+        auto, gamma = gamma, None
     if isinstance(speculate, SpeculativeConfig):
         if gamma is not None:
             raise DraftError("give gamma in the SpeculativeConfig, not beside it")
@@ -137,4 +163,7 @@ def _speculation(speculate: str | SpeculativeConfig | None, gamma: int | None,
             spec = SpeculativeConfig(draft=speculate, gamma=gamma, gammas=(*spec.gammas, gamma))
     if (draft_model is not None) != (spec.draft == "model"):
         raise DraftError("speculate='model' needs draft_model=..., and only it takes one")
-    return spec
+    if auto is not None and spec.draft == "model":
+        raise DraftError("gamma='auto' prices the 'ngram' and 'self' drafts (the roofline does not model a separate "
+                         "draft model's cost); give gamma as a number")
+    return spec, auto

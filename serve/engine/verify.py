@@ -211,16 +211,20 @@ class Verifier:
     compile counter): the draft, the current gamma, the n-gram proposer, the compiled step.
 
     draft_model: (config, params) of the "model" draft; its vocabulary must be the target's.
+    schedule: `gamma="auto"`'s `GammaSchedule` (`jaxsys.serve.moe_offload.autotune`): the gamma of a
+    step follows the number of running requests, and each step's acceptance feeds it back.
     An engine that is not an `Engine` but has `forward(tokens, positions, page_table, kv_lens)` and
     `compiled(kind, jitted, args)` (the offloaded-experts engine) verifies n-gram drafts by its
     forward and `accept_step`.
     """
 
-    def __init__(self, engine, config: SpeculativeConfig, draft_model: tuple[ModelConfig, Any] | None = None):
+    def __init__(self, engine, config: SpeculativeConfig, draft_model: tuple[ModelConfig, Any] | None = None, *,
+                 schedule: Any = None):
         cfg = engine.cfg
         self.engine = engine
         self.config = config
         self.gamma = config.gamma
+        self.schedule = schedule
         self.draft_cfg: ModelConfig | None = None
         self.draft_params: Any = None
         if (draft_model is not None) != (config.draft == "model"):
@@ -245,9 +249,15 @@ class Verifier:
         return self.config.draft == "ngram"
 
     def set_gamma(self, gamma: int) -> None:
-        """Switch gamma within the compiled set (a clear error outside it)."""
+        """Switch gamma within the compiled set (a clear error outside it); a fixed gamma ends an
+        automatic schedule."""
         self.config.check_gamma(gamma)
         self.gamma = gamma
+        self.schedule = None
+
+    def gamma_for(self, batch: int) -> int:
+        """Drafts per request of a step of `batch` running requests (0: a plain decode step)."""
+        return self.gamma if self.schedule is None else self.schedule.gamma_for(batch)
 
     def propose(self, context: list[int], max_tokens: int) -> np.ndarray:
         """Host n-gram proposals for one request (at most `max_tokens`)."""
@@ -260,13 +270,18 @@ class Verifier:
         """Run the verify step (see `make_verify_step`): (accepted_B, next_B, draft_BxG) on the host."""
         self.config.check_gamma(proposals_BxG.shape[1])
         if self._by_forward:
-            return self._step_by_forward(last_B, base_B, page_table_BxP, proposals_BxG, draft_len_B, sampling)
-        engine = self.engine
-        args = ((engine.params, self.draft_params), engine.cache, last_B, base_B, page_table_BxP, proposals_BxG,
-                draft_len_B, context_BxW, *sampling)
-        exe = engine._executable("verify", self._jit, args)  # compiled per shape, counted with prefill/decode
-        out, engine.cache = exe(*args)
-        return tuple(np.asarray(x) for x in jax.device_get(out))
+            out = self._step_by_forward(last_B, base_B, page_table_BxP, proposals_BxG, draft_len_B, sampling)
+        else:
+            engine = self.engine
+            args = ((engine.params, self.draft_params), engine.cache, last_B, base_B, page_table_BxP, proposals_BxG,
+                    draft_len_B, context_BxW, *sampling)
+            exe = engine._executable("verify", self._jit, args)  # compiled per shape, counted with prefill/decode
+            out, engine.cache = exe(*args)
+            out = tuple(np.asarray(x) for x in jax.device_get(out))
+        if self.schedule is not None:
+            real = np.asarray(base_B) >= 0
+            self.schedule.observe(proposals_BxG.shape[1], np.asarray(draft_len_B)[real], out[0][real])
+        return out
 
     def _step_by_forward(self, last_B, base_B, page_table_BxP, proposals_BxG, draft_len_B, sampling):
         positions, kv_lens = verify_positions(base_B, draft_len_B, proposals_BxG.shape[1], xp=np)

@@ -55,6 +55,8 @@ class Accelerator(ConfigSection):
 
 class Link(ConfigSection):
     bandwidth: float = Field(gt=0, description="host -> accelerator copy bandwidth, bytes/s")
+    overlaps_compute: bool = Field(default=True, description="copies run concurrently with the accelerator's "
+                                   "compute (DMA engines: GPUs; not XLA:CPU, where a copy is the CPU's work)")
 
 
 class Host(ConfigSection):

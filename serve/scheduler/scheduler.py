@@ -209,10 +209,11 @@ class Scheduler:
             self.stats.prefill_s += time.perf_counter() - t0
         if self.running:
             t0 = time.perf_counter()
-            if self.verifier is None:
+            gamma = 0 if self.verifier is None else self.verifier.gamma_for(len(self.running))
+            if gamma == 0:
                 self._decode_step()
             else:
-                self._verify_step()
+                self._verify_step(gamma)
             self.stats.decode_s += time.perf_counter() - t0
 
     def _drain_inbox(self) -> None:
@@ -353,10 +354,11 @@ class Scheduler:
             r.num_computed = r.total_len
             self._accept_token(r, int(nxt[i]), now)
 
-    def _verify_step(self) -> None:
-        """Speculative decode step: draft, verify, accept (see `jaxsys.serve.engine.verify`)."""
+    def _verify_step(self, G: int) -> None:
+        """Speculative decode step of G drafts per request: draft, verify, accept (see
+        `jaxsys.serve.engine.verify`)."""
         v = self.verifier
-        G, W = v.gamma, v.context_width
+        W = v.context_width
         batch = list(self.running)
         n = len(batch)
         B = pow2_bucket(n)
