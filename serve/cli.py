@@ -37,8 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--speculate", choices=["ngram", "self", "model"], default=None,
                       help="ngram: prompt lookup; self: the model's first --draft-layers layers; "
                            "model: --draft-model (same vocabulary)")
-    spec.add_argument("--gamma", type=int, default=None,
-                      help="draft tokens per step (default 4; compiled set 1, 2, 4, 8 plus this value)")
+    spec.add_argument("--gamma", default=None, metavar="N|auto",
+                      help="draft tokens per step (default 4; compiled set 1, 2, 4, 8 plus this value), or auto: "
+                           "the roofline tuner drafts, per number of running requests, the gamma of the compiled "
+                           "set (or none) it predicts fastest on --hardware for the acceptance measured while "
+                           "serving, and sizes the expert cache and prefetch")
+    spec.add_argument("--hardware", default=None, metavar="YAML",
+                      help="--gamma auto: the hardware (a path or a name from configs/hardware, e.g. "
+                           "h100-pcie5.yaml); default: this machine, measured at start (up to a minute)")
+    spec.add_argument("--tuner-stats", default=None, metavar="JSON",
+                      help="--gamma auto: measured routing statistics and acceptances (the evaluation record of "
+                           "python -m jaxsys.serve.moe_offload.moefy); default: independent routing, acceptance "
+                           "measured while serving")
     spec.add_argument("--draft-layers", type=int, default=None,
                       help="depth of the self draft (default: half the model's layers)")
     spec.add_argument("--draft-model", default=None, help="the draft of --speculate model (name, folder or .gguf)")
@@ -68,7 +78,9 @@ def main(argv: list[str]) -> int:
     from jaxsys.serve.api.server import create_app
     from jaxsys.serve.engine.engine import EngineConfig
     from jaxsys.serve.llm import ServingLLM
+    from jaxsys.serve.moe_offload.autotune import AutoTune
     from jaxsys.serve.moe_offload.store import ExpertCacheError
+    from jaxsys.serve.moe_offload.tuner import TunerError
     from jaxsys.serve.speculative import DraftError
     from jaxsys.serve.speculative.config import SpeculativeConfig
 
@@ -84,24 +96,45 @@ def main(argv: list[str]) -> int:
         print(f"jaxsys serve: {e}", file=sys.stderr)
         return 2
     try:
-        speculate = None
+        speculate, auto = None, None
+        if (args.hardware is not None or args.tuner_stats is not None) and args.gamma != "auto":
+            raise DraftError("--hardware and --tuner-stats tune --gamma auto")
         if args.speculate is not None:
-            gamma = SpeculativeConfig.gamma if args.gamma is None else args.gamma
-            speculate = SpeculativeConfig(draft=args.speculate, gamma=gamma,
-                                          gammas=(*SpeculativeConfig.gammas, gamma), draft_layers=args.draft_layers)
+            if args.gamma == "auto":
+                speculate = SpeculativeConfig(draft=args.speculate, draft_layers=args.draft_layers)
+                auto = AutoTune(hardware=args.hardware, stats=args.tuner_stats)
+            else:
+                gamma = SpeculativeConfig.gamma if args.gamma is None else _gamma(args.gamma)
+                speculate = SpeculativeConfig(draft=args.speculate, gamma=gamma,
+                                              gammas=(*SpeculativeConfig.gammas, gamma), draft_layers=args.draft_layers)
         elif args.gamma is not None or args.draft_layers is not None or args.draft_model is not None:
             raise DraftError("--gamma, --draft-layers and --draft-model need --speculate")
         if args.expert_cache is not None and not args.offload_experts:
             raise ExpertCacheError("--expert-cache needs --offload-experts")
         if args.offload_experts and mesh is not None:
             raise ExpertCacheError("--offload-experts runs on one device; leave out --tensor-parallel")
-        llm = ServingLLM(args.model, config=config, mesh=mesh, dtype=args.dtype, speculate=speculate,
+        llm = ServingLLM(args.model, config=config, mesh=mesh, dtype=args.dtype, speculate=speculate, gamma=auto,
                          draft_model=args.draft_model, offload_experts=args.offload_experts,
                          expert_cache=args.expert_cache)
-    except (ModelNotFoundError, WeightError, ConfigError, TokenizerError, DraftError, ExpertCacheError) as e:
+    except (ModelNotFoundError, WeightError, ConfigError, TokenizerError, DraftError, ExpertCacheError,
+            TunerError) as e:
         print(f"jaxsys serve: {e}", file=sys.stderr)
         return 2
+    if llm.autotune is not None:
+        from jaxsys.serve.moe_offload.autotune import describe
+
+        print(f"jaxsys serve: --gamma auto: {describe(llm.autotune)}", flush=True)
     app = create_app(llm, model_name=args.served_name or args.model)
     print(f"jaxsys serve: {llm.model} on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _gamma(text: str) -> int:
+    """--gamma's number (the compiled set then refuses one below 1)."""
+    from jaxsys.serve.speculative import DraftError
+
+    try:
+        return int(text)
+    except ValueError:
+        raise DraftError(f"--gamma takes a number of draft tokens or auto, got {text!r}") from None

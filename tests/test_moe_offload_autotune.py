@@ -165,3 +165,15 @@ def test_auto_serves_the_plain_engines_greedy_tokens():
     assert sched.proposed == st.spec_proposed and sched.accepted == st.spec_accepted
     llm.set_gamma(2)  # a fixed gamma ends the schedule
     assert llm.verifier.schedule is None and llm.verifier.gamma_for(8) == 2
+
+
+def test_serve_cli_refuses_bad_auto_before_loading(capsys):
+    from jaxsys.serve import cli
+
+    assert cli.main(["--speculate", "ngram", "--gamma", "fast"]) == 2
+    assert "number of draft tokens or auto" in capsys.readouterr().err
+    assert cli.main(["--speculate", "ngram", "--gamma", "2", "--hardware", "h100-pcie5.yaml"]) == 2
+    assert "--gamma auto" in capsys.readouterr().err
+    assert cli.main(["--speculate", "model", "--draft-model", "x", "--gamma", "auto"]) == 2
+    assert "'auto'" in capsys.readouterr().err
+    assert "--tuner-stats" in cli.build_parser().format_help()

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -48,7 +48,8 @@ REPLAN_ROWS = 64  # request-steps observed between two re-plans
 @dataclasses.dataclass(frozen=True)
 class AutoTune:
     """What `gamma="auto"` tunes against. hardware: a `HardwareSpec`, a YAML path or name
-    (`configs/hardware/`). stats: measured routing statistics and acceptances (a `Workload`, or
+    (`configs/hardware/`), or None: this machine, measured at start (`machine.measure_hardware`,
+    seconds to a minute). stats: measured routing statistics and acceptances (a `Workload`, or
     the JSON record of `moefy.evaluate`); None assumes independent uniform routing (module
     docstring). context: cached tokens per request the plan is priced at."""
 
@@ -220,11 +221,15 @@ class EngineChoice:
 
 
 def choose_engine(auto: AutoTune, cfg: Any, *, draft: str, draft_layers: int, gammas: Iterable[int],
-                  max_batch: int, offload: bool, expert_cache: int | None = None) -> EngineChoice:
+                  max_batch: int, offload: bool, expert_cache: int | None = None,
+                  log: Callable[[str], None] | None = None) -> EngineChoice:
     """The engine's configuration for `gamma="auto"` (module docstring). expert_cache: the user's
-    slots per layer (kept); None lets the tuner size the cache."""
+    slots per layer (kept); None lets the tuner size the cache. log: where a hardware measurement
+    reports."""
     if auto.hardware is None:
-        raise TunerError("gamma='auto' needs the hardware: a HardwareSpec or a YAML (configs/hardware/)")
+        from jaxsys.serve.moe_offload.machine import measure_hardware
+
+        hw = measure_hardware(cfg, log=log)
     elif isinstance(auto.hardware, HardwareSpec):
         hw = auto.hardware
     else:
