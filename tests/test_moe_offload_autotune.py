@@ -4,6 +4,8 @@ serving, sizes the expert cache and prefetch; served greedy tokens equal the pla
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -139,23 +141,54 @@ def test_clear_errors(tmp_path):
         ServingLLM(model, gamma="auto")
 
 
+def _tiny_moe():
+    """A unit-scale random Mixtral-style model (4 experts, top-2)."""
+    import jax
+
+    from jaxsys.models import LoadedModel, ModelConfig, init_params
+
+    cfg = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=32, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=8, max_position_embeddings=256, num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=16, model_type="mixtral")
+    p = init_params(cfg, jax.random.key(0), std=1.0)
+    D = cfg.hidden_size
+    lay = dict(p["layers"])
+    for k in ("wq", "wk", "wv", "router", "we_gate", "we_up"):
+        lay[k] = lay[k] / np.sqrt(D)
+    lay["wo"] = lay["wo"] / np.sqrt(cfg.num_heads * cfg.head_dim)
+    lay["we_down"] = lay["we_down"] / np.sqrt(cfg.moe_intermediate_size)
+    return LoadedModel(name="tiny-moe", config=cfg, params=dict(p, layers=lay, lm_head=p["lm_head"] / np.sqrt(D)),
+                       tokenizer=None, path=Path("tiny-moe"))
+
+
 @pytest.mark.slow
-def test_auto_serves_the_plain_engines_greedy_tokens():
-    """A slow link: the schedule drafts at small batches, the engine verifies, the tokens are the
-    plain engine's, and the verify steps' acceptance reached the schedule."""
+@pytest.mark.parametrize("offload", [False, True])
+def test_auto_serves_the_plain_engines_greedy_tokens(offload):
+    """A slow link: the schedule drafts, the engine verifies, the tokens are the plain engine's, and
+    the verify steps' acceptance reached the schedule. Offloaded: the accelerator holds 3 of the 4
+    experts per layer beside the rest, so the tuner's cache has 3 slots and experts cross the link."""
     from jaxsys.serve.engine.engine import EngineConfig
     from jaxsys.serve.llm import ServingLLM
 
-    model = tiny_model(0)
+    model = _tiny_moe() if offload else tiny_model(0)
     engine = EngineConfig(page_size=4, num_pages=64, max_decode_batch=4, max_prefill_batch=4, prefill_chunk=16,
                           shared_attention=False)
     rng = np.random.default_rng(0)
     prompts = [[int(t) for t in rng.integers(0, 128, 9)], [5, 6, 7, 8] * 3 + [5, 6], [40, 41] * 6]
     sampling = [SamplingParams(max_tokens=m) for m in (12, 10, 12)]
-    plain = [o.token_ids for o in ServingLLM(model, config=engine).generate(prompts, sampling)]
-    auto = at.AutoTune(_hw(1e6), context=16)
-    llm = ServingLLM(model, config=engine, speculate=SpeculativeConfig(gamma=2, gammas=(2,)), gamma=auto)
-    assert llm.autotune.expert_cache is None and llm.autotune.schedule.exploring
+    extra = dict(offload_experts=True, expert_cache=2) if offload else {}
+    plain = [o.token_ids for o in ServingLLM(model, config=engine, **extra).generate(prompts, sampling)]
+    hw = _hw(1e6)
+    if offload:
+        shape = at.model_shape(model.config)
+        context = 16
+        kv = 4 * (context + 3) * shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim * shape.kv_bytes
+        need = shape.num_layers * (shape.dense_layer_bytes + 3 * shape.expert_bytes) + 2 * shape.head_bytes + kv
+        hw = tu.HardwareSpec.model_validate({**hw.model_dump(), "accelerator": {
+            "flops": 1e12, "bandwidth": 1e11, "memory_bytes": need * 1.001}})
+    llm = ServingLLM(model, config=engine, speculate=SpeculativeConfig(gamma=2, gammas=(2,)),
+                     gamma=at.AutoTune(hw, context=16), offload_experts=offload)
+    assert llm.autotune.expert_cache == (3 if offload else None) and llm.autotune.schedule.exploring
     assert llm.verifier.gamma_for(3) == 2
     outs = llm.generate(prompts, sampling)
     assert [o.token_ids for o in outs] == plain
@@ -163,6 +196,8 @@ def test_auto_serves_the_plain_engines_greedy_tokens():
     st, sched = llm.scheduler.stats, llm.autotune.schedule
     assert st.spec_proposed > 0 and st.spec_accepted > 0
     assert sched.proposed == st.spec_proposed and sched.accepted == st.spec_accepted
+    if offload:
+        assert llm.engine.runner.config.expert_cache == 3 and llm.engine.runner.counters().misses > 0
     llm.set_gamma(2)  # a fixed gamma ends the schedule
     assert llm.verifier.schedule is None and llm.verifier.gamma_for(8) == 2
 
