@@ -17,7 +17,7 @@ from jaxsys.serve.graphcot.graph import (Graph, GraphSchemaError, UnknownFeature
                                          UnknownNeighborTypeError, UnknownNodeError, render_vertex)
 from jaxsys.serve.graphcot.metrics import exact_match, normalize_answer, rouge_l  # noqa: E402
 from jaxsys.serve.graphcot.questions import (TEMPLATES, QuestionFileError, generate_questions,  # noqa: E402
-                                             load_questions, write_questions)
+                                             load_questions, spread, write_questions)
 
 DBLP_LIKE = {
     "paper_nodes": {"p1": {"features": {"title": "Attention is all you need", "year": 2017},
@@ -146,6 +146,20 @@ def test_questions_are_deterministic_split_and_cover_every_template(tmp_path):
     path = tmp_path / "q.jsonl"
     write_questions(path, a)
     assert load_questions(path) == a
+
+
+def test_spread_stratifies_by_difficulty_then_template():
+    per = {"easy": ["e1", "e2", "e3"], "medium": ["m1", "m2"], "hard": ["h1"]}
+    qs = [{"qid": f"{t}-{k}", "difficulty": level, "template": t}
+          for level, templates in per.items() for t in templates for k in range(3)]
+    picked = [q["qid"] for q in spread(qs, 8)]
+    # difficulties in turn, templates in turn within each, each template's own order kept
+    assert picked == ["e1-0", "m1-0", "h1-0", "e2-0", "m2-0", "h1-1", "e3-0", "m1-1"]
+    assert {q["difficulty"] for q in spread(qs, 3)} == {"easy", "medium", "hard"}
+    assert [q["qid"] for q in spread(qs, 100)] == [q["qid"] for q in spread(qs, len(qs))] and len(spread(qs, 100)) == 18
+    assert spread(qs, 0) == []
+    plain = [{"qid": str(k), "question": "?", "answer": "!"} for k in range(4)]  # GRBench's own files
+    assert spread(plain, 3) == plain[:3]
 
 
 def test_question_answers_against_the_raw_csv(shared_data):

@@ -22,7 +22,7 @@ from jaxsys.serve.graphcot.backends import BackendUnreachable, EngineBackend, Op
 from jaxsys.serve.graphcot.cache_policy import Span, VertexPriorityPolicy  # noqa: E402
 from jaxsys.serve.graphcot.graph import render_vertex  # noqa: E402
 from jaxsys.serve.graphcot.questions import generate_questions  # noqa: E402
-from jaxsys.serve.graphcot.runner import GraphQA, PhaseGate, RunConfig, summarize  # noqa: E402
+from jaxsys.serve.graphcot.runner import GraphQA, Interval, PhaseGate, RunConfig, summarize, tool_overlap  # noqa: E402
 
 SMALL = dict(graphcot_max_tokens=12, max_steps=2, c_tokens=4, r_tokens=12, a_tokens=24, max_iters=1)
 
@@ -90,6 +90,55 @@ def test_pipelining_off_gives_the_same_records_shape(engine, graph, questions):
                  policy=policy) as qa:
         records = qa.run(questions)
     assert len(records) == 3 and all(r.error is None and r.llm_calls >= 3 for r in records)
+
+
+def _token_times(request) -> list[float]:
+    """When the engine produced each of a request's tokens (perf_counter seconds)."""
+    times = [request.first_token_time] if request.first_token_time is not None else []
+    for dt in request.token_intervals:
+        times.append(times[-1] + dt)
+    return times
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_tool_work_overlaps_other_questions_decoding_only_when_pipelined(engine, graph, monkeypatch, pipelining):
+    """Measured on the engine's own token timestamps: while one question's code runs in the sandbox,
+    the engine keeps producing other questions' tokens (pipelining on), and produces none of them
+    with the stage-synchronous gate (pipelining off)."""
+    llm, backend, policy = engine
+    requests = []
+    submit = llm.scheduler.submit
+
+    def recording_submit(request):
+        requests.append(request)
+        return submit(request)
+
+    monkeypatch.setattr(llm.scheduler, "submit", recording_submit)
+    # more questions than decode slots (4): the ones queued behind start later, so the questions'
+    # stages drift apart as they would with questions of different difficulty
+    qs = generate_questions(graph, per_template=1, seed=0)[:6]
+    with GraphQA(graph, backend, RunConfig(system="glm", concurrency=6, pipelining=pipelining, **SMALL),
+                 policy=policy) as qa:
+        records = qa.run(qs)
+    assert all(r.error is None for r in records)
+    tools = [iv for iv in qa.timeline if iv.kind == "tool"]
+    assert len(tools) >= len(qs)  # every question ran its A-Agent's code at least once
+    qid_of = {id(r): r.request_id.split("-", 1)[1].rsplit("-", 1)[0] for r in requests}  # "{agent}-{qid}-{n}"
+    assert set(qid_of.values()) == {q["qid"] for q in qs}
+    during = sum(1 for iv in tools for r in requests if qid_of[id(r)] != iv.qid
+                 for t in _token_times(r) if iv.start < t < iv.end)
+    if pipelining:
+        assert during > 0 and tool_overlap(qa.timeline) > 0
+    else:
+        assert during == 0 and tool_overlap(qa.timeline) == 0.0
+
+
+def test_tool_overlap_measures_the_union_of_other_questions_llm_time():
+    timeline = [Interval("a", "tool", 0.0, 10.0), Interval("b", "llm", 2.0, 5.0), Interval("c", "llm", 4.0, 6.0),
+                Interval("a", "llm", 6.0, 9.0),  # the question's own LLM call does not count
+                Interval("b", "llm", 9.0, 12.0), Interval("b", "tool", 20.0, 30.0)]
+    assert tool_overlap(timeline) == pytest.approx((4.0 + 1.0) / 20.0)
+    assert tool_overlap([Interval("a", "llm", 0.0, 1.0)]) == 0.0
 
 
 def test_vertex_layout_shares_tokens(engine, graph):

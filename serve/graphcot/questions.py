@@ -24,7 +24,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from jaxsys.serve.graphcot.graph import Graph
 
@@ -295,17 +295,26 @@ def split(questions: Iterable[dict[str, Any]], name: str) -> list[dict[str, Any]
 
 
 def spread(questions: Sequence[dict[str, Any]], n: int) -> list[dict[str, Any]]:
-    """The first `n` questions taking templates in turn, so every template is represented."""
-    by: dict[str, list[dict[str, Any]]] = {}
+    """The first `n` questions, stratified: difficulties in turn (easy, medium, hard, easy, ...) and,
+    within a difficulty, its templates in turn. Any `n >= 3` covers every difficulty, and a larger
+    `n` every template about equally often within its difficulty; each template's questions keep
+    their order. Questions without a difficulty or template (GRBench's own files) are one group."""
+    levels: dict[str, dict[str, list[dict[str, Any]]]] = {level: {} for level in DIFFICULTIES}
     for q in questions:
-        by.setdefault(q.get("template", ""), []).append(q)
-    out, i = [], 0
-    while len(out) < min(n, len(questions)):
-        for qs in by.values():
-            if i < len(qs) and len(out) < n:
-                out.append(qs[i])
-        i += 1
-    return out
+        levels.setdefault(q.get("difficulty") or "", {}).setdefault(q.get("template") or "", []).append(q)
+    stream = _round_robin([_round_robin(list(templates.values())) for templates in levels.values()])
+    return [q for q, _ in zip(stream, range(n))]
+
+
+def _round_robin(streams: Sequence[Iterable[Any]]) -> Iterator[Any]:
+    """One item of each stream in turn, dropping the streams that run out."""
+    iters = [iter(s) for s in streams]
+    while iters:
+        for it in list(iters):
+            try:
+                yield next(it)
+            except StopIteration:
+                iters.remove(it)
 
 
 def write_questions(path: str | os.PathLike, questions: Iterable[dict[str, Any]]) -> None:

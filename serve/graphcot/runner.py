@@ -10,7 +10,9 @@ the waiting tool calls run, then the LLM again), which is what the ablation comp
 
 Each question yields one `QuestionRecord` (the CLI's JSON line): answer, correctness (exact match
 after normalisation, and Rouge-L), LLM calls, prompt / cached / generated tokens, seconds, and the
-outputs that could not be parsed.
+outputs that could not be parsed. `GraphQA.timeline` keeps when each LLM call and each piece of tool
+work ran (inside the phase gate), so whether tool work really overlapped other questions' LLM work
+is measured (`tool_overlap`), not assumed from the configuration.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from jaxsys.serve.graphcot.graph import Graph, render_vertex
 from jaxsys.serve.graphcot.metrics import exact_match, rouge_l
 from jaxsys.serve.graphcot.protocols import (LLMCall, ProtocolOutcome, drive, glm_protocol, graph_handler,
                                              graphcot_protocol)
+from jaxsys.serve.graphcot.questions import DIFFICULTIES
 from jaxsys.serve.graphcot.sandbox import Sandbox
 
 SYSTEMS = ("glm", "graphcot")
@@ -82,6 +85,37 @@ class QuestionRecord:
         return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """One LLM call or one piece of tool work of a question, in `time.perf_counter()` seconds."""
+
+    qid: str
+    kind: str  # "llm" | "tool"
+    start: float
+    end: float
+
+
+def tool_overlap(timeline: Sequence[Interval]) -> float:
+    """The fraction of all tool seconds during which another question had an LLM call in flight
+    (0 when there was no tool work)."""
+    llm: dict[str, list[Interval]] = {}
+    for iv in timeline:
+        if iv.kind == "llm":
+            llm.setdefault(iv.qid, []).append(iv)
+    total = covered = 0.0
+    for tool in timeline:
+        if tool.kind != "tool":
+            continue
+        total += tool.end - tool.start
+        cuts = sorted((max(iv.start, tool.start), min(iv.end, tool.end)) for qid, ivs in llm.items()
+                      if qid != tool.qid for iv in ivs if iv.start < tool.end and iv.end > tool.start)
+        reach = tool.start
+        for lo, hi in cuts:  # the length of the union of the clipped LLM intervals
+            covered += max(0.0, hi - max(lo, reach))
+            reach = max(reach, hi)
+    return covered / total if total > 0 else 0.0
+
+
 class PhaseGate:
     """With `overlap=False`: LLM work and tool work never run at the same time (either phase admits
     any number of holders; a waiting phase blocks new arrivals of the running one, so neither
@@ -125,6 +159,7 @@ class GraphQA:
         self.config = config
         self.policy = policy
         self.definition = graph.definition()
+        self.timeline: list[Interval] = []  # every run's LLM calls and tool work (list.append is atomic)
         self.sandbox = Sandbox(graph, time_limit=config.time_limit) if config.system == "glm" else None
         graph.warm()
 
@@ -159,8 +194,10 @@ class GraphQA:
         def on_llm(call: LLMCall) -> str:
             t = time.perf_counter()
             with gate("llm"):
+                start = time.perf_counter()
                 out = self.backend.complete(call.segments, max_tokens=call.max_tokens, stop=call.stop, qid=qid,
                                             agent=call.agent)
+                self.timeline.append(Interval(qid, "llm", start, time.perf_counter()))
             rec.llm_seconds += time.perf_counter() - t
             rec.llm_calls += 1
             rec.prompt_tokens += out.prompt_tokens
@@ -172,7 +209,9 @@ class GraphQA:
         def on_tool(fn: Callable[[], Any]) -> Any:
             t = time.perf_counter()
             with gate("tool"):
+                start = time.perf_counter()
                 result = fn()
+                self.timeline.append(Interval(qid, "tool", start, time.perf_counter()))
             rec.tool_seconds += time.perf_counter() - t
             return result
 
@@ -224,7 +263,8 @@ class GraphQA:
 
 
 def summarize(records: Iterable[QuestionRecord]) -> dict[str, float]:
-    """Per-question means, latency percentiles and accuracy of a run."""
+    """Per-question means, latency percentiles and accuracy of a run (and per difficulty, for the
+    questions that carry one)."""
     import statistics
 
     recs = list(records)
@@ -236,7 +276,13 @@ def summarize(records: Iterable[QuestionRecord]) -> dict[str, float]:
         return secs[min(len(secs) - 1, int(round(q / 100 * (len(secs) - 1))))]
 
     cached = [r.cached_tokens for r in recs]
-    return {"questions": len(recs), "accuracy": sum(r.correct for r in recs) / len(recs),
+    levels = {}
+    for level in DIFFICULTIES:
+        sub = [r for r in recs if r.difficulty == level]
+        if sub:
+            levels[f"accuracy_{level}"] = sum(r.correct for r in sub) / len(sub)
+            levels[f"questions_{level}"] = len(sub)
+    return {"questions": len(recs), "accuracy": sum(r.correct for r in recs) / len(recs), **levels,
             "rouge_l": statistics.mean(r.rouge_l for r in recs),
             "llm_calls": statistics.mean(r.llm_calls for r in recs),
             "prompt_tokens": statistics.mean(r.prompt_tokens for r in recs),
