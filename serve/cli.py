@@ -57,6 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="experts in host memory behind a per-layer device cache (speculates with ngram only)")
     moe.add_argument("--expert-cache", type=int, default=None,
                      help="device expert slots per layer (>= top-k; default: half the experts)")
+    cl = p.add_argument_group(
+        "cluster (ARES/STAR)", "several engine instances, each on its own --tensor-parallel devices, behind a "
+        "router that dispatches requests and migrates running ones (KV pages and all) between instances")
+    cl.add_argument("--instances", type=int, default=1, metavar="N", help="engine instances (default: %(default)s)")
+    cl.add_argument("--policy", choices=["round_robin", "least_kv", "llumnix", "ours"], default=None,
+                    help="dispatch and rescheduling: ours balances current plus predicted remaining load "
+                         "(default: least_kv)")
+    cl.add_argument("--length-predictor", default=None, metavar="PATH",
+                    help="remaining-length head for --policy ours (saved by `jaxsys length train`); "
+                         "without one, ours balances on current load with a warning")
     add_device_args(p)
     p.add_argument("--log-level", default="info")
     return p
@@ -90,6 +100,8 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"jaxsys serve: {e}", file=sys.stderr)
         return 2
+    if args.instances != 1 or args.policy is not None or args.length_predictor is not None:
+        return _serve_cluster(args, config)
     try:
         mesh = tensor_mesh(args.tensor_parallel)
     except DeviceError as e:
@@ -126,6 +138,51 @@ def main(argv: list[str]) -> int:
         print(f"jaxsys serve: --gamma auto: {describe(llm.autotune)}", flush=True)
     app = create_app(llm, model_name=args.served_name or args.model)
     print(f"jaxsys serve: {llm.model} on http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _serve_cluster(args, config) -> int:
+    """`--instances N`: a `ClusterLLM` behind the same server."""
+    import jax
+    import uvicorn
+
+    from jaxsys.models import ConfigError, ModelNotFoundError, TokenizerError, WeightError
+    from jaxsys.runtime import cpu_devices_hint
+    from jaxsys.serve.api.server import create_app
+
+    def fail(msg: str) -> int:
+        print(f"jaxsys serve: {msg}", file=sys.stderr)
+        return 2
+
+    if args.instances < 1:
+        return fail(f"--instances must be >= 1, got {args.instances}")
+    plain = (args.speculate, args.gamma, args.draft_layers, args.draft_model, args.expert_cache)
+    if any(v is not None for v in plain) or args.offload_experts:
+        return fail("--instances runs plain engines; leave out --speculate, --gamma, --draft-layers, --draft-model, "
+                    "--offload-experts and --expert-cache")
+    need, have = args.instances * args.tensor_parallel, jax.device_count()
+    if need > have:
+        hint = f"; {cpu_devices_hint(need)}" if jax.default_backend() == "cpu" else ""
+        return fail(f"{args.instances} instances x {args.tensor_parallel} devices need {need} devices, this run "
+                    f"has {have} ({jax.default_backend()}){hint}")
+    from jaxsys.serve.cluster.serving import ClusterLLM
+    from jaxsys.serve.length.predictor import LengthPredictor
+
+    predictor = None
+    if args.length_predictor is not None:
+        try:
+            predictor = LengthPredictor.load(args.length_predictor)
+        except (OSError, KeyError, ValueError, SyntaxError) as e:
+            return fail(f"cannot read the length predictor {args.length_predictor}: {e}")
+    try:
+        llm = ClusterLLM(args.model, instances=args.instances, devices_per_instance=args.tensor_parallel,
+                         config=config, policy=args.policy or "least_kv", predictor=predictor, dtype=args.dtype)
+    except (ModelNotFoundError, WeightError, ConfigError, TokenizerError) as e:
+        return fail(str(e))
+    app = create_app(llm, model_name=args.served_name or args.model)
+    print(f"jaxsys serve: {llm.model} on {args.instances} instances ({llm.cluster.policy_name}) on "
+          f"http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -104,6 +104,8 @@ class Metrics:
         self.tpot = Histogram("jaxsys_time_per_output_token_seconds", "time between output tokens",
                               buckets=buckets, registry=reg)
         sch.stats.observers.append(lambda kind, s: (self.ttft if kind == "ttft" else self.tpot).observe(s))
+        if hasattr(llm, "register_metrics"):  # a server over several instances adds its own series
+            llm.register_metrics(reg)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest

@@ -13,7 +13,9 @@ length predictor made for them; `policies` holds round-robin, least-KV, Llumnix-
 The real thing (issue 18 D): `instances` builds engine instances on sub-meshes of the devices,
 `router.Cluster` dispatches to them and rebalances them with the same policies, `migration` moves
 a running request's KV pages between instances (or recomputes it elsewhere when its instance
-stops), and `validation` replays a trace on the real cluster and compares it with the simulator.
+stops), `validation` replays a trace on the real cluster and compares it with the simulator, and
+`serving.ClusterLLM` puts the cluster behind the OpenAI server (`jaxsys serve --instances N`).
+`sweep` is the simulated policy comparison over instance counts and loads (`jaxsys bench cluster`).
 
     instances = make_instances(model, 4, devices_per_instance=2, predictor=head)
     cluster = Cluster(instances, "ours")
@@ -41,5 +43,8 @@ _LAZY = {
     "Cluster": "jaxsys.serve.cluster.router",
     "MigrationRecord": "jaxsys.serve.cluster.migration",
     "migrate": "jaxsys.serve.cluster.migration",
+    "ClusterLLM": "jaxsys.serve.cluster.serving",
+    "SweepConfig": "jaxsys.serve.cluster.sweep",
+    "replay": "jaxsys.serve.cluster.validation",
 }
 __getattr__, __dir__, __all__ = lazy_exports("jaxsys.serve.cluster", _LAZY)

@@ -8,13 +8,17 @@ requests' remaining lengths from its own decode hidden states (ARES/STAR).
 
 Concurrency: each instance has a lock held around every scheduler step; a migration holds the
 locks of both ends (taken in index order), so it never races a step. `router.Cluster` runs the
-steps (one thread per instance, or all on the caller's thread).
+steps (one thread per instance, or all on the caller's thread). Any other thread takes the lock
+through `locked()`, which the stepping thread lets through between two steps: a plain lock is
+not fair, and a thread that steps back to back takes it again at once (waits of many steps).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Sequence
+import time
+from typing import Iterator, Sequence
 
 import jax
 
@@ -46,10 +50,35 @@ class Instance:
             self.tracker = LengthTracker(predictor, every=predict_every)
             self.tracker.attach(self.scheduler)
         self.lock = threading.RLock()
+        self._waiters = 0  # threads waiting in `locked()`
+        self._waiters_lock = threading.Lock()
         self.wake = threading.Event()
         self.alive = True
         self.steps = 0
         self._kv_scatter = None  # the jitted write of migrated-in KV pages (`migration`), built on first use
+
+    # ---------------------------------------------------------------- the lock
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the instance's lock from a thread other than its stepping thread (fairly: see the
+        module docstring)."""
+        with self._waiters_lock:
+            self._waiters += 1
+        try:
+            self.lock.acquire()
+        finally:
+            with self._waiters_lock:
+                self._waiters -= 1
+        try:
+            yield
+        finally:
+            self.lock.release()
+
+    def yield_lock(self) -> None:
+        """Called by the stepping thread between steps (lock released): wait while another thread
+        waits for the lock, so that it gets it before the next step."""
+        while self._waiters and self.alive:
+            time.sleep(50e-6)
 
     # ---------------------------------------------------------------- load
     def load(self) -> dict:

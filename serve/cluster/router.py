@@ -17,7 +17,11 @@ Threads: `start()` runs each instance's scheduler steps on its own thread (under
 lock) and a rebalancer every `rebalance_interval_s`; `generate` / `run_until_idle` step every
 instance in turn on the calling thread and rebalance every `rebalance_every` rounds (what the
 tests use: deterministic). Router state is guarded by one lock, always taken before instance
-locks, which are taken in index order; callbacks running on instance threads take neither.
+locks, which are taken in index order (`Instance.locked`, which the stepping threads let through
+between steps); callbacks running on instance threads take neither. Decisions read the instances
+without their locks (`_LiveView` copies each scheduler's lists, which the GIL keeps whole: a
+snapshot that may be a step old); only a migration locks, and only its two ends, so dispatch and
+rebalancing never stall the instances that are not involved.
 
 Faults (issue 18 G): a request that no instance can hold is refused at `submit` with
 `RequestError` (the server answers 4xx); `stop_instance(i)` (or a step that raises) takes an
@@ -42,7 +46,7 @@ import numpy as np
 from jaxsys.generation import GenerationResult
 from jaxsys.sampling import SamplingParams
 from jaxsys.serve.cluster.instances import Instance
-from jaxsys.serve.cluster.migration import MigrationRecord, can_host, continuation, enqueue, migrate as move
+from jaxsys.serve.cluster.migration import MigrationRecord, continuation, enqueue, migrate as move
 from jaxsys.serve.cluster.policies import POLICIES, make_policy
 from jaxsys.serve.length.predictor import warn_untrained
 from jaxsys.serve.scheduler.request import Request, RequestOutput, State
@@ -63,6 +67,9 @@ class StepRecord:
     prefill_tokens: int
     decode_s: float
     prefill_s: float
+    step_s: float  # the whole scheduler step (admission and host bookkeeping included)
+    cycle_s: float | None  # from the end of the instance's previous step, when that left it busy
+    compiles: int  # executables the step compiled (its time is then no step cost)
 
 
 class _Slots:
@@ -78,7 +85,8 @@ class _Slots:
 
 class _LiveView:
     """The load arrays `policies` read (the simulator's `sim.Cluster` names), over the alive
-    instances, built under their locks. Request ids of the view index `requests`."""
+    instances, from copies of their schedulers' lists (no instance lock; see the module
+    docstring). Request ids of the view index `requests`."""
 
     def __init__(self, cluster: "Cluster", alive: list[Instance]):
         self.alive = alive
@@ -178,6 +186,7 @@ class Cluster:
         self.rounds = 0
         self.step_records: list[StepRecord] = []
         self.record_steps = False
+        self._busy_until: dict[int, float | None] = {}  # instance -> end of its last step, if it left work
         self._threads: list[threading.Thread] = []
         self._stop = False
         self.policy.reset(None)
@@ -196,7 +205,7 @@ class Cluster:
 
         stack = contextlib.ExitStack()
         for inst in sorted(instances, key=lambda i: i.index):
-            stack.enter_context(inst.lock)
+            stack.enter_context(inst.locked())
         return stack
 
     # ------------------------------------------------------------------ requests
@@ -239,9 +248,8 @@ class Cluster:
     def _place(self, r: Request, *, direct: bool = False) -> None:
         """Dispatch `r` (router lock held): the policy picks among the alive instances."""
         alive = self.alive
-        with self._locked(alive):
-            view = _LiveView(self, alive)
-            order = [view.alive[self.policy.dispatch(view, -1)]]
+        view = _LiveView(self, alive)
+        order = [view.alive[self.policy.dispatch(view, -1)]]
         order += [i for i in alive if i is not order[0]]
         for inst in order:  # the policy's choice, else the first that can hold it
             try:
@@ -251,7 +259,7 @@ class Cluster:
             self._home[r.request_id] = inst.index
             self._current[r.request_id] = r
             if direct:
-                with inst.lock:
+                with inst.locked():
                     enqueue(inst, r)
             else:
                 inst.scheduler.submit(r)
@@ -277,12 +285,19 @@ class Cluster:
         st = s.stats
         before = (st.decode_s, st.prefill_s, st.decode_tokens, st.prefill_tokens)
         kv = sum(r.total_len for r in s.running)
+        compiled = inst.engine.compile_count
+        t0 = time.perf_counter()
         s.step()
+        t1 = time.perf_counter()
         inst.steps += 1
         if self.record_steps:
+            last = self._busy_until.get(inst.index)
             self.step_records.append(StepRecord(inst.index, st.decode_tokens - before[2], kv,
                                                 st.prefill_tokens - before[3], st.decode_s - before[0],
-                                                st.prefill_s - before[1]))
+                                                st.prefill_s - before[1], t1 - t0,
+                                                None if last is None else t1 - last,
+                                                inst.engine.compile_count - compiled))
+        self._busy_until[inst.index] = t1 if s.running or s.prefilling else None
         return True
 
     def step(self) -> None:
@@ -355,6 +370,7 @@ class Cluster:
             if not ran:
                 inst.wake.wait(0.01)
                 inst.wake.clear()
+            inst.yield_lock()
 
     def _run_rebalancer(self) -> None:
         while not self._stop:
@@ -370,18 +386,16 @@ class Cluster:
             alive = self.alive
             if len(alive) < 2:
                 return done
-            with self._locked(alive):
-                view = _LiveView(self, alive)
-                for rid, hi, lo in self.policy.rebalance(view):
-                    r, src, dst = view.requests[rid], view.alive[hi], view.alive[lo]
-                    if not can_host(dst, r):
-                        continue
-                    rec = move(r, src, dst)
-                    if rec is not None:
-                        self._home[r.request_id] = dst.index
-                        self.migrations.append(rec)
-                        done.append(rec)
-                        dst.wake.set()
+            view = _LiveView(self, alive)
+            for rid, hi, lo in self.policy.rebalance(view):
+                r, src, dst = view.requests[rid], view.alive[hi], view.alive[lo]
+                with self._locked([src, dst]):  # `move` checks the request is still running on src
+                    rec = move(r, src, dst) if src.alive and dst.alive else None
+                if rec is not None:
+                    self._home[r.request_id] = dst.index
+                    self.migrations.append(rec)
+                    done.append(rec)
+                    dst.wake.set()
         return done
 
     def migrate(self, request_id: str, dst: int) -> MigrationRecord | None:
@@ -405,7 +419,7 @@ class Cluster:
         re-dispatched (recomputed from its prompt and tokens so far). Returns how many."""
         with self._lock:
             inst = self.instances[index]
-            with inst.lock:
+            with inst.locked():
                 inst.alive = False
             inst.wake.set()
             moved = 0
@@ -436,7 +450,7 @@ class Cluster:
     def metrics(self) -> dict[str, Any]:
         loads = []
         for inst in self.instances:
-            with inst.lock:
+            with inst.locked():
                 load = inst.load()
                 if inst.tracker is not None:
                     load["length_predictor"] = inst.tracker.stats()
