@@ -20,11 +20,15 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 demo: $(STAMP)
 	$(BIN)/python -m jaxsys.demo
 
+# Tests run in TEST_WORKERS processes (pytest-xdist), one test file per process at a time so module
+# fixtures (a loaded model, a compiled engine) are built once.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow and not gpu" --timeout=900
+	$(BIN)/python -m pytest -q -m "not slow and not gpu" --timeout=900 -n $(TEST_WORKERS) --dist loadfile
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not gpu" --timeout=1800
+	$(BIN)/python -m pytest -q -m "not gpu" --timeout=1800 -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/jaxsys bench all
