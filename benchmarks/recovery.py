@@ -16,6 +16,10 @@ failure runs use 2 pipelines x 4 stages), all in this process:
    bitwise equal to the failure-free run; the difference of the pipelined step to whole-model
    gradients (what the elastic canonical step differentiates).
 
+Across processes: 4 `jax.distributed` CPU processes x 2 devices train the tiny config; process 2 is
+SIGKILLed between steps and restarted later; kill -> first step and restart -> first step with
+their breakdowns, and a bitwise comparison with the failure-free run (`--skip-processes` to skip).
+
 Simulated (SimPy; `configs/cluster/h100_32.yaml`, `h100_256.yaml`: every hardware, failure and
 recovery figure there is an assumption; per-layer times are FLOPs / (peak x MFU) with the
 measured backward/forward ratio): each policy (ours, always-reroute, always-replan,
@@ -342,6 +346,67 @@ def measure_recovery(cfg, setup, units, args):
     return out, float(np.median(ref_times[1:]))
 
 
+MP_MODEL = ["data.global_batch=16", "data.micro_batches=8", "data.seq_len=16"]
+
+
+def measure_multiprocess(args):
+    """Elastic training across processes: 4 `jax.distributed` CPU processes x 2 devices (the tiny
+    config, smaller batches), process 2 SIGKILLed right after step `kill`, restarted once the
+    survivors have committed step `restart` (they wait for it at the next boundary; it rejoins there
+    and receives its shards from its peers).
+    Per recovery (each surviving process's view): the time from the kill (or restart) to the first
+    step completed after it, and its parts. Compared bit for bit with the failure-free run of the
+    same config on 8 virtual devices in this process (elastic step)."""
+    import json
+    import subprocess
+
+    from jaxsys.train.config import load_config
+    from jaxsys.train.elastic.runtime import ElasticStep
+    from jaxsys.train.trainer import Trainer
+
+    kill, restart = 3, 6
+    overrides = [f"steps={args.mp_steps}"] + MP_MODEL
+    cfg = load_config("tiny", overrides + ["progress=false"])
+    tr = Trainer(cfg, program=ElasticStep(cfg, log=lambda m: None))
+    ref = {r.step: (r.loss, r.param_checksum) for r in tr.run().records}
+    ref_state = tr.program.flat_state()
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "jaxsys.train.elastic.launch", "--processes", "4",
+                            "--devices-per-process", "2", "--kill", f"2@{kill}", "--restart", f"2@{restart}",
+                            "--heartbeat", str(args.heartbeat), "--out", out, *overrides],
+                           capture_output=True, text=True, timeout=1800)
+        wall = time.perf_counter() - t0
+        if r.returncode:
+            raise SystemExit(f"the multi-process run failed:\n{r.stderr[-4000:]}")
+        summary = json.loads((Path(out) / "summary.json").read_text())
+        state = np.load(Path(out) / "state.npy")
+    same = all((loss, ck) == ref[s] for p in summary["processes"].values()
+               for s, loss, ck in zip(p["steps"], p["losses"], p["param_checksums"]))
+    same = same and np.array_equal(state.view(np.uint32), ref_state.view(np.uint32))
+    fails = [x for x in summary["recoveries"] if x["event"] == "fail"]
+    joins = [x for x in summary["recoveries"] if x["event"] == "join"]
+    med = lambda rows, k: float(np.median([x[k] for x in rows])) if rows else None  # noqa: E731
+    return {"processes": 4, "devices_per_process": 2, "steps": args.mp_steps, "killed": f"process 2 after step {kill}",
+            "restarted": f"process 2 once the survivors committed step {restart}",
+            "heartbeat_timeout_s": args.heartbeat, "wall_s": wall,
+            "kill_to_first_step_s": med(fails, "cause_to_first_step_s"),
+            "kill_breakdown_s": {k: med(fails, k) for k in ("detection_s", "replanning_s", "compile_s", "transfer_s",
+                                                            "first_step_s")},
+            "restart_to_first_step_s": med(joins, "cause_to_first_step_s"),
+            "join_breakdown_s": {k: med(joins, k) for k in ("detection_s", "replanning_s", "compile_s", "transfer_s",
+                                                            "first_step_s")},
+            "rejoined_at_step": min((x["step"] for x in joins), default=None),
+            "recoveries": summary["recoveries"], "bitwise_equal_failure_free": bool(same),
+            "what": "kill_to_first_step_s: SIGKILL of process 2 (between steps) to each survivor's first completed "
+                    "step on the 6 surviving devices: detection (the live-process barrier, bounded by the heartbeat "
+                    "timeout), planning, compiling the survivors' programs (cold), moving the lost shards from the "
+                    "replicas in other processes (CPU collectives), and that step. restart_to_first_step_s: the "
+                    "restarted process's start (Python, JAX, jax.distributed; the survivors wait for it at the "
+                    "next boundary) to the first step with it back: the check-in, compiling the grown mesh's "
+                    "programs (cold, a new device order), moving its shards from its peers, and that step"}
+
+
 def simulated(units, args):
     from jaxsys.train.recovery import model as pm
     from jaxsys.train.recovery import simulate as sim
@@ -371,7 +436,7 @@ def simulated(units, args):
     return out, search, bwd_ratio
 
 
-def targets_of(sim_rows, rec_rows):
+def targets_of(sim_rows, rec_rows, mp=None):
     T = _common.target
     thr = lambda r, p: r["policies"][p]["throughput_steps_per_hour"]  # noqa: E731
     post = min(r["policies"]["ours"]["post_recovery_ratio"] for r in sim_rows)
@@ -386,7 +451,8 @@ def targets_of(sim_rows, rec_rows):
         T("simulated: ours worse than the best fixed strategy (worst trace)", worst, 0.03, higher_is_better=False),
         T("measured: strategies bitwise equal to the failure-free run", float(all(
             r["bitwise_equal_failure_free"] for r in rec_rows)), 1.0),
-    ]
+    ] + ([T("measured: 4 processes, one killed and restarted, bitwise equal to the failure-free run",
+            float(mp["bitwise_equal_failure_free"]), 1.0)] if mp is not None else [])
 
 
 def plot(sim_rows, path):
@@ -425,8 +491,15 @@ def main(argv=None) -> int:
     ap.add_argument("--clusters", nargs="+", default=["h100_32", "h100_32_stress", "h100_256"],
                     help="packaged cluster configs (configs/cluster/NAME.yaml) to simulate")
     ap.add_argument("--skip-measured", action="store_true", help="only the simulation (unit ratios still measured)")
+    ap.add_argument("--skip-processes", action="store_true",
+                    help="skip the multi-process run (4 jax.distributed processes, one killed and restarted)")
+    ap.add_argument("--mp-steps", type=int, default=14,
+                    help="steps of the multi-process run (the kill is after step 3, the process is back from step 7)")
+    ap.add_argument("--heartbeat", type=int, default=3, help="jax.distributed heartbeat timeout of that run (s)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/recovery.json)")
     args = ap.parse_args(argv)
+    if args.mp_steps < 9:
+        ap.error("--mp-steps must be at least 9 (the restarted process rejoins at step 7; 2 steps after it)")
     if args.steps < 4:
         ap.error("--steps must be at least 4 (the failure is at step 2; the post-recovery time needs 2 more)")
     if args.micro_batches < NUM_DEVICES or args.layers < 4 or args.hidden % 4:
@@ -451,13 +524,20 @@ def main(argv=None) -> int:
                   f"{r['transfer_s']:.3f}, compile {r['compile_s']:.3f}, restore {r['restore_s']:.3f}) lost "
                   f"{r['lost_steps']} post-step {r['post_step_s']:.3f}s bitwise={r['bitwise_equal_failure_free']}",
                   flush=True)
+    mp = None
+    if not args.skip_measured and not args.skip_processes:
+        mp = measure_multiprocess(args)
+        print(f"4 processes: kill -> first step {mp['kill_to_first_step_s']:.3f} s {mp['kill_breakdown_s']}; restart -> "
+              f"first step {mp['restart_to_first_step_s']}; bitwise={mp['bitwise_equal_failure_free']}", flush=True)
     sim_rows, search, bwd_ratio = simulated(units, args)
-    targets = targets_of(sim_rows, rec) if rec else targets_of(sim_rows, [{"bitwise_equal_failure_free": False}])
+    targets = (targets_of(sim_rows, rec, mp) if rec
+               else targets_of(sim_rows, [{"bitwise_equal_failure_free": False}]))
     for t in targets:
         print(f"  target {t['name']}: {t['value']:.4f} (target {t['target']}, met={t['met']})")
     records = ([{"kind": "units", **units}] + [{"kind": "validation_layout", **v} for v in validation]
                + [{"kind": "validation_stage", **v} for v in stages]
                + [{"kind": "recovery_measured", **r} for r in rec]
+               + ([{"kind": "multiprocess_measured", **mp}] if mp is not None else [])
                + [{"kind": "simulated", **r} for r in sim_rows])
     path = _common.write_results(
         "recovery", records, args.out, targets=targets,

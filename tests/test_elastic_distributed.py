@@ -28,6 +28,7 @@ WORKER = textwrap.dedent("""
                 break
             m._cached = None
             time.sleep(0.2)
+        open(sync + ".b2", "w").close()  # the peer restarts only now: its death and return are two checks
         t0 = time.time()
         while not os.path.exists(sync) and time.time() - t0 < 120:
             time.sleep(0.05)
@@ -72,7 +73,9 @@ def test_live_device_check_reports_fail_and_join(tmp_path):
         dier = subprocess.run(cmd + ["1", port, "dier", sync], capture_output=True, text=True,
                               env=env, timeout=180)
         assert dier.returncode == 1 and _result(dier.stdout)["b1"] == []
-        time.sleep(0.5)
+        t0 = time.time()
+        while not os.path.exists(sync + ".b2") and time.time() - t0 < 120:
+            time.sleep(0.05)
         rejoin = subprocess.run(cmd + ["1", port, "rejoin", sync], capture_output=True, text=True,
                                 env=env, timeout=180)
         out, _ = survivor.communicate(timeout=180)

@@ -23,6 +23,12 @@ its losses and parameters are bitwise those of the run without the failure
                 `jax.distributed` live-device check of multi-process jobs.
 * `runtime`     `ElasticStep`, the step program that ties them together (the host loop,
                 `jaxsys.train.trainer.Trainer`, drives it like the GSPMD step).
+* `multiprocess` `DistributedElasticStep`: the same step in a multi-process `jax.distributed`
+                job (CPU collectives between processes); a killed process's shards are rebuilt
+                on the survivors from replicas held in other processes, a restarted process
+                rejoins and receives its share from its peers, bitwise as without the failure.
+* `launch`      `python -m jaxsys.train.elastic.launch`: such a job on one machine, with a
+                kill/restart schedule.
 
 Mesh axes: the elastic mode lays all live devices on one mesh axis, the one the rules table of
 `jaxsys.sharding` gives the logical `FLAT` axis (the `data` and `fsdp` roles are merged: the state
@@ -31,10 +37,9 @@ must be 1: splitting a contraction over devices changes its floating-point summa
 the device count, and with it the bits. Pipeline parallelism and the choice among recovery
 strategies are out of scope (see train/recovery/).
 
-Limitation: the step program is single-controller (one process drives its devices). The
-live-device check works in multi-process jobs (tested with two local processes; the benchmark
-times death -> detection -> the survivors' next step), but moving shards between processes after
-a change is not implemented.
+Across processes (`multiprocess`): the kill must land between steps (a process killed inside a
+step leaves its peers in that step's collectives), the coordinator process cannot fail, and no
+checkpoint is written, so losing both copies of a shard stops the run.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from jaxsys._lazy import lazy_exports
 
 _LAZY = {
     "ElasticStep": "jaxsys.train.elastic.runtime",
+    "DistributedElasticStep": "jaxsys.train.elastic.multiprocess",
     "BitFlip": "jaxsys.train.elastic.runtime",
     "Recovery": "jaxsys.train.elastic.runtime",
     "EventSchedule": "jaxsys.train.elastic.events",

@@ -223,6 +223,10 @@ class StepSpec:
     remat: Any = None
     """The memory plan's `jaxsys.train.memory.Remat` for the micro-batch loss (None: every
     activation kept; see `jaxsys.train.memory.training.ElasticMemory`)."""
+    replica_shift: int = 1
+    """Snapshot mode: the replica of shard k goes to device k + replica_shift (mod N). A
+    multi-process job sets it to the devices per process, so a replica never lives in the process
+    that holds its primary (`FlatLayout.replica_shift`)."""
 
     @property
     def num_params(self) -> int:
@@ -350,7 +354,8 @@ def make_step(spec: StepSpec, mesh: Mesh):
         i = jax.lax.axis_index(axis)
         metrics["input_ok"] = jax.lax.all_gather(jnp.all(shard_checksum(flat_3xS) == inp.ref_Nx2[i])[None], axis,
                                                  tiled=True)
-        replica = jax.lax.ppermute(new_flat, axis, [(j, (j + 1) % N) for j in range(N)]) if N > 1 else new_flat
+        shift = spec.replica_shift % N
+        replica = jax.lax.ppermute(new_flat, axis, [(j, (j + shift) % N) for j in range(N)]) if shift else new_flat
         new_ref = jax.lax.all_gather(shard_checksum(new_flat)[None, :], axis, tiled=True)
         return StepOutputs(new_flat, adam.count, metrics, replica, new_ref)
 

@@ -6,7 +6,7 @@
              holds elements [k*S, (k+1)*S) with S = ceil(P / N) (the tail of the last shard is
              zero padding). Elementwise work (the AdamW update) gives the same bits on any N.
 `FlatLayout` that split for a concrete, ordered device set, and who holds what: shard k lives on
-             device k (primary) and on device k+1 mod N (replica).
+             device k (primary) and on device k+1 mod N (replica; k+shift across processes).
 `MicroBatchPlan`  which micro-batches each device computes. The global batch is always the same
              M micro-batches of consecutive examples; a plan spreads them over N devices (uneven
              splits allowed: 16 on 6 is 3,3,3,3,2,2) in K = ceil(M/N) slots per device.
@@ -96,6 +96,9 @@ class FlatLayout:
 
     num_params: int
     device_ids: tuple[int, ...]
+    replica_shift: int = 1
+    """The replica of shard k lives on device k + replica_shift (mod N): 1 in one process; the
+    devices per process in a multi-process job, so that losing a process never loses both copies."""
 
     @property
     def n(self) -> int:
@@ -118,7 +121,7 @@ class FlatLayout:
         return self.device_ids[k]
 
     def replica_holder(self, k: int) -> int:
-        return self.device_ids[(k + 1) % self.n]
+        return self.device_ids[(k + self.replica_shift) % self.n]
 
     def index_of(self, device_id: int) -> int:
         return self.device_ids.index(device_id)

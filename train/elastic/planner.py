@@ -79,7 +79,7 @@ def plan_transfers(old: FlatLayout, new_devices: Sequence[int], lost: Sequence[i
         raise ValueError(f"new devices {sorted(set(new_devices) & lost_set)} are lost")
     if len(set(new_devices)) != len(new_devices) or not new_devices:
         raise ValueError("new_devices must be distinct and non-empty")
-    new = FlatLayout(old.num_params, tuple(new_devices))
+    new = dataclasses.replace(old, device_ids=tuple(new_devices))
     transfers: list[Transfer] = []
     S, S2 = old.shard_size, new.shard_size
     for j, dst in enumerate(new.device_ids):

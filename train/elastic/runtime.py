@@ -138,11 +138,9 @@ class ElasticStep(StepEventLog):
         remote = [d for d in self.devices if d.process_index != jax.process_index()]
         if remote:
             raise TrainConfigError(
-                "the elastic trainer is single-controller: it drives only this process's devices "
-                f"(devices {[d.id for d in remote]} belong to other processes); in a multi-process job "
-                "pass devices=jax.local_devices() and watch membership with "
-                "jaxsys.train.elastic.DistributedMembership (moving shards between processes is not "
-                "implemented)")
+                "ElasticStep is single-controller: it drives only this process's devices "
+                f"(devices {[d.id for d in remote]} belong to other processes); a multi-process job runs "
+                "jaxsys.train.elastic.DistributedElasticStep (started by python -m jaxsys.train.elastic.launch)")
         self.cache = cache if cache is not None else global_cache()
         self.flat_spec = FlatSpec.from_shapes(decoder.param_shapes(cfg.model))
         self.schedule = _validated_schedule(cfg, self.devices, explicit=devices is not None)
@@ -392,25 +390,7 @@ class ElasticStep(StepEventLog):
 
     def _inputs(self, step: int, tokens_BxT1: np.ndarray, plan: MicroBatchPlan,
                 lr: np.float32) -> canonical.StepInputs:
-        """Lay the global batch out as the plan's per-device slot tables."""
-        b, T, M = self.cfg.data.micro_size, self.cfg.data.seq_len, self.cfg.data.micro_batches
-        ids_B = example_ids(step, tokens_BxT1.shape[0])
-        table_NxK = plan.slot_table()
-        N, K = table_NxK.shape
-        tok = np.zeros((N, K, b, T + 1), np.int32)
-        ex = np.zeros((N, K, b), np.int32)
-        for i in range(N):
-            for k in range(K):
-                m = table_NxK[i, k]
-                if m >= 0:
-                    tok[i, k] = tokens_BxT1[m * b:(m + 1) * b]
-                    ex[i, k] = ids_B[m * b:(m + 1) * b]
-        micro_slot_M, micro_active_M = plan.micro_to_slot()
-        targets_M = target_count(tokens_BxT1).reshape(M, b).sum(axis=1)
-        return canonical.StepInputs(
-            count=np.int32(self._count), tokens_NxKxbxT1=tok, example_ids_NxKxb=ex, slot_micro_NxK=table_NxK,
-            step=np.int32(step), micro_slot_M=micro_slot_M, micro_active_M=micro_active_M,
-            n_valid=np.float32(targets_M[micro_active_M].sum()), lr=lr)
+        return step_inputs(self.cfg, step, tokens_BxT1, plan, count=self._count, lr=lr)
 
     def _snapshot_for(self, step: int) -> Snapshot | None:
         """The snapshot step `step` starts from: the one the previous step emitted, else a new one;
@@ -611,6 +591,30 @@ class ElasticStep(StepEventLog):
                                       replanning_s=t2 - t1, compile_s=t3 - t2, compile_how=how,
                                       transfer_s=t4 - t3, lost_steps=step - resume, notes=[why]))
         return resume
+
+
+def step_inputs(cfg: LMTrainConfig, step: int, tokens_BxT1: np.ndarray, plan: MicroBatchPlan, *, count: int,
+                lr: np.float32) -> canonical.StepInputs:
+    """The layout-invariant step's host inputs: the global batch laid out as the plan's per-device
+    slot tables (host arrays; `canonical.STEP_INPUT_AXES` says how each is sharded)."""
+    b, T, M = cfg.data.micro_size, cfg.data.seq_len, cfg.data.micro_batches
+    ids_B = example_ids(step, tokens_BxT1.shape[0])
+    table_NxK = plan.slot_table()
+    N, K = table_NxK.shape
+    tok = np.zeros((N, K, b, T + 1), np.int32)
+    ex = np.zeros((N, K, b), np.int32)
+    for i in range(N):
+        for k in range(K):
+            m = table_NxK[i, k]
+            if m >= 0:
+                tok[i, k] = tokens_BxT1[m * b:(m + 1) * b]
+                ex[i, k] = ids_B[m * b:(m + 1) * b]
+    micro_slot_M, micro_active_M = plan.micro_to_slot()
+    targets_M = target_count(tokens_BxT1).reshape(M, b).sum(axis=1)
+    return canonical.StepInputs(
+        count=np.int32(count), tokens_NxKxbxT1=tok, example_ids_NxKxb=ex, slot_micro_NxK=table_NxK,
+        step=np.int32(step), micro_slot_M=micro_slot_M, micro_active_M=micro_active_M,
+        n_valid=np.float32(targets_M[micro_active_M].sum()), lr=lr)
 
 
 def _fence(snap: Snapshot, lost_ids: Sequence[int]) -> None:

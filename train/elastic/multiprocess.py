@@ -1,0 +1,556 @@
+"""The elastic step across processes: a multi-controller `jax.distributed` job that loses a whole
+process (hard kill, no goodbye), carries on with the survivors, and takes the process back when
+it restarts, with the losses and parameters bitwise those of the run without the failure.
+
+Every process runs this program on the same global view (the same config, the same batch of step
+s, the same device list, process-major); each drives only its own devices. The train state is
+the elastic layout's flat [3, N*S] array sharded over every device in service
+(`jaxsys.train.elastic.canonical`), and the step is the layout-invariant step over a mesh that
+spans the processes, so its collectives (all-gather, all-to-all, ppermute) run over the CPU
+collectives between processes. Its bits do not depend on N, the process count or who computes
+which micro-batch. At each step boundary (`DistributedElasticStep.advance`):
+
+1. membership: every live process checks in with the coordination service
+   (`membership.DistributedMembership`, a barrier among the live processes); a process that
+   stopped answering its heartbeats is a failure, a process that (re)connected is a join;
+2. failure: the survivors build the new layout from the copies they hold. The step in snapshot
+   mode keeps its input (the primary copy of every shard) and emits a replica of shard k on device
+   k + D, D the devices per process, so a replica never lives in its primary's process: one lost
+   process never loses both copies. The transfer planner (`planner.plan_transfers`) picks a
+   surviving copy for every piece of every new shard and the pieces move in one SPMD program over
+   the survivors' mesh (`make_transfer`: one ppermute per (distance, piece) round, each piece
+   placed exactly; no host round trip). The lost process's micro-batches go to the survivors
+   (the balanced plan over N' devices: Odyssey's rerouting for a data-parallel layout) and the
+   global batch, gradient scale and per-example dropout keys stay as they were;
+3. join: a process that starts while the job runs (the coordination service holds the job's
+   `started` key) learns the current step, optimizer count and devices in service from its peers
+   (one key-value message written by the survivors at the boundary where they see it join) and
+   receives its shard of the state in the same transfer program, over the grown mesh. The grown
+   mesh takes a device order that no mesh had with the process's previous incarnation: XLA's CPU
+   collectives keep a communicator per ordered device list, and the old one is tied to the dead
+   process (`DistributedElasticStep._order`);
+4. the step over the devices in service; it commits when its metrics (replicated) are back.
+
+What this program does not do: a process killed *during* a step leaves its peers inside that
+step's collectives (the CPU collectives do not abort them), so the kill must land between steps;
+the coordinator (process 0, which hosts the coordination service) cannot fail; checkpoints
+(Orbax) are not written across processes by this program, so a failure that takes both copies of
+some shard (two processes D devices apart at once) stops the run with `UnrecoverableError`.
+`jaxsys.train.elastic.launch` starts such a job on one machine (CPU processes), kills and
+restarts processes on a schedule and checks the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsys.models import decoder
+from jaxsys.train.config import LMTrainConfig, TrainConfigError
+from jaxsys.train.elastic import canonical
+from jaxsys.train.elastic.events import MembershipEvent
+from jaxsys.train.elastic.layout import FlatLayout, FlatSpec, MicroBatchPlan
+from jaxsys.train.elastic.membership import DistributedMembership
+from jaxsys.train.elastic.planner import TransferPlan, check_plan, plan_transfers
+from jaxsys.train.elastic.runtime import Recovery, step_inputs
+from jaxsys.train.optim import compiled_optim
+from jaxsys.train.program import Advance, CommittedStep, StepEventLog, init_params_f32
+
+STARTED_KEY = "jaxsys/elastic/started"
+"""Set in the coordination service once the job has committed a step: a process that finds it at
+start joins a running job instead of starting one."""
+WELCOME_KEY = "jaxsys/elastic/welcome/{process}"
+"""Where the survivors tell a joining process the boundary, count and devices it joins."""
+WELCOME_TIMEOUT_MS = 600_000
+
+
+# ----------------------------------------------------------------------------- the transfer program
+@dataclasses.dataclass(frozen=True)
+class TransferRounds:
+    """A `TransferPlan` as static per-device tables for one SPMD program over the new mesh.
+
+    Transfers between the same (source, destination) pair are numbered r = 0, 1, ...; the
+    transfers with the same distance (destination position - source position mod N') and number r
+    form one round: one ppermute (none at distance 0, a local copy) in which every device sends
+    at most one piece and receives at most one. Tables are indexed [round][mesh position]."""
+
+    num_devices: int
+    old_shard: int
+    new_shard: int
+    shifts: tuple[int, ...]
+    lengths: tuple[int, ...]
+    """Buffer length of each round (its longest piece)."""
+    slot: tuple[tuple[int, ...], ...]
+    """Per sender: 0 sends from its primary copy, 1 from its replica."""
+    src_offset: tuple[tuple[int, ...], ...]
+    dst_offset: tuple[tuple[int, ...], ...]
+    dst_length: tuple[tuple[int, ...], ...]
+    """Per receiver: where the piece lands in its new shard and how long it is (0: nothing)."""
+
+    @classmethod
+    def from_plan(cls, plan: TransferPlan) -> "TransferRounds":
+        new_ids = plan.new.device_ids
+        pos = {d: i for i, d in enumerate(new_ids)}
+        N = len(new_ids)
+        missing = sorted({t.src for t in plan.transfers} - set(pos))
+        if missing:
+            raise ValueError(f"sources {missing} are not in the new mesh {list(new_ids)}")
+        number: dict[tuple[int, int], int] = {}
+        rounds: dict[tuple[int, int], list] = {}
+        for t in plan.transfers:
+            sp, dp = pos[t.src], pos[t.dst]
+            r = number.get((sp, dp), 0)
+            number[(sp, dp)] = r + 1
+            rounds.setdefault(((dp - sp) % N, r), []).append((sp, dp, t))
+        shifts, lengths, slot, so, do, dl = [], [], [], [], [], []
+        for (shift, _), members in sorted(rounds.items()):
+            s_slot, s_off, d_off, d_len = [0] * N, [0] * N, [0] * N, [0] * N
+            for sp, dp, t in members:
+                s_slot[sp] = 0 if t.copy == "primary" else 1
+                s_off[sp] = t.src_offset
+                d_off[dp], d_len[dp] = t.dst_offset, t.length
+            shifts.append(shift)
+            lengths.append(max(t.length for _, _, t in members))
+            for table, row in ((slot, s_slot), (so, s_off), (do, d_off), (dl, d_len)):
+                table.append(tuple(row))
+        return cls(N, plan.old.shard_size, plan.new.shard_size, tuple(shifts), tuple(lengths), tuple(slot),
+                   tuple(so), tuple(do), tuple(dl))
+
+    def network_elements(self) -> int:
+        """Elements per state row sent between devices (padded to each round's buffer)."""
+        return sum(L * sum(1 for n in dl if n) for s, L, dl in zip(self.shifts, self.lengths, self.dst_length) if s)
+
+
+def make_transfer(rounds: TransferRounds, mesh):
+    """held_Nx2x3xS -> flat_3xNS': every device of the new mesh gives its copies of old shards
+    ([primary, replica], zeros where it holds none) and gets its new shard. Slices, ppermutes and
+    selects only: the bits are moved, never recomputed."""
+    axis = canonical.layout_axis()
+    N, S_new = rounds.num_devices, rounds.new_shard
+    pad = max(rounds.lengths, default=0)
+
+    def body(held_1x2x3xS):
+        held = jnp.pad(held_1x2x3xS[0], ((0, 0), (0, 0), (0, pad)))
+        me = jax.lax.axis_index(axis)
+        pos_S = jnp.arange(S_new, dtype=jnp.int32)
+        out = jnp.zeros((3, S_new), jnp.float32)
+        for r, (shift, L) in enumerate(zip(rounds.shifts, rounds.lengths)):
+            slot = jnp.asarray(rounds.slot[r], jnp.int32)[me]
+            src = jnp.asarray(rounds.src_offset[r], jnp.int32)[me]
+            piece_3xL = jax.lax.dynamic_slice(held, (slot, 0, src), (1, 3, L))[0]
+            if shift:
+                piece_3xL = jax.lax.ppermute(piece_3xL, axis, [(i, (i + shift) % N) for i in range(N)])
+            idx_S = pos_S - jnp.asarray(rounds.dst_offset[r], jnp.int32)[me]
+            valid_S = (idx_S >= 0) & (idx_S < jnp.asarray(rounds.dst_length[r], jnp.int32)[me])
+            out = jnp.where(valid_S[None], jnp.take(piece_3xL, jnp.clip(idx_S, 0, L - 1), axis=1), out)
+        return out
+
+    held_sh = canonical.layout_sharding(mesh, canonical.TABLE_AXES)
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(canonical.layout_spec(mesh, canonical.TABLE_AXES),),
+                       out_specs=canonical.layout_spec(mesh, canonical.STATE_AXES), check_vma=False)
+    return jax.jit(fn, in_shardings=(held_sh,), out_shardings=canonical.state_sharding(mesh))
+
+
+def make_checksums(mesh):
+    """flat_3xNS -> [N, 2] reference checksums of its shards (replicated): what the next step checks
+    its input against."""
+    axis = canonical.layout_axis()
+    fn = jax.shard_map(lambda x: jax.lax.all_gather(canonical.shard_checksum(x)[None], axis, tiled=True),
+                       mesh=mesh, in_specs=(canonical.layout_spec(mesh, canonical.STATE_AXES),),
+                       out_specs=canonical.layout_spec(mesh, canonical.REPLICATED), check_vma=False)
+    return jax.jit(fn, in_shardings=(canonical.state_sharding(mesh),),
+                   out_shardings=canonical.layout_sharding(mesh, canonical.REPLICATED))
+
+
+def make_gather_state(mesh):
+    """flat_3xNS -> the same array replicated on every device (each process reads it locally)."""
+    axis = canonical.layout_axis()
+    fn = jax.shard_map(lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True), mesh=mesh,
+                       in_specs=(canonical.layout_spec(mesh, canonical.STATE_AXES),),
+                       out_specs=canonical.layout_spec(mesh, canonical.REPLICATED), check_vma=False)
+    return jax.jit(fn, in_shardings=(canonical.state_sharding(mesh),),
+                   out_shardings=canonical.layout_sharding(mesh, canonical.REPLICATED))
+
+
+def global_array(value: Any, sharding) -> jax.Array:
+    """A host value that every process holds whole, as a global array: each process places its
+    own devices' slices (no collective)."""
+    x = np.asarray(value)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+# ----------------------------------------------------------------------------- the step program
+class DistributedElasticStep(StepEventLog):
+    """The elastic step program of one process of a multi-process job (module docstring).
+
+    devices: the job's devices (default: every device of every process, process-major).
+    membership: the live-process check (default: `DistributedMembership` over `devices`).
+    log: where recovery summaries go (default: beside the loop's progress bar).
+    """
+
+    def __init__(self, cfg: LMTrainConfig, *, devices: Sequence[jax.Device] | None = None,
+                 membership: DistributedMembership | None = None, log: Callable[[str], None] | None = None):
+        _check_config(cfg)
+        super().__init__(log)
+        self.cfg = cfg
+        self.devices = sorted(jax.devices() if devices is None else devices, key=lambda d: (d.process_index, d.id))
+        if membership is None:
+            try:
+                membership = DistributedMembership(self.devices)
+            except RuntimeError as e:
+                raise TrainConfigError(f"the multi-process elastic step: {e}") from None
+        self.membership = membership
+        self.process = jax.process_index()
+        per_process = {d.process_index: 0 for d in self.devices}
+        for d in self.devices:
+            per_process[d.process_index] += 1
+        if len(set(per_process.values())) != 1:
+            raise TrainConfigError(f"every process needs the same number of devices, got {per_process}")
+        self.devices_per_process = next(iter(per_process.values()))
+        self.replica_shift = self.devices_per_process if len(per_process) > 1 else 1
+        self.flat_spec = FlatSpec.from_shapes(decoder.param_shapes(cfg.model))
+        self.active: list[int] = list(range(len(self.devices)))
+        self.recoveries: list[Recovery] = []
+        self.joining = False
+        """True in a process that (re)started while the job runs, until it has its state."""
+        self._programs: dict[tuple, Any] = {}
+        self._flat: jax.Array | None = None
+        self._replica: jax.Array | None = None
+        self._ref: jax.Array | None = None
+        self._count = 0
+        self._checked: set[int] = set()
+        self._started_key_set = False
+        self._pending: tuple[Recovery, dict] | None = None
+        self._used: list[tuple[int, ...]] = [tuple(self.active)]
+        """Every device order a mesh of this job has had (the order names its CPU communicators)."""
+        self._stale: set[tuple[int, ...]] = set()
+        """Orders whose communicators hold connections to a process that has since restarted."""
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @property
+    def active_devices(self) -> list[jax.Device]:
+        return [self.devices[i] for i in self.active]
+
+    def layout(self, active: Sequence[int] | None = None) -> FlatLayout:
+        active = self.active if active is None else active
+        return FlatLayout(self.flat_spec.num_params, tuple(self.devices[i].id for i in active), self.replica_shift)
+
+    # ------------------------------------------------------------------ programs
+    def _mesh(self, active: Sequence[int]):
+        return canonical.layout_mesh([self.devices[i] for i in active])
+
+    def _compiled(self, name: str, key: Any, active: Sequence[int], build: Callable[[Any], tuple]) -> Any:
+        full = (name, key, tuple(active))
+        if full not in self._programs:
+            fn, args = build(self._mesh(active))
+            self._programs[full] = fn.lower(*args).compile()
+        return self._programs[full]
+
+    def _spec(self, n: int) -> canonical.StepSpec:
+        cfg = self.cfg
+        plan = MicroBatchPlan.balanced(cfg.data.micro_batches, n)
+        return canonical.StepSpec(
+            model=cfg.model, flat=self.flat_spec, optim=compiled_optim(cfg.optim), num_devices=n, slots=plan.slots,
+            num_micro=cfg.data.micro_batches, micro_size=cfg.data.micro_size, seq_len=cfg.data.seq_len,
+            dropout=cfg.dropout, seed=cfg.seed, chunk=cfg.elastic.chunk_size, snapshot="device",
+            replica_shift=self.replica_shift)
+
+    def _step_exe(self, active: Sequence[int]):
+        spec = self._spec(len(active))
+        return self._compiled("step", spec, active, lambda mesh: (
+            canonical.make_step(spec, mesh), canonical.abstract_step_args(spec, mesh)))
+
+    def _state_struct(self, mesh, n: int) -> jax.ShapeDtypeStruct:
+        S = self.layout(range(n)).shard_size
+        return jax.ShapeDtypeStruct((3, n * S), jnp.float32, sharding=canonical.state_sharding(mesh))
+
+    def _checksums(self, flat: jax.Array) -> jax.Array:
+        n = len(self.active)
+        exe = self._compiled("checksums", n, self.active, lambda mesh: (
+            make_checksums(mesh), (self._state_struct(mesh, n),)))
+        return exe(flat)
+
+    def _transfer(self, plan: TransferPlan, new_active: Sequence[int], held: jax.Array) -> jax.Array:
+        rounds = TransferRounds.from_plan(plan)
+        S_old = plan.old.shard_size
+        n = len(new_active)
+        exe = self._compiled("transfer", rounds, new_active, lambda mesh: (make_transfer(rounds, mesh), (
+            jax.ShapeDtypeStruct((n, 2, 3, S_old), jnp.float32,
+                                 sharding=canonical.layout_sharding(mesh, canonical.TABLE_AXES)),)))
+        return exe(held)
+
+    # ------------------------------------------------------------------ state (StepProgram)
+    def build(self) -> None:
+        """Whether this process joins a running job (the coordination service has its `started`
+        key) or starts one with its peers."""
+        try:
+            self.joining = self.membership.client.key_value_try_get(STARTED_KEY) is not None
+        except jax.errors.JaxRuntimeError:  # no such key: the job has not started
+            self.joining = False
+
+    def init_state(self) -> None:
+        """Fresh state from the seed (every process computes the same host tree and places its
+        own shards); a joining process gets its state from its peers instead."""
+        if self.joining:
+            return
+        host = np.zeros((3, self.layout().padded_size), np.float32)
+        host[0, :self.flat_spec.num_params] = self.flat_spec.flatten_np(init_params_f32(self.cfg))
+        self._flat = global_array(host, canonical.state_sharding(self._mesh(self.active)))
+        self._ref = self._checksums(self._flat)
+        self._count = 0
+
+    def compile(self) -> Any:
+        return self._step_exe(self.active)
+
+    def flat_state(self) -> np.ndarray:
+        """[3, P] host copy of (params, mu, nu) (a collective: every process in service calls it)."""
+        n = len(self.active)
+        exe = self._compiled("gather_state", n, self.active, lambda mesh: (
+            make_gather_state(mesh), (self._state_struct(mesh, n),)))
+        full = exe(self._flat)
+        return np.asarray(full.addressable_data(0))[:, :self.flat_spec.num_params]
+
+    def params(self) -> Any:
+        return self.flat_spec.unflatten_np(self.flat_state()[0])
+
+    # ------------------------------------------------------------------ the step (StepProgram)
+    def start(self, step: int, *, log: Callable[[str], None], checkpoints) -> None:
+        self._loop_log = log
+
+    def advance(self, step: int, tokens_BxT1: np.ndarray, lr: np.float32) -> Advance:
+        if self.joining:
+            return Advance(self._join_running_job(), None)
+        if step not in self._checked:
+            self._checked.add(step)
+            events = self.membership.check(step)
+            fails = [e for e in events if e.kind == "fail"]
+            joins = [e for e in events if e.kind == "join"]
+            if fails:
+                self._shrink(fails, step)
+            if joins:
+                self._grow(joins, step)
+        exe = self._step_exe(self.active)
+        mesh = self._mesh(self.active)
+        host = step_inputs(self.cfg, step, tokens_BxT1, MicroBatchPlan.balanced(self.cfg.data.micro_batches,
+                                                                                len(self.active)),
+                           count=self._count, lr=lr)
+        shardings = canonical.step_input_shardings(mesh, snapshot=True)
+        inputs = canonical.StepInputs(*(None if v is None else global_array(v, sh)
+                                        for v, sh in zip(host, shardings)))._replace(ref_Nx2=self._ref)
+        started = time.perf_counter()
+        out = exe(self._flat, inputs)
+        metrics = jax.device_get(out.metrics)
+        if not np.all(metrics["input_ok"]):
+            bad = [self.active[i] for i in np.flatnonzero(~metrics["input_ok"])]
+            raise RuntimeError(f"step {step}: the state shards on devices {bad} do not match their checksums")
+        return Advance(step + 1, self._commit(step, out, metrics, float(lr), started))
+
+    def _commit(self, step: int, out: canonical.StepOutputs, metrics: dict, lr: float,
+                started: float) -> CommittedStep:
+        step_time = time.perf_counter() - started
+        self._flat, self._replica, self._ref = out.flat_3xNS, out.replica_3xNS, out.ref_Nx2
+        self._count += 1
+        if self._pending is not None:
+            rec, event = self._pending
+            rec.first_step_s = step_time
+            event["recovery"] = rec.to_json()
+            event["first_step_done_unix"] = time.time()
+            self._log(rec.summary())
+            self._pending = None
+        if not self._started_key_set:
+            self.membership.client.key_value_set(STARTED_KEY, "1", allow_overwrite=True)
+            self._started_key_set = True
+        events, self._step_events = self._step_events, []
+        return CommittedStep(step, metrics, lr, len(self.active), started, step_time, events)
+
+    # ------------------------------------------------------------------ membership changes
+    def _order(self, members: Sequence[int]) -> list[int]:
+        """The mesh order of the device set `members` (indices, in the preferred order): the
+        preferred one unless it is stale, else the first fresh reordering of whole processes.
+
+        XLA's CPU collectives name a communicator by its devices in mesh order and keep it for
+        the life of the process; the one of an order that included a since-restarted process
+        still points at the dead incarnation's sockets, and the restarted process cannot enter it
+        again (its rendezvous keys exist). A new order is a new communicator. Processes move as
+        blocks so that the replica of a shard stays `replica_shift` devices on, in another
+        process. The math does not depend on the order (the canonical step)."""
+        members = list(members)
+        if tuple(members) not in self._stale:
+            return members
+        blocks: dict[int, list[int]] = {}
+        for i in members:
+            blocks.setdefault(self.devices[i].process_index, []).append(i)
+        for perm in itertools.permutations(blocks.values()):
+            for r in range(self.devices_per_process):
+                order = [b[(j + r) % len(b)] for b in perm for j in range(len(b))]
+                if tuple(order) not in self._stale:
+                    return order
+        raise RuntimeError(f"no fresh device order is left for devices {sorted(members)}")
+
+    def _use(self, order: Sequence[int]) -> None:
+        if tuple(order) not in self._used:
+            self._used.append(tuple(order))
+
+    def _restarted(self, processes: Sequence[int]) -> None:
+        """`processes` came back: every order that included them is stale."""
+        procs = set(processes)
+        self._stale |= {o for o in self._used if any(self.devices[i].process_index in procs for i in o)}
+
+    def _meet(self, step: int, order: Sequence[int], what: str) -> None:
+        """A barrier among the processes of `order` before the first collective over it: each
+        compiled the new programs at its own pace, and a process that enters the communicator's
+        rendezvous long before a peer times out in it."""
+        procs = sorted({self.devices[i].process_index for i in order})
+        self.membership.client.wait_at_barrier(f"jaxsys/elastic/{what}/{step}/{','.join(map(str, order))}",
+                                               WELCOME_TIMEOUT_MS, procs)
+
+    def _held(self, new_active: Sequence[int], old: FlatLayout, *, replicas: bool) -> jax.Array:
+        """[N', 2, 3, S_old] over the new mesh: each local device's primary and replica of the old
+        layout's shards (zeros where it holds none, e.g. a device that is joining)."""
+        S = old.shard_size
+        prim = {s.device.id: s.data for s in self._flat.addressable_shards} if self._flat is not None else {}
+        rep = ({s.device.id: s.data for s in self._replica.addressable_shards}
+               if replicas and self._replica is not None else {})
+        local = []
+        mesh = self._mesh(new_active)
+        sharding = canonical.layout_sharding(mesh, canonical.TABLE_AXES)
+        for dev in sharding.addressable_devices_indices_map((len(new_active), 2, 3, S)):
+            zero = jnp.zeros((3, S), jnp.float32, device=dev)
+            local.append(jnp.stack([prim.get(dev.id, zero), rep.get(dev.id, zero)])[None])
+        return jax.make_array_from_single_device_arrays((len(new_active), 2, 3, S), sharding, local)
+
+    def _shrink(self, fails: list[MembershipEvent], step: int) -> None:
+        """The devices of `fails` are gone (their process died after step-1 committed): rebuild the
+        state on the survivors from the primaries and replicas they hold."""
+        lost = sorted({e.device for e in fails})
+        before = list(self.active)
+        survivors = [i for i in self.active if i not in lost]
+        if not survivors:
+            raise RuntimeError(f"step {step}: every device is lost")
+        survivors = self._order(survivors)
+        t1 = time.perf_counter()
+        old = self.layout()
+        plan = plan_transfers(old, [self.devices[i].id for i in survivors],
+                              [self.devices[i].id for i in lost if i in before])
+        check_plan(plan)
+        t2 = time.perf_counter()
+        self._warm(survivors, plan)
+        self._meet(step, survivors, "shrink")
+        t3 = time.perf_counter()
+        flat = self._transfer(plan, survivors, self._held(survivors, old, replicas=True))
+        self.active = survivors
+        self._use(survivors)
+        self._flat, self._replica = flat, None
+        self._ref = self._checksums(flat)
+        self._ref.block_until_ready()
+        t4 = time.perf_counter()
+        processes = sorted({self.devices[i].process_index for i in lost})
+        self._log(f"step {step}: process(es) {processes} lost (devices {lost}) -> {len(survivors)} devices")
+        self._start(Recovery("fail", step, before, list(survivors), detection_s=self.membership.last_check_s,
+                             replanning_s=t2 - t1, compile_s=t3 - t2, compile_how="compiled",
+                             transfer_s=t4 - t3, elements_moved=plan.network_elements()),
+                    {"event": "fail", "devices": lost, "processes": processes, "strategy": "reroute+reshard"})
+
+    def _grow(self, joins: list[MembershipEvent], step: int) -> None:
+        """Processes joined at boundary `step`: tell them where the job is, then move their
+        shares of the state to them."""
+        joined = sorted({e.device for e in joins} - set(self.active))
+        if not joined:
+            return
+        procs = sorted({self.devices[i].process_index for i in joined})
+        self._restarted(procs)
+        new_active = self._order(sorted(set(self.active) | set(joined)))
+        writer = min(self.devices[i].process_index for i in self.active)
+        if self.process == writer:
+            msg = json.dumps({"step": step, "count": self._count, "active": self.active, "new_active": new_active,
+                              "used": self._used, "stale": sorted(self._stale)})
+            for p in procs:
+                self.membership.client.key_value_set(WELCOME_KEY.format(process=p), msg, allow_overwrite=True)
+        self._receive(step, new_active, procs)
+
+    def _join_running_job(self) -> int:
+        """This process (re)started while the job runs: meet the peers at their next boundary, learn
+        the step, count and devices in service, receive the state; returns the step to run."""
+        t0 = time.perf_counter()
+        self.membership.check(-1)
+        key = WELCOME_KEY.format(process=self.process)
+        msg = json.loads(self.membership.client.blocking_key_value_get(key, WELCOME_TIMEOUT_MS))
+        self.membership.client.key_value_delete(key)
+        step = int(msg["step"])
+        self.active, self._count = list(msg["active"]), int(msg["count"])
+        self._used = [tuple(o) for o in msg["used"]]
+        self._stale = {tuple(o) for o in msg["stale"]}
+        self._checked.add(step)
+        self.joining = False
+        self._log(f"process {self.process} joins the job at step {step} (waited {time.perf_counter() - t0:.2f} s)")
+        self._receive(step, list(msg["new_active"]), [self.process])
+        self.membership.adopt(self.active)
+        return step
+
+    def _receive(self, step: int, new_active: list[int], procs: list[int]) -> None:
+        """The transfer that gives the devices of `new_active` not yet in service their shares."""
+        before = list(self.active)
+        t1 = time.perf_counter()
+        old = self.layout()
+        plan = plan_transfers(old, [self.devices[i].id for i in new_active], use_replicas=False)
+        check_plan(plan)
+        t2 = time.perf_counter()
+        self._warm(new_active, plan)
+        self._meet(step, new_active, "grow")
+        t3 = time.perf_counter()
+        flat = self._transfer(plan, new_active, self._held(new_active, old, replicas=False))
+        self.active = new_active
+        self._use(new_active)
+        self._flat, self._replica = flat, None
+        self._ref = self._checksums(flat)
+        self._ref.block_until_ready()
+        t4 = time.perf_counter()
+        joined = sorted(set(new_active) - set(before))
+        self._log(f"step {step}: process(es) {procs} joined (devices {joined}) -> {len(new_active)} devices")
+        self._start(Recovery("join", step, before, list(new_active), detection_s=self.membership.last_check_s,
+                             replanning_s=t2 - t1, compile_s=t3 - t2, compile_how="compiled",
+                             transfer_s=t4 - t3, elements_moved=plan.network_elements()),
+                    {"event": "join", "devices": joined, "processes": procs})
+
+    def _warm(self, active: Sequence[int], plan: TransferPlan) -> None:
+        """Compile what the new device set runs (the transfer, checksums and the step)."""
+        rounds = TransferRounds.from_plan(plan)
+        n, S_old = len(active), plan.old.shard_size
+        self._compiled("transfer", rounds, active, lambda mesh: (make_transfer(rounds, mesh), (
+            jax.ShapeDtypeStruct((n, 2, 3, S_old), jnp.float32,
+                                 sharding=canonical.layout_sharding(mesh, canonical.TABLE_AXES)),)))
+        self._compiled("checksums", n, active, lambda mesh: (make_checksums(mesh), (self._state_struct(mesh, n),)))
+        self._step_exe(active)
+
+    def _start(self, rec: Recovery, event: dict) -> None:
+        self.recoveries.append(rec)
+        event = {"step": rec.step, **event}
+        self.events.append(event)
+        self._step_events.append(event)
+        self._pending = (rec, event)
+
+
+def _check_config(cfg: LMTrainConfig) -> None:
+    """What the multi-process program runs: the elastic consistent policy with snapshots, no
+    schedule (failures are real), no memory plan, no checkpoints."""
+    e = cfg.elastic
+    if e.policy != "consistent":
+        raise TrainConfigError("the multi-process elastic step keeps the math (elastic.policy=consistent)")
+    if e.fail or e.join:
+        raise TrainConfigError("elastic.fail/elastic.join schedule one process's devices; across processes the "
+                               "failures are real (kill a process; the launcher's --kill/--restart do)")
+    if cfg.memory.policy != "keep" or cfg.memory.budget is not None:
+        raise TrainConfigError("the multi-process elastic step runs without a memory plan (memory.policy=keep)")
+    if cfg.checkpoint.dir is not None:
+        raise TrainConfigError("the multi-process elastic step does not write checkpoints (it recovers from the "
+                               "copies in memory); unset checkpoint.dir")
