@@ -22,6 +22,9 @@ Policies: `reroute` (always reroute, ReCycle-like), `replan` (always re-plan, Oo
 checkpoint) and `ours` (the strategy with the least expected time to finish, Odyssey). A fixed
 policy whose strategy cannot cover a failure (reroute when a stage lost all its replicas,
 redundancy when the neighbour is gone too) falls back to re-planning; the fallbacks are counted.
+`ours` weighs each option over the time the plan is expected to last, not over the whole rest of
+the run: until the first down device is expected back (its failure time + `repair_hours`; a
+returning device makes every policy re-plan) or the end of the run, whichever comes first.
 """
 
 from __future__ import annotations
@@ -188,12 +191,14 @@ def simulate(c: ClusterConfig, costs: Costs, trace: Sequence[TraceEvent], policy
     env = simpy.Environment()
     horizon = c.run.hours * HOUR
     ckpt_every_steps = max(1, int(c.recovery.checkpoint_every_s / job.failure_free_step_s))
-    state = {"steps": 0.0, "ckpt_steps": 0.0, "pending": [], "fallbacks": 0}
+    state = {"steps": 0.0, "ckpt_steps": 0.0, "pending": [], "fallbacks": 0, "down": {}}
     logs: list[RecoveryLog] = []
 
     def pick(new_cells: set[tuple[int, int]]):
         cells = sorted(job.failed_cells | new_cells)
-        remaining = max(0.0, (horizon - env.now) / job.failure_free_step_s)
+        back_s = min(state["down"].values(), default=math.inf) + c.failures.repair_hours * HOUR
+        lasts_s = max(0.0, min(horizon, back_s) - env.now)
+        remaining = max(0.0, lasts_s / job.failure_free_step_s)
         since = (state["steps"] - state["ckpt_steps"]) * job.step_s
         opts = options(job.layout, cells, len(job.live), costs, hw, job.rp, num_layers=c.model.num_layers,
                        num_micro=c.model.num_micro, since_checkpoint_s=since)
@@ -222,6 +227,7 @@ def simulate(c: ClusterConfig, costs: Costs, trace: Sequence[TraceEvent], policy
             ev = state["pending"].pop(0)
             if ev.kind == "repair":
                 for d in ev.devices:
+                    state["down"].pop(d, None)
                     if d not in job.live:
                         job.live.append(d)
                 job.live.sort()
@@ -229,6 +235,7 @@ def simulate(c: ClusterConfig, costs: Costs, trace: Sequence[TraceEvent], policy
                 yield from pause(cost)
                 continue
             hit = job.cells_of(ev.devices)
+            state["down"].update({d: ev.time_s for d in ev.devices})
             for d in ev.devices:
                 if d in job.live:
                     job.live.remove(d)
