@@ -7,9 +7,10 @@
     bytes moved, hit rate, experts per step. Verify steps of gamma + 1 tokens are timed too (their
     cost), and with --speculate-gammas the same forwards decode speculatively for real (n-gram
     prompt lookup, greedy acceptance: tokens/s, acceptance, tokens per step). The roofline tuner,
-    given this machine's parameters measured by microbenchmarks and the routing statistics measured
-    on held-out text, predicts each offload configuration's throughput: the record has the
-    prediction error and whether its chosen configuration is within 5% of the best measured.
+    given this machine's parameters measured by microbenchmarks (`jaxsys.serve.moe_offload.machine`)
+    and the routing statistics measured on held-out text, predicts each offload configuration's
+    throughput: the record has the prediction error and whether its chosen configuration is within
+    5% of the best measured.
 (2) Simulated (labelled so): Mixtral-8x7B shapes on one H100 PCIe with PCIe 4.0 and 5.0
     (`configs/hardware/`), with the acceptance and reuse statistics measured in (1)'s model: ours
     (speculation + offload + tuned) against offloading without speculation, a Fiddler-like and a
@@ -37,134 +38,6 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 def _prompts(tokenizer, n: int) -> list[list[int]]:
     rows = [json.loads(line) for line in open(SHARED_DATA / "prompts" / "gsm8k_test.jsonl")][1200:1200 + n]
     return [tokenizer.encode_chat([{"role": "user", "content": r["question"]}]) for r in rows]
-
-
-def measure_machine(log, cfg) -> dict:
-    """This machine's roofline parameters (the accelerator is the CPU here), each from a
-    microbenchmark of the operation the cost model prices with it, never from the configurations
-    the tuner is then validated on:
-
-    - memory bandwidth: a [1, 576] x [576, 32768] product (a 72 MiB weight, read once per token as
-      decode reads its weights); a plain reduction, recorded beside it, streams faster than
-      XLA:CPU's matrix-vector kernel attains;
-    - FLOP/s: a [16, 576] x [576, 32768] product, the skinniest shape that the measured steps run
-      at their largest (16 tokens); XLA:CPU attains far less on such shapes than on a large matmul
-      (a [256, 576] x [576, 4608] one, recorded beside it), and decode never runs large ones;
-    - link: misses of a device expert cache with the model's expert size (`LayerExpertCache.ensure`:
-      the copy from host memory into a slot, with the fixed cost of each small copy), what the
-      runner does per fetched expert; the bulk 64 MiB copy rate is recorded beside it;
-    - overlap: whether such copies run concurrently with compute (fetches dispatched, then a
-      matrix-vector product, all awaited, against the two one after the other);
-    - per-layer and per-step overheads: the offloaded runner's host loop (dispatches, routing
-      read-back, cache bookkeeping) on a tiny model of the same depth and experts, all experts
-      resident, at two depths.
-    """
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from jaxsys.serve.moe_offload.policy import make_policy
-    from jaxsys.serve.moe_offload.store import HostExpertStore, LayerExpertCache
-
-    dev = jax.devices()[0]
-    best = lambda fn, n: min(_time(fn) for _ in range(n))  # noqa: E731
-    med = lambda fn, n: statistics.median(_time(fn) for _ in range(n))  # noqa: E731
-    mm = jax.jit(lambda a, b: a @ b)
-
-    def matmul_s(rows: int, cols: int, n: int = 20) -> float:
-        a, b = jnp.ones((rows, 576), jnp.float32), jnp.ones((576, cols), jnp.float32)
-        mm(a, b).block_until_ready()
-        return med(lambda: mm(a, b).block_until_ready(), n)
-
-    cols = 32768  # a 72 MiB weight: far larger than the caches, as a layer's weights are
-    t_mv = matmul_s(1, cols)
-    gemv_bw = 576 * cols * 4 / t_mv
-    rows = 16  # the most tokens one step of the measured configurations runs (batch 4 x 4 verify positions)
-    flops = 2 * rows * 576 * cols / matmul_s(rows, cols)
-    gemm_flops = 2 * 256 * 576 * 4608 / matmul_s(256, 4608)
-    big = jnp.ones((64 * 1024 * 1024 // 4,), jnp.float32)
-    red = jax.jit(jnp.sum)
-    red(big).block_until_ready()
-    stream_bw = big.nbytes / best(lambda: red(big).block_until_ready(), 10)
-    x, w = jnp.ones((1, 576), jnp.float32), jnp.ones((576, cols), jnp.float32)
-    pinned = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
-    ds = jax.sharding.SingleDeviceSharding(dev)
-    host = jax.device_put(np.ones(big.shape, np.float32), pinned)
-    host.block_until_ready()
-    bulk_link = big.nbytes / best(lambda: jax.device_put(host, ds).block_until_ready(), 10)
-    D, F, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
-    rng = np.random.default_rng(0)
-    store = HostExpertStore(*(rng.standard_normal(s, np.float32) for s in ((1, E, D, F), (1, E, D, F), (1, E, F, D))),
-                            dev)
-    cache = LayerExpertCache(store, 0, E // 2, make_policy("lru")())
-    order = [e % E for e in range(2 * E)]  # every expert evicted before it comes back: each ensure misses
-
-    def fetch_all():
-        for i, e in enumerate(order):
-            cache.ensure([e], i)
-        return cache.buf
-
-    fetch_all().block_until_ready()
-    t_fetch = statistics.median(_time(lambda: fetch_all().block_until_ready()) for _ in range(20))
-    link = len(order) * store.expert_bytes / t_fetch
-
-    def both():
-        buf = fetch_all()
-        y = mm(x, w)
-        jax.block_until_ready((buf, y))
-
-    both()
-    t_both = statistics.median(_time(both) for _ in range(20))
-    overlap_fraction = (t_fetch + t_mv - t_both) / min(t_fetch, t_mv)
-    overlap = bool(overlap_fraction >= 0.5)
-    per_layer, per_step = runner_overheads(cfg, prefetch=overlap)
-    spec = {"name": "this-cpu (measured)",
-            "accelerator": {"flops": flops, "bandwidth": gemv_bw, "memory_bytes": 1e12},
-            "link": {"bandwidth": link},
-            "host": {"flops": flops, "bandwidth": gemv_bw, "memory_bytes": 1e12},
-            "overhead": {"per_layer_s": per_layer, "per_step_s": per_step}}
-    measured = {"stream_bandwidth": stream_bw, "large_matmul_flops": gemm_flops, "bulk_link_bandwidth": bulk_link,
-                "expert_copy_s": t_fetch / len(order), "overlap_fraction": overlap_fraction,
-                "overlap": overlap}
-    log(f"machine: {flops / 1e9:.0f} GFLOP/s at 16 rows ({gemm_flops / 1e9:.0f} large), {gemv_bw / 1e9:.1f} GB/s "
-        f"matrix-vector ({stream_bw / 1e9:.1f} streaming), {link / 1e9:.2f} GB/s per expert copy "
-        f"({bulk_link / 1e9:.1f} bulk), copy/compute overlap {overlap_fraction:.2f}, runner overhead "
-        f"{per_layer * 1e3:.2f} ms/layer + {per_step * 1e3:.2f} ms/step")
-    return {"spec": spec, "measured": measured}
-
-
-def runner_overheads(cfg, *, prefetch: bool, steps: int = 20) -> tuple[float, float]:
-    """(per-layer, per-step) seconds of the offloaded runner's host loop: decode steps of a tiny
-    model with `cfg`'s depth, experts and top-k (negligible compute, every expert resident after
-    the first step), at full depth and at a third of it."""
-    import jax
-
-    from jaxsys.models import init_params
-    from jaxsys.serve.moe_offload.runner import OffloadConfig, OffloadedMoE
-
-    def step_s(layers: int) -> float:
-        tiny = cfg.replace(num_layers=layers, hidden_size=64, num_heads=2, num_kv_heads=1, head_dim=32,
-                           vocab_size=256, intermediate_size=64, moe_intermediate_size=16,
-                           shared_expert_intermediate_size=32 if cfg.shared_expert_intermediate_size else 0)
-        params = init_params(tiny, jax.random.key(0))
-        model = OffloadedMoE(tiny, params, OffloadConfig(expert_cache=tiny.num_experts, prefetch=prefetch))
-        dec = Decoder(lambda t, p, c, m: model.forward(t, p, cache=c, meta=m), tiny, [[1, 2, 3, 4]],
-                      max_new=2 * steps + 8)
-        dec.prefill()
-        for _ in range(4):
-            dec.step(1)
-        return statistics.median(_time(lambda: dec.step(1)) for _ in range(steps))
-
-    deep, shallow = cfg.num_layers, max(1, cfg.num_layers // 3)
-    t_deep, t_shallow = step_s(deep), step_s(shallow)
-    per_layer = max(t_deep - t_shallow, 0.0) / (deep - shallow)
-    return per_layer, max(t_deep - deep * per_layer, 0.0)
-
-
-def _time(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 @functools.lru_cache(maxsize=None)
@@ -279,6 +152,7 @@ def run_real(args, log) -> tuple[list[dict], dict, dict]:
 
     from jaxsys.models import decoder
     from jaxsys.serve.moe_offload import moefy, tuner as tu
+    from jaxsys.serve.moe_offload.machine import measure_machine
     from jaxsys.serve.moe_offload.experts import sparse_moe_ffn
     from jaxsys.serve.moe_offload.runner import OffloadConfig, OffloadedMoE
 
@@ -295,7 +169,7 @@ def run_real(args, log) -> tuple[list[dict], dict, dict]:
     if "by_gamma" not in ev["ngram"]:  # an evaluation from before tokens per step were measured per gamma
         ev["ngram"] = moefy.ngram_acceptance(params, cfg, dense, SHARED_DATA)
         ev_path.write_text(json.dumps(ev, indent=1))
-    machine = measure_machine(log, cfg)
+    machine = measure_machine(cfg, log=log)
     hw = tu.HardwareSpec.model_validate(machine["spec"])
     # prefetching guesses pays off only where copies run beside compute; where they do not, every
     # wrong guess is a copy on the critical path (offload alone and speculation share the setting)
