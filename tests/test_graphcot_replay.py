@@ -41,5 +41,10 @@ def test_working_set_is_the_radix_tree_size():
 def test_real_profile_loads(shared_data):
     rows = load_profile(trace_path(shared_data, "goodreads"), 50)
     assert len(rows) == 50 and all(r["calls"] >= 1 and r["tokens"] > 0 for r in rows)
+    everything = load_profile(trace_path(shared_data, "goodreads"))
+    types = {r["type"] for r in everything}
+    assert len(types) == 5 and {r["type"] for r in rows[:5]} == types  # question types in turn
+    assert sorted(map(str, rows)) == sorted(map(str, [r for t in types for r in
+                                                      [x for x in everything if x["type"] == t][:10]]))
     qs = build_replay(rows, vocab_size=49152)
     assert max(len(ids) for q in qs for ids in q.calls) <= ReplayShape().max_prompt_tokens

@@ -47,14 +47,22 @@ class ReplayQuestion:
 
 
 def load_profile(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
-    rows = []
+    """Every traced question's calls, tokens and seconds; with `limit`, that many taken question
+    types in turn (the files are sorted by type, so their first rows are all of the lightest)."""
+    by_type: dict[str, list[dict]] = {}
     with open(path, encoding="utf-8") as f:
         for line in f:
             if line.strip():
                 r = json.loads(line)
-                rows.append({"calls": int(r["api_calls"]), "tokens": int(r["token_count"]),
-                             "seconds": float(r["duration"]), "type": r.get("question_type", "")})
-    return rows[:limit] if limit else rows
+                row = {"calls": int(r["api_calls"]), "tokens": int(r["token_count"]),
+                       "seconds": float(r["duration"]), "type": r.get("question_type", "")}
+                by_type.setdefault(row["type"], []).append(row)
+    if not limit:
+        return [row for rows in by_type.values() for row in rows]
+    out: list[dict] = []
+    for k in range(max(len(rows) for rows in by_type.values())):
+        out += [rows[k] for rows in by_type.values() if k < len(rows)]
+    return out[:limit]
 
 
 def build_replay(profile: Sequence[dict], *, vocab_size: int, shape: ReplayShape = ReplayShape(), seed: int = 0,
