@@ -122,7 +122,7 @@ def test_four_processes_kill_and_rejoin_bitwise_equal_to_failure_free(tmp_path, 
         for s, loss, ck in zip(p["steps"], p["losses"], p["param_checksums"]):
             assert loss == ref_loss[s], (name, s, loss, ref_loss[s])
             assert ck == ref_ck[s], (name, s)
-    assert np.array_equal(np.load(out / "state.npy"), state)
+    assert np.array_equal(np.load(out / "state.npy").view(np.uint32), state.view(np.uint32))
     kinds = sorted({(x["event"], x["step"], tuple(x["lost_or_joined_processes"])) for x in summary["recoveries"]})
     assert kinds[0] == ("fail", 4, (2,))
     assert kinds[1] == ("join", 7, (2,))

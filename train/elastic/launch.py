@@ -281,7 +281,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--kill", action="append", default=[], metavar="P@S",
                    help="SIGKILL process P right after it commits step S")
     p.add_argument("--restart", action="append", default=[], metavar="P@S",
-                   help="start process P again once the survivors have committed step S (it rejoins)")
+                   help="start process P again once the survivors have committed step S; they wait for it at the "
+                        "next boundary, where it rejoins")
     p.add_argument("--heartbeat", type=int, default=3,
                    help="jax.distributed heartbeat timeout in seconds: how long a dead process goes unnoticed")
     p.add_argument("--out", default="elastic_job", metavar="DIR", help="metrics, state and summary (default ./elastic_job)")
