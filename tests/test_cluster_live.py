@@ -12,9 +12,10 @@ import pytest
 
 from jaxsys.sampling import SamplingParams
 
+from length_helpers import fixed_head
 from serve_helpers import check_accounting, check_idle, greedy_reference, tiny_model
 
-# Compile-heavy (about 5 minutes on 2 cores), over the CI budget; run with `make test-all`.
+# Compile-heavy (several minutes on 2 cores), over the CI budget; run with `make test-all`.
 pytestmark = pytest.mark.slow
 
 ENGINE = dict(page_size=4, num_pages=64, max_decode_batch=4, max_prefill_batch=4, prefill_chunk=16)
@@ -129,9 +130,70 @@ def test_stopped_instance_requests_are_recomputed_elsewhere():
         cluster.submit(PROMPTS[0], SamplingParams(max_tokens=250))
 
 
+@pytest.mark.parametrize("policy", ["round_robin", "least_kv", "llumnix", "ours"])
+def test_policies_on_four_instances(policy, tmp_path):
+    """4 instances x 2 devices. Dispatch spreads the requests; the migrating policies move requests
+    when loads differ (threshold 0), ours with a length head in every instance; outputs are the
+    greedy reference's whatever moved."""
+    predictor = fixed_head(tiny_model(2), tmp_path, "hidden_layer", 1, max_new_tokens=24) if policy == "ours" else None
+    kw = {"threshold": 0.0} if policy in ("llumnix", "ours") else {}
+    if policy == "ours":
+        kw["min_remaining_steps"] = 0
+    model, cluster = _cluster(4, policy, predictor=predictor, rebalance_every=2, **kw)
+    prompts = PROMPTS + [[9, 8, 7, 6, 5, 4], [1, 2], [50, 60, 70], [33] * 12]
+    budgets = [4, 20, 6, 24, 3, 18, 5, 22]
+    outs = cluster.generate(prompts, [SamplingParams(max_tokens=b) for b in budgets], on_round=lambda _: _check(cluster))
+    assert [o.token_ids for o in outs] == greedy_reference(model, prompts, budgets)
+    m = cluster.metrics()
+    assert m["policy"] == policy and len(m["instances"]) == 4
+    assert all(load["generated_tokens"] > 0 for load in m["instances"])  # every instance served
+    if policy in ("llumnix", "ours"):
+        assert m["migrations"] > 0 and m["migrated_bytes"] > 0
+    else:
+        assert m["migrations"] == 0
+    if policy == "ours":
+        assert cluster.predicting
+        assert sum(load["length_predictor"]["predictions"] for load in m["instances"]) > 0
+
+
 def test_ours_without_a_predictor_balances_on_load_with_a_warning():
     with pytest.warns(RuntimeWarning, match="balancing on current load"):
         _, cluster = _cluster(2, "ours")
     assert not cluster.predicting and cluster.policy._fallback
 
 
+def test_threaded_replay_and_the_cluster_fitted_simulator():
+    """The instances step on their own threads (the server's mode) with a rebalancer migrating
+    between them: a trace replays with every request generating exactly its length and the greedy
+    tokens; the instances' step records fit the simulator's step model, and the simulated run of
+    the same trace lines up request by request with the measured one."""
+    from jaxsys.models.kv_cache import cache_bytes
+    from jaxsys.serve.cluster.policies import make_policy
+    from jaxsys.serve.cluster.sim import SimConfig, simulate
+    from jaxsys.serve.cluster.validation import ReplayRequest, compare_with_real_run, fit_cluster_hardware, replay
+    from jaxsys.serve.cluster.workload import Trace, Workload
+
+    model, cluster = _cluster(2, "llumnix", threshold=0.0, rebalance_interval_s=0.005)
+    lens = (12, 20, 6, 16)
+    pool = [ReplayRequest(tuple(p), n) for p, n in zip(PROMPTS, lens)]
+    trace = Trace(np.linspace(0.0, 0.05, 8), np.arange(8) % 4)
+    replay(cluster, pool, trace, temperature=0.0)  # compiles the shapes (steps that compile are not fitted)
+    cluster.record_steps = True
+    run = replay(cluster, pool, trace, temperature=0.0)
+    assert run.finished.all() and not np.isnan(run.tpot_s).any()
+    want = greedy_reference(model, PROMPTS, list(lens))
+    for i, r in enumerate(run.requests):
+        assert r.out_tokens == want[i % 4]
+    for inst in cluster.instances:
+        check_idle(inst.scheduler)
+    records = cluster.step_records
+    assert all(r.step_s > 0 and (r.cycle_s is None or r.cycle_s >= r.step_s) for r in records)
+    assert any(r.cycle_s is not None for r in records)  # back-to-back steps while requests run
+    hw = fit_cluster_hardware(records, cluster.instances[0],
+                              kv_bytes_per_token=cache_bytes(model.config, 1, 1), migrations=cluster.migrations)
+    assert hw.step_fit["n"] >= 3 and hw.max_batch == ENGINE["max_decode_batch"]
+    workload = Workload(prompt_len=np.array([len(p) for p in PROMPTS]), output_len=np.array(lens),
+                        source=np.zeros(4, np.int64), tables={}, max_new_tokens=20)
+    sim = simulate(workload, trace, hw, make_policy("least_kv"), SimConfig(2, prefill="colocated"))
+    cmp = compare_with_real_run(sim, run.tpot_s)
+    assert cmp["requests"] == 8 and np.isfinite(cmp["p50_rel_error"])
