@@ -1,13 +1,17 @@
 """GLM vs Graph-CoT on our engine (tokens, calls, latency, throughput, accuracy), the serving ablation, and the Qwen3-14B Graph-CoT replay.
 
 Same run, same engine, same model (SmolLM2-135M-Instruct by default), same questions (the test
-split of questions generated from GRBench's goodreads templates over goodbooks-10k):
+split of questions generated from GRBench's goodreads templates over goodbooks-10k; `--questions`
+of them, easy / medium / hard in turn):
 
 1. GLM and Graph-CoT at `--concurrency` questions in flight: tokens per question (prompt, cached,
    generated), LLM calls, p50/p99 latency per question, throughput, untuned accuracy (exact match
-   after normalisation, Rouge-L). Graph-CoT runs on the same engine with the same prefix cache and
-   eviction policy: its append-only scratchpad is served from the radix cache as well.
-2. GLM ablation on the same engine: vertex-centric layout off, pipelining off.
+   after normalisation, overall and per difficulty; Rouge-L). Graph-CoT runs on the same engine with
+   the same prefix cache and eviction policy: its append-only scratchpad is served from the radix
+   cache as well.
+2. GLM ablation on the same engine: vertex-centric layout off, pipelining off. `tool_overlap`
+   measures what pipelining does: the fraction of tool seconds (graph calls, sandboxed code)
+   during which other questions had LLM calls in flight on the engine.
 3. Priority eviction vs LRU for GLM at a KV budget of half the working set (the working set is
    the number of distinct whole-page prefixes of all the prompts GLM sent in step 1, i.e. the tree
    size with nothing evicted).
@@ -16,8 +20,11 @@ split of questions generated from GRBench's goodreads templates over goodbooks-1
    working set.
 
 Every run starts from an empty prefix cache; each engine first runs every variant once on the
-measured workload (which compiles the shape buckets it needs), then the measured rounds rotate the
-variants' order; `compiles` counts compilations during measured runs (0 in steady state).
+measured workload (which compiles the shape buckets it needs; `--warmup system`: the first variant
+of each system only), then the measured rounds rotate the variants' order; `compiles` counts compilations during measured runs (0 in steady state). Each run
+also records `cpu_s`, this process's CPU seconds, a cost that other load on the machine stretches
+less than the wall clock. The record is rewritten after every phase (`complete` says whether all
+ran).
 
 Fine-tuned accuracy (part D of the issue): `jaxsys bench graphcot_finetune` fine-tunes one model per
 system (same token budget) and caches them as HF folders; pass them with `--finetuned-glm PATH
@@ -28,6 +35,7 @@ accuracy target (`finetuned_accuracy_glm_minus_graphcot`).
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import math
 import os
@@ -39,8 +47,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import target, write_results  # noqa: E402
 
-NUMERIC = ("accuracy", "rouge_l", "llm_calls", "prompt_tokens", "cached_tokens", "generated_tokens", "tokens",
-           "p50_s", "p99_s", "parse_failures", "finished", "throughput_qps", "wall_s", "hit_rate")
+NUMERIC = ("accuracy", "accuracy_easy", "accuracy_medium", "accuracy_hard", "rouge_l", "llm_calls", "prompt_tokens",
+           "cached_tokens", "generated_tokens", "tokens", "p50_s", "p99_s", "parse_failures", "finished",
+           "throughput_qps", "wall_s", "cpu_s", "compile_s", "hit_rate", "tool_overlap")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,9 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graph", default="goodbooks")
     p.add_argument("--per-template", type=int, default=40, help="generated questions per template (60/20/20 split)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--questions", type=int, default=32, help="test questions per variant (spread over templates)")
+    p.add_argument("--questions", type=int, default=32,
+                   help="test questions per variant: easy, medium and hard in turn, each difficulty's templates "
+                        "in turn (any n >= 3 has every difficulty, n >= 15 every template)")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--repeats", type=int, default=1, help="repeats per variant (medians reported)")
+    p.add_argument("--warmup", choices=["variant", "system"], default="variant",
+                   help="warm-up runs on each engine: every variant, or the first variant of each system (about "
+                        "half the runs; compilations left to measured runs are recorded)")
     p.add_argument("--num-pages", type=int, default=4096, help="KV pages of the main engine")
     p.add_argument("--replay-domain", default="goodreads", choices=["goodreads", "amazon", "physics"])
     p.add_argument("--replay-questions", type=int, default=32)
@@ -118,6 +132,13 @@ def median_summary(runs: list[dict]) -> dict:
     return out
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process (all its threads) so far: a run's cost, read apart from the
+    wall clock, which other load on the machine stretches."""
+    t = os.times()
+    return t.user + t.system
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
     name: str
@@ -129,13 +150,15 @@ class Variant:
 def run_once(variant: Variant, graph, backend, switch, workload, concurrency: int) -> tuple[dict, list | None]:
     """One cold-cache run of a variant: its summary (and per-question records)."""
     from jaxsys.serve.graphcot import replay
-    from jaxsys.serve.graphcot.runner import GraphQA, RunConfig, summarize
+    from jaxsys.serve.graphcot.runner import GraphQA, RunConfig, summarize, tool_overlap
 
     llm = backend.llm
     radix = llm.scheduler.radix
     radix.evict(1 << 40)  # every run starts from an empty prefix cache
     policy = set_policy(backend, switch, variant.priority)
-    hits, lookups, compiles = radix.hit_tokens, radix.lookup_tokens, llm.engine.compile_count
+    hits, lookups = radix.hit_tokens, radix.lookup_tokens
+    compiles, compile_s = llm.engine.compile_count, llm.engine.compile_seconds
+    cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
     if variant.system == "replay":
         recs, wall = replay.run_replay(backend, workload, concurrency=concurrency,
@@ -147,20 +170,35 @@ def run_once(variant: Variant, graph, backend, switch, workload, concurrency: in
             records = qa.run(workload, progress=True)
         wall = time.perf_counter() - t0
         s = summarize(records)
-        s.update(throughput_qps=len(records) / wall, wall_s=wall)
+        s.update(throughput_qps=len(records) / wall, wall_s=wall, tool_overlap=tool_overlap(qa.timeline))
         per_question = [dataclasses.asdict(r) for r in records]
-    s.update(compiles=llm.engine.compile_count - compiles,
-             hit_rate=(radix.hit_tokens - hits) / max(1, radix.lookup_tokens - lookups))
+    s.update(compiles=llm.engine.compile_count - compiles, compile_s=llm.engine.compile_seconds - compile_s,
+             cpu_s=_cpu_seconds() - cpu0, hit_rate=(radix.hit_tokens - hits) / max(1, radix.lookup_tokens - lookups))
     return s, per_question
 
 
-def compare(variants: list[Variant], graph, backend, switch, workload, *, concurrency: int, repeats: int) -> list[dict]:
-    """Warm up on the measured workload itself (every variant once: compiles the shape buckets it
-    needs), then `repeats` rounds over the variants, the order rotating each round so drift in the
-    machine's load hits every variant alike. Medians over the rounds."""
+def warm_up_done(name: str, s: dict) -> None:
+    print(f"  warm-up {name}: {s['wall_s']:.0f}s wall {s['cpu_s']:.0f}s cpu, {s['compiles']} compiles "
+          f"({s['compile_s']:.1f}s)", flush=True)
+
+
+def compare(variants: list[Variant], graph, backend, switch, workload, *, concurrency: int, repeats: int,
+            warmup: str = "variant", warmed: tuple[Variant, ...] = ()) -> list[dict]:
+    """Warm up on the measured workload itself (compiles the shape buckets it needs): every variant
+    once (`warmup="variant"`), or the first variant of each system (`"system"`: the variants of one
+    system send the same kind of prompts, so they mostly share buckets; what is left compiles inside
+    measured runs and is recorded in `compiles` / `compile_s`), skipping what `warmed` already ran on
+    this engine. Then `repeats` rounds over the variants, the order rotating each round so drift in
+    the machine's load hits every variant alike. Medians over the rounds."""
+    def key(v: Variant) -> str:
+        return v.name if warmup == "variant" else v.system
+
+    done = {key(v) for v in warmed}
     for v in variants:
-        print(f"  warm-up {v.name}", flush=True)
-        run_once(v, graph, backend, switch, workload, concurrency)
+        if key(v) not in done:
+            print(f"  warm-up {v.name}", flush=True)
+            warm_up_done(v.name, run_once(v, graph, backend, switch, workload, concurrency)[0])
+            done.add(key(v))
     runs: dict[str, list[dict]] = {v.name: [] for v in variants}
     per_question: dict[str, list | None] = {}
     for r in range(repeats):
@@ -173,12 +211,16 @@ def compare(variants: list[Variant], graph, backend, switch, workload, *, concur
         med = median_summary(runs[v.name])
         if v.system == "replay":
             print(f"  {v.name:28s} hit {med['hit_rate']:.3f} | p50 {med['p50_s']:6.1f}s p99 {med['p99_s']:6.1f}s | "
-                  f"{med['throughput_qps']:.3f} q/s | compiles {med['compiles']}", flush=True)
+                  f"{med['throughput_qps']:.3f} q/s | {med['wall_s']:.0f}s wall {med['cpu_s']:.0f}s cpu | compiles "
+                  f"{med['compiles']}", flush=True)
         else:
-            print(f"  {v.name:28s} acc {med['accuracy']:.3f} rougeL {med['rouge_l']:.3f} | calls {med['llm_calls']:5.1f} "
-                  f"tokens {med['tokens']:8.0f} (cached {med['cached_tokens'] or 0:8.0f}) | p50 {med['p50_s']:6.1f}s "
-                  f"p99 {med['p99_s']:6.1f}s | {med['throughput_qps']:.3f} q/s | hit {med['hit_rate']:.3f} | "
-                  f"compiles {med['compiles']}", flush=True)
+            levels = "/".join(f"{med[k]:.2f}" for k in ("accuracy_easy", "accuracy_medium", "accuracy_hard")
+                              if med.get(k) is not None)
+            print(f"  {v.name:28s} acc {med['accuracy']:.3f} (e/m/h {levels}) rougeL {med['rouge_l']:.3f} | calls "
+                  f"{med['llm_calls']:5.1f} tokens {med['tokens']:8.0f} (cached {med['cached_tokens'] or 0:8.0f}) | "
+                  f"p50 {med['p50_s']:6.1f}s p99 {med['p99_s']:6.1f}s | {med['throughput_qps']:.3f} q/s | hit "
+                  f"{med['hit_rate']:.3f} | tool overlap {med['tool_overlap']:.2f} | {med['wall_s']:.0f}s wall "
+                  f"{med['cpu_s']:.0f}s cpu | compiles {med['compiles']}", flush=True)
         out.append({"variant": v.name, "system": v.system, "priority_eviction": v.priority, "config": dict(v.config),
                     "median": med, "repeats": runs[v.name], "questions": per_question.get(v.name)})
     return out
@@ -205,13 +247,21 @@ def main() -> None:
     enable_compilation_cache()
     import jaxsys
 
+    t_start = time.perf_counter()
+
+    def write(records: list[dict], header: dict, complete: bool) -> None:
+        write_results("graphcot", records, args.out, targets=compute_targets(records), **header, complete=complete,
+                      wall_s=time.perf_counter() - t_start)
+
     model = jaxsys.load_model(args.model)
-    records, header = run_benchmark(model, args)
-    write_results("graphcot", records, args.out, targets=compute_targets(records), **header)
+    records, header = run_benchmark(model, args, checkpoint=write)
+    write(records, header, True)
     plot(records, args.out)
 
 
-def run_benchmark(model, args) -> tuple[list[dict], dict]:
+def run_benchmark(model, args, checkpoint=None) -> tuple[list[dict], dict]:
+    """Every phase of the module docstring; `checkpoint(records, header, False)` after each phase,
+    so a run stopped part-way keeps what it measured."""
     import gc
 
     from jaxsys.serve.graphcot.api import data_dir, load_graph
@@ -223,23 +273,28 @@ def run_benchmark(model, args) -> tuple[list[dict], dict]:
     c = args.concurrency
     records: list[dict] = []
     header = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "model": str(args.model),
-              "questions": [q["qid"] for q in test]}
+              "questions": [q["qid"] for q in test],
+              "questions_per_difficulty": dict(collections.Counter(q.get("difficulty") for q in test))}
     print(f"graphcot bench: {len(test)} test questions, concurrency {c}, model {args.model}", flush=True)
 
     # 1-2: both systems and the GLM ablation on the main engine
     llm, backend, switch = make_engine(model, args.num_pages, c)
     backend.log = []
-    run_once(Variant("glm", "glm"), graph, backend, switch, test, c)  # the prompts GLM sends: its working set
+    print("  warm-up glm (and its prompts: the working set)", flush=True)
+    warm_up_done("glm", run_once(Variant("glm", "glm"), graph, backend, switch, test, c)[0])
     glm_prompts, backend.log = backend.log, None
     variants = [Variant("glm", "glm"), Variant("graphcot", "graphcot")]
     if not args.skip_ablation:
         variants += [Variant("glm-no-sharing", "glm", config=(("sharing", False),)),
                      Variant("glm-no-pipelining", "glm", config=(("pipelining", False),))]
-    records += compare(variants, graph, backend, switch, test, concurrency=c, repeats=args.repeats)
+    records += compare(variants, graph, backend, switch, test, concurrency=c, repeats=args.repeats,
+                       warmup=args.warmup, warmed=(variants[0],))
     ps = llm.engine.config.page_size
     backend.close()
     del llm, backend
     gc.collect()
+    if checkpoint is not None:
+        checkpoint(records, header, False)
 
     # 3: priority vs LRU for GLM at half its working set
     if not args.skip_eviction:
@@ -253,10 +308,12 @@ def run_benchmark(model, args) -> tuple[list[dict], dict]:
         llm, backend, switch = make_engine(model, pages, c)
         records += compare([Variant("glm-half-ws-lru", "glm", priority=False),
                             Variant("glm-half-ws-priority", "glm", priority=True)],
-                           graph, backend, switch, test, concurrency=c, repeats=args.repeats)
+                           graph, backend, switch, test, concurrency=c, repeats=args.repeats, warmup=args.warmup)
         backend.close()
         del llm, backend
         gc.collect()
+        if checkpoint is not None:
+            checkpoint(records, header, False)
 
     # 4: the Qwen3-14B Graph-CoT profile replayed, priority vs LRU at half its working set
     if not args.skip_replay:
@@ -278,10 +335,13 @@ def run_benchmark(model, args) -> tuple[list[dict], dict]:
         llm, backend, switch = make_engine(model, pages, c)
         records += compare([Variant("replay-half-ws-lru", "replay", priority=False),
                             Variant("replay-half-ws-priority", "replay", priority=True)],
-                           graph, backend, switch, questions, concurrency=c, repeats=args.repeats)
+                           graph, backend, switch, questions, concurrency=c, repeats=args.repeats,
+                           warmup=args.warmup)
         backend.close()
         del llm, backend
         gc.collect()
+        if checkpoint is not None:
+            checkpoint(records, header, False)
 
     # part D hook: fine-tuned models, evaluated on the same test questions
     if args.finetuned_glm or args.finetuned_graphcot:
