@@ -1,6 +1,6 @@
 """ARES/STAR: remaining-length predictors on our own model's hidden states, and simulated decode rescheduling across instances.
 
-Three parts, one record (`benchmarks/results/cluster.json`):
+Four parts, one record (`benchmarks/results/cluster.json`):
 
 1. Predictors (issue 18 C), on the length data generated with our model (`python -m
    jaxsys.serve.length.cli data`): ours (a small head on the decode hidden state), the prompt-only
@@ -22,16 +22,31 @@ Three parts, one record (`benchmarks/results/cluster.json`):
    out): p50/p99 TPOT and TTFT, SLO attainment, migrations, preemptions; goodput = the highest
    rate with >= 90% SLO attainment (DistServe), per instance count.
 
+4. Real cluster (MEASURED): N engine instances of our model on sub-meshes of the CPU devices
+   (default 4 x 2 of 8 virtual devices; `jaxsys.serve.cluster`), each running the dev-chosen
+   length head every 8 decode steps, behind the router with live KV migration. Requests replay
+   test-split generations (their real prompts, each generating its recorded number of tokens,
+   capped by --real-max-tokens). A calibration trace (its own Poisson arrivals over ~10 s) runs
+   twice: once to compile the shapes, once to fit the simulator's step model to the instances' own
+   step cycles (they share this host's cores; `jaxsys.serve.cluster.validation`); then one Poisson trace at --real-load of the fitted nominal capacity runs under every
+   policy, and the same trace is simulated with the fitted parameters (colocated prefill):
+   measured p50/p99 TPOT and TTFT, SLO attainment at that one rate, migrations; simulated vs
+   measured TPOT at p50 per policy (the simulator's validation). `--real-only` runs this part
+   alone (with `--length-head`, a head saved by `python -m jaxsys.serve.length.cli train`, it
+   trains no predictor and the record has no predictor table).
+
 Targets: predictor MAE <= 0.6x the prompt-only predictor's with <= 0.1x its parameters; simulated,
 vs the better of round-robin and least-KV on the same trace: p99 TPOT <= 0.5x and goodput >= 1.5x
-(geometric means over the configurations); ours beats Llumnix-style on both. The real
-4-instance run and the simulator's validation against it (simulated vs measured TPOT within 15% at
-p50) need the real instances of issue 18 part D (`jaxsys.serve.cluster.validation`).
+(geometric means over the configurations); ours beats Llumnix-style on both; the simulator within
+15% of the real cluster's p50 TPOT under every policy it replays (round-robin, least-KV,
+Llumnix-style; ours needs the prediction tables of the length data, which the real pool's
+requests have only for their recorded samples, so it is measured but not simulated here).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -41,7 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import LOADAVG_AT_IMPORT, target, write_results  # noqa: E402
 
-from jaxsys.serve.cluster.sweep import WINDOW, SweepConfig, summarize, sweep  # noqa: E402  (numpy only, no jax)
+from jaxsys.serve.cluster.sweep import WINDOW, SweepConfig, nominal_rate, summarize, sweep  # noqa: E402  (no jax)
 
 DEFAULTS = SweepConfig()
 
@@ -68,14 +83,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="processes running the simulations (the results do not depend on it; default: one per core)")
-    p.add_argument("--skip-sim", action="store_true")
+    p.add_argument("--skip-sim", action="store_true", help="skip the calibration and the simulated sweep")
+    p.add_argument("--skip-real", action="store_true", help="skip the real-cluster run and the validation")
+    p.add_argument("--real-only", action="store_true",
+                   help="only the real-cluster run and the validation (and the predictor table, unless --length-head)")
+    p.add_argument("--length-head", type=Path, default=None,
+                   help="with --real-only: the length head the instances run (a predictor.npz saved by "
+                        "`python -m jaxsys.serve.length.cli train`) instead of training the predictors here")
+    p.add_argument("--real-instances", type=int, default=4)
+    p.add_argument("--devices-per-instance", type=int, default=2)
+    p.add_argument("--real-requests", type=int, default=48, help="requests of the measured trace")
+    p.add_argument("--real-calibration-requests", type=int, default=32)
+    p.add_argument("--real-max-tokens", type=int, default=256, help="cap on a replayed generation's length")
+    p.add_argument("--real-load", type=float, default=0.8, help="fraction of the fitted nominal capacity")
     p.add_argument("--out", type=Path, default=None, help="output JSON (default benchmarks/results/cluster.json)")
     return p
 
 
 def _partial(args) -> bool:
     d = build_parser().parse_args([])
-    return (args.skip_sim or args.calibration is not None or args.requests_per_instance < d.requests_per_instance
+    return (args.skip_sim or args.skip_real or args.real_only or args.real_requests < d.real_requests
+            or args.real_calibration_requests < d.real_calibration_requests
+            or args.real_max_tokens < d.real_max_tokens or args.real_instances != d.real_instances
+            or args.devices_per_instance != d.devices_per_instance or args.real_load != d.real_load
+            or args.calibration is not None or args.requests_per_instance < d.requests_per_instance
             or args.max_requests < d.max_requests or set(args.instances) != set(d.instances)
             or set(args.loads) != set(d.loads) or set(args.hardware) != set(d.hardware))
 
@@ -162,12 +193,124 @@ def simulation_targets(summary: dict) -> list[dict]:
     return targets
 
 
+# ---------------------------------------------------------------------------------------------
+# 4. the real cluster
+
+
+def replay_pool(data, max_tokens: int):
+    """The test-split generations as requests to replay (real prompt ids, recorded lengths capped
+    at `max_tokens`), and the simulator's workload of the very same requests."""
+    import numpy as np
+
+    from jaxsys.models.loading import load_model
+    from jaxsys.serve.cluster.validation import ReplayRequest
+    from jaxsys.serve.cluster.workload import Workload
+    from jaxsys.serve.length.data import SPLITS, load_prompts
+
+    cfg = data.manifest["config"]
+    model = load_model(cfg["model"])
+    prompts = {p.key: p for p in load_prompts(cfg["prompts"], seed=cfg["prompt_seed"])}
+    gens = np.nonzero(data.prompt_split[data.gen_prompt] == SPLITS.index("test"))[0]
+    pool = []
+    for gi in gens:
+        p = prompts[data.prompt_keys[data.gen_prompt[gi]]]
+        ids = model.tokenizer.encode_chat([{"role": "user", "content": p.text}])
+        pool.append(ReplayRequest(tuple(ids), int(min(data.gen_len[gi], max_tokens)), seed=int(gi) + 1))
+    workload = Workload(prompt_len=np.array([len(r.prompt_ids) for r in pool], np.int64),
+                        output_len=np.array([r.output_len for r in pool], np.int64),
+                        source=data.prompt_source[data.gen_prompt[gens]].astype(np.int64), tables={},
+                        max_new_tokens=max_tokens,
+                        description=f"{len(pool)} test-split generations, lengths capped at {max_tokens}")
+    return model, pool, workload
+
+
+def real_cluster_section(data, predictor, args):
+    """Part 4 (see the module docstring). Returns (section, targets)."""
+    from jaxsys.models.kv_cache import cache_bytes
+    from jaxsys.serve.cluster.instances import make_instances
+    from jaxsys.serve.cluster.policies import POLICIES as LIVE_POLICIES, make_policy
+    from jaxsys.serve.cluster.router import Cluster
+    from jaxsys.serve.cluster.sim import SimConfig, simulate
+    from jaxsys.serve.cluster.validation import TPOT_P50_TOLERANCE, compare_with_real_run, fit_cluster_hardware, replay
+    from jaxsys.serve.cluster.workload import poisson_trace
+    from jaxsys.serve.engine.engine import EngineConfig
+
+    t0 = time.perf_counter()
+    model, pool, workload = replay_pool(data, args.real_max_tokens)
+    N = args.real_instances
+    engine = EngineConfig(num_pages=1024, max_decode_batch=16, shared_attention=False)
+    instances = make_instances(model, N, devices_per_instance=args.devices_per_instance, config=engine,
+                               predictor=predictor, predict_every=8)
+    print(f"[real cluster] {N} instances x {args.devices_per_instance} devices, {len(pool)} pool requests "
+          f"(lengths capped at {args.real_max_tokens}); length head {predictor.name!r}", flush=True)
+    n_cal = args.real_calibration_requests
+    cal_trace = poisson_trace(len(pool), n_cal / 10.0, n_cal, seed=args.seed + 7)  # over ~10 s: varied batches
+    t_warm = time.perf_counter()
+    warm_run = replay(Cluster(instances, "least_kv"), pool, cal_trace)  # compiles the shapes the traces need
+    print(f"  warm-up run {time.perf_counter() - t_warm:.1f} s ({warm_run.compiles} compiles)", flush=True)
+    cal_cluster = Cluster(instances, "least_kv")
+    cal_cluster.record_steps = True
+    cal_run = replay(cal_cluster, pool, cal_trace)
+    hw = fit_cluster_hardware(cal_cluster.step_records, instances[0],
+                              kv_bytes_per_token=cache_bytes(model.config, 1, 1))
+    print(f"  calibration run {cal_run.wall_s:.1f} s: step model a={hw.step_a * 1e3:.2f} ms b={hw.step_b * 1e3:.3f} ms "
+          f"c={hw.step_c * 1e6:.3f} us/token (MAPE {hw.step_fit['mape']:.1%}); prefill "
+          f"{hw.prefill_p0 * 1e3:.1f} ms + {hw.prefill_p1 * 1e6:.1f} us/token (MAPE {hw.prefill_fit['mape']:.1%})",
+          flush=True)
+    rate = args.real_load * nominal_rate(workload, hw) * N
+    trace = poisson_trace(len(pool), rate, args.real_requests, seed=args.seed + 11)
+    runs, validation = {}, {}
+    for name in LIVE_POLICIES:
+        run = replay(Cluster(instances, name), pool, trace, policy_name=name)
+        runs[name] = run.summary(ttft_slo_s=hw.ttft_slo_s, tpot_slo_s=hw.tpot_slo_s)
+        line = (f"  {name:<12} measured p50/p99 TPOT {runs[name]['tpot_p50_s'] * 1e3:7.1f}/"
+                f"{runs[name]['tpot_p99_s'] * 1e3:7.1f} ms  TTFT p50 {runs[name]['ttft_p50_s'] * 1e3:7.1f} ms  "
+                f"SLO {runs[name]['slo_attainment']:.2f}  migrations {run.migrations}  compiles {run.compiles}")
+        if name != "ours":  # the simulator's "ours" replays prediction tables of the length data
+            sim = simulate(workload, trace, hw, make_policy(name), SimConfig(N, prefill="colocated"))
+            validation[name] = {"simulated": sim.summary(), **compare_with_real_run(sim, run.tpot_s)}
+            line += f"  | simulated p50 TPOT {validation[name]['sim_tpot_p50_s'] * 1e3:7.1f} ms " \
+                    f"({validation[name]['p50_rel_error']:.1%} off)"
+        print(line, flush=True)
+    section = {"instances": N, "devices_per_instance": args.devices_per_instance, "engine": dataclasses.asdict(engine),
+               "pool": workload.description, "rate_per_s": rate, "load": args.real_load, "requests": len(trace),
+               "warm_up_run": warm_run.summary(), "calibration_run": cal_run.summary(),
+               "fitted_hardware": hw.model_dump(), "policies": runs,
+               "validation": validation, "length_head": predictor.name, "predict_every": 8,
+               "measured_note": "MEASURED on this machine; the instances share its cores; SLO attainment "
+                                "is at this one rate (goodput needs the simulated rate sweep). Every request "
+                                "generates its recorded length (EOS ignored) with a fresh sample, so every "
+                                "policy does the same work; the length head predicts the remaining length of "
+                                "the continuation it sees, which is forced to another sample's length, so "
+                                "ours has weaker predictions here than in serving or in the simulator",
+               "seconds": time.perf_counter() - t0}
+    worst = max(validation, key=lambda n: validation[n]["p50_rel_error"])
+    targets = [target(f"sim_vs_real_tpot_p50_rel_error (worst of {', '.join(validation)}: {worst}; "
+                      f"{N}-instance real run)", validation[worst]["p50_rel_error"], TPOT_P50_TOLERANCE,
+                      higher_is_better=False)]
+    return section, targets
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.real_only and args.skip_real:
+        print("jaxsys bench cluster: --real-only and --skip-real exclude each other", file=sys.stderr)
+        return 2
+    if args.length_head is not None and not args.real_only:
+        print("jaxsys bench cluster: --length-head goes with --real-only (a full run trains the heads it reports)",
+              file=sys.stderr)
+        return 2
+    args.skip_sim = args.skip_sim or args.real_only
     if args.out is None and _partial(args):
-        print("jaxsys bench cluster: a partial run (smaller sweep, --skip-sim or --calibration) must not write into "
+        print("jaxsys bench cluster: a partial run (smaller sweep or real run, --skip-sim, --skip-real or "
+              "--calibration) must not write into "
               "benchmarks/results; pass --out", file=sys.stderr)
         return 2
+    if not args.skip_real:
+        from jaxsys.runtime import DEVICE_COUNT_FLAG, request_cpu_devices
+
+        if DEVICE_COUNT_FLAG not in os.environ.get("XLA_FLAGS", ""):
+            request_cpu_devices(args.real_instances * args.devices_per_instance)
     from jaxsys.serve.cluster.hardware import h100_like
     from jaxsys.serve.cluster.workload import Workload
     from jaxsys.serve.length.data import latest_run
@@ -186,11 +329,22 @@ def main(argv=None) -> int:
     except FileNotFoundError as e:
         print(f"jaxsys bench cluster: {e}", file=sys.stderr)
         return 2
-    data, report, ours, prompt, pred_section, targets = predictors_section(run)
-    header = {"predictors": pred_section, "window": WINDOW, "prefill": args.prefill,
-              "simulated_note": "every figure under `simulation` is SIMULATED (SimPy), not measured",
-              "real_cluster": "not run: needs issue 18 part D (instances on sub-meshes with KV migration); "
-                              "the validation hook is jaxsys.serve.cluster.validation"}
+    header = {"window": WINDOW, "prefill": args.prefill,
+              "simulated_note": "every figure under `simulation` is SIMULATED (SimPy), not measured"}
+    if args.length_head is not None:
+        from jaxsys.serve.length.data import load_length_data
+        from jaxsys.serve.length.predictor import LengthPredictor
+
+        try:
+            head = LengthPredictor.load(args.length_head)
+        except (OSError, KeyError, ValueError) as e:
+            print(f"jaxsys bench cluster: cannot read the length head {args.length_head}: {e}", file=sys.stderr)
+            return 2
+        data, targets = load_length_data(run), []
+        header["predictors"] = f"not trained in this run; the real cluster runs the head {args.length_head}"
+    else:
+        data, report, ours, prompt, header["predictors"], targets = predictors_section(run)
+        head = report.predictors[ours]
     records = []
     if not args.skip_sim:
         hardware = {}
@@ -209,6 +363,10 @@ def main(argv=None) -> int:
         sim_summary = summarize(records, per_hw)
         targets += simulation_targets(sim_summary)
         header["simulation"] = {"per_hardware": per_hw, "summary": sim_summary}
+    if not args.skip_real:
+        real, real_targets = real_cluster_section(data, head, args)
+        header["real_cluster"] = real
+        targets += real_targets
     header["seconds"] = time.perf_counter() - t_start
     for t in targets:
         print(f"  target {t['name']}: {t['value']:.3f} ({t['direction']} {t['target']}) "

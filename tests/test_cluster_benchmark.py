@@ -18,7 +18,8 @@ def _stat():
 
 
 @pytest.mark.parametrize("argv", [["--skip-sim"], ["--instances", "4"], ["--requests-per-instance", "10"],
-                                  ["--hardware", "h100-like"]])
+                                  ["--hardware", "h100-like"], ["--real-only"], ["--skip-real"],
+                                  ["--real-requests", "8"]])
 def test_partial_runs_must_not_write_into_results(argv):
     before = _stat()
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cluster.py"), *argv], capture_output=True,
