@@ -58,28 +58,30 @@ SYSTEMS: list[System] = [
     System("ARES / STAR", "arXiv 2510.13668", "hidden-state length prediction, decode rescheduling",
            "`serve/length/`, `serve/cluster/`",
            "predictors on our model's hidden states, the engine's hidden-state decode step, live instances with "
-           "KV-page migration and the SimPy simulator work; the cluster behind the server and its validation "
-           "against the simulator are open",
+           "KV-page migration, the SimPy simulator and `jaxsys serve --instances N` (with `/metrics`) work; the "
+           "real 4-instance validation of the simulator has run only on a loaded machine (not yet within 15%)",
            "cluster.json", "sim_p99_tpot_ours_over_best_static (simulated, geomean)",
            "simulated p99 TPOT, ours / best static dispatch", "jaxsys bench cluster"),
     System("SpecMoEOff", "arXiv 2508.21706", "MoE expert offloading + speculative decoding",
            "`serve/moe_offload/`, `serve/speculative/`",
            "expert offloading with a device expert cache, a MoEfied SmolLM2 with real routing, drafts and the "
            "exact acceptance rule, the roofline tuner and speculative decoding in the engine (greedy output "
-           "identical, the sampled law tested) work; real speculation + offload on CPU is measured in the record",
+           "identical, the sampled law tested), `--gamma auto` from the roofline work; real speculation + offload on "
+           "CPU is measured in the record",
            "moe_offload.json",
            "simulated speedup over offloading without speculation (geomean, Mixtral-8x7B, H100 PCIe4/5)",
            "simulated speedup over offloading alone", "jaxsys bench moe_offload"),
     System("ElasWave", "arXiv 2510.00606", "elastic training: reshard on device loss/join, same math",
            "`train/elastic/`",
-           "works: bitwise-equal loss and parameters through a device loss and rejoin; detection across "
-           "processes works, moving shards between processes is open",
+           "works: bitwise-equal loss and parameters through a device loss and rejoin, in one process and "
+           "across 4 `jax.distributed` CPU processes (a killed process, its restart and rejoin)",
            "elastic.json", "like_for_like_speedup (orbax precompiled / ours precompiled)",
            "recovery time, Orbax restore / ours, both precompiled", "jaxsys bench elastic"),
     System("Odyssey", "arXiv 2508.21613", "adaptive recovery strategy selection",
            "`train/pipeline/`, `train/recovery/`",
            "pipeline (GPipe, 1F1B), four recovery strategies bitwise against the failure-free run, the "
-           "performance model and plan search, the simulated cluster work; multi-process recovery is open",
+           "performance model and plan search, the simulated cluster and multi-process elastic recovery work; "
+           "a failure during a recovery and a coordinator failure are not handled",
            "recovery.json", "simulated average throughput, ours / always-replan (geomean over traces)",
            "simulated throughput, ours / always-replan", "jaxsys bench recovery"),
     System("Chameleon", "arXiv 2509.11076", "adaptive activation memory (keep / recompute / offload)",
