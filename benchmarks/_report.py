@@ -235,6 +235,8 @@ def headline(sys_: System, records: dict[str, dict[str, Any]]) -> str:
         raise SystemExit(f"README headline {sys_.name}: {sys_.record} has no target {sys_.target!r}")
     said = (f"{sys_.label}: {fmt(t['value'])} (target {t.get('direction', '>=')} {fmt(t['target'])}, "
             f"{'met' if t['met'] else 'not met'})")
+    ts = doc.get("targets", [])
+    said += f"; {sum(1 for x in ts if x['met'])} of {len(ts)} targets met"
     if doc.get("noisy"):
         said += "; record made on a loaded machine (noisy)"
     return said
