@@ -7,10 +7,11 @@
     bytes moved, hit rate, experts per step. Verify steps of gamma + 1 tokens are timed too (their
     cost), and with --speculate-gammas the same forwards decode speculatively for real (n-gram
     prompt lookup, greedy acceptance: tokens/s, acceptance, tokens per step). The roofline tuner,
-    given this machine's parameters measured by microbenchmarks (`jaxsys.serve.moe_offload.machine`)
-    and the routing statistics measured on held-out text, predicts each offload configuration's
-    throughput: the record has the prediction error and whether its chosen configuration is within
-    5% of the best measured.
+    given this machine's parameters measured by microbenchmarks (`jaxsys.serve.moe_offload.machine`:
+    the served model's layer and head timed at 1-16 rows, priced piecewise-linearly in rows; link,
+    host-loop overheads) and the routing statistics measured on held-out text, predicts each
+    offload configuration's throughput: the record has the prediction error and whether its
+    chosen configuration is within 5% of the best measured.
 (2) Simulated (labelled so): Mixtral-8x7B shapes on one H100 PCIe with PCIe 4.0 and 5.0
     (`configs/hardware/`), with the acceptance and reuse statistics measured in (1)'s model: ours
     (speculation + offload + tuned) against offloading without speculation, a Fiddler-like and a
@@ -169,7 +170,9 @@ def run_real(args, log) -> tuple[list[dict], dict, dict]:
     if "by_gamma" not in ev["ngram"]:  # an evaluation from before tokens per step were measured per gamma
         ev["ngram"] = moefy.ngram_acceptance(params, cfg, dense, SHARED_DATA)
         ev_path.write_text(json.dumps(ev, indent=1))
-    machine = measure_machine(cfg, log=log)
+    # the attention piece is timed over about the context the timed steps attend (prompts + steps)
+    context = int(np.mean([len(p) for p in _prompts(dense.tokenizer, max(args.batches))])) + 32
+    machine = measure_machine(cfg, context=context, log=log)
     hw = tu.HardwareSpec.model_validate(machine["spec"])
     # prefetching guesses pays off only where copies run beside compute; where they do not, every
     # wrong guess is a copy on the critical path (offload alone and speculation share the setting)

@@ -115,6 +115,82 @@ def test_hardware_file_errors_name_the_field(tmp_path):
         tu.load_hardware(bad)
 
 
+ROWS = (1, 2, 4, 8, 16)
+# one row is a matrix-vector product, a few rows a much slower general product: a jump, then flat
+LAYER = (1.0e-3, 2.5e-3, 2.8e-3, 3.3e-3, 4.5e-3)
+
+
+def _measured(**over) -> tu.MeasuredCompute:
+    fields = dict(shape=tu.measured_shape(M), context=32, rows=ROWS, layer_decode_s=LAYER,
+                  layer_verify_s=tuple(t * 0.9 for t in LAYER), ffn_fixed_s=(1e-4,) * 5,
+                  expert_s=(2e-5, 5e-5, 6e-5, 8e-5, 1.2e-4), head_s=(5e-3, 20e-3, 22e-3, 25e-3, 30e-3))
+    return tu.MeasuredCompute(**{**fields, **over})
+
+
+def test_piecewise_compute_interpolates_its_points_and_is_monotone():
+    for n, t in zip(ROWS, LAYER):
+        assert tu.piecewise(ROWS, LAYER, n) == pytest.approx(t, rel=1e-12)
+    assert tu.piecewise(ROWS, LAYER, 3) == pytest.approx((2.5e-3 + 2.8e-3) / 2)  # linear between points
+    assert tu.piecewise(ROWS, LAYER, 32) == pytest.approx(4.5e-3 + 16 * (4.5e-3 - 3.3e-3) / 8)  # last slope on
+    grid = [1 + i / 4 for i in range(4 * 63 + 1)]
+    for times in (LAYER, _measured().head_s, (1.0, 1.0, 2.0, 2.0, 1.5)):
+        prices = [tu.piecewise(ROWS, times, n) for n in grid]
+        if all(b >= a for a, b in zip(times, times[1:])):
+            assert all(b >= a for a, b in zip(prices, prices[1:]))
+        assert min(prices) >= min(times) and prices[-1] >= times[-1]  # never below what was measured
+    c = _measured()
+    layer = [[c.layer(b, t) for t in range(1, 9)] for b in range(1, 9)]
+    assert all(layer[b][t] <= layer[b + 1][t] and layer[b][t] <= layer[b][t + 1] for b in range(7) for t in range(7))
+    assert c.layer(4, 1) == pytest.approx(LAYER[2]) and c.layer(1, 4) == pytest.approx(0.9 * LAYER[2])
+    assert c.experts(4, 3.4, 8) == pytest.approx(1e-4 + 4 * 6e-5)  # rounds to 3, padded to its bucket of 4
+    assert c.experts(4, 6, 6) == pytest.approx(1e-4 + 6 * 6e-5)  # buckets are capped at the slots
+    assert c.experts(4, 7, 4) == pytest.approx(2e-4 + 8 * 6e-5)  # two groups: 4, then 3 padded to 4
+    assert all(c.experts(n, u, 8) <= c.experts(n, u + 1, 8) <= c.experts(n + 1, u + 1, 8)
+               for n in range(1, 20) for u in range(1, 8))
+
+
+def test_measured_compute_prices_the_runners_device_steps():
+    c = _measured()
+    hw = tu.HardwareSpec.model_validate({**HW.model_dump(), "compute": c.model_dump()})
+    for B, T, slots in [(1, 1, 4), (1, 4, 4), (4, 1, 2), (4, 4, 8)]:
+        plan = tu.Plan(T - 1, B, slots, "device", "ngram" if T > 1 else "none")
+        p = tu.predict(hw, M, W, plan, overlap=False)
+        U = W.unique(B, T, 8)
+        misses = max(U * (1 - W.hits(slots, 8)), U - slots)
+        layer = misses * M.expert_bytes / 1e9 + c.layer(B, T) + c.experts(B * T, U, slots)
+        assert p.step_s == pytest.approx(M.num_layers * layer + c.head(B * T), rel=1e-12)
+    jump = tu.predict(hw, M, W, tu.Plan(1, 1, 8, "device", "ngram"), overlap=False)
+    plain = tu.predict(hw, M, W, tu.Plan(0, 1, 8, "device", "none"), overlap=False)
+    assert jump.step_s > 3 * plain.step_s  # the measured jump from 1 to 2 rows, which one FLOP rate cannot price
+    for plan in (tu.Plan(0, 1, 4, "host", "none"), tu.Plan(0, 1, 4, "device", "none", system="fiddler")):
+        assert tu.predict(hw, M, W, plan).step_s == tu.predict(HW, M, W, plan).step_s  # not what was measured
+    other = dataclasses.replace(M, expert_ffn=256)
+    with pytest.raises(tu.TunerError, match="measured compute"):
+        tu.predict(hw, other, W, tu.Plan(0, 1, 4, "device", "none"))
+    with pytest.raises(ValueError, match="increasing"):
+        _measured(rows=(1, 4, 2, 8, 16))
+    with pytest.raises(ValueError, match="head_s"):
+        _measured(head_s=(1e-3,))
+
+
+def test_measure_compute_times_the_runners_pieces():
+    from jaxsys.models.config import ModelConfig
+    from jaxsys.serve.moe_offload.machine import measure_compute
+
+    cfg = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2,
+                      num_kv_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=16, model_type="qwen2_moe")
+    c = measure_compute(cfg, rows=(1, 2), context=8, reps=2)
+    assert c.rows == (1, 2) and c.context == 8
+    assert c.shape == tu.measured_shape(tu.ModelShape.from_config(cfg))
+    assert all(t > 0 for t in (*c.layer_decode_s, *c.layer_verify_s, *c.head_s))
+    assert all(t >= 0 for t in (*c.ffn_fixed_s, *c.expert_s)) and c.experts(2, 4, 4) > 0
+    hw = tu.HardwareSpec.model_validate({**HW.model_dump(), "compute": c.model_dump()})
+    shape = tu.ModelShape.from_config(cfg)
+    w = dataclasses.replace(W, unique_experts={(1, 1): 2.0, (1, 2): 3.0})
+    assert tu.predict(hw, shape, w, tu.Plan(1, 1, 4, "device", "ngram")).parts["head_s"] == c.head(2)
+
+
 def _stats_file(tmp_path):
     ev = {"routing": {"unique_experts": {f"{b},{t}": u for (b, t), u in W.unique_experts.items()},
                       "lru_hit_rate": {str(c): h for c, h in W.hit_rate.items()}},

@@ -229,7 +229,7 @@ def choose_engine(auto: AutoTune, cfg: Any, *, draft: str, draft_layers: int, ga
     if auto.hardware is None:
         from jaxsys.serve.moe_offload.machine import measure_hardware
 
-        hw = measure_hardware(cfg, log=log)
+        hw = measure_hardware(cfg, context=auto.context, log=log)
     elif isinstance(auto.hardware, HardwareSpec):
         hw = auto.hardware
     else:

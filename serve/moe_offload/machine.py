@@ -7,9 +7,14 @@ from the configurations the tuner is then validated on (the accelerator is the d
 - memory bandwidth: a [1, D] x [D, 32768] product (a weight far larger than the caches, read once
   per token as decode reads its weights); a plain reduction, recorded beside it, streams faster
   than XLA:CPU's matrix-vector kernel attains;
-- FLOP/s: a [rows, D] x [D, 32768] product with `rows` the most tokens a priced step runs; XLA:CPU
-  attains far less on such skinny shapes than on a large matmul (recorded beside it), and decode
-  never runs large ones;
+- the served model's compute (an MoE): one layer of its shapes and its LM head, timed through the
+  offloaded runner's own compiled pieces at 1, 2, 4, 8 and 16 rows (`measure_compute`), which the
+  tuner prices piecewise-linearly in rows (`tuner.MeasuredCompute`): XLA:CPU's cost per row jumps
+  between one row (a matrix-vector kernel) and a few (a general matrix product), exactly where
+  verify steps run, so no single FLOP rate prices both;
+- FLOP/s (the roofline's, for what the measured pieces do not cover: host attention, a dense
+  model): a [rows, D] x [D, 32768] product with `rows` the most tokens a priced step runs; XLA:CPU
+  attains far less on such skinny shapes than on a large matmul (recorded beside it);
 - link: misses of a device expert cache with the model's expert size (`LayerExpertCache.ensure`:
   the copy from host memory into a slot, with the fixed cost of each small copy), what the runner
   does per fetched expert; the bulk 64 MiB copy rate is recorded beside it;
@@ -17,7 +22,8 @@ from the configurations the tuner is then validated on (the accelerator is the d
   matrix-vector product, all awaited, against the two one after the other);
 - per-layer and per-step overheads: the offloaded runner's host loop (dispatches, routing
   read-back, cache bookkeeping) on a tiny model of the same depth and experts, all experts
-  resident, at two depths.
+  resident, at two depths; per layer, less the tiny model's own pieces timed as `measure_compute`
+  times them (the measured compute already holds their execution).
 
 A dense model moves nothing over the link and runs one compiled step: its link is the bulk copy
 rate, with no overlap and no host-loop overheads (unmeasured, taken as 0).
@@ -40,9 +46,11 @@ def _time(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def measure_machine(cfg: Any, *, rows: int = 16, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def measure_machine(cfg: Any, *, rows: int = 16, context: int = 256,
+                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """{"spec": the HardwareSpec fields, "measured": the side measurements} for a model config
-    (its hidden size and expert shapes); rows: the most tokens one priced step runs."""
+    (its hidden size and expert shapes); rows: the most tokens one priced step runs; context: the
+    cached tokens per request the attention piece is timed at."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -76,7 +84,7 @@ def measure_machine(cfg: Any, *, rows: int = 16, log: Callable[[str], None] | No
     host.block_until_ready()
     bulk_link = big.nbytes / best(lambda: jax.device_put(host, ds).block_until_ready(), 10)
     if not cfg.is_moe:  # nothing crosses the link; one compiled step, no host loop per layer
-        return _spec(flops, gemv_bw, bulk_link, False, 0.0, 0.0,
+        return _spec(flops, gemv_bw, bulk_link, False, 0.0, 0.0, None,
                      {"stream_bandwidth": stream_bw, "large_matmul_flops": gemm_flops,
                       "bulk_link_bandwidth": bulk_link}, rows, log)
     F, E = cfg.moe_intermediate_size, cfg.num_experts
@@ -105,20 +113,28 @@ def measure_machine(cfg: Any, *, rows: int = 16, log: Callable[[str], None] | No
     overlap_fraction = (t_fetch + t_mv - t_both) / min(t_fetch, t_mv)
     overlap = bool(overlap_fraction >= 0.5)
     per_layer, per_step = runner_overheads(cfg, prefetch=overlap)
-    return _spec(flops, gemv_bw, link, overlap, per_layer, per_step,
+    compute = measure_compute(cfg, context=context)
+    return _spec(flops, gemv_bw, link, overlap, per_layer, per_step, compute,
                  {"stream_bandwidth": stream_bw, "large_matmul_flops": gemm_flops, "bulk_link_bandwidth": bulk_link,
                   "expert_copy_s": t_fetch / len(order), "overlap_fraction": overlap_fraction, "overlap": overlap},
                  rows, log)
 
 
-def _spec(flops, bandwidth, link, overlap, per_layer, per_step, measured, rows, log) -> dict[str, Any]:
+def _spec(flops, bandwidth, link, overlap, per_layer, per_step, compute, measured, rows, log) -> dict[str, Any]:
     import jax
 
     spec = {"name": f"this machine ({jax.default_backend()}, measured)",
             "accelerator": {"flops": flops, "bandwidth": bandwidth, "memory_bytes": 1e12},
             "link": {"bandwidth": link, "overlaps_compute": overlap},
             "host": {"flops": flops, "bandwidth": bandwidth, "memory_bytes": 1e12},
-            "overhead": {"per_layer_s": per_layer, "per_step_s": per_step}}
+            "overhead": {"per_layer_s": per_layer, "per_step_s": per_step},
+            "compute": None if compute is None else compute.model_dump()}
+    if log is not None and compute is not None:
+        log("machine: served model's compute by rows " + ", ".join(
+            f"{n}: layer {d * 1e3:.2f}/{v * 1e3:.2f} ms, FFN {f * 1e3:.2f} + {e * 1e3:.3f}/expert ms, head "
+            f"{h * 1e3:.1f} ms" for n, d, v, f, e, h in zip(compute.rows, compute.layer_decode_s,
+                                                             compute.layer_verify_s, compute.ffn_fixed_s,
+                                                             compute.expert_s, compute.head_s)))
     if log is not None:
         log(f"machine: {flops / 1e9:.0f} GFLOP/s at {rows} rows ({measured['large_matmul_flops'] / 1e9:.0f} large), "
             f"{bandwidth / 1e9:.1f} GB/s matrix-vector ({measured['stream_bandwidth'] / 1e9:.1f} streaming), "
@@ -128,15 +144,85 @@ def _spec(flops, bandwidth, link, overlap, per_layer, per_step, measured, rows, 
     return {"spec": spec, "measured": measured}
 
 
-def measure_hardware(cfg: Any, *, log: Callable[[str], None] | None = None) -> HardwareSpec:
-    """`measure_machine`'s `HardwareSpec` (the memory sizes are not measured: 1 TB, no limit)."""
-    return HardwareSpec.model_validate(measure_machine(cfg, log=log)["spec"])
+_MEASURED: dict[Any, HardwareSpec] = {}
+
+
+def measure_hardware(cfg: Any, *, context: int = 256, log: Callable[[str], None] | None = None) -> HardwareSpec:
+    """`measure_machine`'s `HardwareSpec` (the memory sizes are not measured: 1 TB, no limit),
+    measured once per process, model config and context: every engine of that model reuses it."""
+    key = (cfg, context)
+    if key not in _MEASURED:
+        _MEASURED[key] = HardwareSpec.model_validate(measure_machine(cfg, context=context, log=log)["spec"])
+    return _MEASURED[key]
+
+
+CALIBRATION_ROWS = (1, 2, 4, 8, 16)
+
+
+def _piece_s(model: Any, name: str, args: tuple, reps: int) -> float:
+    """Median seconds of one compiled piece of an `OffloadedMoE` on these arguments, awaited (it
+    is compiled and run once first)."""
+    import jax
+
+    exe = model._compiled(name, args)
+    jax.block_until_ready(exe(*args))
+    return statistics.median(_time(lambda: jax.block_until_ready(exe(*args))) for _ in range(reps))
+
+
+def measure_compute(cfg: Any, *, rows: tuple[int, ...] = CALIBRATION_ROWS, context: int = 256, reps: int = 7):
+    """A `tuner.MeasuredCompute` of an MoE config: one layer of its shapes (random weights: the
+    times do not depend on the values) and its LM head, timed through the offloaded runner's own
+    compiled pieces at each row count: the attention piece for `rows` requests of one token and for
+    one request of `rows` tokens, each over `context` cached tokens; the FFN over the device cache
+    with 1 and with all experts active; the head. Seconds: about 35 small compilations."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxsys.models import init_params
+    from jaxsys.models.kv_cache import AttentionMetadata, init_cache
+    from jaxsys.serve.moe_offload.runner import OffloadConfig, OffloadedMoE
+    from jaxsys.serve.moe_offload.tuner import MeasuredCompute, ModelShape, measured_shape
+
+    one = cfg.replace(num_layers=1)
+    E, D, page = cfg.num_experts, cfg.hidden_size, 16
+    model = OffloadedMoE(one, init_params(one, jax.random.key(0)), OffloadConfig(expert_cache=E, prefetch=False))
+    p = model.layer_params[0]
+
+    def attention_args(batch: int, tokens: int) -> tuple:
+        pages = -(-(context + tokens) // page)
+        table = jnp.asarray(1 + np.arange(batch * pages, dtype=np.int32).reshape(batch, pages))
+        meta = AttentionMetadata(table, jnp.full((batch,), context + tokens, jnp.int32))
+        positions = jnp.asarray(context + np.broadcast_to(np.arange(tokens, dtype=np.int32), (batch, tokens)))
+        x = jax.random.normal(jax.random.key(1), (batch, tokens, D), jnp.dtype(cfg.dtype))
+        return x, p, p, positions, init_cache(one, 1 + batch * pages, page), jnp.int32(0), meta
+
+    out: dict[str, list[float]] = {k: [] for k in ("layer_decode_s", "layer_verify_s", "ffn_fixed_s", "expert_s",
+                                                    "head_s")}
+    for n in rows:
+        decode = attention_args(n, 1)
+        out["layer_decode_s"].append(_piece_s(model, "pre_device", decode, reps))
+        out["layer_verify_s"].append(_piece_s(model, "pre_device", attention_args(1, n), reps))
+        acc, h, top_i, top_v = model._call("pre_device", *decode)[:4]
+        ffn = []
+        for u in (1, E):
+            ids = np.arange(u, dtype=np.int32)
+            ffn.append(_piece_s(model, "ffn", (acc, h, top_i, top_v, model.caches[0].buf, ids, ids,
+                                               np.ones(u, bool)), reps))
+        per_expert = max(ffn[1] - ffn[0], 0.0) / max(E - 1, 1)
+        out["expert_s"].append(per_expert)
+        out["ffn_fixed_s"].append(max(ffn[0] - per_expert, 0.0))
+        out["head_s"].append(_piece_s(model, "head", (model.top, decode[0]), reps))
+    return MeasuredCompute(shape=measured_shape(ModelShape.from_config(cfg)), context=context, rows=tuple(rows),
+                           **{k: tuple(v) for k, v in out.items()})
 
 
 def runner_overheads(cfg: Any, *, prefetch: bool, steps: int = 20) -> tuple[float, float]:
     """(per-layer, per-step) seconds of the offloaded runner's host loop: decode steps of a tiny
     model with `cfg`'s depth, experts and top-k (negligible compute, every expert resident after
-    the first step), at full depth and at a third of it."""
+    the first step), at full depth and at a third of it. Per layer, the tiny model's own pieces
+    (timed by `measure_compute`: one row, its top-k experts active) are taken out: a priced step
+    adds the served model's measured pieces."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -145,10 +231,13 @@ def runner_overheads(cfg: Any, *, prefetch: bool, steps: int = 20) -> tuple[floa
     from jaxsys.models.kv_cache import AttentionMetadata, init_cache
     from jaxsys.serve.moe_offload.runner import OffloadConfig, OffloadedMoE
 
-    def step_s(layers: int) -> float:
-        tiny = cfg.replace(num_layers=layers, hidden_size=64, num_heads=2, num_kv_heads=1, head_dim=32,
+    def tiny_cfg(layers: int) -> Any:
+        return cfg.replace(num_layers=layers, hidden_size=64, num_heads=2, num_kv_heads=1, head_dim=32,
                            vocab_size=256, intermediate_size=64, moe_intermediate_size=16,
                            shared_expert_intermediate_size=32 if cfg.shared_expert_intermediate_size else 0)
+
+    def step_s(layers: int) -> float:
+        tiny = tiny_cfg(layers)
         model = OffloadedMoE(tiny, init_params(tiny, jax.random.key(0)),
                              OffloadConfig(expert_cache=tiny.num_experts, prefetch=prefetch))
         page, prompt = 16, 4
@@ -177,4 +266,7 @@ def runner_overheads(cfg: Any, *, prefetch: bool, steps: int = 20) -> tuple[floa
     deep, shallow = cfg.num_layers, max(1, cfg.num_layers // 3)
     t_deep, t_shallow = step_s(deep), step_s(shallow)
     per_layer = max(t_deep - t_shallow, 0.0) / max(deep - shallow, 1)
-    return per_layer, max(t_deep - deep * per_layer, 0.0)
+    per_step = max(t_deep - deep * per_layer, 0.0)
+    pieces = measure_compute(tiny_cfg(1), rows=(1,), context=16)
+    k = cfg.num_experts_per_tok
+    return max(per_layer - pieces.layer(1, 1) - pieces.experts(1, k, cfg.num_experts), 0.0), per_step

@@ -15,6 +15,13 @@ One cost model prices a verify step of B requests x (gamma + 1) tokens, layer by
   steps through n layers of the same machine;
 - fixed overheads per layer and per step (launches, the routing read-back, bookkeeping).
 
+Where the hardware carries the served model's compute measured on the machine itself
+(`HardwareSpec.compute`, `MeasuredCompute`: this CPU), the device compute of plans that run the
+offloaded runner as it is (device attention) is priced from those timings instead, piecewise-
+linearly in the step's rows: the attention piece, the LM head, and the expert FFN as the runner
+computes it, every row on each of the (rounded) active experts, in groups of cache slots padded to
+power-of-two buckets. Fetches, overheads and everything else keep the model above.
+
 A step emits B * (1 - a^(gamma+1)) / (1 - a) tokens (Leviathan et al.), or B times the tokens per
 step measured for the draft at that gamma where the workload has them; throughput = tokens / time.
 `choose` searches (gamma, batch, cache size, attention place, draft) within the memory sizes.
@@ -30,13 +37,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from jaxsys.config_base import ConfigSection
 from jaxsys.serve.speculative.acceptance import expected_tokens_per_step
+from jaxsys.shapes import pow2_bucket
 
 
 class TunerError(ValueError):
@@ -70,12 +78,91 @@ class Overhead(ConfigSection):
     per_step_s: float = Field(ge=0, default=0.0)
 
 
+def piecewise(rows_X: Sequence[int], times_X: Sequence[float], n: float) -> float:
+    """The time at `n` rows, linear between measured row counts: below the first, the first's time;
+    beyond the last, the last segment's slope (never negative) carried on. Monotone wherever the
+    measured times are, and exact at every measured point."""
+    if n <= rows_X[0]:
+        return float(times_X[0])
+    for r0, r1, t0, t1 in zip(rows_X, rows_X[1:], times_X, times_X[1:]):
+        if n <= r1:
+            return float(t0 + (t1 - t0) * (n - r0) / (r1 - r0))
+    if len(rows_X) == 1:
+        return float(times_X[0]) * n / rows_X[0]
+    slope = max((times_X[-1] - times_X[-2]) / (rows_X[-1] - rows_X[-2]), 0.0)
+    return float(times_X[-1] + slope * (n - rows_X[-1]))
+
+
+class MeasuredCompute(ConfigSection):
+    """One layer's and the LM head's compute, timed on the served model's own compiled pieces at
+    several row counts (`machine.measure_compute`), which `predict` prices piecewise-linearly in
+    rows instead of with one FLOP rate.
+
+    Why: a backend's cost per row is not constant on the skinny shapes decode and verify steps run.
+    On XLA:CPU a [1, D] x [D, V] product runs as a matrix-vector kernel and a few rows more as a
+    general matrix product several times slower per row, so a single FLOP rate fits at most one of
+    the row counts the tuner compares (1 for plain decode, gamma + 1 and more for verify steps).
+
+    Every list is indexed like `rows` (tokens in the step: batch x tokens per request):
+    - layer_decode_s: the layer's attention piece (norms, q/k/v/o, attention over `context`
+      cached tokens per request, router, shared expert) for `rows` requests of one token each;
+    - layer_verify_s: the same for one request of `rows` tokens (a verify step's attention reads one
+      request's cache); a step of B requests x T tokens is priced between the two;
+    - ffn_fixed_s, expert_s: the FFN call over the device expert cache, computed for every row on
+      each active expert (`experts.routed_experts`): ffn_fixed_s + U * expert_s for U active
+      experts (timed at 1 and at all experts);
+    - head_s: final norm and LM head.
+    shape: the `ModelShape` fields of the model measured (num_layers aside): the table prices that
+    model only."""
+
+    shape: dict[str, float]
+    context: int = Field(ge=0)
+    rows: tuple[int, ...]
+    layer_decode_s: tuple[float, ...]
+    layer_verify_s: tuple[float, ...]
+    ffn_fixed_s: tuple[float, ...]
+    expert_s: tuple[float, ...]
+    head_s: tuple[float, ...]
+
+    @model_validator(mode="after")
+    def _check(self) -> "MeasuredCompute":
+        if not self.rows or self.rows[0] < 1 or any(b <= a for a, b in zip(self.rows, self.rows[1:])):
+            raise ValueError(f"rows must be increasing positive row counts, got {list(self.rows)}")
+        for name in ("layer_decode_s", "layer_verify_s", "ffn_fixed_s", "expert_s", "head_s"):
+            times = getattr(self, name)
+            if len(times) != len(self.rows) or any(t < 0 for t in times):
+                raise ValueError(f"{name} needs one time >= 0 per row count ({len(self.rows)}), got {list(times)}")
+        return self
+
+    def layer(self, batch: int, tokens: int) -> float:
+        """The attention piece for `batch` requests of `tokens` tokens each."""
+        n = batch * tokens
+        decode, verify = piecewise(self.rows, self.layer_decode_s, n), piecewise(self.rows, self.layer_verify_s, n)
+        return verify + (decode - verify) * ((batch - 1) / (n - 1) if n > 1 else 0.0)
+
+    def experts(self, rows: int, active: float, slots: int) -> float:
+        """The runner's FFN calls for `active` experts (rounded) with `slots` device slots per
+        layer: groups of at most `slots` experts, each computed at its power-of-two bucket of slots."""
+        fixed, per = piecewise(self.rows, self.ffn_fixed_s, rows), piecewise(self.rows, self.expert_s, rows)
+        left, total = max(1, math.floor(active + 0.5)), 0.0
+        while left > 0:
+            group = min(left, slots)
+            total += fixed + pow2_bucket(group, maximum=slots) * per
+            left -= group
+        return total
+
+    def head(self, rows: int) -> float:
+        return piecewise(self.rows, self.head_s, rows)
+
+
 class HardwareSpec(ConfigSection):
     name: str
     accelerator: Accelerator
     link: Link
     host: Host
     overhead: Overhead = Overhead()
+    compute: MeasuredCompute | None = Field(default=None, description="the served model's compute measured on "
+                                            "this machine (`machine.measure_compute`); None: the roofline")
 
 
 HARDWARE_DIR = Path(__file__).resolve().parents[2] / "configs" / "hardware"
@@ -254,6 +341,25 @@ def memory_fits(hw: HardwareSpec, m: ModelShape, plan: Plan, context: int) -> bo
     return on_device <= acc.memory_bytes - acc.reserved_bytes and host <= hw.host.memory_bytes
 
 
+def _measured_compute(hw: HardwareSpec, m: ModelShape, plan: Plan) -> MeasuredCompute | None:
+    """The hardware's measured compute where it prices this plan (the runner's own pieces: attention
+    and experts on the device), else None (the roofline). A table measured on another model's
+    shapes prices nothing here: refused."""
+    c = hw.compute
+    if c is None or plan.attention != "device" or plan.system == "fiddler":
+        return None
+    mine = measured_shape(m)
+    if {k: float(v) for k, v in c.shape.items()} != mine:
+        raise TunerError(f"{hw.name}'s measured compute is for a model of shape {c.shape}; this model has {mine}: "
+                         "measure it on this model (machine.measure_compute)")
+    return c
+
+
+def measured_shape(m: ModelShape) -> dict[str, float]:
+    """The shape fields a `MeasuredCompute` table is valid for (every field but the depth: it times one layer)."""
+    return {k: float(v) for k, v in dataclasses.asdict(m).items() if k != "num_layers"}
+
+
 def predict(hw: HardwareSpec, m: ModelShape, w: Workload, plan: Plan, *, overlap: bool = True) -> Prediction:
     """Decode throughput of one plan under the cost model (module docstring)."""
     if plan.cache_slots < m.top_k:
@@ -270,7 +376,10 @@ def predict(hw: HardwareSpec, m: ModelShape, w: Workload, plan: Plan, *, overlap
     misses = max(U * (1.0 - w.hits(plan.cache_slots, E)), U - plan.cache_slots)
     fetch = misses * m.expert_bytes / hw.link.bandwidth
     expert_flops = 2 * 3 * m.hidden * m.expert_ffn * N * k
-    if plan.system == "fiddler":  # missing experts run on the host, where their weights are
+    measured = _measured_compute(hw, m, plan)
+    if measured is not None:  # the served model's pieces timed on this machine (attention in `dense`)
+        experts = measured.experts(N, U, plan.cache_slots)
+    elif plan.system == "fiddler":  # missing experts run on the host, where their weights are
         tok_per_expert = N * k / max(U, 1e-9)
         host_experts = misses * _roof(2 * 3 * m.hidden * m.expert_ffn * tok_per_expert, m.expert_bytes,
                                       host.flops, host.bandwidth)
@@ -283,7 +392,9 @@ def predict(hw: HardwareSpec, m: ModelShape, w: Workload, plan: Plan, *, overlap
     S = w.context + plan.gamma + 1
     attn_flops = 4 * N * S * m.num_heads * m.head_dim
     kv_bytes = plan.batch * S * 2 * m.num_kv_heads * m.head_dim * m.kv_bytes
-    if plan.attention == "host":
+    if measured is not None:
+        dense, attention = measured.layer(plan.batch, t_req), 0.0
+    elif plan.attention == "host":
         qkvo = N * (2 * m.num_heads + 2 * m.num_kv_heads) * m.head_dim * m.kv_bytes
         attention = _roof(attn_flops, kv_bytes, host.flops, host.bandwidth) + qkvo / hw.link.bandwidth
     else:
@@ -295,7 +406,10 @@ def predict(hw: HardwareSpec, m: ModelShape, w: Workload, plan: Plan, *, overlap
     else:
         layer = moved
     layer += hw.overhead.per_layer_s
-    head = _roof(2 * N * m.head_bytes / m.weight_bytes, m.head_bytes, acc.flops, acc.bandwidth)
+    if measured is not None:
+        head = measured.head(N)
+    else:
+        head = _roof(2 * N * m.head_bytes / m.weight_bytes, m.head_bytes, acc.flops, acc.bandwidth)
     target_step = L * layer + head + hw.overhead.per_step_s
     draft = 0.0
     if plan.gamma > 0 and w.draft_layers.get(plan.draft, 0) > 0:
