@@ -7,8 +7,8 @@ point here is the two protocols running on the engine and what each costs. `jaxs
 has the full comparison (more questions, full limits, many in flight, the serving ablation) and
 `jaxsys bench graphcot_finetune` the fine-tuned accuracy.
 
-What keeps the section to well under a minute on 2 CPU cores, where it is dominated by XLA
-compilations, without changing either protocol (prompts, stops, agents, parsing):
+What keeps the section short on 2 CPU cores, where XLA compilations are a large part of it (11 programs),
+without changing either protocol (prompts, stops, agents, parsing):
 
 - One request at a time on one engine (questions one after another, `max_decode_batch=1`): every
   prefill and decode step is a batch of one, so both systems run the same few compiled programs,
