@@ -192,6 +192,10 @@ def test_simulation(cluster):
     for r in res.values():
         assert 0 < r.steps < quiet.steps
     assert all(r.strategy == "checkpoint" for r in res["checkpoint"].recoveries)
+    # no policy's post-recovery steps beat the best layout of the devices still alive
+    for r in res.values():
+        assert r.post_recovery_ratio() <= r.post_recovery_ceiling() + 1e-12
+    assert res["replan"].post_recovery_ratio() == pytest.approx(res["replan"].post_recovery_ceiling())
     with pytest.raises(ValueError, match="unknown policy"):
         sim.simulate(c, costs, trace, "oracle")
 
