@@ -197,3 +197,24 @@ def test_threaded_replay_and_the_cluster_fitted_simulator():
     sim = simulate(workload, trace, hw, make_policy("least_kv"), SimConfig(2, prefill="colocated"))
     cmp = compare_with_real_run(sim, run.tpot_s)
     assert cmp["requests"] == 8 and np.isfinite(cmp["p50_rel_error"])
+
+
+def test_warm_up_leaves_nothing_to_compile_and_host_sharing_is_measured(tmp_path):
+    """After `warm_up` over the pool's lengths, a threaded replay with migrations and a length head
+    compiles nothing, in any thread (engine buckets, the head's row buckets, the migration
+    programs); the decode-step slowdown with 1..N instances stepping at once is measured."""
+    from jaxsys.serve.cluster.validation import ReplayRequest, measure_host_sharing, replay, warm_up
+    from jaxsys.serve.cluster.workload import Trace
+
+    predictor = fixed_head(tiny_model(2), tmp_path, "hidden_layer", 1, max_new_tokens=24)
+    _, cluster = _cluster(2, "llumnix", predictor=predictor, threshold=0.0, rebalance_interval_s=0.005)
+    lens = (12, 20, 6, 16)
+    pool = [ReplayRequest(tuple(p), n) for p, n in zip(PROMPTS, lens)]
+    warm = warm_up(cluster.instances, max_prompt_tokens=max(len(p) for p in PROMPTS),
+                   max_context_tokens=max(len(p) + n for p, n in zip(PROMPTS, lens)))
+    assert warm["compiles"] > 0 and warm["decode_buckets"] == 6  # B in 1, 2, 4 x P in 4, 8
+    sharing = measure_host_sharing(cluster.instances, PROMPTS[1], batch=2, steps=6)
+    assert sharing["slowdown"][0] == 1.0 and len(sharing["slowdown"]) == 2 and min(sharing["step_s"]) > 0
+    run = replay(cluster, pool, Trace(np.linspace(0.0, 0.05, 8), np.arange(8) % 4), temperature=0.0)
+    assert run.finished.all() and run.migrations > 0
+    assert run.compiles == 0, run.compile_spans

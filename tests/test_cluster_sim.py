@@ -67,6 +67,28 @@ def test_batched_requests_share_steps():
     np.testing.assert_allclose(r.tpot_s, [steps / (n - 1)] * 2)
 
 
+def test_instances_sharing_a_host_slow_each_other_down():
+    """host_slowdown: two instances busy at once step 1.5x slower, prefill included; an instance
+    busy alone steps at its own cost; beyond the measured counts the last factor holds."""
+    P, n = 50, 10
+    wl = workload([P], [n])
+    cfg = SimConfig(2, prefill="colocated")
+    together = Trace(np.zeros(2), np.zeros(2, np.int64))  # round-robin: one request per instance
+    alone = simulate(wl, together, small_hw(), pol.RoundRobin(), cfg)
+    shared = simulate(wl, together, small_hw(host_slowdown=[1.0, 1.5]), pol.RoundRobin(), cfg)
+    np.testing.assert_allclose(shared.ttft_s, 1.5 * alone.ttft_s, rtol=1e-12)
+    np.testing.assert_allclose(shared.tpot_s, 1.5 * alone.tpot_s, rtol=1e-12)
+    one_request = simulate(wl, one(), small_hw(host_slowdown=[1.0, 1.5]), pol.RoundRobin(), cfg)
+    np.testing.assert_allclose(one_request.tpot_s, alone.tpot_s[:1], rtol=1e-12)
+    hw = small_hw(host_slowdown=[1.0, 1.5])
+    assert [hw.sharing_factor(k) for k in (1, 2, 3)] == [1.0, 1.5, 1.5]
+    assert small_hw().sharing_factor(4) == 1.0
+    with pytest.raises(ValueError, match="non-empty list of finite factors"):
+        small_hw(host_slowdown=[])
+    with pytest.raises(ValueError, match="non-empty list of finite factors"):
+        small_hw(host_slowdown=[1.0, -2.0])
+
+
 class _AllToFirst(pol.LlumnixStyle):
     """Llumnix's rebalancing after the worst possible dispatch: everything to instance 0."""
 

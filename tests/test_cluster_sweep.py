@@ -25,6 +25,8 @@ def test_nominal_rate_is_the_smaller_of_the_kv_and_batch_bounds():
     b = 1024 / 150.5
     t_kv = tight.step_a + tight.step_b * b + tight.step_c * 1024
     assert sw.nominal_rate(wl, tight) == pytest.approx(1024 / (100 * 150.5 * t_kv))
+    shared = small_hw(kv_capacity_tokens=3072, max_batch=16, host_slowdown=[1.0, 1.2, 2.0])  # all 3 busy when full
+    assert sw.nominal_rate(wl, shared) == pytest.approx(sw.nominal_rate(wl, hw) / 2.0)
 
 
 def test_sweep_rows_goodput_and_summary():

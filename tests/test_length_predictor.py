@@ -151,3 +151,19 @@ def test_smoothing_in_training_matches_serving():
     mask[rows] = True
     got = pred.predict_data(data, mask)  # in row order of the mask, which is g order here
     np.testing.assert_allclose(got, served, rtol=1e-5, atol=1e-4)
+
+
+def test_serving_batch_sizes_share_one_program_per_bucket(report):
+    """The head pads its rows to a power of two: a server predicting for 5, 6, 7 and 8 running
+    requests compiles one program, and padding changes no prediction."""
+    from jaxsys.serve.cluster.validation import CompileWatch
+
+    data = synthetic_data()
+    pred = report.predictors["ours_layer"]
+    x, g = data.hidden_layer[:8], data.g[:8]
+    with CompileWatch() as watch:
+        outs = [pred.predict_hidden(x[:n], g[:n]) for n in (5, 6, 7, 8)]
+    assert watch.count <= 1
+    for out in outs:
+        np.testing.assert_allclose(out, outs[-1][:len(out)], rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(pred.predict_hidden(x[:1], g[:1]), outs[-1][:1], rtol=1e-5, atol=1e-3)

@@ -9,6 +9,13 @@ and the per-request part of attention; `c`: reading the KV cache), and a prefill
 `p0 + p1 * tokens`. The CPU-calibrated set fits both to step times measured on our own engine
 (`jaxsys.serve.cluster.calibrate`); the H100-like set states its numbers from a roofline of an
 8B-class model on one H100 and is labelled simulated.
+
+Instances that share one host (`host_slowdown`). Real accelerators step independently, but the
+real cluster this repository can run puts N engine instances on the virtual devices of one CPU
+host, where they share its cores: a step takes longer while other instances step too. Such a
+parameter set carries the measured slowdown of a step when n instances are busy at once
+(`host_slowdown[n - 1]`, 1.0 for one), and `step_a..prefill_p1` are the costs of an instance
+stepping alone. None (the default) means independent instances.
 """
 
 from __future__ import annotations
@@ -75,6 +82,7 @@ class HardwareParams(ConfigSection):
     tpot_slo_s: float
     step_fit: dict | None = None  # the fit's error when calibrated from measurements
     prefill_fit: dict | None = None
+    host_slowdown: list[float] | None = None  # step-time factor with n instances busy on one host, [n - 1]
 
     @field_validator("kv_capacity_tokens", "max_batch", "kv_bytes_per_token", "page_size")
     @classmethod
@@ -97,12 +105,26 @@ class HardwareParams(ConfigSection):
             raise ValueError(f"must be a finite number > 0, got {v}")
         return v
 
+    @field_validator("host_slowdown")
+    @classmethod
+    def _slowdowns(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not v or any(not (math.isfinite(x) and x > 0) for x in v)):
+            raise ValueError(f"must be a non-empty list of finite factors > 0, got {v}")
+        return v
+
     def step_time(self, batch, kv_tokens):
         """Seconds of one decode step (numpy-broadcasting)."""
         return self.step_a + self.step_b * np.asarray(batch) + self.step_c * np.asarray(kv_tokens)
 
     def prefill_time(self, tokens):
         return self.prefill_p0 + self.prefill_p1 * np.asarray(tokens)
+
+    def sharing_factor(self, busy: int) -> float:
+        """How much longer a step takes while `busy` instances (itself included) step on the same
+        host (1.0 for independent instances; beyond the measured counts, the last one)."""
+        if self.host_slowdown is None or busy <= 1:
+            return 1.0
+        return self.host_slowdown[min(busy, len(self.host_slowdown)) - 1]
 
     def migration_time(self, kv_tokens: int) -> float:
         return self.migration_latency_s + kv_tokens * self.kv_bytes_per_token / self.link_bytes_per_s

@@ -33,7 +33,7 @@ import numpy as np
 from jaxsys.serve.scheduler.request import Request, RequestOutput, State
 from jaxsys.shapes import pow2_bucket
 
-__all__ = ["MigrationRecord", "budget_pages", "can_host", "continuation", "enqueue", "migrate"]
+__all__ = ["MigrationRecord", "budget_pages", "can_host", "continuation", "enqueue", "migrate", "precompile"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +75,29 @@ def _scatter_for(instance):
     return fn
 
 
+def _copy_pages(src, dst, idx_src: np.ndarray, idx_dst: np.ndarray) -> int:
+    """Copy KV pages `idx_src` of `src`'s cache into pages `idx_dst` of `dst`'s (gather on the source
+    devices, transfer, scatter on the destination). Returns the bytes moved."""
+    import jax
+
+    src_cache = src.engine.cache
+    k_src, v_src = _gather()(src_cache.k, src_cache.v, idx_src)
+    target = dst.engine.cache.k.sharding
+    k_dst, v_dst = jax.device_put(k_src, target), jax.device_put(v_src, target)
+    dst.engine.cache = _scatter_for(dst)(dst.engine.cache, idx_dst, k_dst, v_dst)
+    dst.engine.cache.k.block_until_ready()  # the move's time is the transfer's, not its dispatch's
+    return k_src.nbytes + v_src.nbytes
+
+
+def precompile(src, dst, max_pages: int) -> None:
+    """Compile the programs of a migration from `src` to `dst` for every page-count bucket up to
+    `max_pages`, by moving the scratch page (page 0, which holds no request's KV) onto itself.
+    Neither instance may be stepping (the caller holds both locks, or neither runs yet)."""
+    for n in sorted({pow2_bucket(k) for k in range(1, max_pages + 1)}):
+        idx = np.zeros(n, np.int32)
+        _copy_pages(src, dst, idx, idx)
+
+
 def budget_pages(request: Request, page_size: int, max_context: int) -> int:
     """Pages a request holds for its whole budget (what admission reserves)."""
     return math.ceil(min(request.prompt_len + request.sampling.max_tokens, max_context) / page_size)
@@ -93,8 +116,6 @@ def migrate(request: Request, src, dst) -> MigrationRecord | None:
     """Move a running request from instance `src` to `dst` with its KV (see the module docstring).
     Returns None (and changes nothing) when it is not running on `src` or `dst` cannot host it.
     The caller holds both instances' locks."""
-    import jax
-
     s_sched, d_sched = src.scheduler, dst.scheduler
     if request.state is not State.RUNNING or request not in s_sched.running or not can_host(dst, request):
         return None
@@ -113,12 +134,7 @@ def migrate(request: Request, src, dst) -> MigrationRecord | None:
     idx_src[:n_pages] = request.pages[:n_pages]
     idx_dst = np.zeros_like(idx_src)
     idx_dst[:n_pages] = new_pages[:n_pages]
-    src_cache = src.engine.cache
-    k_src, v_src = _gather()(src_cache.k, src_cache.v, idx_src)
-    target = dst.engine.cache.k.sharding
-    k_dst, v_dst = jax.device_put(k_src, target), jax.device_put(v_src, target)
-    dst.engine.cache = _scatter_for(dst)(dst.engine.cache, idx_dst, k_dst, v_dst)
-    dst.engine.cache.k.block_until_ready()  # the move's time is the transfer's, not its dispatch's
+    moved_bytes = _copy_pages(src, dst, idx_src, idx_dst)
 
     s_sched.running.remove(request)
     s_sched._by_id.pop(request.request_id, None)
@@ -134,7 +150,7 @@ def migrate(request: Request, src, dst) -> MigrationRecord | None:
     d_sched._by_id[request.request_id] = request
     if src.tracker is not None and dst.tracker is not None:
         dst.tracker.adopt(request.request_id, src.tracker.forget(request.request_id))
-    return MigrationRecord(request.request_id, src.index, dst.index, n_pages, tokens, k_src.nbytes + v_src.nbytes,
+    return MigrationRecord(request.request_id, src.index, dst.index, n_pages, tokens, moved_bytes,
                            time.perf_counter() - t0)
 
 

@@ -70,6 +70,8 @@ class StepRecord:
     step_s: float  # the whole scheduler step (admission and host bookkeeping included)
     cycle_s: float | None  # from the end of the instance's previous step, when that left it busy
     compiles: int  # executables the step compiled (its time is then no step cost)
+    busy: int = 1  # instances stepping when it started, itself included (they share the host's cores)
+    end_s: float = 0.0  # time.perf_counter() at its end
 
 
 class _Slots:
@@ -286,6 +288,7 @@ class Cluster:
         before = (st.decode_s, st.prefill_s, st.decode_tokens, st.prefill_tokens)
         kv = sum(r.total_len for r in s.running)
         compiled = inst.engine.compile_count
+        busy = self._busy_with(inst) if self.record_steps else 1
         t0 = time.perf_counter()
         s.step()
         t1 = time.perf_counter()
@@ -296,9 +299,13 @@ class Cluster:
                                                 st.prefill_tokens - before[3], st.decode_s - before[0],
                                                 st.prefill_s - before[1], t1 - t0,
                                                 None if last is None else t1 - last,
-                                                inst.engine.compile_count - compiled))
+                                                inst.engine.compile_count - compiled, busy, t1))
         self._busy_until[inst.index] = t1 if s.running or s.prefilling else None
         return True
+
+    def _busy_with(self, inst: Instance) -> int:
+        """`inst` and the other alive instances that have requests to step (read without locks)."""
+        return 1 + sum(1 for o in self.instances if o is not inst and o.alive and o.scheduler.has_work())
 
     def step(self) -> None:
         """One round on the calling thread: a step of every alive instance with work, and a

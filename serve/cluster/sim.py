@@ -9,7 +9,9 @@ The model, per instance (one SimPy process):
 
 - A decode step runs every running request one token; it takes `step_time(B, K)` for B running
   requests holding K KV tokens, plus `prefill_time` of any request that needs its prompt (and
-  tokens so far) computed in that step.
+  tokens so far) computed in that step. On a parameter set of instances sharing one host
+  (`HardwareParams.host_slowdown`), the step is slowed by the sharing factor of the number of
+  instances busy when it starts.
 - Admission is first come, first served, while a batch slot is free and the KV cache has room
   for the request's context plus one token (page-rounded).
 - Before each step every running request must fit one more token; if the cache would overflow,
@@ -239,6 +241,7 @@ class Instance:
     def run(self):
         c, hw, env = self.cluster, self.hw, self.cluster.env
         a, b, cc, p0, p1 = hw.step_a, hw.step_b, hw.step_c, hw.prefill_p0, hw.prefill_p1
+        shared = hw.host_slowdown is not None
         while True:
             if self.queue:
                 self._admit()
@@ -265,6 +268,8 @@ class Instance:
                 dt += a + b * B + cc * K
             if pre is not None:
                 dt += p0 + p1 * P
+            if shared:  # other instances stepping on the same host slow this step down
+                dt *= hw.sharing_factor(c.busy_instances())
             rids = self._rids
             self._touched = False
             yield env.timeout(dt)
@@ -334,6 +339,10 @@ class Cluster:
         self.done = env.event()
         self.migration_count = 0
         self.migrated_bytes = 0
+
+    def busy_instances(self) -> int:
+        """Instances with requests running or queued (those that step now)."""
+        return sum(1 for inst in self.instances if inst.queue or inst.active.any())
 
     # ---------------------------------------------------------------- the router's view
     def _loads(self) -> None:

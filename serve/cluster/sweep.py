@@ -87,12 +87,14 @@ def geomean(values: Iterable[float]) -> float:
 def nominal_rate(workload: Workload, hw: HardwareParams) -> float:
     """Requests per second one instance sustains when full: the smaller of the KV-bound rate
     (capacity over the mean KV-token-seconds of a request) and the batch-bound rate (max batch
-    over the mean decode time of a request), with steps priced at a full instance."""
+    over the mean decode time of a request), with steps priced at a full instance (on a shared host,
+    `HardwareParams.host_slowdown`, with every instance of the host stepping)."""
     n = np.maximum(workload.output_len, 1).astype(np.float64)
     P = workload.prompt_len.astype(np.float64)
     ctx_mean = float(np.mean(n * (P + n / 2)) / np.mean(n))
     batch_full = min(hw.max_batch, hw.kv_capacity_tokens / ctx_mean)
     t_full = float(hw.step_time(batch_full, batch_full * ctx_mean))
+    t_full *= hw.sharing_factor(len(hw.host_slowdown or [1.0]))
     kv_rate = hw.kv_capacity_tokens / (float(np.mean((n - 1) * (P + n / 2))) * t_full)
     batch_rate = hw.max_batch / (float(np.mean(n - 1)) * t_full)
     return min(kv_rate, batch_rate)

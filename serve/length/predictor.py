@@ -155,8 +155,15 @@ class LengthPredictor:
         return _count(self.params) if self.params is not None else 0
 
     def _apply(self, x_NxF: np.ndarray) -> np.ndarray:
+        """The head on N rows, padded to a power-of-two row count: serving calls it with every
+        batch size, and one compiled program per bucket keeps a warmed server from compiling."""
+        from jaxsys.shapes import pow2_bucket
+
         x = (np.asarray(x_NxF, np.float32) - self.x_mean) / self.x_std
-        return np.asarray(_jit_mlp()(self.params, x)) * self.max_new_tokens
+        N = len(x)
+        x_pad = np.zeros((pow2_bucket(N), x.shape[1]), np.float32)
+        x_pad[:N] = x
+        return np.asarray(_jit_mlp()(self.params, x_pad))[:N] * self.max_new_tokens
 
     def predict_features(self, x_NxF: np.ndarray, g_N: np.ndarray) -> np.ndarray:
         """Remaining tokens from the raw inputs (hidden [N, D] or prompt features [N, 4D]) and g."""
