@@ -1,8 +1,10 @@
 """Elastic training across processes: a real 4-process `jax.distributed` job (CPU collectives
 between the processes) loses a process to SIGKILL between steps, recovers on the survivors, takes
 the restarted process back, and its losses, parameter checksums and final state are bitwise those
-of the failure-free single-process run. The transfer program is checked on its own against the
-plan it runs (8 virtual devices, one process)."""
+of the failure-free single-process run. Faults memory cannot repair stop the job with a checkpoint
+that the launcher restarts it from, bitwise again: no layout of the survivors fits in the memory
+limit, and the coordinator (process 0) is killed (the periodic checkpoint). The transfer program
+is checked on its own against the plan it runs (8 virtual devices, one process)."""
 
 import json
 import subprocess
@@ -16,7 +18,7 @@ from jaxsys.train.config import load_config
 from jaxsys.train.elastic import canonical
 from jaxsys.train.elastic.launch import check_schedule, parse_process_events
 from jaxsys.train.elastic.layout import FlatLayout
-from jaxsys.train.elastic.multiprocess import TransferRounds, make_transfer
+from jaxsys.train.elastic.multiprocess import TransferRounds, make_transfer, step_memory_bytes
 from jaxsys.train.elastic.planner import plan_transfers
 from jaxsys.train.elastic.runtime import ElasticStep
 from jaxsys.train.trainer import Trainer
@@ -72,9 +74,10 @@ def test_transfer_program_builds_the_new_layout_exactly(shift, lost):
 def test_schedule_naming_unknown_or_coordinator_process_is_rejected():
     kills = parse_process_events(["2@3"], "kill")
     check_schedule(kills, parse_process_events(["2@6"], "restart"), processes=4, steps=10)
-    for kill, restart, match in [(["4@3"], [], "processes 0-3"), (["0@3"], [], "coordination service"),
+    for kill, restart, match in [(["4@3"], [], "processes 0-3"), (["0@3"], [], "ends every process"),
                                  (["2@30"], [], "steps 0-9"), (["2@3"], ["1@5"], "never killed"),
-                                 (["2@3"], ["2@3"], "after its kill"), (["1@2,3@2"], [], "one process per step")]:
+                                 (["2@3"], ["2@3"], "after its kill"),
+                                 (["1@2,3@2"], [], "one process per step")]:
         with pytest.raises(ValueError, match=match):
             check_schedule(parse_process_events(kill, "kill"), parse_process_events(restart, "restart"),
                            processes=4, steps=10)
@@ -129,3 +132,50 @@ def test_four_processes_kill_and_rejoin_bitwise_equal_to_failure_free(tmp_path, 
     assert procs["0.0"]["devices"][:7] == [8] * 4 + [6] * 3 and procs["0.0"]["devices"][7:] == [8] * 7
     fails = [x for x in summary["recoveries"] if x["event"] == "fail"]
     assert len(fails) == 3 and all(x["elements_moved"] > 0 and x["cause_to_first_step_s"] > 0 for x in fails)
+
+
+def _launch(out, *args) -> dict:
+    r = subprocess.run([sys.executable, "-m", "jaxsys.train.elastic.launch", "--processes", "4",
+                        "--devices-per-process", "2", "--heartbeat", "3", "--out", str(out), "--timeout", "600",
+                        *args, *OVERRIDES], capture_output=True, text=True, timeout=700)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+def _assert_bitwise(summary: dict, out, reference) -> None:
+    """Every committed step of every process, and the final state, are the failure-free run's."""
+    res, state = reference
+    ref = {rec.step: (rec.loss, rec.param_checksum) for rec in res.records}
+    for name, p in summary["processes"].items():
+        for s, loss, ck in zip(p["steps"], p["losses"], p["param_checksums"]):
+            assert (loss, ck) == ref[s], (name, s)
+    assert np.array_equal(np.load(out / "state.npy").view(np.uint32), state.view(np.uint32))
+
+
+@pytest.mark.slow
+def test_no_feasible_layout_and_coordinator_loss_restart_the_job_bitwise(tmp_path, reference):
+    """Process 2 killed after step 3 under a memory limit that the 8 devices meet and the 6
+    survivors' step does not: the survivors write the copies they hold of the state before step 4
+    (process 2's shards from their replicas) and stop (status 75); the launcher restarts the job
+    from that checkpoint on all 4 processes, no step lost. Then process 0, the coordinator, is
+    killed after step 7: jax.distributed ends its peers, and the job restarts from the periodic
+    checkpoint of step 6 (--checkpoint-every 3), running steps 6 and 7 again. Every committed
+    step's loss and parameter checksum, and the final state, are bitwise the failure-free run's."""
+    cfg = load_config("tiny", OVERRIDES)
+    fits, survivors_need = (step_memory_bytes(cfg, jax.devices()[:n], replica_shift=2) for n in (8, 6))
+    assert fits < survivors_need
+    out = tmp_path / "job"
+    summary = _launch(out, "--kill", "2@3", "--kill", "0@7", "--checkpoint-every", "3",
+                      f"recovery.device_memory_gib={(fits + survivors_need) / 2 / 2**30:.9f}")
+    procs = summary["processes"]
+    for p in range(4):
+        assert procs[f"{p}.0"]["steps"] == [0, 1, 2, 3]
+        assert procs[f"{p}.1"]["steps"] == list(range(4, 8)) and procs[f"{p}.2"]["steps"] == list(range(6, 14))
+        assert set(procs[f"{p}.1"]["devices"] + procs[f"{p}.2"]["devices"]) == {8}
+    _assert_bitwise(summary, out, reference)
+    first, second = summary["job_restarts"]
+    assert first["resume_step"] == 4 and first["stopped_processes"] == [0, 1, 3]
+    assert second["resume_step"] == 6 and second["stopped_processes"] == []
+    assert first["cause_to_first_step_s"] > 0 and second["cause_to_first_step_s"] > 0
+    assert "no layout of the 6 surviving devices fits" in (out / "stderr1.0").read_text()
+

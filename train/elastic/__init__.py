@@ -38,8 +38,9 @@ the device count, and with it the bits. Pipeline parallelism and the choice amon
 strategies are out of scope (see train/recovery/).
 
 Across processes (`multiprocess`): the kill must land between steps (a process killed inside a
-step leaves its peers in that step's collectives), the coordinator process cannot fail, and no
-checkpoint is written, so losing both copies of a shard stops the run.
+step leaves its peers in that step's collectives). What memory cannot repair (the coordinator
+process lost, no layout of the survivors that fits, both copies of a shard lost) stops the job with
+a checkpoint that the processes write shard by shard, and the launcher restarts the job from it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Run an elastic training job as several `jax.distributed` processes on this machine, kill and
-restart processes on a schedule, and report how the job recovered.
+restart processes on a schedule, restart the job from its checkpoint when it stops, and report how
+the job recovered.
 
     python -m jaxsys.train.elastic.launch --config tiny --processes 4 --devices-per-process 2 \\
         --kill 2@5 --restart 2@9 --out /tmp/job steps=12
@@ -16,11 +17,23 @@ its share of the state from its peers. The survivors wait at boundary S+1 until 
 process has started and connected (Python, JAX and `jax.distributed` take seconds, tens of steps of
 this tiny job), so it rejoins at a known step whatever the machine's speed.
 
+Faults the job cannot repair in memory stop it with a checkpoint instead, and the launcher
+restarts the whole job from the latest complete one (every process, a new coordination service),
+as a cluster scheduler would. A loss after which no layout of the survivors fits in
+`recovery.device_memory_gib`: the survivors write the copies they hold of the last committed step
+under `<out>/checkpoints` and exit with status 75, and the restarted job resumes from there, no
+step lost. The coordinator killed (`--kill 0@S`: `jax.distributed` ends every peer the moment its
+coordination service goes) leaves the last periodic checkpoint, written every `--checkpoint-every
+N` steps; the steps since it run again. Either way the run is bitwise the failure-free one. A
+peer of a killed coordinator that has not ended within the heartbeat timeout plus 60 s is ended
+by the launcher, so the job never hangs.
+
 Output (under --out): `metrics<P>.<incarnation>.jsonl` per process (the trainer's metrics lines,
-recoveries in their `events`), `state.npy` (the final [3, P] params, Adam mu and nu, written by
-process 0), `summary.json` (per process the committed steps, losses and parameter checksums; every
-recovery with the time from the kill (or restart) to the first step after it and its breakdown),
-and each process's stderr.
+recoveries in their `events`; a process's incarnation counts its starts, the job's restarts
+included), `state.npy` (the final [3, P] params, Adam mu and nu, written by the first process in
+service), `summary.json` (per process the committed steps, losses and parameter checksums; every
+recovery and job restart with the time from its cause (the kill or restart) to the first step
+after it and its breakdown), `checkpoints/`, and each process's stderr.
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,6 +52,9 @@ from pathlib import Path
 from typing import Sequence
 
 PROG = "python -m jaxsys.train.elastic.launch"
+COORDINATOR_GRACE_S = 60.0
+"""How long, beyond the heartbeat timeout, the peers of a killed coordinator have to end (jax.distributed
+ends them when its coordination service goes) before the launcher ends them."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +77,8 @@ def parse_process_events(specs: Sequence[str], what: str) -> list[ProcessEvent]:
     return out
 
 
-def check_schedule(kills: list[ProcessEvent], restarts: list[ProcessEvent], *, processes: int, steps: int) -> None:
+def check_schedule(kills: list[ProcessEvent], restarts: list[ProcessEvent], *, processes: int, steps: int,
+                   checkpoint_every: int = 0) -> None:
     """Reject a schedule the job cannot run, before any process starts."""
     for what, events in (("kill", kills), ("restart", restarts)):
         for e in events:
@@ -68,9 +86,6 @@ def check_schedule(kills: list[ProcessEvent], restarts: list[ProcessEvent], *, p
                 raise ValueError(f"--{what} {e.process}@{e.step}: the job has processes 0-{processes - 1}")
             if not 0 <= e.step < steps:
                 raise ValueError(f"--{what} {e.process}@{e.step}: the run has steps 0-{steps - 1}")
-            if e.process == 0:
-                raise ValueError(f"--{what} 0@{e.step}: process 0 hosts the coordination service; the job cannot "
-                                 "survive its loss (kill another process)")
     killed = [e.process for e in kills]
     if len(set(killed)) != len(killed):
         raise ValueError("--kill: a process can be killed once")
@@ -78,12 +93,24 @@ def check_schedule(kills: list[ProcessEvent], restarts: list[ProcessEvent], *, p
     if len(set(steps_killed)) != len(steps_killed):
         raise ValueError("--kill: one process per step (the copies of a process's shards live in the next "
                          "process: two processes lost at once can take both copies)")
+    coordinator = next((e for e in kills if e.process == 0), None)
+    if coordinator is not None and (not checkpoint_every or checkpoint_every > coordinator.step + 1):
+        raise ValueError(f"--kill 0@{coordinator.step}: jax.distributed ends every process when the coordinator "
+                         f"(process 0) dies, so the job restarts from its last periodic checkpoint; set "
+                         f"--checkpoint-every to at most {coordinator.step + 1}")
     for r in restarts:
+        if r.process == 0:
+            raise ValueError(f"--restart 0@{r.step}: the loss of process 0 (the coordinator) restarts the whole job "
+                             "from its checkpoint; there is no process 0 to restart into the running job")
         k = next((e for e in kills if e.process == r.process), None)
         if k is None:
             raise ValueError(f"--restart {r.process}@{r.step}: process {r.process} is never killed")
         if r.step <= k.step:
             raise ValueError(f"--restart {r.process}@{r.step}: must come after its kill at step {k.step}")
+        if coordinator is not None and k.step < coordinator.step <= r.step:
+            raise ValueError(f"--restart {r.process}@{r.step}: process {r.process} would still be down when process 0 "
+                             f"is killed at step {coordinator.step}, and the job restart brings it back; restart it "
+                             f"before step {coordinator.step}")
     if len({e.process for e in restarts}) != len(restarts):
         raise ValueError("--restart: a process can be restarted once")
 
@@ -93,25 +120,28 @@ def worker(args: argparse.Namespace) -> None:
     """One process of the job (started by `launch`)."""
     import jax
 
+    def log(msg: str) -> None:
+        print(f"[process {args.worker}] {msg}", file=sys.stderr, flush=True)
+
     jax.config.update("jax_enable_recoverability", True)
     jax.distributed.initialize(args.coordinator, num_processes=args.processes, process_id=args.worker,
                                heartbeat_timeout_seconds=args.heartbeat, initialization_timeout=600)
     import numpy as np
 
-    from jaxsys.train.config import load_config
-    from jaxsys.train.elastic.multiprocess import DistributedElasticStep
+    from jaxsys.train.config import TrainConfigError, load_config
+    from jaxsys.train.elastic.multiprocess import (RESTART_EXIT_CODE, DistributedElasticStep, RestartFromCheckpoint,
+                                                   ShardCheckpoints)
     from jaxsys.train.trainer import Trainer
 
     out = Path(args.out)
     cfg = load_config(args.config, list(args.overrides) + ["elastic.enabled=true", "progress=false"])
-    program = DistributedElasticStep(cfg, log=lambda m: print(f"[process {args.worker}] {m}", file=sys.stderr,
-                                                              flush=True))
+    program = DistributedElasticStep(cfg, log=log, resume=args.resume_step,
+                                     checkpoints=ShardCheckpoints(out / "checkpoints", every=args.checkpoint_every))
     trainer = Trainer(cfg, program=program)
-    hold = args.hold_after if args.incarnation == 0 else None
-    joins = parse_process_events(args.wait_join, "restart") if args.incarnation == 0 else []
+    joins = parse_process_events(args.wait_join, "restart")
 
     def boundary(step: int, tr) -> None:
-        if step == hold:  # the launcher's SIGKILL lands here, between steps
+        if step == args.hold_after:  # the launcher's SIGKILL lands here, between steps
             (out / f"at_kill_point{args.worker}").touch()
             while True:
                 time.sleep(1)
@@ -120,11 +150,19 @@ def worker(args: argparse.Namespace) -> None:
                 while not (out / f"ready{j.process}").exists():
                     time.sleep(0.05)
 
-    trainer.setup()
-    if program.joining:  # started, connected and set up: check in at the survivors' next boundary
-        (out / f"ready{args.worker}").touch()
-
-    trainer.run(metrics_out=out / f"metrics{args.worker}.{args.incarnation}.jsonl", on_step=boundary)
+    try:
+        trainer.setup()
+        if program.joining:  # started, connected and set up: check in at the survivors' next boundary
+            (out / f"ready{args.worker}").touch()
+        else:
+            program.compile()  # the memory check (recovery.device_memory_gib) before the first step
+        trainer.run(metrics_out=out / f"metrics{args.worker}.{args.incarnation}.jsonl", on_step=boundary)
+    except RestartFromCheckpoint as e:
+        log(str(e))
+        os._exit(RESTART_EXIT_CODE)
+    except TrainConfigError as e:
+        log(f"error: {e}")
+        os._exit(2)
     state = program.flat_state()  # a collective over the processes in service
     in_service = sorted({program.devices[i].process_index for i in program.active})
     if args.worker == in_service[0]:
@@ -158,76 +196,145 @@ def _committed(path: Path) -> list[dict]:
     return lines
 
 
-def launch(args: argparse.Namespace) -> dict:
-    """Start the job, run the kill/restart schedule, wait for the end; returns the summary."""
-    from jaxsys.train.config import load_config
+def _last_step(path: Path) -> int:
+    return max((x["step"] for x in _committed(path)), default=-1)
 
-    cfg = load_config(args.config, list(args.overrides))
+
+def launch(args: argparse.Namespace) -> dict:
+    """Start the job, run the kill/restart schedule, restart the job from its checkpoint when it
+    stops for one, wait for the end; returns the summary."""
+    from jaxsys.train.config import load_config
+    from jaxsys.train.elastic.multiprocess import RESTART_EXIT_CODE, ShardCheckpoints, check_config
+
+    cfg = load_config(args.config, list(args.overrides) + ["elastic.enabled=true"])
+    check_config(cfg)
     kills = parse_process_events(args.kill, "kill")
     restarts = parse_process_events(args.restart, "restart")
-    check_schedule(kills, restarts, processes=args.processes, steps=cfg.steps)
+    if args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every {args.checkpoint_every}: expected >= 0")
+    check_schedule(kills, restarts, processes=args.processes, steps=cfg.steps, checkpoint_every=args.checkpoint_every)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for f in out.iterdir():
         if f.is_file():
             f.unlink()
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    checkpoints = ShardCheckpoints(out / "checkpoints")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices_per_process}")
-    coordinator = f"localhost:{_free_port()}"
-    base = [sys.executable, "-m", "jaxsys.train.elastic.launch", "--config", args.config, "--processes",
-            str(args.processes), "--devices-per-process", str(args.devices_per_process), "--heartbeat",
-            str(args.heartbeat), "--out", str(out), "--coordinator", coordinator]
-    hold = {e.process: e.step for e in kills}
     procs: dict[tuple[int, int], subprocess.Popen] = {}
+    incarnation = {p: -1 for p in range(args.processes)}
     logs = []
+    pending_kills, pending_restarts = list(kills), list(restarts)
+    # the current job: its coordination service, the checkpoint it resumed from, its processes (keys of procs)
+    job = {"coordinator": "", "resume": None, "members": set()}
 
-    def start(p: int, incarnation: int) -> None:
-        log = open(out / f"stderr{p}.{incarnation}", "w")
+    joiners: set[tuple[int, int]] = set()  # processes restarted into the running job (--restart)
+    retired: set[tuple[int, int]] = set()  # processes of jobs that stopped and were restarted
+
+    def start(p: int) -> None:
+        incarnation[p] += 1
+        key = (p, incarnation[p])
+        log = open(out / f"stderr{p}.{key[1]}", "w")
         logs.append(log)
-        cmd = base + ["--worker", str(p), "--incarnation", str(incarnation)]
-        if p in hold:
-            cmd += ["--hold-after", str(hold[p])]
-        if incarnation == 0 and restarts:
-            cmd += ["--wait-join", ",".join(f"{r.process}@{r.step}" for r in restarts)]
-        procs[(p, incarnation)] = subprocess.Popen(cmd + ["--"] + list(args.overrides), env=env,
-                                                   stdout=subprocess.DEVNULL, stderr=log)
+        cmd = [sys.executable, "-m", "jaxsys.train.elastic.launch", "--config", args.config, "--processes",
+               str(args.processes), "--devices-per-process", str(args.devices_per_process), "--heartbeat",
+               str(args.heartbeat), "--out", str(out), "--coordinator", job["coordinator"], "--checkpoint-every",
+               str(args.checkpoint_every), "--worker", str(p), "--incarnation", str(key[1])]
+        hold = next((k.step for k in pending_kills if k.process == p), None)
+        if hold is not None:
+            cmd += ["--hold-after", str(hold)]
+        if job["resume"] is not None:
+            cmd += ["--resume-step", str(job["resume"])]
+        waits = [r for r in pending_restarts if r.process != p]
+        if waits:
+            cmd += ["--wait-join", ",".join(f"{r.process}@{r.step}" for r in waits)]
+        procs[key] = subprocess.Popen(cmd + ["--"] + list(args.overrides), env=env, stdout=subprocess.DEVNULL,
+                                      stderr=log)
+        job["members"].add(key)
+
+    def start_job(resume: int | None) -> None:
+        retired.update(job["members"])  # their exits were judged when the job stopped
+        job.update(coordinator=f"localhost:{_free_port()}", resume=resume, members=set())
+        for p in range(args.processes):
+            start(p)
 
     def tails() -> str:
         return "\n".join(f"--- process {p}.{i}:\n" + (out / f"stderr{p}.{i}").read_text()[-2000:]
                          for (p, i) in procs)
 
     times: dict[str, float] = {}
+    killed: set[tuple[int, int]] = set()
+    job_restarts: list[dict] = []
     t_start = time.time()
-    for p in range(args.processes):
-        start(p, 0)
-    pending_kills, pending_restarts = list(kills), list(restarts)
+    start_job(None)
     try:
         while True:
             for k in list(pending_kills):
                 if (out / f"at_kill_point{k.process}").exists():
-                    procs[(k.process, 0)].send_signal(signal.SIGKILL)
+                    key = (k.process, incarnation[k.process])
+                    procs[key].send_signal(signal.SIGKILL)
+                    killed.add(key)
                     times[f"kill{k.process}"] = time.time()
                     pending_kills.remove(k)
             for r in list(pending_restarts):
                 if f"kill{r.process}" not in times:
                     continue
-                survivors = [p for p in range(args.processes) if f"kill{p}" not in times]
-                done = min((max((x["step"] for x in _committed(out / f"metrics{p}.0.jsonl")), default=-1)
-                            for p in survivors), default=-1)
+                survivors = [key for key in job["members"] if key not in killed]
+                done = min((_last_step(out / f"metrics{p}.{i}.jsonl") for p, i in survivors), default=-1)
                 if done >= r.step:
-                    start(r.process, 1)
-                    times[f"restart{r.process}"] = time.time()
                     pending_restarts.remove(r)
+                    start(r.process)
+                    joiners.add((r.process, incarnation[r.process]))
+                    times[f"restart{r.process}"] = time.time()
             running = {key: pr.poll() for key, pr in procs.items()}
-            killed = {(k.process, 0) for k in kills if f"kill{k.process}" in times}
-            crashed = [key for key, rc in running.items() if rc not in (None, 0) and key not in killed]
+            members = {key: running[key] for key in job["members"]}
+            # Process 0 hosts the job's coordination service: once it is killed, jax.distributed ends every
+            # peer; one still running after the grace time is ended here.
+            lost = next(key for key in job["members"] if key[0] == 0) in killed
+            if lost and time.time() - times["kill0"] > args.heartbeat + COORDINATOR_GRACE_S:
+                for key, rc in members.items():
+                    if rc is None:
+                        print(f"{PROG}: process {key[0]} did not stop after the coordinator's loss; ending it",
+                              file=sys.stderr, flush=True)
+                        procs[key].kill()
+                        killed.add(key)
+            crashed = [key for key, rc in running.items() if rc not in (None, 0, RESTART_EXIT_CODE)
+                       and key not in killed and key not in retired and not (lost and key in members)]
             if crashed:
                 raise RuntimeError(f"process(es) {crashed} failed:\n{tails()}")
-            if all(rc is not None for rc in running.values()) and not pending_restarts:
-                break
-            first = [key for key in running if key[1] == 0 and key not in killed]
-            late = [key for key, rc in running.items() if key[1] == 1 and rc is None
-                    and not (out / f"done{key[0]}").exists()]
+            if all(rc is not None for rc in members.values()):
+                stopped = sorted(key for key, rc in members.items() if rc == RESTART_EXIT_CODE)
+                if not stopped and not lost and not pending_restarts:
+                    break
+                if stopped or lost:
+                    if any(rc == 0 for rc in members.values()):
+                        raise RuntimeError(f"process(es) {stopped} stopped for a restart from the checkpoint while "
+                                           f"others finished:\n{tails()}")
+                    step = checkpoints.latest()
+                    if step is None:
+                        raise RuntimeError(f"the job stopped to restart from its checkpoint, but "
+                                           f"{checkpoints.directory} holds no complete checkpoint "
+                                           f"(--checkpoint-every writes periodic ones):\n{tails()}")
+                    if len(job_restarts) >= args.max_job_restarts:
+                        raise RuntimeError(f"the job stopped again after {len(job_restarts)} restarts "
+                                           "(--max-job-restarts)")
+                    causes = [t for name, t in times.items() if name.startswith("kill")]
+                    back = [r.process for r in pending_restarts if f"kill{r.process}" in times]
+                    pending_restarts = [r for r in pending_restarts if r.process not in back]
+                    job_restarts.append({"resume_step": step, "stopped_processes": [p for p, _ in stopped],
+                                         "exit_codes": {str(p): rc for (p, _), rc in sorted(members.items())},
+                                         "restarts_dropped": back, "cause_unix": max(causes, default=time.time()),
+                                         "restart_unix": time.time()})
+                    why = ("process 0 (the coordinator) was lost and jax.distributed ended its peers" if lost
+                           else f"process(es) {[p for p, _ in stopped]} stopped the job")
+                    print(f"{PROG}: {why} (exit codes {job_restarts[-1]['exit_codes']}); restarting all "
+                          f"{args.processes} processes from the checkpoint of step {step}", file=sys.stderr,
+                          flush=True)
+                    start_job(step)
+                    continue
+            late = [key for key in joiners if running[key] is None and not (out / f"done{key[0]}").exists()]
+            first = [key for key in job["members"] if key not in killed and key not in joiners]
             if late and all(running[key] is not None for key in first):
                 raise RuntimeError("the job finished before the restarted process(es) joined it (restart earlier "
                                    "or run more steps)")
@@ -240,15 +347,18 @@ def launch(args: argparse.Namespace) -> dict:
                 pr.kill()
         for log in logs:
             log.close()
-    summary = summarize(out, procs.keys(), times, kills, restarts)
+    summary = summarize(out, procs.keys(), times, kills, restarts, job_restarts)
     summary["wall_s"] = round(time.time() - t_start, 3)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
-def summarize(out: Path, keys, times: dict[str, float], kills, restarts) -> dict:
-    """Per process: committed steps, losses, checksums; per recovery: where the time went."""
+def summarize(out: Path, keys, times: dict[str, float], kills, restarts, job_restarts: list[dict]) -> dict:
+    """Per process: committed steps, losses, checksums; per recovery and job restart: where the
+    time went."""
     processes, recoveries = {}, []
+    for jr in job_restarts:
+        jr["processes"] = {}
     for p, inc in sorted(keys):
         lines = _committed(out / f"metrics{p}.{inc}.jsonl")
         processes[f"{p}.{inc}"] = {"steps": [x["step"] for x in lines], "losses": [x["loss"] for x in lines],
@@ -256,6 +366,11 @@ def summarize(out: Path, keys, times: dict[str, float], kills, restarts) -> dict
                                    "devices": [x["devices"] for x in lines]}
         for x in lines:
             for ev in x.get("events", []):
+                if ev.get("event") == "resume":
+                    jr = next(j for j in job_restarts if j["resume_step"] == ev["checkpoint_step"])
+                    jr["processes"][f"{p}.{inc}"] = {k: ev[k] for k in ("load_s", "first_step_s")}
+                    jr["first_step_unix"] = max(jr.get("first_step_unix", 0.0), ev["first_step_done_unix"])
+                    jr["cause_to_first_step_s"] = round(jr["first_step_unix"] - jr["cause_unix"], 4)
                 if ev.get("event") not in ("fail", "join"):
                     continue
                 cause = times.get(("kill" if ev["event"] == "fail" else "restart") + str(ev["processes"][0]))
@@ -267,7 +382,7 @@ def summarize(out: Path, keys, times: dict[str, float], kills, restarts) -> dict
                                    **{k: rec[k] for k in ("detection_s", "replanning_s", "compile_s", "transfer_s",
                                                           "first_step_s", "recovery_s", "elements_moved")}})
     return {"kills": [dataclasses.asdict(k) for k in kills], "restarts": [dataclasses.asdict(r) for r in restarts],
-            "processes": processes, "recoveries": recoveries}
+            "processes": processes, "recoveries": recoveries, "job_restarts": job_restarts}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -279,10 +394,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, default=4, help="jax.distributed processes (default 4)")
     p.add_argument("--devices-per-process", type=int, default=2, help="virtual CPU devices each (default 2)")
     p.add_argument("--kill", action="append", default=[], metavar="P@S",
-                   help="SIGKILL process P right after it commits step S")
+                   help="SIGKILL process P right after it commits step S (P=0, the coordinator: the job restarts "
+                        "from its checkpoint)")
     p.add_argument("--restart", action="append", default=[], metavar="P@S",
                    help="start process P again once the survivors have committed step S; they wait for it at the "
                         "next boundary, where it rejoins")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="every process writes its shards every N steps under OUT/checkpoints (default 0: only when "
+                        "the job stops, from the copies the survivors hold)")
+    p.add_argument("--max-job-restarts", type=int, default=3,
+                   help="give up when the job stops for a restart from its checkpoint more often (default 3)")
     p.add_argument("--heartbeat", type=int, default=3,
                    help="jax.distributed heartbeat timeout in seconds: how long a dead process goes unnoticed")
     p.add_argument("--out", default="elastic_job", metavar="DIR", help="metrics, state and summary (default ./elastic_job)")
@@ -290,6 +411,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--incarnation", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--hold-after", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--resume-step", type=int, help=argparse.SUPPRESS)
     p.add_argument("--wait-join", action="append", default=[], help=argparse.SUPPRESS)
     p.add_argument("--coordinator", help=argparse.SUPPRESS)
     return p
@@ -320,6 +442,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{r['step']}: {r['cause_to_first_step_s']} s from the {'kill' if r['event'] == 'fail' else 'restart'} "
               f"to the first step after it (detect {r['detection_s']:.3f}, compile {r['compile_s']:.3f}, transfer "
               f"{r['transfer_s']:.3f}, first step {r['first_step_s']:.3f})")
+    for jr in summary["job_restarts"]:
+        print(f"job restarted from the checkpoint of step {jr['resume_step']} (stopped by process(es) "
+              f"{jr['stopped_processes']}): {jr.get('cause_to_first_step_s')} s from the kill to its first step")
     print(f"output: {args.out}")
     return 0
 

@@ -31,13 +31,31 @@ which micro-batch. At each step boundary (`DistributedElasticStep.advance`):
    process (`DistributedElasticStep._order`);
 4. the step over the devices in service; it commits when its metrics (replicated) are back.
 
+Faults it cannot repair in memory stop the job with a consistent checkpoint instead, never a hang
+(`ShardCheckpoints`, written by each process on its own; `RestartFromCheckpoint`, exit status
+`RESTART_EXIT_CODE`); the launcher restarts the job from the latest complete one:
+
+5. no feasible layout: a loss whose survivors' step would need more memory per device than
+   `recovery.device_memory_gib` (XLA's memory analysis of the compiled step). The survivors
+   still hold every shard of the last committed step (a lost process's shards have their
+   replicas in the next process), so each writes the copies it holds as the checkpoint of that
+   step and stops: no step is lost. A loss that takes both copies of some shard (two
+   neighbouring processes at once) leaves an incomplete set; the last periodic checkpoint
+   (`--checkpoint-every`) is the one to restart from, and the steps since then run again (this
+   path has no test yet: the launcher schedules one kill per step);
+6. the coordinator (process 0) hosts the coordination service, and `jax.distributed` cannot
+   survive its loss: the moment the service's socket closes, every peer's client reports a fatal
+   error and ends its process (a missed-heartbeat callback cannot be set from Python in jax
+   0.10: the callable fails to convert and terminates the process just the same). Nothing can be
+   written then, so the last periodic checkpoint is the one to restart from.
+
 What this program does not do: a process killed *during* a step leaves its peers inside that
 step's collectives (the CPU collectives do not abort them), so the kill must land between steps;
-the coordinator (process 0, which hosts the coordination service) cannot fail; checkpoints
-(Orbax) are not written across processes by this program, so a failure that takes both copies of
-some shard (two processes D devices apart at once) stops the run with `UnrecoverableError`.
+a new coordinator is not elected in place (the coordination service's state and every process's
+connection to it die with process 0; the restart from the checkpoint is the recovery).
 `jaxsys.train.elastic.launch` starts such a job on one machine (CPU processes), kills and
-restarts processes on a schedule and checks the result.
+restarts processes on a schedule, restarts the job from its checkpoint when it stops, and checks
+the result.
 """
 
 from __future__ import annotations
@@ -45,7 +63,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -58,7 +78,7 @@ from jaxsys.train.elastic import canonical
 from jaxsys.train.elastic.events import MembershipEvent
 from jaxsys.train.elastic.layout import FlatLayout, FlatSpec, MicroBatchPlan
 from jaxsys.train.elastic.membership import DistributedMembership
-from jaxsys.train.elastic.planner import TransferPlan, check_plan, plan_transfers
+from jaxsys.train.elastic.planner import TransferPlan, UnrecoverableError, check_plan, plan_transfers
 from jaxsys.train.elastic.runtime import Recovery, step_inputs
 from jaxsys.train.optim import compiled_optim
 from jaxsys.train.program import Advance, CommittedStep, StepEventLog, init_params_f32
@@ -69,6 +89,99 @@ start joins a running job instead of starting one."""
 WELCOME_KEY = "jaxsys/elastic/welcome/{process}"
 """Where the survivors tell a joining process the boundary, count and devices it joins."""
 WELCOME_TIMEOUT_MS = 600_000
+STOP_TIMEOUT_MS = 120_000
+"""How long processes that stop together wait for each other to write their shards."""
+
+RESTART_EXIT_CODE = 75
+"""A process's exit status when the job stopped with a consistent checkpoint and must be restarted
+from it (`RestartFromCheckpoint`): the coordinator was lost, or no feasible layout remains."""
+
+
+class RestartFromCheckpoint(RuntimeError):
+    """The job cannot go on in memory; this process wrote the copies it holds of the state before
+    `step` (`ShardCheckpoints`), and the job restarted from the latest complete checkpoint resumes
+    bitwise."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+# ----------------------------------------------------------------------------- checkpoints
+class ShardCheckpoints:
+    """Checkpoints of the flat state that the processes write shard by shard, with no coordination.
+
+    `<directory>/step_<S>/` holds the state before step S of an N-shard layout as
+    `shard_<k>-of-<N>.npy` ([3, S_shard] float32: params, mu and nu of shard k) and
+    `meta-of-<N>.json` (S, the optimizer count, the layout). It is complete when the meta and all N
+    shards of some N are there. Each file is written under a temporary name and renamed, so a
+    process killed mid-write leaves an incomplete checkpoint, never a torn file; two processes that
+    write the same shard (a primary and its replica) write the same bits; files of another layout
+    (an incomplete stop, then a restarted job on other devices) never mix with these. Every `every`
+    steps each process writes its primaries; a job that must stop writes the primaries and
+    replicas it holds, so the survivors of one lost process cover every shard.
+
+    Orbax is not used here: its multi-process save synchronises through the coordination service,
+    the very thing that is gone when the coordinator dies. The flat vector does not depend on the
+    layout, so a checkpoint loads onto any device count."""
+
+    def __init__(self, directory: str | Path, *, every: int = 0):
+        if every < 0:
+            raise ValueError(f"checkpoint every {every} steps: expected >= 0 (0: only when the job stops)")
+        self.directory = Path(directory)
+        self.every = every
+
+    def path(self, step: int) -> Path:
+        return self.directory / f"step_{step:08d}"
+
+    def due(self, step: int) -> bool:
+        """Whether the state before `step` is a periodic checkpoint."""
+        return bool(self.every) and step % self.every == 0
+
+    def write(self, step: int, count: int, layout: FlatLayout, shards: dict[int, np.ndarray]) -> None:
+        """The state before `step` after `count` updates: `shards` {k: [3, S]} of `layout`."""
+        d, n = self.path(step), layout.n
+        d.mkdir(parents=True, exist_ok=True)
+        for k, shard_3xS in sorted(shards.items()):
+            _atomic(d / f"shard_{k:05d}-of-{n:05d}.npy", lambda f, x=shard_3xS: np.save(f, x))
+        meta = {"step": step, "count": count, "num_params": layout.num_params, "num_shards": n,
+                "shard_size": layout.shard_size, "device_ids": list(layout.device_ids)}
+        _atomic(d / f"meta-of-{n:05d}.json", lambda f: f.write(json.dumps(meta).encode()))
+
+    def _complete_layout(self, step: int) -> int | None:
+        """N of a complete N-shard checkpoint of `step`, or None."""
+        d = self.path(step)
+        for meta in sorted(d.glob("meta-of-*.json")):
+            n = int(meta.stem.rsplit("-", 1)[1])
+            if all((d / f"shard_{k:05d}-of-{n:05d}.npy").exists() for k in range(n)):
+                return n
+        return None
+
+    def complete(self, step: int) -> bool:
+        return self._complete_layout(step) is not None
+
+    def latest(self) -> int | None:
+        """The latest complete checkpoint's step (None: there is none)."""
+        steps = sorted((int(d.name[5:]) for d in self.directory.glob("step_*") if d.name[5:].isdigit()),
+                       reverse=True)
+        return next((s for s in steps if self.complete(s)), None)
+
+    def load(self, step: int) -> tuple[np.ndarray, int]:
+        """(state_3xP, count) of the complete checkpoint of `step`."""
+        n = self._complete_layout(step)
+        if n is None:
+            raise UnrecoverableError(f"no complete checkpoint of step {step} in {self.directory}")
+        d = self.path(step)
+        meta = json.loads((d / f"meta-of-{n:05d}.json").read_text())
+        flat = np.concatenate([np.load(d / f"shard_{k:05d}-of-{n:05d}.npy") for k in range(n)], axis=1)
+        return flat[:, :meta["num_params"]], int(meta["count"])
+
+
+def _atomic(path: Path, write: Callable[[Any], None]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- the transfer program
@@ -187,17 +300,54 @@ def global_array(value: Any, sharding) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- the step program
+def step_spec(cfg: LMTrainConfig, n: int, *, replica_shift: int, flat: FlatSpec | None = None) -> canonical.StepSpec:
+    """The layout-invariant step in snapshot mode over `n` devices (`flat`: the model's `FlatSpec`,
+    when the caller has it)."""
+    plan = MicroBatchPlan.balanced(cfg.data.micro_batches, n)
+    return canonical.StepSpec(
+        model=cfg.model, flat=flat if flat is not None else FlatSpec.from_shapes(decoder.param_shapes(cfg.model)),
+        optim=compiled_optim(cfg.optim), num_devices=n, slots=plan.slots, num_micro=cfg.data.micro_batches,
+        micro_size=cfg.data.micro_size, seq_len=cfg.data.seq_len, dropout=cfg.dropout, seed=cfg.seed,
+        chunk=cfg.elastic.chunk_size, snapshot="device", replica_shift=replica_shift)
+
+
+def compiled_memory_bytes(exe: Any, shard_size: int) -> int:
+    """Bytes per device that the compiled step `exe` holds while it runs: its arguments, outputs
+    and temporaries (XLA's memory analysis, less what outputs alias), plus the previous step's
+    replica ([3, shard_size] float32), which the snapshot keeps meanwhile."""
+    m = exe.memory_analysis()
+    if m is None:
+        raise TrainConfigError("recovery.device_memory_gib: this backend reports no memory analysis of the step")
+    return (int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
+            + 3 * shard_size * 4)
+
+
+def step_memory_bytes(cfg: LMTrainConfig, devices: Sequence[jax.Device], *, replica_shift: int) -> int:
+    """Bytes per device of the step of `cfg` over `devices` (compiles it): what a device set must
+    offer under `recovery.device_memory_gib`."""
+    spec = step_spec(cfg, len(devices), replica_shift=replica_shift)
+    mesh = canonical.layout_mesh(list(devices))
+    exe = canonical.make_step(spec, mesh).lower(*canonical.abstract_step_args(spec, mesh)).compile()
+    return compiled_memory_bytes(exe, FlatLayout(spec.flat.num_params, tuple(range(len(devices)))).shard_size)
+
+
 class DistributedElasticStep(StepEventLog):
     """The elastic step program of one process of a multi-process job (module docstring).
 
     devices: the job's devices (default: every device of every process, process-major).
     membership: the live-process check (default: `DistributedMembership` over `devices`).
     log: where recovery summaries go (default: beside the loop's progress bar).
+    checkpoints: where this process writes its shards, periodically and when the job must stop
+        (without: a fault that memory cannot repair is an `UnrecoverableError`).
+    resume: start from the complete checkpoint of this step in `checkpoints` (a restarted job).
     """
 
     def __init__(self, cfg: LMTrainConfig, *, devices: Sequence[jax.Device] | None = None,
-                 membership: DistributedMembership | None = None, log: Callable[[str], None] | None = None):
-        _check_config(cfg)
+                 membership: DistributedMembership | None = None, log: Callable[[str], None] | None = None,
+                 checkpoints: ShardCheckpoints | None = None, resume: int | None = None):
+        check_config(cfg)
+        if resume is not None and checkpoints is None:
+            raise TrainConfigError("resume needs the checkpoints to resume from")
         super().__init__(log)
         self.cfg = cfg
         self.devices = sorted(jax.devices() if devices is None else devices, key=lambda d: (d.process_index, d.id))
@@ -232,6 +382,13 @@ class DistributedElasticStep(StepEventLog):
         """Every device order a mesh of this job has had (the order names its CPU communicators)."""
         self._stale: set[tuple[int, ...]] = set()
         """Orders whose communicators hold connections to a process that has since restarted."""
+        self.checkpoints = checkpoints
+        self.resume = resume
+        self.memory_limit = (None if cfg.recovery.device_memory_gib is None
+                             else int(cfg.recovery.device_memory_gib * 2**30))
+        self._next = 0
+        """The step the committed state runs next."""
+        self._resumed: dict | None = None
 
     @property
     def count(self) -> int:
@@ -257,13 +414,11 @@ class DistributedElasticStep(StepEventLog):
         return self._programs[full]
 
     def _spec(self, n: int) -> canonical.StepSpec:
-        cfg = self.cfg
-        plan = MicroBatchPlan.balanced(cfg.data.micro_batches, n)
-        return canonical.StepSpec(
-            model=cfg.model, flat=self.flat_spec, optim=compiled_optim(cfg.optim), num_devices=n, slots=plan.slots,
-            num_micro=cfg.data.micro_batches, micro_size=cfg.data.micro_size, seq_len=cfg.data.seq_len,
-            dropout=cfg.dropout, seed=cfg.seed, chunk=cfg.elastic.chunk_size, snapshot="device",
-            replica_shift=self.replica_shift)
+        return step_spec(self.cfg, n, replica_shift=self.replica_shift, flat=self.flat_spec)
+
+    def memory_bytes(self, active: Sequence[int]) -> int:
+        """Bytes per device of the step over the devices `active` (`compiled_memory_bytes`)."""
+        return compiled_memory_bytes(self._step_exe(active), self.layout(active).shard_size)
 
     def _step_exe(self, active: Sequence[int]):
         spec = self._spec(len(active))
@@ -304,13 +459,35 @@ class DistributedElasticStep(StepEventLog):
         if self.joining:
             return
         host = np.zeros((3, self.layout().padded_size), np.float32)
-        host[0, :self.flat_spec.num_params] = self.flat_spec.flatten_np(init_params_f32(self.cfg))
+        P = self.flat_spec.num_params
+        if self.resume is None:
+            host[0, :P] = self.flat_spec.flatten_np(init_params_f32(self.cfg))
+            self._count = 0
+        else:
+            t0 = time.perf_counter()
+            state_3xP, self._count = self.checkpoints.load(self.resume)
+            if state_3xP.shape != (3, P):
+                raise TrainConfigError(f"the checkpoint of step {self.resume} in {self.checkpoints.directory} holds "
+                                       f"{state_3xP.shape[1]} parameters, the model has {P}")
+            host[:, :P] = state_3xP
+            self._resumed = {"event": "resume", "checkpoint_step": self.resume,
+                             "checkpoint": str(self.checkpoints.path(self.resume)),
+                             "load_s": time.perf_counter() - t0}
+            self._log(f"resumes from the checkpoint of step {self.resume} ({self._count} updates)")
+        self._next = 0 if self.resume is None else self.resume
         self._flat = global_array(host, canonical.state_sharding(self._mesh(self.active)))
         self._ref = self._checksums(self._flat)
-        self._count = 0
 
     def compile(self) -> Any:
-        return self._step_exe(self.active)
+        """The step over every device; with `recovery.device_memory_gib`, an error if even that
+        does not fit."""
+        exe = self._step_exe(self.active)
+        if self.memory_limit is not None:
+            need = self.memory_bytes(self.active)
+            if need > self.memory_limit:
+                raise TrainConfigError(f"recovery.device_memory_gib={self.cfg.recovery.device_memory_gib}: the step "
+                                       f"over all {len(self.active)} devices needs {need / 2**30:.6f} GiB per device")
+        return exe
 
     def flat_state(self) -> np.ndarray:
         """[3, P] host copy of (params, mu, nu) (a collective: every process in service calls it)."""
@@ -330,9 +507,16 @@ class DistributedElasticStep(StepEventLog):
     def advance(self, step: int, tokens_BxT1: np.ndarray, lr: np.float32) -> Advance:
         if self.joining:
             return Advance(self._join_running_job(), None)
+        if step < self._next:  # a job resumed from a checkpoint
+            return Advance(self._next, None)
         if step not in self._checked:
             self._checked.add(step)
-            events = self.membership.check(step)
+            try:
+                events = self.membership.check(step)
+            except jax.errors.JaxRuntimeError as e:  # jax.distributed is about to end this process too
+                raise UnrecoverableError(f"step {step}: the coordination service (process 0) does not answer "
+                                         f"({str(e).splitlines()[0]}); the job restarts from its last complete "
+                                         f"checkpoint") from None
             fails = [e for e in events if e.kind == "fail"]
             joins = [e for e in events if e.kind == "join"]
             if fails:
@@ -360,6 +544,15 @@ class DistributedElasticStep(StepEventLog):
         step_time = time.perf_counter() - started
         self._flat, self._replica, self._ref = out.flat_3xNS, out.replica_3xNS, out.ref_Nx2
         self._count += 1
+        self._next = step + 1
+        if self.checkpoints is not None and self.checkpoints.due(self._next):
+            shards, layout = self._held_shards(replicas=False)
+            self.checkpoints.write(self._next, self._count, layout, shards)
+        if self._resumed is not None:
+            self._resumed.update(step=step, first_step_s=step_time, first_step_done_unix=time.time())
+            self._step_events.append(self._resumed)
+            self.events.append(self._resumed)
+            self._resumed = None
         if self._pending is not None:
             rec, event = self._pending
             rec.first_step_s = step_time
@@ -438,23 +631,35 @@ class DistributedElasticStep(StepEventLog):
         if not survivors:
             raise RuntimeError(f"step {step}: every device is lost")
         survivors = self._order(survivors)
+        processes = sorted({self.devices[i].process_index for i in lost})
+        together = sorted({self.devices[i].process_index for i in survivors})
         t1 = time.perf_counter()
         old = self.layout()
-        plan = plan_transfers(old, [self.devices[i].id for i in survivors],
-                              [self.devices[i].id for i in lost if i in before])
+        try:
+            plan = plan_transfers(old, [self.devices[i].id for i in survivors],
+                                  [self.devices[i].id for i in lost if i in before])
+        except UnrecoverableError as e:
+            raise self.checkpoint_and_stop(f"step {step}: process(es) {processes} lost and {e}",
+                                           together=together) from None
         check_plan(plan)
         t2 = time.perf_counter()
+        if self.memory_limit is not None:
+            need = self.memory_bytes(survivors)
+            if need > self.memory_limit:
+                raise self.checkpoint_and_stop(
+                    f"step {step}: process(es) {processes} lost and no layout of the {len(survivors)} surviving "
+                    f"devices fits: the step needs {need / 2**30:.6f} GiB per device, recovery.device_memory_gib="
+                    f"{self.cfg.recovery.device_memory_gib}", together=together)
         self._warm(survivors, plan)
         self._meet(step, survivors, "shrink")
         t3 = time.perf_counter()
         flat = self._transfer(plan, survivors, self._held(survivors, old, replicas=True))
         self.active = survivors
-        self._use(survivors)
         self._flat, self._replica = flat, None
+        self._use(survivors)
         self._ref = self._checksums(flat)
         self._ref.block_until_ready()
         t4 = time.perf_counter()
-        processes = sorted({self.devices[i].process_index for i in lost})
         self._log(f"step {step}: process(es) {processes} lost (devices {lost}) -> {len(survivors)} devices")
         self._start(Recovery("fail", step, before, list(survivors), detection_s=self.membership.last_check_s,
                              replanning_s=t2 - t1, compile_s=t3 - t2, compile_how="compiled",
@@ -487,7 +692,7 @@ class DistributedElasticStep(StepEventLog):
         msg = json.loads(self.membership.client.blocking_key_value_get(key, WELCOME_TIMEOUT_MS))
         self.membership.client.key_value_delete(key)
         step = int(msg["step"])
-        self.active, self._count = list(msg["active"]), int(msg["count"])
+        self.active, self._count, self._next = list(msg["active"]), int(msg["count"]), step
         self._used = [tuple(o) for o in msg["used"]]
         self._stale = {tuple(o) for o in msg["stale"]}
         self._checked.add(step)
@@ -510,8 +715,8 @@ class DistributedElasticStep(StepEventLog):
         t3 = time.perf_counter()
         flat = self._transfer(plan, new_active, self._held(new_active, old, replicas=False))
         self.active = new_active
-        self._use(new_active)
         self._flat, self._replica = flat, None
+        self._use(new_active)
         self._ref = self._checksums(flat)
         self._ref.block_until_ready()
         t4 = time.perf_counter()
@@ -532,6 +737,54 @@ class DistributedElasticStep(StepEventLog):
         self._compiled("checksums", n, active, lambda mesh: (make_checksums(mesh), (self._state_struct(mesh, n),)))
         self._step_exe(active)
 
+    # ------------------------------------------------------------------ faults memory cannot repair
+    def checkpoint_and_stop(self, why: str, *, together: Sequence[int] = ()) -> RestartFromCheckpoint:
+        """Write the copies this process holds of the committed state (its primaries and the
+        replicas of its neighbour's shards) as the checkpoint of the next step, and return the
+        error that stops the job (`RestartFromCheckpoint`). The write needs no collective.
+        `together`: the processes that stop at this point with this one; they meet at a barrier
+        after writing, so that process 0 (whose exit takes the coordination service, and with it
+        every peer, down) leaves last. Without `checkpoints`: an `UnrecoverableError`."""
+        if self.checkpoints is None:
+            raise UnrecoverableError(f"{why}; the job cannot go on in memory and has nowhere to write its state "
+                                     f"(DistributedElasticStep(checkpoints=...))")
+        step = self._next
+        shards, layout = self._held_shards(replicas=True)
+        if shards:
+            self.checkpoints.write(step, self._count, layout, shards)
+        wrote = (f"wrote its {len(shards)} of {layout.n} shards of the state before step {step} to "
+                 f"{self.checkpoints.path(step)}" if shards else "holds no shard")
+        if together:
+            try:
+                self.membership.client.wait_at_barrier(f"jaxsys/elastic/stop/{step}", STOP_TIMEOUT_MS,
+                                                       sorted(together))
+            except jax.errors.JaxRuntimeError as e:  # a peer is gone too: nothing to wait for
+                self._log(f"stopping without the barrier: {str(e).splitlines()[0]}")
+        return RestartFromCheckpoint(
+            f"{why}; process {self.process} {wrote}; restart the job from the latest complete checkpoint in "
+            f"{self.checkpoints.directory} (it resumes bitwise)", step)
+
+    def _held_shards(self, *, replicas: bool) -> tuple[dict[int, np.ndarray], FlatLayout | None]:
+        """({shard k: [3, S] host copy}, their layout) of the committed state on this process's
+        devices: primaries, and with `replicas` the replicas (mesh position j holds the replica of
+        shard j - shift); shard numbers and the layout come from the arrays' own shardings."""
+        flat, replica = self._flat, self._replica
+        if flat is None:
+            return {}, None
+        layout = FlatLayout(self.flat_spec.num_params, tuple(d.id for d in flat.sharding.mesh.devices.flat),
+                            self.replica_shift)
+        out: dict[int, np.ndarray] = {}
+        for arr, is_replica in ((flat, False), (replica, True)):
+            if arr is None or (is_replica and not replicas):
+                continue
+            n = len(arr.sharding.device_set)
+            S = arr.shape[1] // n
+            for shard in arr.addressable_shards:
+                j = (shard.index[1].start or 0) // S
+                k = (j - self.replica_shift) % n if is_replica else j
+                out.setdefault(k, np.asarray(shard.data))
+        return out, layout
+
     def _start(self, rec: Recovery, event: dict) -> None:
         self.recoveries.append(rec)
         event = {"step": rec.step, **event}
@@ -540,9 +793,10 @@ class DistributedElasticStep(StepEventLog):
         self._pending = (rec, event)
 
 
-def _check_config(cfg: LMTrainConfig) -> None:
+def check_config(cfg: LMTrainConfig) -> None:
     """What the multi-process program runs: the elastic consistent policy with snapshots, no
-    schedule (failures are real), no memory plan, no checkpoints."""
+    schedule (failures are real), no memory plan, no Orbax checkpoints (it writes its own,
+    `ShardCheckpoints`). The launcher calls it before any process starts."""
     e = cfg.elastic
     if e.policy != "consistent":
         raise TrainConfigError("the multi-process elastic step keeps the math (elastic.policy=consistent)")
@@ -552,5 +806,5 @@ def _check_config(cfg: LMTrainConfig) -> None:
     if cfg.memory.policy != "keep" or cfg.memory.budget is not None:
         raise TrainConfigError("the multi-process elastic step runs without a memory plan (memory.policy=keep)")
     if cfg.checkpoint.dir is not None:
-        raise TrainConfigError("the multi-process elastic step does not write checkpoints (it recovers from the "
-                               "copies in memory); unset checkpoint.dir")
+        raise TrainConfigError("the multi-process elastic step writes its own shard checkpoints, not Orbax's: unset "
+                               "checkpoint.dir (the launcher's --checkpoint-dir and --checkpoint-every)")
