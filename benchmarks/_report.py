@@ -59,7 +59,8 @@ SYSTEMS: list[System] = [
            "`serve/length/`, `serve/cluster/`",
            "predictors on our model's hidden states, the engine's hidden-state decode step, live instances with "
            "KV-page migration, the SimPy simulator and `jaxsys serve --instances N` (with `/metrics`) work; the "
-           "real 4-instance validation of the simulator has run only on a loaded machine (not yet within 15%)",
+           "real 4-instance validation of the simulator (now with every shape compiled before timing and the measured "
+           "slowdown of instances sharing the host) has not yet run on a quiet machine (last loaded run: not within 15%)",
            "cluster.json", "sim_p99_tpot_ours_over_best_static (simulated, geomean)",
            "simulated p99 TPOT, ours / best static dispatch", "jaxsys bench cluster"),
     System("SpecMoEOff", "arXiv 2508.21706", "MoE expert offloading + speculative decoding",
@@ -81,7 +82,8 @@ SYSTEMS: list[System] = [
            "`train/pipeline/`, `train/recovery/`",
            "pipeline (GPipe, 1F1B), four recovery strategies bitwise against the failure-free run, the "
            "performance model and plan search, the simulated cluster and multi-process elastic recovery work; "
-           "a failure during a recovery and a coordinator failure are not handled",
+           "a coordinator (process 0) failure or a loss that leaves no feasible layout stops the job with a "
+           "checkpoint and the launcher restarts it bitwise; a failure during a recovery is not handled",
            "recovery.json", "simulated average throughput, ours / always-replan (geomean over traces)",
            "simulated throughput, ours / always-replan", "jaxsys bench recovery"),
     System("Chameleon", "arXiv 2509.11076", "adaptive activation memory (keep / recompute / offload)",
