@@ -173,6 +173,7 @@ def test_measured_compute_prices_the_runners_device_steps():
         _measured(head_s=(1e-3,))
 
 
+@pytest.mark.slow  # a real calibration: minutes on 2 cores
 def test_measure_compute_times_the_runners_pieces():
     from jaxsys.models.config import ModelConfig
     from jaxsys.serve.moe_offload.machine import measure_compute
