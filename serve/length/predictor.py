@@ -39,6 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from jaxsys.serve.length.data import SOURCES, SPLITS, LengthData
+from jaxsys.shapes import pow2_bucket
 
 __all__ = ["DEFAULT_HEADS", "G_BUCKETS", "PROGRESS_BUCKETS", "HeadSpec", "LengthPredictor", "PredictorReport",
            "UntrainedPredictorError", "fit_predictors", "input_matrix", "progress_features"]
@@ -157,8 +158,6 @@ class LengthPredictor:
     def _apply(self, x_NxF: np.ndarray) -> np.ndarray:
         """The head on N rows, padded to a power-of-two row count: serving calls it with every
         batch size, and one compiled program per bucket keeps a warmed server from compiling."""
-        from jaxsys.shapes import pow2_bucket
-
         x = (np.asarray(x_NxF, np.float32) - self.x_mean) / self.x_std
         N = len(x)
         x_pad = np.zeros((pow2_bucket(N), x.shape[1]), np.float32)

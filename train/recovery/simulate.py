@@ -156,15 +156,12 @@ class _Job:
 
     def _best(self, n: int) -> tuple[Layout, Any]:
         if n not in self._best_of:
-            self._best_of[n] = self._search(n)
+            found = search_layouts(n, self.costs, self.hw, self.c.model.num_layers, self.c.model.num_micro,
+                                   fixed_tp=self.c.layout.tp)
+            if found is None:
+                raise RuntimeError(f"no layout of {n} devices fits (the job cannot run)")
+            self._best_of[n] = found
         return self._best_of[n]
-
-    def _search(self, n: int) -> tuple[Layout, Any]:
-        found = search_layouts(n, self.costs, self.hw, self.c.model.num_layers, self.c.model.num_micro,
-                               fixed_tp=self.c.layout.tp)
-        if found is None:
-            raise RuntimeError(f"no layout of {n} devices fits (the job cannot run)")
-        return found
 
     def cells_of(self, devs: Sequence[int]) -> set[tuple[int, int]]:
         lay = self.layout
