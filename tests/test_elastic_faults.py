@@ -7,8 +7,8 @@
   load gives back the exact bits.
 * The launcher's schedule: the coordinator (process 0) may be killed (the job restarts from its
   last periodic checkpoint, so it needs one) but not restarted into the running job; a restart
-  that the coordinator's loss would overtake is refused; two processes killed at the same step are
-  refused; device schedules (`elastic.fail/join`, which name one process's
+  that the coordinator's loss would overtake is refused; two neighbouring processes killed at the
+  same step need a periodic checkpoint; device schedules (`elastic.fail/join`, which name one process's
   devices), Orbax checkpoints and unknown processes are refused before any process starts.
 
 The 4-process runs (no feasible layout, the coordinator killed; the
@@ -71,7 +71,7 @@ def test_schedules_that_stop_the_job_are_accepted(kills, restarts, every):
     (["0@3"], [], 5, "set --checkpoint-every to at most 4"),
     (["0@3"], ["0@6"], 2, "restarts the whole job"),
     (["2@2", "0@5"], ["2@5"], 2, "still be down when process 0 is killed at step 5"),
-    (["1@3", "2@3"], [], 4, "one process per step"),
+    (["1@3", "2@3"], [], 5, "processes 1 and 2 are neighbours"),
 ])
 def test_schedules_that_stop_the_job_are_rejected(kills, restarts, every, match):
     with pytest.raises(ValueError, match=match):

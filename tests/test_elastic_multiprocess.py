@@ -3,8 +3,13 @@ between the processes) loses a process to SIGKILL between steps, recovers on the
 the restarted process back, and its losses, parameter checksums and final state are bitwise those
 of the failure-free single-process run. Faults memory cannot repair stop the job with a checkpoint
 that the launcher restarts it from, bitwise again: no layout of the survivors fits in the memory
-limit, and the coordinator (process 0) is killed (the periodic checkpoint). The transfer program
-is checked on its own against the plan it runs (8 virtual devices, one process)."""
+limit, and the coordinator (process 0) is killed (the periodic checkpoint). Two processes lost at
+once recover in memory when every shard keeps a copy, else from the periodic checkpoint; so does
+a second loss while the survivors plan a recovery, and one inside the recovery's collectives (the
+transfer, the first step on the new layout) stops the job with the checkpoint of the copies the
+survivors hold. The transfer program is checked on its own against the plan it runs (8 virtual
+devices, one process); the launcher's schedule (several losses at one boundary, the kill points
+inside a recovery) without any process."""
 
 import json
 import subprocess
@@ -16,7 +21,7 @@ import pytest
 
 from jaxsys.train.config import load_config
 from jaxsys.train.elastic import canonical
-from jaxsys.train.elastic.launch import check_schedule, parse_process_events
+from jaxsys.train.elastic.launch import ProcessEvent, check_schedule, main, parse_process_events
 from jaxsys.train.elastic.layout import FlatLayout
 from jaxsys.train.elastic.multiprocess import TransferRounds, make_transfer, step_memory_bytes
 from jaxsys.train.elastic.planner import plan_transfers
@@ -77,12 +82,66 @@ def test_schedule_naming_unknown_or_coordinator_process_is_rejected():
     for kill, restart, match in [(["4@3"], [], "processes 0-3"), (["0@3"], [], "ends every process"),
                                  (["2@30"], [], "steps 0-9"), (["2@3"], ["1@5"], "never killed"),
                                  (["2@3"], ["2@3"], "after its kill"),
-                                 (["1@2,3@2"], [], "one process per step")]:
+                                 (["1@2,2@2"], [], "processes 1 and 2 are neighbours")]:
         with pytest.raises(ValueError, match=match):
             check_schedule(parse_process_events(kill, "kill"), parse_process_events(restart, "restart"),
                            processes=4, steps=10)
     with pytest.raises(ValueError, match="PROCESS@STEP"):
         parse_process_events(["two@3"], "kill")
+
+
+def test_kill_points_inside_a_recovery_parse_and_print():
+    got = parse_process_events(["3@recovery:4,2@transfer:5", "1@step:6", "0@3"], "kill")
+    assert got == [ProcessEvent(3, 4, "recovery"), ProcessEvent(2, 5, "transfer"), ProcessEvent(1, 6, "step"),
+                   ProcessEvent(0, 3)]
+    assert [e.boundary for e in got] == [4, 5, 6, 4]
+    assert [str(e) for e in got] == ["3@recovery:4", "2@transfer:5", "1@step:6", "0@3"]
+    for bad, what in [("3@recover:4", "kill"), ("3@recovery:", "kill"), ("3@recovery:x", "kill"), ("3@4:5", "kill"),
+                      ("2@recovery:5", "restart")]:
+        with pytest.raises(ValueError, match="expected PROCESS@STEP"):
+            parse_process_events([bad], what)
+
+
+@pytest.mark.parametrize("kills,restarts,every", [
+    (["1@3,3@3"], [], 0),  # not neighbours: every shard keeps a copy
+    (["2@3,3@3"], [], 4),  # neighbours: the periodic checkpoint of step 4
+    (["2@1", "1@3,3@3"], ["2@2"], 0),  # process 2 is back (boundary 3) when 1 and 3 go
+    (["1@3", "3@recovery:4"], ["3@4"], 0),
+    (["1@3", "3@transfer:4"], [], 0),
+    (["2@3", "3@step:4"], [], 2),
+])
+def test_several_losses_at_one_boundary_are_accepted(kills, restarts, every):
+    check_schedule(parse_process_events(kills, "kill"), parse_process_events(restarts, "restart"),
+                   processes=4, steps=10, checkpoint_every=every)
+
+
+@pytest.mark.parametrize("kills,restarts,every,match", [
+    (["2@3,3@3"], [], 0, "processes 2 and 3 are neighbours"),
+    (["3@3,0@3"], [], 0, "processes 3 and 0 are neighbours"),  # the ring wraps
+    (["2@3,3@3"], [], 5, "set --checkpoint-every to at most 4"),
+    (["2@1", "1@3,3@3"], [], 0, "processes 1 and 3 are neighbours"),  # with 2 gone, the ring is 0, 1, 3
+    (["2@3", "3@recovery:4"], [], 0, "processes 2 and 3 are neighbours"),
+    (["3@recovery:4"], [], 0, "no recovery at boundary 4"),
+    (["1@2", "3@transfer:4"], [], 0, "no recovery at boundary 4"),
+    (["1@3", "0@step:4"], [], 4, "the coordinator's loss ends the job"),
+    (["0@3,1@3,2@3,3@3"], [], 4, "every process in service"),
+    (["1@1", "0@3,2@3,3@3"], [], 4, "every process in service"),
+    (["1@3", "3@recovery:4"], ["3@3"], 0, "must come after its kill"),
+])
+def test_several_losses_at_one_boundary_are_rejected(kills, restarts, every, match):
+    with pytest.raises(ValueError, match=match):
+        check_schedule(parse_process_events(kills, "kill"), parse_process_events(restarts, "restart"),
+                       processes=4, steps=10, checkpoint_every=every)
+
+
+@pytest.mark.parametrize("args,match", [(["--kill", "3@recovery:4"], "no recovery at boundary 4"),
+                                        (["--kill", "3@recovery:x"], "expected PROCESS@STEP"),
+                                        (["--collective-timeout", "0"], "--collective-timeout 0: expected > 0")])
+def test_launcher_rejects_bad_kill_points_before_starting(args, match, tmp_path, capsys):
+    out = tmp_path / "job"
+    assert main(["--out", str(out), *args, *OVERRIDES]) == 2
+    assert match in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_launcher_rejects_bad_schedule_before_starting(tmp_path):
@@ -179,3 +238,81 @@ def test_no_feasible_layout_and_coordinator_loss_restart_the_job_bitwise(tmp_pat
     assert first["cause_to_first_step_s"] > 0 and second["cause_to_first_step_s"] > 0
     assert "no layout of the 6 surviving devices fits" in (out / "stderr1.0").read_text()
 
+
+
+def _assert_in_memory(summary: dict, lost: list[int]) -> None:
+    """The processes `lost` at boundary 4 (after step 3 committed): the survivors went on on 4
+    devices, no job restart."""
+    procs = summary["processes"]
+    assert summary["job_restarts"] == []
+    for p in range(4):
+        if p in lost:
+            assert procs[f"{p}.0"]["steps"] == [0, 1, 2, 3]
+        else:
+            assert procs[f"{p}.0"]["steps"] == list(range(14))
+            assert procs[f"{p}.0"]["devices"] == [8] * 4 + [4] * 10
+    fails = [x for x in summary["recoveries"] if x["event"] == "fail"]
+    assert len(fails) == 4 - len(lost)
+    assert all(x["step"] == 4 and x["lost_or_joined_processes"] == lost and x["elements_moved"] > 0 for x in fails)
+
+
+def _assert_restarted(summary: dict, *, resume: int, stopped: list[int]) -> None:
+    """The job stopped at boundary 4 and restarted from the checkpoint of step `resume` on all 4
+    processes."""
+    procs = summary["processes"]
+    (restart,) = summary["job_restarts"]
+    assert restart["resume_step"] == resume and restart["stopped_processes"] == stopped
+    assert restart["cause_to_first_step_s"] > 0
+    for p in range(4):
+        assert procs[f"{p}.0"]["steps"] == [0, 1, 2, 3]
+        assert procs[f"{p}.1"]["steps"] == list(range(resume, 14)) and set(procs[f"{p}.1"]["devices"]) == {8}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill,args,lost,resume", [
+    ("1@3,3@3", [], [1, 3], None),  # the replicas of 1's shards live in 2, of 3's in 0
+    ("2@3,3@3", ["--checkpoint-every", "3"], [2, 3], 3),  # shards 4 and 5 lose both copies
+])
+def test_two_processes_killed_at_one_step_bitwise(tmp_path, reference, kill, args, lost, resume):
+    """Two processes SIGKILLed after step 3: not neighbours, the survivors hold a copy of every
+    shard and go on in memory; neighbours, the survivors stop (their copies are incomplete) and
+    the job restarts from the periodic checkpoint of step 3, running step 3 again. Bitwise the
+    failure-free run either way."""
+    out = tmp_path / "job"
+    summary = _launch(out, "--kill", kill, *args)
+    if resume is None:
+        _assert_in_memory(summary, lost)
+    else:
+        _assert_restarted(summary, resume=resume, stopped=[0, 1])
+        assert "is lost: every copy" in (out / "stderr0.0").read_text()
+    _assert_bitwise(summary, out, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first,second,args,resume,stopped", [
+    ("1@3", "3@recovery:4", [], None, None),  # planned again without 3: every shard keeps a copy
+    ("2@3", "3@recovery:4", ["--checkpoint-every", "3"], 3, [0, 1]),  # 2 and 3: both copies of 4, 5
+    ("1@3", "3@transfer:4", ["--collective-timeout", "20"], 4, [0, 2]),  # inside the transfer
+    ("1@3", "3@step:4", ["--collective-timeout", "20"], 4, [0, 2]),  # inside the first step on 6 devices
+])
+def test_second_failure_during_recovery_bitwise(tmp_path, reference, first, second, args, resume, stopped):
+    """Process 3 ends itself (os._exit) during the survivors' recovery from the loss of process
+    1 or 2 at boundary 4. At the start of the recovery: the survivors find it gone when they meet
+    and plan again from the copies they hold, in memory (1 and 3) or, with both copies of some
+    shards gone (2 and 3), from the periodic checkpoint. Inside the transfer's or the first step's
+    collectives: the survivors stop with the checkpoint of the copies of step 3's state that they
+    hold in the old layout (complete: 1 and 3 are not neighbours) and the job resumes at step 4.
+    Bitwise the failure-free run every time."""
+    out = tmp_path / "job"
+    summary = _launch(out, "--kill", first, "--kill", second, *args)
+    log0 = (out / "stderr0.0").read_text()
+    if resume is None:
+        _assert_in_memory(summary, [1, 3])
+        assert "process(es) [3] lost during the recovery from the loss of [1]" in log0
+    else:
+        _assert_restarted(summary, resume=resume, stopped=stopped)
+        assert (resume == 3) == ("is lost: every copy" in log0)
+        assert (resume == 4) == ("a peer died inside its collectives" in log0)
+    assert f"exits at the {'start' if 'recovery' in second else second[2:-2]} of its recovery" in (
+        out / "stderr3.0").read_text()
+    _assert_bitwise(summary, out, reference)

@@ -11,7 +11,13 @@ job (the coordination service runs in process 0); together they train with
 spanning every process, CPU collectives between them. `--kill P@S` SIGKILLs process P right after
 it commits step S (the process stops at that step boundary until the signal comes, so the kill
 lands between steps; nothing tells the others). The survivors notice at their next boundary
-(heartbeat timeout), rebuild the state from the copies they hold and go on. `--restart P@S` starts
+(heartbeat timeout), rebuild the state from the copies they hold and go on. Several processes may
+be killed after the same step (`--kill 1@3,3@3`). A second failure during a recovery is scheduled
+with a kill point inside it: `--kill P@recovery:S` (process P ends itself, `os._exit`, as it
+begins its recovery at boundary S from another loss, i.e. another process killed after step
+S-1), `P@transfer:S` (once the survivors have met, before the transfer's collectives) and
+`P@step:S` (before the first step on the new layout); the process ends at that point of its own
+code, driven by its schedule, and its exit status is 137. `--restart P@S` starts
 process P again once the survivors have committed step S; it joins the running job and receives
 its share of the state from its peers. The survivors wait at boundary S+1 until the restarted
 process has started and connected (Python, JAX and `jax.distributed` take seconds, tens of steps of
@@ -24,9 +30,14 @@ as a cluster scheduler would. A loss after which no layout of the survivors fits
 under `<out>/checkpoints` and exit with status 75, and the restarted job resumes from there, no
 step lost. The coordinator killed (`--kill 0@S`: `jax.distributed` ends every peer the moment its
 coordination service goes) leaves the last periodic checkpoint, written every `--checkpoint-every
-N` steps; the steps since it run again. Either way the run is bitwise the failure-free one. A
-peer of a killed coordinator that has not ended within the heartbeat timeout plus 60 s is ended
-by the launcher, so the job never hangs.
+N` steps; the steps since it run again; so do neighbouring processes lost at one boundary
+(the replicas of a process's shards live in the next process, so both copies of some shards go;
+the schedule is refused without a periodic checkpoint to go back to). A loss inside a transfer's
+or a step's collectives (`P@transfer:S`, `P@step:S`) stops the job, on the collective's error or
+after `--collective-timeout` seconds, with the checkpoint of the copies the survivors hold of the
+step before the recovery. Every way, the run is bitwise the failure-free one. A peer of a killed
+coordinator that has not ended within the heartbeat timeout plus 60 s is ended by the launcher,
+so the job never hangs.
 
 Output (under --out): `metrics<P>.<incarnation>.jsonl` per process (the trainer's metrics lines,
 recoveries in their `events`; a process's incarnation counts its starts, the job's restarts
@@ -52,52 +63,120 @@ from pathlib import Path
 from typing import Sequence
 
 PROG = "python -m jaxsys.train.elastic.launch"
+COLLECTIVE_TIMEOUT_S = 60.0
+"""The default `--collective-timeout` (`DistributedElasticStep(collective_timeout_s=...)`)."""
 COORDINATOR_GRACE_S = 60.0
 """How long, beyond the heartbeat timeout, the peers of a killed coordinator have to end (jax.distributed
 ends them when its coordination service goes) before the launcher ends them."""
+
+
+SCHEDULED_EXIT_CODE = 137
+"""The exit status of a process that ends itself on the schedule (`--kill P@recovery:S`), as a
+SIGKILLed one would report it in a shell."""
 
 
 @dataclasses.dataclass(frozen=True)
 class ProcessEvent:
     process: int
     step: int
+    point: str = "commit"
+    """Where a kill lands: "commit" (SIGKILL right after step `step` commits, between steps),
+    "recovery" (the process ends itself, `os._exit`, as it begins its recovery at boundary `step`
+    from another process's loss), "transfer" (it ends itself in that recovery once the survivors
+    have met, before the transfer's collectives) or "step" (before the first step on the new
+    layout)."""
+
+    @property
+    def boundary(self) -> int:
+        """The step boundary at which the survivors find the loss (b: between steps b-1 and b)."""
+        return self.step + 1 if self.point == "commit" else self.step
+
+    def __str__(self) -> str:
+        return f"{self.process}@{'' if self.point == 'commit' else self.point + ':'}{self.step}"
+
+
+RECOVERY_POINTS = {"recovery": "start", "transfer": "transfer", "step": "step"}
+"""Kill points inside a recovery -> the `DistributedElasticStep.on_recovery` point they end at."""
 
 
 def parse_process_events(specs: Sequence[str], what: str) -> list[ProcessEvent]:
-    """`P@S[,P@S...]` items -> events (form only; `check_schedule` checks them against the job)."""
+    """`P@S[,P@S...]` items -> events (form only; `check_schedule` checks them against the job).
+    A kill may also be `P@recovery:S`, `P@transfer:S` or `P@step:S`: process P ends itself at that
+    point of its recovery at boundary S (a second failure while the survivors recover from a first)."""
     out = []
     for item in (p.strip() for spec in specs for p in spec.split(",")):
         if not item:
             continue
         try:
             p, s = item.split("@")
-            out.append(ProcessEvent(int(p), int(s)))
+            point, _, s = s.rpartition(":")
+            if (point and point not in RECOVERY_POINTS) or (point and what != "kill"):
+                raise ValueError
+            out.append(ProcessEvent(int(p), int(s), point or "commit"))
         except ValueError:
-            raise ValueError(f"--{what} {item!r}: expected PROCESS@STEP, e.g. 2@5") from None
+            forms = ("PROCESS@STEP or PROCESS@POINT:STEP (POINT: recovery, transfer, step), e.g. 2@5" if what == "kill"
+                     else "PROCESS@STEP, e.g. 2@5")
+            raise ValueError(f"--{what} {item!r}: expected {forms}") from None
+    return out
+
+
+def _in_service(kills: list[ProcessEvent], restarts: list[ProcessEvent], processes: int, boundary: int) -> list[int]:
+    """The processes in service as the survivors meet at `boundary`, before its losses: those not
+    lost at an earlier boundary, or back (a process restarted after step S rejoins at S+1)."""
+    out = []
+    for p in range(processes):
+        k = next((e for e in kills if e.process == p), None)
+        r = next((e for e in restarts if e.process == p), None)
+        if k is None or k.boundary >= boundary or (r is not None and r.step + 1 < boundary):
+            out.append(p)
     return out
 
 
 def check_schedule(kills: list[ProcessEvent], restarts: list[ProcessEvent], *, processes: int, steps: int,
                    checkpoint_every: int = 0) -> None:
-    """Reject a schedule the job cannot run, before any process starts."""
+    """Reject a schedule the job cannot run, before any process starts.
+
+    Several processes may be lost at one boundary (killed after the same step, or one ended in
+    the recovery from another's loss). Where two of them are neighbours in the order of the
+    processes in service (the replicas of a process's shards live in the next one), both copies of
+    some shards go, and the job restarts from its last periodic checkpoint, so it needs one."""
     for what, events in (("kill", kills), ("restart", restarts)):
         for e in events:
             if not 0 <= e.process < processes:
-                raise ValueError(f"--{what} {e.process}@{e.step}: the job has processes 0-{processes - 1}")
+                raise ValueError(f"--{what} {e}: the job has processes 0-{processes - 1}")
             if not 0 <= e.step < steps:
-                raise ValueError(f"--{what} {e.process}@{e.step}: the run has steps 0-{steps - 1}")
+                raise ValueError(f"--{what} {e}: the run has steps 0-{steps - 1}")
     killed = [e.process for e in kills]
     if len(set(killed)) != len(killed):
         raise ValueError("--kill: a process can be killed once")
-    steps_killed = [e.step for e in kills]
-    if len(set(steps_killed)) != len(steps_killed):
-        raise ValueError("--kill: one process per step (the copies of a process's shards live in the next "
-                         "process: two processes lost at once can take both copies)")
+
+    def need_checkpoint(kill: str, boundary: int, why: str) -> None:
+        if not checkpoint_every or checkpoint_every > boundary:
+            raise ValueError(f"--kill {kill}: {why}, so the job restarts from its last periodic checkpoint; set "
+                             f"--checkpoint-every to at most {boundary}")
+
+    for e in kills:
+        if e.point == "commit":
+            continue
+        if e.process == 0:
+            raise ValueError(f"--kill {e}: the coordinator's loss ends the job wherever it lands (--kill 0@STEP)")
+        if not any(k.point == "commit" and k.boundary == e.step for k in kills):
+            raise ValueError(f"--kill {e}: no recovery at boundary {e.step}: kill another process after step "
+                             f"{e.step - 1} (--kill Q@{e.step - 1})")
+    for b in sorted({e.boundary for e in kills}):
+        lost = sorted(e.process for e in kills if e.boundary == b)
+        ring = _in_service(kills, restarts, processes, b)
+        if set(ring) <= set(lost):
+            raise ValueError(f"--kill: processes {lost} are every process in service at step {b}")
+        pairs = [(p, q) for p, q in zip(ring, ring[1:] + ring[:1]) if p in lost and q in lost and p != q]
+        if pairs:
+            spec = ",".join(str(e) for e in kills if e.boundary == b)
+            need_checkpoint(spec, b, f"processes {pairs[0][0]} and {pairs[0][1]} are neighbours (the replicas of "
+                                     f"{pairs[0][0]}'s shards live in {pairs[0][1]}), lost at step {b} together")
     coordinator = next((e for e in kills if e.process == 0), None)
-    if coordinator is not None and (not checkpoint_every or checkpoint_every > coordinator.step + 1):
-        raise ValueError(f"--kill 0@{coordinator.step}: jax.distributed ends every process when the coordinator "
-                         f"(process 0) dies, so the job restarts from its last periodic checkpoint; set "
-                         f"--checkpoint-every to at most {coordinator.step + 1}")
+    if coordinator is not None:
+        need_checkpoint(str(coordinator), coordinator.boundary, "jax.distributed ends every process when the "
+                        "coordinator (process 0) dies")
     for r in restarts:
         if r.process == 0:
             raise ValueError(f"--restart 0@{r.step}: the loss of process 0 (the coordinator) restarts the whole job "
@@ -105,9 +184,9 @@ def check_schedule(kills: list[ProcessEvent], restarts: list[ProcessEvent], *, p
         k = next((e for e in kills if e.process == r.process), None)
         if k is None:
             raise ValueError(f"--restart {r.process}@{r.step}: process {r.process} is never killed")
-        if r.step <= k.step:
-            raise ValueError(f"--restart {r.process}@{r.step}: must come after its kill at step {k.step}")
-        if coordinator is not None and k.step < coordinator.step <= r.step:
+        if r.step < k.boundary:
+            raise ValueError(f"--restart {r.process}@{r.step}: must come after its kill ({k})")
+        if coordinator is not None and k.boundary < coordinator.boundary <= r.step + 1:
             raise ValueError(f"--restart {r.process}@{r.step}: process {r.process} would still be down when process 0 "
                              f"is killed at step {coordinator.step}, and the job restart brings it back; restart it "
                              f"before step {coordinator.step}")
@@ -133,10 +212,21 @@ def worker(args: argparse.Namespace) -> None:
                                                    ShardCheckpoints)
     from jaxsys.train.trainer import Trainer
 
+    exit_at = parse_process_events([f"{args.worker}@{args.exit_at}"], "kill")[0] if args.exit_at else None
+
+    class ScheduledExit(DistributedElasticStep):
+        """This process ends itself at the point of its recovery that `--exit-at` names."""
+
+        def on_recovery(self, point: str, step: int, lost: list[int]) -> None:
+            if exit_at is not None and (RECOVERY_POINTS[exit_at.point], exit_at.step) == (point, step):
+                log(f"step {step}: exits at the {point} of its recovery from the loss of process(es) {lost} "
+                    f"(--kill {exit_at})")
+                os._exit(SCHEDULED_EXIT_CODE)
+
     out = Path(args.out)
     cfg = load_config(args.config, list(args.overrides) + ["elastic.enabled=true", "progress=false"])
-    program = DistributedElasticStep(cfg, log=log, resume=args.resume_step,
-                                     checkpoints=ShardCheckpoints(out / "checkpoints", every=args.checkpoint_every))
+    program = ScheduledExit(cfg, log=log, resume=args.resume_step, collective_timeout_s=args.collective_timeout,
+                            checkpoints=ShardCheckpoints(out / "checkpoints", every=args.checkpoint_every))
     trainer = Trainer(cfg, program=program)
     joins = parse_process_events(args.wait_join, "restart")
 
@@ -212,6 +302,8 @@ def launch(args: argparse.Namespace) -> dict:
     restarts = parse_process_events(args.restart, "restart")
     if args.checkpoint_every < 0:
         raise ValueError(f"--checkpoint-every {args.checkpoint_every}: expected >= 0")
+    if args.collective_timeout <= 0:
+        raise ValueError(f"--collective-timeout {args.collective_timeout:g}: expected > 0")
     check_schedule(kills, restarts, processes=args.processes, steps=cfg.steps, checkpoint_every=args.checkpoint_every)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -240,10 +332,11 @@ def launch(args: argparse.Namespace) -> dict:
         cmd = [sys.executable, "-m", "jaxsys.train.elastic.launch", "--config", args.config, "--processes",
                str(args.processes), "--devices-per-process", str(args.devices_per_process), "--heartbeat",
                str(args.heartbeat), "--out", str(out), "--coordinator", job["coordinator"], "--checkpoint-every",
-               str(args.checkpoint_every), "--worker", str(p), "--incarnation", str(key[1])]
-        hold = next((k.step for k in pending_kills if k.process == p), None)
-        if hold is not None:
-            cmd += ["--hold-after", str(hold)]
+               str(args.checkpoint_every), "--collective-timeout", str(args.collective_timeout), "--worker", str(p),
+               "--incarnation", str(key[1])]
+        kill = next((k for k in pending_kills if k.process == p), None)
+        if kill is not None:
+            cmd += ["--hold-after", str(kill.step)] if kill.point == "commit" else ["--exit-at", str(kill)[2:]]
         if job["resume"] is not None:
             cmd += ["--resume-step", str(job["resume"])]
         waits = [r for r in pending_restarts if r.process != p]
@@ -270,13 +363,6 @@ def launch(args: argparse.Namespace) -> dict:
     start_job(None)
     try:
         while True:
-            for k in list(pending_kills):
-                if (out / f"at_kill_point{k.process}").exists():
-                    key = (k.process, incarnation[k.process])
-                    procs[key].send_signal(signal.SIGKILL)
-                    killed.add(key)
-                    times[f"kill{k.process}"] = time.time()
-                    pending_kills.remove(k)
             for r in list(pending_restarts):
                 if f"kill{r.process}" not in times:
                     continue
@@ -288,6 +374,15 @@ def launch(args: argparse.Namespace) -> dict:
                     joiners.add((r.process, incarnation[r.process]))
                     times[f"restart{r.process}"] = time.time()
             running = {key: pr.poll() for key, pr in procs.items()}
+            for k in list(pending_kills):
+                key = (k.process, incarnation[k.process])
+                if k.point == "commit" and (out / f"at_kill_point{k.process}").exists():
+                    procs[key].send_signal(signal.SIGKILL)
+                elif not (k.point != "commit" and running[key] == SCHEDULED_EXIT_CODE):
+                    continue
+                killed.add(key)
+                times[f"kill{k.process}"] = time.time()
+                pending_kills.remove(k)
             members = {key: running[key] for key in job["members"]}
             # Process 0 hosts the job's coordination service: once it is killed, jax.distributed ends every
             # peer; one still running after the grace time is ended here.
@@ -306,6 +401,9 @@ def launch(args: argparse.Namespace) -> dict:
             if all(rc is not None for rc in members.values()):
                 stopped = sorted(key for key, rc in members.items() if rc == RESTART_EXIT_CODE)
                 if not stopped and not lost and not pending_restarts:
+                    if pending_kills:
+                        raise RuntimeError(f"the job finished before --kill {', '.join(map(str, pending_kills))} "
+                                           f"happened (no recovery at that boundary?):\n{tails()}")
                     break
                 if stopped or lost:
                     if any(rc == 0 for rc in members.values()):
@@ -395,7 +493,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--devices-per-process", type=int, default=2, help="virtual CPU devices each (default 2)")
     p.add_argument("--kill", action="append", default=[], metavar="P@S",
                    help="SIGKILL process P right after it commits step S (P=0, the coordinator: the job restarts "
-                        "from its checkpoint)")
+                        "from its checkpoint); several processes may be killed at one step. P@recovery:S: process "
+                        "P ends itself (os._exit) as it begins the recovery at boundary S from another loss "
+                        "(another process killed after step S-1); P@transfer:S: once the survivors have met, before "
+                        "the transfer's collectives; P@step:S: before the first step on the new layout")
     p.add_argument("--restart", action="append", default=[], metavar="P@S",
                    help="start process P again once the survivors have committed step S; they wait for it at the "
                         "next boundary, where it rejoins")
@@ -406,11 +507,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="give up when the job stops for a restart from its checkpoint more often (default 3)")
     p.add_argument("--heartbeat", type=int, default=3,
                    help="jax.distributed heartbeat timeout in seconds: how long a dead process goes unnoticed")
+    p.add_argument("--collective-timeout", type=float, default=COLLECTIVE_TIMEOUT_S, metavar="SECONDS",
+                   help="a transfer or step that takes longer means a peer died inside its collectives: the process "
+                        f"stops the job with a checkpoint (default {COLLECTIVE_TIMEOUT_S:g})")
     p.add_argument("--out", default="elastic_job", metavar="DIR", help="metrics, state and summary (default ./elastic_job)")
     p.add_argument("--timeout", type=float, default=900, help="give up after this many seconds (default 900)")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--incarnation", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--hold-after", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--exit-at", help=argparse.SUPPRESS)
     p.add_argument("--resume-step", type=int, help=argparse.SUPPRESS)
     p.add_argument("--wait-join", action="append", default=[], help=argparse.SUPPRESS)
     p.add_argument("--coordinator", help=argparse.SUPPRESS)

@@ -10,6 +10,8 @@
   fail/join events. A process that died and came back between two checks (a new incarnation)
   is a failure and a join at the same boundary. Detection latency is bounded by the coordination
   service's heartbeat timeout (`heartbeat_timeout_seconds` of `jax.distributed.initialize`).
+  `meet` is the same barrier among some of the processes (the survivors before their first
+  collective over a new mesh): it reports those of them that died since.
   `jaxsys.train.elastic.multiprocess.DistributedElasticStep` moves the state between processes
   after such a change.
 """
@@ -76,6 +78,20 @@ class DistributedMembership:
     def live_processes(self) -> dict[int, int]:
         """{process index: incarnation} of the live processes (a barrier among them)."""
         return dict(self.client.get_live_nodes(self._processes))
+
+    def meet(self, processes: Sequence[int]) -> list[int]:
+        """A barrier among those of `processes` that are alive; returns those of them that are gone.
+
+        `get_live_nodes` leaves a process out once its heartbeats stop, where a named barrier
+        (`wait_at_barrier`) waits for a dead member until its timeout. The devices of the gone
+        processes leave `live`, so the next `check` does not report them again."""
+        alive = self.client.get_live_nodes(sorted(processes))
+        gone = sorted(set(processes) - set(alive))
+        if gone:
+            self._live -= {i for i, d in enumerate(self.devices) if d.process_index in gone}
+            if self._incarnations is not None:
+                self._incarnations = {p: inc for p, inc in self._incarnations.items() if p not in gone}
+        return gone
 
     def check(self, boundary: int) -> list[MembershipEvent]:
         """Barrier with the live processes; the membership change since the last check.

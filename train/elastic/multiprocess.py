@@ -21,7 +21,15 @@ which micro-batch. At each step boundary (`DistributedElasticStep.advance`):
    the survivors' mesh (`make_transfer`: one ppermute per (distance, piece) round, each piece
    placed exactly; no host round trip). The lost process's micro-batches go to the survivors
    (the balanced plan over N' devices: Odyssey's rerouting for a data-parallel layout) and the
-   global batch, gradient scale and per-example dropout keys stay as they were;
+   global batch, gradient scale and per-example dropout keys stay as they were. Several
+   processes lost at one boundary are one failure: if no two of them are neighbours in the mesh
+   (the replica of the last shard of one process lives in the first device of the next), every
+   shard keeps a copy and the recovery is the same. Before the first collective over the new
+   mesh the survivors meet (`DistributedMembership.meet`, `get_live_nodes` among them, which
+   leaves out a process whose heartbeats stopped where a named barrier would wait for it until
+   its timeout). A survivor that died while they planned and compiled (a second failure during
+   the recovery) is missing there; nothing has moved yet, so the others plan again, from the same
+   copies, without it;
 3. join: a process that starts while the job runs (the coordination service holds the job's
    `started` key) learns the current step, optimizer count and devices in service from its peers
    (one key-value message written by the survivors at the boundary where they see it join) and
@@ -39,20 +47,38 @@ Faults it cannot repair in memory stop the job with a consistent checkpoint inst
    `recovery.device_memory_gib` (XLA's memory analysis of the compiled step). The survivors
    still hold every shard of the last committed step (a lost process's shards have their
    replicas in the next process), so each writes the copies it holds as the checkpoint of that
-   step and stops: no step is lost. A loss that takes both copies of some shard (two
-   neighbouring processes at once) leaves an incomplete set; the last periodic checkpoint
-   (`--checkpoint-every`) is the one to restart from, and the steps since then run again (this
-   path has no test yet: the launcher schedules one kill per step);
-6. the coordinator (process 0) hosts the coordination service, and `jax.distributed` cannot
+   step and stops: no step is lost;
+6. both copies of some shard lost: neighbouring processes lost at one boundary (killed together,
+   or one during the recovery from the other's loss). The survivors write what they hold, an
+   incomplete set; the last periodic checkpoint (`--checkpoint-every`) is the one to restart
+   from, and the steps since then run again;
+7. a loss inside collectives: once the survivors have met, the transfer, its checksums and the
+   first step on the new layout run collectives over the new mesh, and XLA's CPU collectives
+   have no abort. A peer that exchanges data with the dead process gets an error at once; one
+   that waits on such a peer (alive, but out of the collective) waits as long as that peer
+   lives. No survivor can be released from there without ending its process, so this window is
+   not repaired in memory: on the error, or after `collective_timeout_s` (a watchdog thread,
+   `DistributedElasticStep._guarded`), each survivor writes its copies of the last committed
+   state and stops. Until the first step on the new layout commits, those are the old layout's
+   primaries and replicas (kept as the fallback; the transfer and the step in snapshot mode do
+   not donate their inputs), so a lost process that is not a neighbour of an earlier one leaves
+   a complete checkpoint of the step before the recovery: the job resumes there, no step lost.
+   Every step runs under the same guard, so a loss inside an ordinary step's collectives
+   stops the job the same way with that step's input (the tests kill inside the transfer and
+   inside the first step after a recovery). A step slower than `collective_timeout_s` is taken
+   for such a loss: a restart, never wrong bits;
+8. the coordinator (process 0) hosts the coordination service, and `jax.distributed` cannot
    survive its loss: the moment the service's socket closes, every peer's client reports a fatal
    error and ends its process (a missed-heartbeat callback cannot be set from Python in jax
    0.10: the callable fails to convert and terminates the process just the same). Nothing can be
    written then, so the last periodic checkpoint is the one to restart from.
 
-What this program does not do: a process killed *during* a step leaves its peers inside that
-step's collectives (the CPU collectives do not abort them), so the kill must land between steps;
-a new coordinator is not elected in place (the coordination service's state and every process's
-connection to it die with process 0; the restart from the checkpoint is the recovery).
+What this program does not do: a new coordinator is not elected in place (the coordination
+service's state and every process's connection to it die with process 0; the restart from the
+checkpoint is the recovery); the final gather of the state (`flat_state`) runs without the
+guard, so a process lost inside it leaves its peers waiting; a loss while a joining process
+receives its state is found at the meeting (a stop with a checkpoint, untested) or inside the
+transfer (item 7).
 `jaxsys.train.elastic.launch` starts such a job on one machine (CPU processes), kills and
 restarts processes on a schedule, restarts the job from its checkpoint when it stops, and checks
 the result.
@@ -64,6 +90,7 @@ import dataclasses
 import itertools
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -89,8 +116,9 @@ start joins a running job instead of starting one."""
 WELCOME_KEY = "jaxsys/elastic/welcome/{process}"
 """Where the survivors tell a joining process the boundary, count and devices it joins."""
 WELCOME_TIMEOUT_MS = 600_000
-STOP_TIMEOUT_MS = 120_000
-"""How long processes that stop together wait for each other to write their shards."""
+
+COLLECTIVE_TIMEOUT_S = 60.0
+"""Default of `DistributedElasticStep(collective_timeout_s=...)`."""
 
 RESTART_EXIT_CODE = 75
 """A process's exit status when the job stopped with a consistent checkpoint and must be restarted
@@ -340,12 +368,17 @@ class DistributedElasticStep(StepEventLog):
     checkpoints: where this process writes its shards, periodically and when the job must stop
         (without: a fault that memory cannot repair is an `UnrecoverableError`).
     resume: start from the complete checkpoint of this step in `checkpoints` (a restarted job).
+    collective_timeout_s: how long a transfer, or a step, may take before this process takes a
+        peer for dead inside its collectives and stops the job with a checkpoint (`_guarded`).
     """
 
     def __init__(self, cfg: LMTrainConfig, *, devices: Sequence[jax.Device] | None = None,
                  membership: DistributedMembership | None = None, log: Callable[[str], None] | None = None,
-                 checkpoints: ShardCheckpoints | None = None, resume: int | None = None):
+                 checkpoints: ShardCheckpoints | None = None, resume: int | None = None,
+                 collective_timeout_s: float = COLLECTIVE_TIMEOUT_S):
         check_config(cfg)
+        if collective_timeout_s <= 0:
+            raise TrainConfigError(f"collective_timeout_s={collective_timeout_s}: expected > 0")
         if resume is not None and checkpoints is None:
             raise TrainConfigError("resume needs the checkpoints to resume from")
         super().__init__(log)
@@ -389,6 +422,12 @@ class DistributedElasticStep(StepEventLog):
         self._next = 0
         """The step the committed state runs next."""
         self._resumed: dict | None = None
+        self.collective_timeout_s = collective_timeout_s
+        self._fallback: tuple[jax.Array, jax.Array | None] | None = None
+        """The last committed state's copies in the layout before a recovery (primaries, replicas),
+        kept until the first step on the new layout commits: what a stop then writes."""
+        self._stop_lock = threading.Lock()
+        self._stopped = False
 
     @property
     def count(self) -> int:
@@ -429,9 +468,10 @@ class DistributedElasticStep(StepEventLog):
         S = self.layout(range(n)).shard_size
         return jax.ShapeDtypeStruct((3, n * S), jnp.float32, sharding=canonical.state_sharding(mesh))
 
-    def _checksums(self, flat: jax.Array) -> jax.Array:
-        n = len(self.active)
-        exe = self._compiled("checksums", n, self.active, lambda mesh: (
+    def _checksums(self, flat: jax.Array, active: Sequence[int] | None = None) -> jax.Array:
+        active = self.active if active is None else active
+        n = len(active)
+        exe = self._compiled("checksums", n, active, lambda mesh: (
             make_checksums(mesh), (self._state_struct(mesh, n),)))
         return exe(flat)
 
@@ -531,9 +571,15 @@ class DistributedElasticStep(StepEventLog):
         shardings = canonical.step_input_shardings(mesh, snapshot=True)
         inputs = canonical.StepInputs(*(None if v is None else global_array(v, sh)
                                         for v, sh in zip(host, shardings)))._replace(ref_Nx2=self._ref)
+        if self._fallback is not None and self._pending is not None and self._pending[1]["event"] == "fail":
+            self.on_recovery("step", step, self._pending[1]["processes"])
         started = time.perf_counter()
-        out = exe(self._flat, inputs)
-        metrics = jax.device_get(out.metrics)
+
+        def run():
+            out = exe(self._flat, inputs)
+            return out, jax.device_get(out.metrics)
+
+        out, metrics = self._guarded(step, f"step {step}", self.active, run)
         if not np.all(metrics["input_ok"]):
             bad = [self.active[i] for i in np.flatnonzero(~metrics["input_ok"])]
             raise RuntimeError(f"step {step}: the state shards on devices {bad} do not match their checksums")
@@ -545,6 +591,7 @@ class DistributedElasticStep(StepEventLog):
         self._flat, self._replica, self._ref = out.flat_3xNS, out.replica_3xNS, out.ref_Nx2
         self._count += 1
         self._next = step + 1
+        self._fallback = None
         if self.checkpoints is not None and self.checkpoints.due(self._next):
             shards, layout = self._held_shards(replicas=False)
             self.checkpoints.write(self._next, self._count, layout, shards)
@@ -599,13 +646,13 @@ class DistributedElasticStep(StepEventLog):
         procs = set(processes)
         self._stale |= {o for o in self._used if any(self.devices[i].process_index in procs for i in o)}
 
-    def _meet(self, step: int, order: Sequence[int], what: str) -> None:
-        """A barrier among the processes of `order` before the first collective over it: each
+    def _meet(self, order: Sequence[int]) -> list[int]:
+        """A barrier among the live processes of `order` before the first collective over it (each
         compiled the new programs at its own pace, and a process that enters the communicator's
-        rendezvous long before a peer times out in it."""
-        procs = sorted({self.devices[i].process_index for i in order})
-        self.membership.client.wait_at_barrier(f"jaxsys/elastic/{what}/{step}/{','.join(map(str, order))}",
-                                               WELCOME_TIMEOUT_MS, procs)
+        rendezvous long before a peer times out in it); returns those of its processes that died
+        meanwhile (`DistributedMembership.meet`). Until then nobody has moved a byte: the copies
+        every survivor holds are those of the last committed step."""
+        return self.membership.meet(sorted({self.devices[i].process_index for i in order}))
 
     def _held(self, new_active: Sequence[int], old: FlatLayout, *, replicas: bool) -> jax.Array:
         """[N', 2, 3, S_old] over the new mesh: each local device's primary and replica of the old
@@ -622,43 +669,56 @@ class DistributedElasticStep(StepEventLog):
             local.append(jnp.stack([prim.get(dev.id, zero), rep.get(dev.id, zero)])[None])
         return jax.make_array_from_single_device_arrays((len(new_active), 2, 3, S), sharding, local)
 
+    def on_recovery(self, point: str, step: int, lost: Sequence[int]) -> None:
+        """Called at three points of a recovery at boundary `step` from the loss of processes
+        `lost`: "start", as this process begins (or begins again) to plan, before anything is
+        compiled or moved; "transfer", once the survivors have met, before the transfer's
+        collectives; "step", before the first step on the new layout. Nothing here; the launcher's
+        fault schedule overrides it to end a process at such a point (`--kill P@recovery:S`,
+        `P@transfer:S`, `P@step:S`)."""
+
     def _shrink(self, fails: list[MembershipEvent], step: int) -> None:
         """The devices of `fails` are gone (their process died after step-1 committed): rebuild the
-        state on the survivors from the primaries and replicas they hold."""
+        state on the survivors from the primaries and replicas they hold. A survivor that dies
+        before the survivors meet (while they plan and compile) is found at the meeting: the
+        others plan again from the same copies, without it."""
         lost = sorted({e.device for e in fails})
         before = list(self.active)
-        survivors = [i for i in self.active if i not in lost]
-        if not survivors:
-            raise RuntimeError(f"step {step}: every device is lost")
-        survivors = self._order(survivors)
-        processes = sorted({self.devices[i].process_index for i in lost})
-        together = sorted({self.devices[i].process_index for i in survivors})
-        t1 = time.perf_counter()
         old = self.layout()
-        try:
-            plan = plan_transfers(old, [self.devices[i].id for i in survivors],
-                                  [self.devices[i].id for i in lost if i in before])
-        except UnrecoverableError as e:
-            raise self.checkpoint_and_stop(f"step {step}: process(es) {processes} lost and {e}",
-                                           together=together) from None
-        check_plan(plan)
-        t2 = time.perf_counter()
-        if self.memory_limit is not None:
-            need = self.memory_bytes(survivors)
-            if need > self.memory_limit:
-                raise self.checkpoint_and_stop(
-                    f"step {step}: process(es) {processes} lost and no layout of the {len(survivors)} surviving "
-                    f"devices fits: the step needs {need / 2**30:.6f} GiB per device, recovery.device_memory_gib="
-                    f"{self.cfg.recovery.device_memory_gib}", together=together)
-        self._warm(survivors, plan)
-        self._meet(step, survivors, "shrink")
+        t1 = time.perf_counter()
+        while True:
+            processes = sorted({self.devices[i].process_index for i in lost})
+            self.on_recovery("start", step, processes)
+            survivors = [i for i in before if i not in lost]
+            if not survivors:
+                raise RuntimeError(f"step {step}: every device is lost")
+            survivors = self._order(survivors)
+            together = sorted({self.devices[i].process_index for i in survivors})
+            try:
+                plan = plan_transfers(old, [self.devices[i].id for i in survivors],
+                                      [self.devices[i].id for i in lost if i in before])
+            except UnrecoverableError as e:
+                raise self.checkpoint_and_stop(f"step {step}: process(es) {processes} lost and {e}",
+                                               together=together) from None
+            check_plan(plan)
+            t2 = time.perf_counter()
+            if self.memory_limit is not None:
+                need = self.memory_bytes(survivors)
+                if need > self.memory_limit:
+                    raise self.checkpoint_and_stop(
+                        f"step {step}: process(es) {processes} lost and no layout of the {len(survivors)} surviving "
+                        f"devices fits: the step needs {need / 2**30:.6f} GiB per device, recovery.device_memory_gib="
+                        f"{self.cfg.recovery.device_memory_gib}", together=together)
+            self._warm(survivors, plan)
+            gone = self._meet(survivors)
+            if not gone:
+                break
+            lost = sorted(set(lost) | {i for i in survivors if self.devices[i].process_index in gone})
+            self._log(f"step {step}: process(es) {gone} lost during the recovery from the loss of {processes}; "
+                      f"planning again from the same copies")
         t3 = time.perf_counter()
-        flat = self._transfer(plan, survivors, self._held(survivors, old, replicas=True))
-        self.active = survivors
-        self._flat, self._replica = flat, None
-        self._use(survivors)
-        self._ref = self._checksums(flat)
-        self._ref.block_until_ready()
+        self.on_recovery("transfer", step, processes)
+        self._move(step, plan, survivors, old, replicas=True)
         t4 = time.perf_counter()
         self._log(f"step {step}: process(es) {processes} lost (devices {lost}) -> {len(survivors)} devices")
         self._start(Recovery("fail", step, before, list(survivors), detection_s=self.membership.last_check_s,
@@ -711,14 +771,13 @@ class DistributedElasticStep(StepEventLog):
         check_plan(plan)
         t2 = time.perf_counter()
         self._warm(new_active, plan)
-        self._meet(step, new_active, "grow")
+        gone = self._meet(new_active)
+        if gone:
+            alive = sorted({self.devices[i].process_index for i in new_active} - set(gone))
+            raise self.checkpoint_and_stop(f"step {step}: process(es) {gone} lost while process(es) {procs} joined",
+                                           together=alive)
         t3 = time.perf_counter()
-        flat = self._transfer(plan, new_active, self._held(new_active, old, replicas=False))
-        self.active = new_active
-        self._flat, self._replica = flat, None
-        self._use(new_active)
-        self._ref = self._checksums(flat)
-        self._ref.block_until_ready()
+        self._move(step, plan, new_active, old, replicas=False)
         t4 = time.perf_counter()
         joined = sorted(set(new_active) - set(before))
         self._log(f"step {step}: process(es) {procs} joined (devices {joined}) -> {len(new_active)} devices")
@@ -726,6 +785,22 @@ class DistributedElasticStep(StepEventLog):
                              replanning_s=t2 - t1, compile_s=t3 - t2, compile_how="compiled",
                              transfer_s=t4 - t3, elements_moved=plan.network_elements()),
                     {"event": "join", "devices": joined, "processes": procs})
+
+    def _move(self, step: int, plan: TransferPlan, new_active: list[int], old: FlatLayout, *, replicas: bool) -> None:
+        """Run the transfer of `plan` and the new layout's checksums (under the guard), then put the
+        new layout in service. The old layout's copies stay as the fallback until the next commit."""
+        def run():
+            flat = self._transfer(plan, new_active, self._held(new_active, old, replicas=replicas))
+            ref = self._checksums(flat, new_active)
+            ref.block_until_ready()
+            return flat, ref
+
+        if self._fallback is None:  # a join after a loss at the same boundary: keep the older, replicated copies
+            self._fallback = (self._flat, self._replica)
+        flat, self._ref = self._guarded(step, f"the transfer to {len(new_active)} devices", new_active, run)
+        self.active = new_active
+        self._flat, self._replica = flat, None
+        self._use(new_active)
 
     def _warm(self, active: Sequence[int], plan: TransferPlan) -> None:
         """Compile what the new device set runs (the transfer, checksums and the step)."""
@@ -738,6 +813,56 @@ class DistributedElasticStep(StepEventLog):
         self._step_exe(active)
 
     # ------------------------------------------------------------------ faults memory cannot repair
+    def _guarded(self, step: int, what: str, order: Sequence[int], run: Callable[[], Any]) -> Any:
+        """`run()`: programs with collectives over the devices `order`, waited for; or, when a peer
+        dies inside them, a stop with a checkpoint (`RestartFromCheckpoint`).
+
+        A process that dies closes its sockets: the peers that exchange data with it get an error
+        at once, and a peer that waits on one of those (alive, but out of the collective) waits for
+        as long as it lives, since XLA's CPU collectives have no abort. On such an error, or when
+        `run` has not returned after `collective_timeout_s` (a watchdog thread, as the waiting
+        thread cannot be interrupted; it then ends the process itself with `RESTART_EXIT_CODE`),
+        this process writes the copies it holds of the last committed state and meets the live
+        processes of `order` (`checkpoint_and_stop`)."""
+        together = sorted({self.devices[i].process_index for i in order})
+        timer = threading.Timer(self.collective_timeout_s, self._stuck, (step, what, together))
+        timer.daemon = True
+        timer.start()
+        try:
+            return run()
+        except (jax.errors.JaxRuntimeError, ValueError) as e:  # jax 0.10 raises Gloo's errors as ValueError
+            if not isinstance(e, jax.errors.JaxRuntimeError) and "Gloo" not in str(e):
+                raise
+            timer.cancel()
+            err = self._stop(f"step {step}: {what} failed ({str(e).splitlines()[0]}): a peer died inside its "
+                             f"collectives", together)
+            if err is None:  # the watchdog is stopping the job; it ends the process
+                threading.Event().wait()
+            raise err from None
+        finally:
+            timer.cancel()
+
+    def _stuck(self, step: int, what: str, together: list[int]) -> None:
+        """The watchdog of `_guarded`: `what` never returned."""
+        try:
+            err = self._stop(f"step {step}: {what} did not finish in {self.collective_timeout_s:g} s: a peer died "
+                             f"inside its collectives", together)
+        except Exception as e:  # nowhere to write the state: end with the error rather than hang
+            self._log(f"{type(e).__name__}: {e}")
+            os._exit(1)
+        if err is not None:
+            self._log(str(err))
+            os._exit(RESTART_EXIT_CODE)
+
+    def _stop(self, why: str, together: list[int]) -> RestartFromCheckpoint | None:
+        """`checkpoint_and_stop` once, whether the watchdog or the failed call gets here first
+        (None to the second: the first ends the process)."""
+        with self._stop_lock:
+            if self._stopped:
+                return None
+            self._stopped = True
+            return self.checkpoint_and_stop(why, together=together)
+
     def checkpoint_and_stop(self, why: str, *, together: Sequence[int] = ()) -> RestartFromCheckpoint:
         """Write the copies this process holds of the committed state (its primaries and the
         replicas of its neighbour's shards) as the checkpoint of the next step, and return the
@@ -756,9 +881,8 @@ class DistributedElasticStep(StepEventLog):
                  f"{self.checkpoints.path(step)}" if shards else "holds no shard")
         if together:
             try:
-                self.membership.client.wait_at_barrier(f"jaxsys/elastic/stop/{step}", STOP_TIMEOUT_MS,
-                                                       sorted(together))
-            except jax.errors.JaxRuntimeError as e:  # a peer is gone too: nothing to wait for
+                self.membership.meet(sorted(together))  # a peer that died meanwhile is not waited for
+            except jax.errors.JaxRuntimeError as e:
                 self._log(f"stopping without the barrier: {str(e).splitlines()[0]}")
         return RestartFromCheckpoint(
             f"{why}; process {self.process} {wrote}; restart the job from the latest complete checkpoint in "
@@ -768,7 +892,7 @@ class DistributedElasticStep(StepEventLog):
         """({shard k: [3, S] host copy}, their layout) of the committed state on this process's
         devices: primaries, and with `replicas` the replicas (mesh position j holds the replica of
         shard j - shift); shard numbers and the layout come from the arrays' own shardings."""
-        flat, replica = self._flat, self._replica
+        flat, replica = self._fallback if self._fallback is not None else (self._flat, self._replica)
         if flat is None:
             return {}, None
         layout = FlatLayout(self.flat_spec.num_params, tuple(d.id for d in flat.sharding.mesh.devices.flat),
