@@ -56,6 +56,7 @@ def test_cpu_record_has_targets_and_provenance(tmp_path):
     assert ours["C1 B=8 P=1024 S=16"]["plan"]["use_sharing"] and not ours["C4 chain"]["plan"]["use_sharing"]
 
 
+@pytest.mark.slow  # 93 s on 2 cores (CI budget); `make gpu-check-dry` runs the same path
 def test_gpu_path_in_the_interpreter(tmp_path):
     doc = _attention(tmp_path, "--interpret", "--only", "C1,chain", "--phases", "configs", "--precisions", "tf32",
                      "--launches")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "gnn.py"
 
 
@@ -40,6 +42,7 @@ def test_speed_slice_checks_networkx_and_writes_a_full_record(tmp_path, shared_d
         cycles["speedup"]) and t["met"] == (cycles["speedup"] >= 5.0) and t["protocol"]
 
 
+@pytest.mark.slow  # 42 s on 2 cores (CI budget)
 def test_accuracy_target_uses_the_validation_selected_score(tmp_path, shared_data):
     run = _bench("--accuracy", "--datasets", "mutag", "--models", "CSGNN", "--max-epochs", "3",
                  "--max-folds", "2", "--out", str(tmp_path), cache=tmp_path / "cache")

@@ -26,6 +26,7 @@ def setup():
     return lm_train_step(CFG), params, init_opt_state(params)
 
 
+@pytest.mark.slow  # 106 s on 2 cores (CI budget); the budget check stays in test_fixed_modes_check_the_budget
 def test_buckets_replan_only_on_a_new_program_and_stay_within_budget(setup):
     step, params, opt = setup
     profiler = Profiler(HW, measure_repeats=1, measure_steps=False)

@@ -77,8 +77,10 @@ def _positions(start, count, T):
     return pos
 
 
-@pytest.mark.parametrize("kind,attention,policy", [("mixtral", "device", "lru"), ("qwen2_moe", "host", "lfu"),
-                                                   ("mixtral", "host", "lru")])
+# qwen2_moe/host/lfu in CI; the two mixtral cases (42 s together on 2 cores) with the slow tests
+@pytest.mark.parametrize("kind,attention,policy", [
+    pytest.param("mixtral", "device", "lru", marks=pytest.mark.slow), ("qwen2_moe", "host", "lfu"),
+    pytest.param("mixtral", "host", "lru", marks=pytest.mark.slow)])
 def test_offloaded_steps_over_the_paged_cache_match_forward(kind, attention, policy, tmp_root):
     """Prefill (ragged), then decode steps and a gamma + 1 = 3 token verify step, against
     `decoder.forward` over its own copy of the cache."""

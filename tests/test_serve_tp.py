@@ -73,6 +73,7 @@ def test_tiny_model_tensor8_matches_one_device(shared_attention):
     assert _tensor_axis_size(tp.engine.cache.k, _kv_heads_axis()) == 8
 
 
+@pytest.mark.slow  # 90 s on 2 cores (CI budget); the tiny-model tensor=8 tests stay in CI
 def test_smollm2_tensor3_matches_one_device():
     smollm2_path()  # skips when the wheel is absent
     from jaxsys.models import load_model

@@ -94,6 +94,7 @@ def _elastic(overrides, steps, devices=None):
     return tr, tr.run(steps)
 
 
+@pytest.mark.slow  # 35 s on 2 cores (CI budget)
 def test_bf16_compute_keeps_f32_masters():
     tr16, r16 = _elastic(["model.dtype=bfloat16"], 3)
     _, r32 = _elastic([], 3)
