@@ -71,7 +71,7 @@ ends them when its coordination service goes) before the launcher ends them."""
 
 
 SCHEDULED_EXIT_CODE = 137
-"""The exit status of a process that ends itself on the schedule (`--kill P@recovery:S`), as a
+"""The exit status of a process that ends itself on the schedule (`--kill P@POINT:S`), as a
 SIGKILLed one would report it in a shell."""
 
 
@@ -167,12 +167,12 @@ def check_schedule(kills: list[ProcessEvent], restarts: list[ProcessEvent], *, p
         lost = sorted(e.process for e in kills if e.boundary == b)
         ring = _in_service(kills, restarts, processes, b)
         if set(ring) <= set(lost):
-            raise ValueError(f"--kill: processes {lost} are every process in service at step {b}")
+            raise ValueError(f"--kill: processes {lost} are every process in service at boundary {b}")
         pairs = [(p, q) for p, q in zip(ring, ring[1:] + ring[:1]) if p in lost and q in lost and p != q]
         if pairs:
             spec = ",".join(str(e) for e in kills if e.boundary == b)
             need_checkpoint(spec, b, f"processes {pairs[0][0]} and {pairs[0][1]} are neighbours (the replicas of "
-                                     f"{pairs[0][0]}'s shards live in {pairs[0][1]}), lost at step {b} together")
+                                     f"{pairs[0][0]}'s shards live in {pairs[0][1]}), lost together at boundary {b}")
     coordinator = next((e for e in kills if e.process == 0), None)
     if coordinator is not None:
         need_checkpoint(str(coordinator), coordinator.boundary, "jax.distributed ends every process when the "
@@ -336,7 +336,7 @@ def launch(args: argparse.Namespace) -> dict:
                "--incarnation", str(key[1])]
         kill = next((k for k in pending_kills if k.process == p), None)
         if kill is not None:
-            cmd += ["--hold-after", str(kill.step)] if kill.point == "commit" else ["--exit-at", str(kill)[2:]]
+            cmd += ["--hold-after", str(kill.step)] if kill.point == "commit" else ["--exit-at", f"{kill.point}:{kill.step}"]
         if job["resume"] is not None:
             cmd += ["--resume-step", str(job["resume"])]
         waits = [r for r in pending_restarts if r.process != p]
