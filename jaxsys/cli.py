@@ -40,6 +40,7 @@ COMMANDS: dict[str, object] = {
 DEMO_SECTIONS: tuple[str, ...] = (
     "jaxsys.demo:demo_section",  # jaxsys.generate: chat, and a batch of prompts
     "jaxsys.serve.demo:demo_section",  # the serving engine: shared-prefix decode, the server
+    "jaxsys.serve.graphcot.demo:demo_section",  # GLM vs Graph-CoT on two questions (~45 s on 2 cores)
     "jaxsys.train.demo:run_demo",  # elastic training: lose a device, get it back, same bits
 )
 
