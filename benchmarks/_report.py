@@ -84,7 +84,8 @@ SYSTEMS: list[System] = [
            "pipeline (GPipe, 1F1B), four recovery strategies bitwise against the failure-free run, the "
            "performance model and plan search, the simulated cluster and multi-process elastic recovery work; "
            "a coordinator (process 0) failure or a loss that leaves no feasible layout stops the job with a "
-           "checkpoint and the launcher restarts it bitwise; a failure during a recovery is not handled",
+           "checkpoint and the launcher restarts it bitwise; a second failure during a recovery is re-planned in "
+           "memory or, where it cannot be, ends in the same restart (tested at three points of a recovery)",
            "recovery.json", "simulated average throughput, ours / always-replan (geomean over traces)",
            "simulated throughput, ours / always-replan", "jaxsys bench recovery"),
     System("Chameleon", "arXiv 2509.11076", "adaptive activation memory (keep / recompute / offload)",
